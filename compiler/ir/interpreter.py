@@ -1,0 +1,309 @@
+"""Reference interpreter: executes any valid IR on the CPU with torch, op by op.
+
+It is the oracle: every pass is checked by running a module before and after it, and every
+kernel against it. Clarity beats speed here; each op's meaning is written once, below.
+The ``attention`` op reads and writes a ``KVCache`` that the caller owns, so a prefill call
+followed by decode calls on the same cache runs a whole generation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .core import Block, Function, Module, Op, Value
+from .types import Dim, TensorType, dim_symbols, eval_dim
+
+TORCH_DTYPES = {
+    "f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
+    "i64": torch.int64, "i32": torch.int32, "i16": torch.int16, "i8": torch.int8,
+    "u8": torch.uint8, "bool": torch.bool,
+}
+IR_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+class InterpreterError(RuntimeError):
+    pass
+
+
+class KVCache:
+    """Per-layer key/value storage of one sequence, indexed by token position."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.written: dict[int, torch.Tensor] = {}
+
+    def _ensure(self, layer: int, needed: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        cap = max(self.capacity, needed)
+        if layer in self.keys and self.keys[layer].shape[0] >= needed:
+            return
+        old_k, old_v, old_w = self.keys.get(layer), self.values.get(layer), self.written.get(layer)
+        if old_k is not None:
+            cap = max(cap, 2 * old_k.shape[0])
+        self.keys[layer] = k.new_zeros((cap,) + tuple(k.shape[1:]))
+        self.values[layer] = v.new_zeros((cap,) + tuple(v.shape[1:]))
+        self.written[layer] = torch.zeros(cap, dtype=torch.bool)
+        if old_k is not None:
+            n = old_k.shape[0]
+            self.keys[layer][:n], self.values[layer][:n], self.written[layer][:n] = old_k, old_v, old_w
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if positions.numel() and int(positions.min()) < 0:
+            raise InterpreterError(f"layer {layer}: negative token position {int(positions.min())}")
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        self._ensure(layer, needed, k, v)
+        self.keys[layer][positions] = k
+        self.values[layer][positions] = v
+        self.written[layer][positions] = True
+
+
+def attention_reference(q, k, v, positions, cache: KVCache, layer: int, scale: float,
+                        window: int, softcap: float) -> torch.Tensor:
+    """The meaning of the ``attention`` op (see its docstring in ops.py)."""
+    positions = positions.to(torch.int64)
+    cache.write(layer, positions, k, v)
+    n_ctx = int(positions.max()) + 1
+    keys, values = cache.keys[layer][:n_ctx], cache.values[layer][:n_ctx]
+    j = torch.arange(n_ctx)
+    allowed = j[None, :] <= positions[:, None]
+    if window > 0:
+        allowed &= (positions[:, None] - j[None, :]) < window
+    missing = allowed & ~cache.written[layer][:n_ctx][None, :]
+    if bool(missing.any()):
+        t, pos = [int(x) for x in missing.nonzero()[0]]
+        raise InterpreterError(f"layer {layer}: token {t} attends to position {pos}, which no step "
+                               f"has written to the KV cache (run the prefill first)")
+    hq, hkv = q.shape[1], keys.shape[1]
+    group = hq // hkv
+    keys = keys.repeat_interleave(group, dim=1)      # [S, Hq, D]
+    values = values.repeat_interleave(group, dim=1)  # [S, Hq, Dv]
+    scores = torch.einsum("thd,shd->hts", q.float(), keys.float()) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~allowed[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hts,shd->thd", probs, values.float())
+    return out.to(q.dtype)
+
+
+# --------------------------------------------------------------------------- op meanings
+
+Impl = Callable[[list[torch.Tensor], dict[str, Any], "_Frame"], torch.Tensor]
+IMPLS: dict[str, Impl] = {}
+
+
+def impl(*kinds: str):
+    def deco(fn):
+        for k in kinds:
+            IMPLS[k] = fn
+        return fn
+
+    return deco
+
+
+_UNARY = {
+    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu, "relu": torch.relu,
+    "cos": torch.cos, "sin": torch.sin, "abs": torch.abs, "reciprocal": torch.reciprocal,
+}
+_BINARY = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
+    "maximum": torch.maximum, "minimum": torch.minimum,
+}
+for _k, _f in _UNARY.items():
+    IMPLS[_k] = (lambda f: lambda xs, a, fr: f(xs[0]))(_f)
+for _k, _f in _BINARY.items():
+    IMPLS[_k] = (lambda f: lambda xs, a, fr: f(xs[0], xs[1]))(_f)
+
+
+@impl("gelu")
+def _gelu(xs, a, fr):
+    return F.gelu(xs[0], approximate=a["approximate"])
+
+
+@impl("constant")
+def _constant(xs, a, fr):
+    return torch.tensor(a["value"], dtype=TORCH_DTYPES[a["dtype"]])
+
+
+@impl("cast")
+def _cast(xs, a, fr):
+    return xs[0].to(TORCH_DTYPES[a["dtype"]])
+
+
+@impl("sum", "mean", "max")
+def _reduce(xs, a, fr):
+    x, axes = xs[0], [ax % max(xs[0].dim(), 1) for ax in a["axes"]]
+    if fr.op.kind == "sum":
+        return x.sum(dim=axes, keepdim=a["keepdim"])
+    if fr.op.kind == "mean":
+        return x.mean(dim=axes, keepdim=a["keepdim"])
+    out = x
+    for ax in sorted(axes, reverse=True):
+        out = out.amax(dim=ax, keepdim=a["keepdim"])
+    return out
+
+
+@impl("softmax")
+def _softmax(xs, a, fr):
+    return torch.softmax(xs[0], dim=a["axis"])
+
+
+@impl("matmul")
+def _matmul(xs, a, fr):
+    return torch.matmul(xs[0], xs[1])
+
+
+@impl("linear")
+def _linear(xs, a, fr):
+    return F.linear(xs[0], xs[1], xs[2] if len(xs) == 3 else None)
+
+
+@impl("embedding")
+def _embedding(xs, a, fr):
+    table, ids = xs
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
+        raise InterpreterError(f"token id out of range [0, {table.shape[0]}): "
+                               f"min {int(ids.min())}, max {int(ids.max())}")
+    return F.embedding(ids.to(torch.int64), table)
+
+
+@impl("reshape")
+def _reshape(xs, a, fr):
+    return xs[0].reshape(fr.dims(a["shape"]))
+
+
+@impl("permute")
+def _permute(xs, a, fr):
+    return xs[0].permute(a["perm"])
+
+
+@impl("expand")
+def _expand(xs, a, fr):
+    return xs[0].expand(fr.dims(a["shape"]))
+
+
+@impl("slice")
+def _slice(xs, a, fr):
+    x = xs[0]
+    axis = a["axis"] % x.dim()
+    start, end = fr.dim(a["start"]), fr.dim(a["end"])
+    index = [slice(None)] * x.dim()
+    index[axis] = slice(start, end, a["step"])
+    return x[tuple(index)]
+
+
+@impl("concat")
+def _concat(xs, a, fr):
+    return torch.cat(xs, dim=a["axis"])
+
+
+@impl("param")
+def _param(xs, a, fr):
+    w = fr.interp.weights.get(a["name"])
+    if w is None:
+        raise InterpreterError(f"no weight given for param @{a['name']}")
+    return w
+
+
+@impl("attention")
+def _attention(xs, a, fr):
+    q, k, v, pos = xs
+    return attention_reference(q, k, v, pos, fr.interp.kv_cache, a["layer"], a["scale"],
+                               a["window"], a["softcap"])
+
+
+# --------------------------------------------------------------------------- execution
+
+
+class _Frame:
+    """Per-op view of the interpreter state handed to op meanings."""
+
+    def __init__(self, interp: "Interpreter", bindings: dict[str, int]):
+        self.interp = interp
+        self.bindings = bindings
+        self.op: Optional[Op] = None
+        self._dim_cache: dict[Any, int] = {}
+
+    def dim(self, d: Dim) -> int:
+        if isinstance(d, int):
+            return d
+        cached = self._dim_cache.get(d)
+        if cached is None:
+            cached = self._dim_cache[d] = eval_dim(d, self.bindings)
+        return cached
+
+    def dims(self, ds) -> list[int]:
+        return [self.dim(d) for d in ds]
+
+
+def bind_symbols(args: list[Value], tensors: list[torch.Tensor]) -> dict[str, int]:
+    """Bind each symbolic dim that appears alone in an argument's shape to its actual size."""
+    bindings: dict[str, int] = {}
+    for v, t in zip(args, tensors):
+        if t.dim() != v.type.rank:
+            raise InterpreterError(f"argument %{v.name} expects {v.type}, got shape {list(t.shape)}")
+        for d, size in zip(v.type.shape, t.shape):
+            syms = dim_symbols(d)
+            if len(syms) == 1 and not isinstance(d, int) and d.is_Symbol:
+                name = next(iter(syms))
+                if bindings.setdefault(name, int(size)) != int(size):
+                    raise InterpreterError(f"symbol {name} bound to both {bindings[name]} and {size}")
+    return bindings
+
+
+def _check_type(v: Value, t: torch.Tensor, fr: _Frame, what: str) -> None:
+    want = TORCH_DTYPES[v.type.dtype]
+    if t.dtype != want or list(t.shape) != fr.dims(v.type.shape):
+        raise InterpreterError(f"{what} %{v.name} should be {v.type} (= {fr.dims(v.type.shape)}), "
+                               f"got {IR_DTYPES.get(t.dtype, t.dtype)}{list(t.shape)}")
+
+
+class Interpreter:
+    """Runs functions of ``module`` with ``weights`` (name → tensor) and one sequence's KV cache."""
+
+    def __init__(self, module: Module, weights: dict[str, torch.Tensor],
+                 kv_cache: Optional[KVCache] = None, check_types: bool = True):
+        self.module = module
+        self.weights = weights
+        self.kv_cache = kv_cache if kv_cache is not None else KVCache()
+        self.check_types = check_types
+
+    def run(self, inputs: dict[str, torch.Tensor] | list[torch.Tensor],
+            function: str = "forward") -> list[torch.Tensor]:
+        fn: Function = self.module.functions[function]
+        tensors = [inputs[a.name] for a in fn.args] if isinstance(inputs, dict) else list(inputs)
+        if len(tensors) != len(fn.args):
+            raise InterpreterError(f"@{function} takes {len(fn.args)} inputs, got {len(tensors)}")
+        frame = _Frame(self, bind_symbols(fn.args, tensors))
+        with torch.no_grad():
+            return self._run_block(fn.body, tensors, frame)
+
+    def _run_block(self, block: Block, tensors: list[torch.Tensor], frame: _Frame) -> list[torch.Tensor]:
+        env: dict[int, torch.Tensor] = {}
+        for v, t in zip(block.args, tensors):
+            if self.check_types:
+                _check_type(v, t, frame, "argument")
+            env[id(v)] = t
+        for op in block.ops:
+            args = [env[id(v)] for v in op.operands]
+            frame.op = op
+            try:
+                if op.region is not None:
+                    outs = self._run_block(op.region, args, frame)
+                else:
+                    fn = IMPLS.get(op.kind)
+                    if fn is None:
+                        raise InterpreterError(f"the interpreter has no meaning for op '{op.kind}'")
+                    outs = [fn(args, op.attrs, frame)]
+            except InterpreterError as exc:
+                raise InterpreterError(f"at %{op.results[0].name} = {op.kind}: {exc}") from None
+            for r, t in zip(op.results, outs):
+                if self.check_types:
+                    _check_type(r, t, frame, "result")
+                env[id(r)] = t
+        return [env[id(v)] for v in block.results]

@@ -1,0 +1,343 @@
+"""The op registry: each op kind declares its operand count, its attributes and, once, its
+type-inference rule. The verifier, the builder and the parser all read this one table.
+
+An inference rule takes the operand types, the attributes and a context (the module, for
+``param``; the op, for ``fused``) and returns the result types, or raises ``TypeError`` with a
+message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import sympy
+
+from .types import DTYPES, FLOAT_DTYPES, Dim, TensorType, dims_equal, normalize_dim, product
+
+AttrKind = str  # int | float | str | bool | ints | dims | dim | dtype | float_or_none
+InferFn = Callable[[list[TensorType], dict[str, Any], Any], list[TensorType]]
+
+
+@dataclass
+class OpDef:
+    kind: str
+    infer: InferFn
+    num_operands: Optional[int] = None  # None = variadic (at least min_operands)
+    min_operands: int = 0
+    attrs: dict[str, AttrKind] = field(default_factory=dict)
+    optional_attrs: dict[str, AttrKind] = field(default_factory=dict)
+    has_region: bool = False
+    doc: str = ""
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register_op(kind, *, num_operands=None, min_operands=0, attrs=None, optional_attrs=None,
+                has_region=False, doc=""):
+    """Decorator: register ``infer`` as the type rule of op ``kind``."""
+
+    def deco(fn: InferFn) -> InferFn:
+        if kind in OPS:
+            raise ValueError(f"op {kind!r} is registered twice")
+        OPS[kind] = OpDef(kind, fn, num_operands, min_operands, dict(attrs or {}),
+                          dict(optional_attrs or {}), has_region, doc or (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def check_attr(kind: AttrKind, value: Any) -> bool:
+    def is_dim(v):
+        return (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, sympy.Expr)
+
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "float_or_int":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "ints":
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if kind == "dim":
+        return is_dim(value)
+    if kind == "dims":
+        return isinstance(value, list) and all(is_dim(v) for v in value)
+    if kind == "dtype":
+        return value in DTYPES
+    raise ValueError(f"unknown attribute kind {kind!r}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise TypeError(f"axis {axis} is out of range for rank {rank}")
+    return axis % rank if rank else 0
+
+
+def broadcast_shapes(a: tuple, b: tuple) -> tuple:
+    out = []
+    for i in range(max(len(a), len(b))):
+        da = a[len(a) - 1 - i] if i < len(a) else 1
+        db = b[len(b) - 1 - i] if i < len(b) else 1
+        if dims_equal(da, 1):
+            out.append(db)
+        elif dims_equal(db, 1) or dims_equal(da, db):
+            out.append(da)
+        else:
+            raise TypeError(f"shapes {list(a)} and {list(b)} do not broadcast (dim {da} vs {db})")
+    return tuple(reversed(out))
+
+
+def _same_dtype(types: list[TensorType]) -> str:
+    dtypes = {t.dtype for t in types}
+    if len(dtypes) != 1:
+        raise TypeError(f"operands must share one dtype, got {sorted(dtypes)}; insert a cast")
+    return types[0].dtype
+
+
+# --------------------------------------------------------------------------- elementwise
+
+UNARY_OPS = ("neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "relu", "cos", "sin",
+             "abs", "reciprocal")
+BINARY_OPS = ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
+
+
+def _unary(types, attrs, ctx):
+    return [types[0]]
+
+
+for _k in UNARY_OPS:
+    register_op(_k, num_operands=1, doc=f"Elementwise {_k}.")(_unary)
+
+
+@register_op("gelu", num_operands=1, attrs={"approximate": "str"})
+def _gelu(types, attrs, ctx):
+    """Elementwise GELU; approximate is "none" (erf) or "tanh"."""
+    if attrs["approximate"] not in ("none", "tanh"):
+        raise TypeError(f"gelu approximate must be 'none' or 'tanh', got {attrs['approximate']!r}")
+    return [types[0]]
+
+
+def _binary(types, attrs, ctx):
+    dtype = _same_dtype(types)
+    return [TensorType(broadcast_shapes(types[0].shape, types[1].shape), dtype)]
+
+
+for _k in BINARY_OPS:
+    register_op(_k, num_operands=2, doc=f"Elementwise {_k} with numpy broadcasting; dtypes must match.")(_binary)
+
+
+@register_op("constant", num_operands=0, attrs={"value": "float_or_int", "dtype": "dtype"})
+def _constant(types, attrs, ctx):
+    """A scalar (rank-0) constant."""
+    return [TensorType((), attrs["dtype"])]
+
+
+@register_op("cast", num_operands=1, attrs={"dtype": "dtype"})
+def _cast(types, attrs, ctx):
+    """Convert to another dtype (round to nearest for floats, truncation for float → int)."""
+    return [TensorType(types[0].shape, attrs["dtype"])]
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def _reduce(types, attrs, ctx):
+    t = types[0]
+    axes = sorted({_norm_axis(a, t.rank) for a in attrs["axes"]})
+    shape = []
+    for i, d in enumerate(t.shape):
+        if i in axes:
+            if attrs["keepdim"]:
+                shape.append(1)
+        else:
+            shape.append(d)
+    return [TensorType(tuple(shape), t.dtype)]
+
+
+for _k in ("sum", "mean", "max"):
+    register_op(_k, num_operands=1, attrs={"axes": "ints", "keepdim": "bool"},
+                doc=f"Reduce with {_k} over axes.")(_reduce)
+
+
+@register_op("softmax", num_operands=1, attrs={"axis": "int"})
+def _softmax(types, attrs, ctx):
+    """Softmax along one axis."""
+    _norm_axis(attrs["axis"], types[0].rank)
+    return [types[0]]
+
+
+# --------------------------------------------------------------------------- linear algebra
+
+
+@register_op("matmul", num_operands=2)
+def _matmul(types, attrs, ctx):
+    """Batched matmul: [..., M, K] x [..., K, N] -> [..., M, N], batch dims broadcast."""
+    a, b = types
+    if a.rank < 2 or b.rank < 2:
+        raise TypeError(f"matmul needs rank >= 2 operands, got {a} and {b}")
+    if not dims_equal(a.shape[-1], b.shape[-2]):
+        raise TypeError(f"matmul contraction dims differ: {a.shape[-1]} vs {b.shape[-2]}")
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return [TensorType(batch + (a.shape[-2], b.shape[-1]), _same_dtype(types))]
+
+
+@register_op("linear", min_operands=2)
+def _linear(types, attrs, ctx):
+    """x [..., K] · w[N, K]ᵀ (+ bias [N]) -> [..., N]: the layout of torch.nn.Linear weights."""
+    if len(types) not in (2, 3):
+        raise TypeError(f"linear takes x, w and an optional bias, got {len(types)} operands")
+    x, w = types[0], types[1]
+    if w.rank != 2:
+        raise TypeError(f"linear weight must be rank 2 [N, K], got {w}")
+    if not dims_equal(x.shape[-1], w.shape[1]):
+        raise TypeError(f"linear input has K={x.shape[-1]} but weight has K={w.shape[1]}")
+    if len(types) == 3 and (types[2].rank != 1 or not dims_equal(types[2].shape[0], w.shape[0])):
+        raise TypeError(f"linear bias must be [{w.shape[0]}], got {types[2]}")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), _same_dtype(types))]
+
+
+@register_op("embedding", num_operands=2)
+def _embedding(types, attrs, ctx):
+    """Row gather: table [V, D], ids [...] (integer) -> [..., D]."""
+    table, ids = types
+    if table.rank != 2:
+        raise TypeError(f"embedding table must be rank 2, got {table}")
+    if ids.dtype not in ("i64", "i32"):
+        raise TypeError(f"embedding ids must be i64 or i32, got {ids.dtype}")
+    return [TensorType(ids.shape + (table.shape[1],), table.dtype)]
+
+
+# --------------------------------------------------------------------------- shape ops
+
+
+@register_op("reshape", num_operands=1, attrs={"shape": "dims"})
+def _reshape(types, attrs, ctx):
+    """Same elements, new shape (row-major); element counts must agree."""
+    t = types[0]
+    shape = tuple(normalize_dim(d) for d in attrs["shape"])
+    if not dims_equal(product(t.shape), product(shape)):
+        raise TypeError(f"reshape from {list(t.shape)} to {list(shape)} changes the element count")
+    return [TensorType(shape, t.dtype)]
+
+
+@register_op("permute", num_operands=1, attrs={"perm": "ints"})
+def _permute(types, attrs, ctx):
+    """Reorder axes: result axis i is operand axis perm[i]."""
+    t, perm = types[0], attrs["perm"]
+    if sorted(perm) != list(range(t.rank)):
+        raise TypeError(f"perm {perm} is not a permutation of the {t.rank} axes of {t}")
+    return [TensorType(tuple(t.shape[p] for p in perm), t.dtype)]
+
+
+@register_op("expand", num_operands=1, attrs={"shape": "dims"})
+def _expand(types, attrs, ctx):
+    """Broadcast to a larger shape (size-1 dims repeat; new leading dims may be added)."""
+    t, shape = types[0], tuple(normalize_dim(d) for d in attrs["shape"])
+    offset = len(shape) - t.rank
+    if offset < 0 or any(
+        not (dims_equal(d, 1) or dims_equal(d, shape[offset + i])) for i, d in enumerate(t.shape)
+    ):
+        raise TypeError(f"cannot expand {list(t.shape)} to {list(shape)}")
+    return [TensorType(shape, t.dtype)]
+
+
+@register_op("slice", num_operands=1, attrs={"axis": "int", "start": "dim", "end": "dim", "step": "int"})
+def _slice(types, attrs, ctx):
+    """Elements start, start+step, … < end along axis; start/end already clamped to [0, size]."""
+    t = types[0]
+    axis = _norm_axis(attrs["axis"], t.rank)
+    start, end, step = attrs["start"], attrs["end"], attrs["step"]
+    if step < 1:
+        raise TypeError(f"slice step must be >= 1, got {step}")
+    length = normalize_dim(sympy.ceiling(sympy.sympify(end - start) / step))
+    if isinstance(length, int) and length < 0:
+        raise TypeError(f"slice [{start}:{end}] has negative length")
+    shape = list(t.shape)
+    shape[axis] = length
+    return [TensorType(tuple(shape), t.dtype)]
+
+
+@register_op("concat", min_operands=1, attrs={"axis": "int"})
+def _concat(types, attrs, ctx):
+    """Join along axis; other dims must agree."""
+    first = types[0]
+    axis = _norm_axis(attrs["axis"], first.rank)
+    dtype = _same_dtype(types)
+    for t in types[1:]:
+        if t.rank != first.rank or any(
+            i != axis and not dims_equal(a, b) for i, (a, b) in enumerate(zip(first.shape, t.shape))
+        ):
+            raise TypeError(f"concat along axis {axis}: {first} and {t} disagree off that axis")
+    shape = list(first.shape)
+    shape[axis] = normalize_dim(sum((t.shape[axis] for t in types), 0))
+    return [TensorType(tuple(shape), dtype)]
+
+
+# --------------------------------------------------------------------------- model ops
+
+
+@register_op("param", num_operands=0, attrs={"name": "str"})
+def _param(types, attrs, ctx):
+    """Read a weight of the module's parameter table."""
+    module = getattr(ctx, "module", None)
+    if module is None:
+        raise TypeError("param op outside a module")
+    p = module.params.get(attrs["name"])
+    if p is None:
+        raise TypeError(f"param @{attrs['name']} is not in the module's parameter table")
+    return [p.type]
+
+
+@register_op("attention", num_operands=4,
+             attrs={"layer": "int", "scale": "float", "window": "int", "softcap": "float"})
+def _attention(types, attrs, ctx):
+    """Causal attention of this step's tokens over the layer's KV cache.
+
+    q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv], positions [T] -> [T, Hq, Dv]. Semantics: write
+    k, v of each token at its position in layer ``layer``'s cache, then each query at position p
+    attends to cached positions j with j <= p (and p - j < window when window > 0), logits
+    scaled by ``scale`` and, when softcap > 0, passed through softcap·tanh(x/softcap).
+    This op is the KV-cache boundary that paged-KV lowering rewrites.
+    """
+    q, k, v, pos = types
+    if q.rank != 3 or k.rank != 3 or v.rank != 3:
+        raise TypeError(f"attention takes q, k, v as [T, heads, dim], got {q}, {k}, {v}")
+    if pos.rank != 1 or pos.dtype not in ("i64", "i32"):
+        raise TypeError(f"attention positions must be an integer [T], got {pos}")
+    for t in (k, v, pos):
+        if not dims_equal(t.shape[0], q.shape[0]):
+            raise TypeError(f"attention operands disagree on the token dim: {q} vs {t}")
+    if not dims_equal(k.shape[1], v.shape[1]):
+        raise TypeError(f"k and v head counts differ: {k} vs {v}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
+        raise TypeError(f"query heads {hq} are not a multiple of KV heads {hkv}")
+    if not dims_equal(q.shape[2], k.shape[2]):
+        raise TypeError(f"q and k head dims differ: {q} vs {k}")
+    if attrs["window"] < 0 or attrs["softcap"] < 0:
+        raise TypeError("attention window and softcap must be >= 0 (0 = off)")
+    return [TensorType((q.shape[0], hq, v.shape[2]), _same_dtype([q, k, v]))]
+
+
+@register_op("fused", min_operands=0, attrs={"name": "str"}, has_region=True)
+def _fused(types, attrs, ctx):
+    """A region emitted as one kernel: its results are its body's results."""
+    op = getattr(ctx, "op", None)
+    if op is None or op.region is None:
+        raise TypeError("fused op without a region")
+    body = op.region
+    if len(body.args) != len(types):
+        raise TypeError(f"fused region takes {len(body.args)} args but has {len(types)} operands")
+    for a, t in zip(body.args, types):
+        if not a.type.same_as(t):
+            raise TypeError(f"fused region arg %{a.name}: {a.type} does not match operand type {t}")
+    return [r.type for r in body.results]
