@@ -80,17 +80,24 @@ def resolve_source(spec: str) -> ModelSource:
 
 
 def load_hf_model(source: ModelSource, dtype: torch.dtype = torch.float32):
-    """The transformers model (eval mode) and its tokenizer (None if it has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The transformers model in eval mode."""
+    from transformers import AutoModelForCausalLM
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs).eval()
+
+
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer, or None if it has none (slow for GGUF: it is converted)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as exc:
         log.info("no tokenizer loaded for %s: %s", source.display, exc)
         tokenizer = None
-    return model, tokenizer
+    return tokenizer
 
 
 @dataclass
@@ -141,17 +148,23 @@ def import_hf_model(model, name: Optional[str] = None) -> ImportedModel:
     return ImportedModel(module, weights, config, timings)
 
 
-def import_model(spec: str) -> tuple[ImportedModel, object]:
-    """Resolve, load and import a model; returns the import and the tokenizer."""
+def import_model(spec: str, with_tokenizer: bool = False) -> tuple[ImportedModel, object]:
+    """Resolve, load and import a model; returns the import and the tokenizer (if asked for)."""
     source = resolve_source(spec)
     t0 = time.perf_counter()
     log.info("loading %s", source.display)
-    model, tokenizer = load_hf_model(source)
+    model = load_hf_model(source)
     load_time = time.perf_counter() - t0
     log.info("loaded %s (%s, %.1fM params) in %.1fs", source.display, model.config.model_type,
              sum(p.numel() for p in model.parameters()) / 1e6, load_time)
     imported = import_hf_model(model, _model_name(source))
     imported.timings = {"load": load_time, **imported.timings}
+    tokenizer = None
+    if with_tokenizer:
+        t0 = time.perf_counter()
+        tokenizer = load_tokenizer(source)
+        imported.timings["tokenizer"] = time.perf_counter() - t0
+        log.info("loaded tokenizer in %.1fs", imported.timings["tokenizer"])
     return imported, tokenizer
 
 

