@@ -50,6 +50,7 @@ def _import(model: str, verbose: bool, with_tokenizer: bool = False):
 
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF dequantization draws a progress bar
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

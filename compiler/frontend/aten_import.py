@@ -168,8 +168,10 @@ class Importer:
                 rule = RULES.get(name)
                 if rule is None:
                     raise UnsupportedOpError(name, node.name, source_location(node))
+                first_new_op = len(self.b.block.ops)
                 try:
                     self.env[node] = rule(self, node)
+                    self._name_after_node(self.env[node], node, first_new_op)
                 except (UnsupportedOpError, ImportError_):
                     raise
                 except TypeError as exc:
@@ -179,6 +181,12 @@ class Importer:
                 outs = node.args[0]
                 return [self.env[o] for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
         raise ImportError_("graph has no output")
+
+    def _name_after_node(self, result, node: torch.fx.Node, first_new_op: int) -> None:
+        """Give the value a node produced the fx node's name, so IR and trace read alike."""
+        if isinstance(result, Value) and result.producer in self.b.block.ops[first_new_op:] \
+                and result.name.isdigit():
+            result.name = self.b.names.take(node.name)
 
     def args(self, node: torch.fx.Node, *names_defaults):
         """Positional-or-keyword arguments of an aten call, with defaults."""
