@@ -217,6 +217,28 @@ def _attention(xs, a, fr):
                                a["window"], a["softcap"])
 
 
+@impl("rms_norm")
+def _rms_norm(xs, a, fr):
+    x, w = xs
+    normed = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + a["eps"])
+    return normed * (w + a["weight_offset"]) if a["weight_offset"] else normed * w
+
+
+@impl("rope")
+def _rope(xs, a, fr):
+    x, cos, sin = xs
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@impl("glu")
+def _glu(xs, a, fr):
+    gate, up = xs
+    act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+    return act[a["activation"]](gate) * up
+
+
 # --------------------------------------------------------------------------- execution
 
 

@@ -28,6 +28,7 @@ class OpDef:
     attrs: dict[str, AttrKind] = field(default_factory=dict)
     optional_attrs: dict[str, AttrKind] = field(default_factory=dict)
     has_region: bool = False
+    has_effects: bool = False  # True: never removed or merged even if its result is unused (KV writes)
     doc: str = ""
 
 
@@ -35,14 +36,14 @@ OPS: dict[str, OpDef] = {}
 
 
 def register_op(kind, *, num_operands=None, min_operands=0, attrs=None, optional_attrs=None,
-                has_region=False, doc=""):
+                has_region=False, has_effects=False, doc=""):
     """Decorator: register ``infer`` as the type rule of op ``kind``."""
 
     def deco(fn: InferFn) -> InferFn:
         if kind in OPS:
             raise ValueError(f"op {kind!r} is registered twice")
         OPS[kind] = OpDef(kind, fn, num_operands, min_operands, dict(attrs or {}),
-                          dict(optional_attrs or {}), has_region, doc or (fn.__doc__ or "").strip())
+                          dict(optional_attrs or {}), has_region, has_effects, doc or (fn.__doc__ or "").strip())
         return fn
 
     return deco
@@ -297,7 +298,7 @@ def _param(types, attrs, ctx):
     return [p.type]
 
 
-@register_op("attention", num_operands=4,
+@register_op("attention", num_operands=4, has_effects=True,
              attrs={"layer": "int", "scale": "float", "window": "int", "softcap": "float"})
 def _attention(types, attrs, ctx):
     """Causal attention of this step's tokens over the layer's KV cache.
@@ -341,3 +342,41 @@ def _fused(types, attrs, ctx):
         if not a.type.same_as(t):
             raise TypeError(f"fused region arg %{a.name}: {a.type} does not match operand type {t}")
     return [r.type for r in body.results]
+
+
+# --------------------------------------------------------------------------- recognized ops
+# Introduced by the recognition passes; each is exactly the composite it replaces.
+
+
+@register_op("rms_norm", num_operands=2, attrs={"eps": "float", "weight_offset": "float"})
+def _rms_norm(types, attrs, ctx):
+    """x * rsqrt(mean(x², last axis) + eps) * (w + weight_offset); w is [D] (Gemma uses offset 1)."""
+    x, w = types
+    if w.rank != 1 or not dims_equal(w.shape[0], x.shape[-1]):
+        raise TypeError(f"rms_norm weight must be [{x.shape[-1]}], got {w}")
+    return [TensorType(x.shape, _same_dtype(types))]
+
+
+@register_op("rope", num_operands=3)
+def _rope(types, attrs, ctx):
+    """Rotary embedding, rotate-half form: x·cos + rotate_half(x)·sin over the last axis.
+
+    rotate_half(x) = concat(-x[..., D/2:], x[..., :D/2]); cos and sin broadcast to x."""
+    x, cos, sin = types
+    if not isinstance(x.shape[-1], int) or x.shape[-1] % 2:
+        raise TypeError(f"rope needs an even, static last dim, got {x}")
+    shape = broadcast_shapes(broadcast_shapes(x.shape, cos.shape), sin.shape)
+    if len(shape) != x.rank or not all(dims_equal(a, b) for a, b in zip(shape, x.shape)):
+        raise TypeError(f"rope cos/sin {cos}, {sin} must broadcast to x {x}")
+    return [TensorType(x.shape, _same_dtype(types))]
+
+
+@register_op("glu", num_operands=2, attrs={"activation": "str"})
+def _glu(types, attrs, ctx):
+    """Gated linear unit: act(gate) * up, act in silu | gelu | gelu_tanh (SwiGLU, GeGLU)."""
+    if attrs["activation"] not in ("silu", "gelu", "gelu_tanh"):
+        raise TypeError(f"glu activation must be silu, gelu or gelu_tanh, got {attrs['activation']!r}")
+    return _binary(types, attrs, ctx)
+
+
+ELEMENTWISE_OPS = frozenset(UNARY_OPS + BINARY_OPS + ("gelu", "cast", "constant", "glu", "rope"))
