@@ -60,25 +60,73 @@ def _import(model: str, verbose: bool, with_tokenizer: bool = False):
         raise CliError(str(exc)) from None
 
 
+def _pipeline(args):
+    """The passes to run: the -O level's pipeline for the target plus any --pass plugins."""
+    from llmc.compiler.passes import PassNotFound, build_pipeline, load_pass_spec
+
+    try:
+        extra = [load_pass_spec(spec) for spec in args.passes]
+        if args.pass_after and not extra:
+            raise CliError("--pass-after needs at least one --pass MODULE:NAME")
+        return build_pipeline(args.target, args.opt_level, extra, args.pass_after)
+    except (PassNotFound, ValueError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _describe_layers(stage: str, module) -> None:
+    from llmc.compiler.passes.stats import layer_stats
+
+    s = layer_stats(module.functions["forward"])
+    log.info("%s: %d ops, %d fused regions; per decoder layer (%d layers): %s ops, %s fused regions",
+             stage, s["ops"], s["fused"], s["layers"], s["ops_per_layer"], s["fused_per_layer"])
+
+
 def cmd_compile(args) -> int:
     from llmc.compiler.ir import print_module, verify
+    from llmc.compiler.passes import PassError, PassManager
 
     if args.emit != "ir":
         raise CliError(f"--emit {args.emit} is not available yet; this build emits IR only (--emit ir)")
+    passes = _pipeline(args)  # resolve plugins before the slow import, so typos fail fast
     t0 = time.perf_counter()
     imported, _ = _import(args.model, args.verbose)
     module = imported.module
     t1 = time.perf_counter()
     verify(module)
     log.info("verified IR (%.2fs)", time.perf_counter() - t1)
+    _describe_layers("imported", module)
+    manager = PassManager(passes, verify_each=not args.no_verify, print_after=set(args.print_after),
+                          print_after_all=args.print_after_all, dump_dir=args.debug_dump)
+    t2 = time.perf_counter()
+    try:
+        module = manager.run(module)
+    except PassError as exc:
+        raise CliError(f"{exc}\nNothing was written.") from None
+    imported.timings["passes"] = time.perf_counter() - t2
+    log.info("-O%d pipeline: %d passes in %.2fs", args.opt_level, len(passes), imported.timings["passes"])
+    _describe_layers(f"after -O{args.opt_level}", module)
     text = print_module(module)
     out = args.output or f"{module.name}.llmc.ir"
     write_atomically(out, text)
-    timings = dict(imported.timings, verify_and_print=time.perf_counter() - t1)
+    timings = dict(imported.timings)
     log.info("stage timings: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     fn = module.functions["forward"]
     print(f"wrote {out}: {len(fn.ops)} ops, {len(module.params)} params, target {args.target} "
           f"({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from llmc.compiler.passes import all_passes, pipeline_names
+    from llmc.compiler.passes.registry import PIPELINES
+
+    passes = all_passes()
+    print("passes:")
+    for name, p in sorted(passes.items()):
+        print(f"  {name:22s} {p.doc}")
+    print(f"pipelines for {args.target}:")
+    for level in sorted(PIPELINES):
+        print(f"  -O{level}: {' -> '.join(pipeline_names(args.target, level)) or '(no passes)'}")
     return 0
 
 
@@ -157,8 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", choices=TARGETS, default="cpu", help="target to compile for (default cpu)")
     c.add_argument("--emit", choices=EMITS, default="ir", help="what to write (default ir)")
     c.add_argument("-o", "--output", help="output file (default NAME.llmc.ir)")
-    c.add_argument("-v", "--verbose", action="store_true", help="show progress and stage timings")
+    c.add_argument("-O", dest="opt_level", type=int, default=2, choices=range(4), metavar="{0,1,2,3}",
+                   help="optimization level: the pipeline `llmc passes` lists (default 2)")
+    c.add_argument("--print-after", action="append", default=[], metavar="PASS",
+                   help="print the IR after PASS (repeatable)")
+    c.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
+    c.add_argument("--debug-dump", metavar="DIR", help="write the IR after every pass to DIR/NN-PASS.llmc.ir")
+    c.add_argument("--pass", dest="passes", action="append", default=[], metavar="MODULE:NAME",
+                   help="add your own pass (a Pass, Pass subclass or function Module -> Module)")
+    c.add_argument("--pass-after", metavar="PASS", help="where --pass goes in the pipeline (default: at the end)")
+    c.add_argument("--no-verify", action="store_true", help="skip verifying the IR after each pass")
+    c.add_argument("-v", "--verbose", action="store_true", help="show progress, per-pass timings and op counts")
     c.set_defaults(func=cmd_compile)
+
+    ps = sub.add_parser("passes", help="list passes and pipelines",
+                        description="List llmc's passes, plugin passes (entry point group llmc.passes), "
+                                    "and the pipeline of each -O level.")
+    ps.add_argument("--target", choices=TARGETS, default="cpu")
+    ps.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    ps.set_defaults(func=cmd_passes)
 
     i = sub.add_parser("ir", help="parse, verify and print an IR file",
                        description="Parse FILE, verify it, and print it back (or a summary).")

@@ -1,0 +1,52 @@
+"""Property test: each pass of the -O2 pipeline leaves the interpreter's outputs unchanged,
+for every tiny architecture and for SmolLM2; and -O2 SmolLM2 still matches transformers."""
+
+import pytest
+import torch
+
+from llmc.compiler.frontend import import_hf_model
+from llmc.compiler.ir import Interpreter, KVCache, parse_module, print_module, verify
+from llmc.compiler.passes import build_pipeline
+from tests.passes.helpers import assert_same_outputs, model_outputs
+from tests.tiny_models import TINY_ARCHS, tiny_model
+
+
+def check_each_pass(module, weights, vocab, atol):
+    current = model_outputs(module, weights, vocab)
+    for p in build_pipeline("cpu", 2):
+        p.run(module)
+        verify(module)
+        after = model_outputs(module, weights, vocab)
+        try:
+            assert_same_outputs(current, after, atol=atol)
+        except AssertionError as exc:
+            raise AssertionError(f"pass {p.name} changed the outputs: {exc}") from None
+        current = after
+    return module
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_every_pass_preserves_outputs_on_tiny_models(arch):
+    model = tiny_model(arch)
+    imp = import_hf_model(model)
+    module = check_each_pass(imp.module, imp.weights, model.config.vocab_size, atol=1e-5)
+    assert any(op.kind == "fused" for op in module.functions["forward"].ops)
+
+
+def test_every_pass_preserves_outputs_on_smollm2(smollm2):
+    model, tokenizer, imp = smollm2
+    module = parse_module(print_module(imp.module))
+    module = check_each_pass(module, imp.weights, model.config.vocab_size, atol=1e-4)
+    # and the optimized module still matches transformers at the foundation's tolerance
+    ids = torch.tensor(tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"][:32])
+    with torch.no_grad():
+        out = model(ids[None], use_cache=True)
+        nxt = out.logits[0, -1].argmax().reshape(1)
+        want_decode = model(nxt[None], past_key_values=out.past_key_values, use_cache=True).logits[0]
+    interp = Interpreter(module, imp.weights, KVCache())
+    got = interp.run({"input_ids": ids, "positions": torch.arange(32)})[0]
+    assert (got - out.logits[0]).abs().max() <= 1e-3
+    assert torch.equal(got.argmax(-1), out.logits[0].argmax(-1))
+    got_decode = interp.run({"input_ids": nxt, "positions": torch.tensor([32])})[0]
+    assert (got_decode - want_decode).abs().max() <= 1e-3
+    assert torch.equal(got_decode.argmax(-1), want_decode.argmax(-1))
