@@ -4,36 +4,40 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections import Counter
 
 from ..ir import Function
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def layer_stats(fn: Function) -> dict:
-    """Top-level ops and fused regions per decoder layer (median over layers).
+def _param_layer(op) -> int:
+    m = _LAYER.search(op.attrs["name"]) if op.kind == "param" else None
+    return int(m.group(1)) if m else -1
 
-    A layer's ops are those from the first read of one of its weights (``layers.N.``) up to the
-    first read of the next layer's: params are read where they are first used, so this cuts
-    the program at layer boundaries."""
-    starts: dict[int, int] = {}
-    for i, op in enumerate(fn.body.ops):
-        if op.kind == "param":
-            m = _LAYER.search(op.attrs["name"])
-            if m:
-                starts.setdefault(int(m.group(1)), i)
+
+def layer_stats(fn: Function) -> dict:
+    """Top-level ops and fused regions per decoder layer (median over the layers but the last).
+
+    An op belongs to the highest layer whose weights (``layers.N.``) it depends on, directly or
+    through its operands; the last layer also collects the final norm and LM head, so it is
+    left out of the median. Param reads count with their layer."""
+    layer_of: dict[int, int] = {}
+    ops_per, fused_per = Counter(), Counter()
+    for op in fn.body.ops:
+        layer = max([_param_layer(op)] + [layer_of.get(id(v), -1) for v in op.operands])
+        for r in op.results:
+            layer_of[id(r)] = layer
+        ops_per[layer] += 1
+        fused_per[layer] += op.kind == "fused"
     ops = fn.body.ops
-    total = {"ops": len(ops), "fused": sum(op.kind == "fused" for op in ops),
-             "ops_in_regions": sum(len(op.region.ops) for op in ops if op.region is not None)}
-    if not starts:
-        return {**total, "layers": 0, "ops_per_layer": None, "fused_per_layer": None}
-    bounds = sorted(starts.values()) + [None]
-    per_ops, per_fused = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        segment = ops[lo:hi] if hi is not None else ops[lo:]
-        if hi is None:  # the last layer runs to the final norm; cut there by counting like the others
-            segment = segment[: max(per_ops) if per_ops else len(segment)]
-        per_ops.append(len(segment))
-        per_fused.append(sum(op.kind == "fused" for op in segment))
-    return {**total, "layers": len(starts), "ops_per_layer": statistics.median(per_ops[:-1] or per_ops),
-            "fused_per_layer": statistics.median(per_fused[:-1] or per_fused)}
+    layers = sorted(k for k in ops_per if k >= 0)
+    inner = layers[:-1] or layers
+    return {
+        "ops": len(ops),
+        "fused": sum(op.kind == "fused" for op in ops),
+        "ops_in_regions": sum(len(op.region.ops) for op in ops if op.region is not None),
+        "layers": len(layers),
+        "ops_per_layer": statistics.median(ops_per[k] for k in inner) if inner else None,
+        "fused_per_layer": statistics.median(fused_per[k] for k in inner) if inner else None,
+    }

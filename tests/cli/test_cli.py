@@ -57,7 +57,37 @@ def test_compile_bundled_model_to_ir(tmp_path):
     out = llmc("compile", "smollm2", "--target", "cpu", "--emit", "ir", "-o", str(target), "--verbose")
     assert out.returncode == 0, out.stderr
     assert "traced with torch.export" in out.stderr and "stage timings" in out.stderr
+    assert "imported: 2036 ops, 0 fused regions; per decoder layer (30 layers): 61 ops" in out.stderr
+    assert "after -O2:" in out.stderr and "3 fused regions" in out.stderr
+    assert "pass fuse-elementwise" in out.stderr
     assert f"wrote {target}" in out.stdout
     verified = llmc("ir", str(target), "--summary")
-    assert verified.returncode == 0 and "attention 30" in verified.stdout
+    assert verified.returncode == 0 and "attention 30" in verified.stdout and "fused 91" in verified.stdout
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_passes_lists_pipelines():
+    out = llmc("passes")
+    assert out.returncode == 0
+    assert "fuse-elementwise" in out.stdout and "-O2: canonicalize ->" in out.stdout
+
+
+def test_print_after_and_debug_dump(tmp_path):
+    from tests.tiny_models import tiny_model
+
+    tiny_model("qwen2").save_pretrained(tmp_path / "tiny")
+    dump = tmp_path / "dump"
+    out = llmc("compile", str(tmp_path / "tiny"), "-o", str(tmp_path / "t.llmc.ir"),
+               "--print-after", "recognize-rope", "--debug-dump", str(dump))
+    assert out.returncode == 0, out.stderr
+    assert "// ----- IR after recognize-rope -----" in out.stdout and " = rope(" in out.stdout
+    files = sorted(os.listdir(dump))
+    assert files[0] == "00-input.llmc.ir" and files[-1] == "12-fuse-elementwise.llmc.ir"
+    assert (dump / files[-1]).read_text() == (tmp_path / "t.llmc.ir").read_text()
+
+
+def test_unknown_pass_and_level_are_clear_errors(tmp_path):
+    out = llmc("compile", "smollm2", "--pass", "nosuchmodule:X", "-o", str(tmp_path / "x"))
+    assert out.returncode == 2 and "cannot import nosuchmodule" in out.stderr
+    out = llmc("compile", "smollm2", "--pass-after", "cse", "-o", str(tmp_path / "x"))
+    assert out.returncode == 2 and "--pass-after needs" in out.stderr
