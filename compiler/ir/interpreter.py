@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import Block, Function, Module, Op, Value
-from .types import Dim, TensorType, dim_symbols, eval_dim
+from .types import Dim, dim_symbols, eval_dim
 
 TORCH_DTYPES = {
     "f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import sympy
 
-from .types import DTYPES, FLOAT_DTYPES, Dim, TensorType, dims_equal, normalize_dim, product
+from .types import DTYPES, TensorType, dims_equal, normalize_dim, product
 
 AttrKind = str  # int | float | str | bool | ints | dims | dim | dtype | float_or_none
 InferFn = Callable[[list[TensorType], dict[str, Any], Any], list[TensorType]]

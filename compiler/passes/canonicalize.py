@@ -4,11 +4,9 @@ Each rule is a pattern plus a pure replacement. Types never change: a rule only 
 replacement has exactly the root's type.
 """
 
-from ..ir import Function, Module
 from ..ir.types import dims_equal
-from .base import FunctionPass
 from .registry import register_pass
-from .rewrite import Const, P, Rewrite, Var, apply_rewrites
+from .rewrite import Const, P, Rewrite, Var, RewritePass
 
 x = Var("x")
 
@@ -54,7 +52,7 @@ RULES = [
 
 
 @register_pass
-class Canonicalize(FunctionPass):
+class Canonicalize(RewritePass):
     """Remove no-op reshapes/permutes/expands/slices/concats, casts to the same dtype and
     multiplications by one; fold reshape-of-reshape and permute-of-permute chains.
 
@@ -63,9 +61,4 @@ class Canonicalize(FunctionPass):
     name = "canonicalize"
     guarantees = ("canonical",)
 
-    def __init__(self):
-        self.fired: dict[str, int] = {}
-
-    def run_on_function(self, fn: Function, module: Module) -> None:
-        for rule, n in apply_rewrites(fn, module, RULES).items():
-            self.fired[rule] = self.fired.get(rule, 0) + n
+    rewrites = RULES

@@ -3,10 +3,8 @@
 As one op the activation is applied on the fly, so act(gate) is never written to memory.
 """
 
-from ..ir import Function, Module
-from .base import FunctionPass
 from .registry import register_pass
-from .rewrite import P, Rewrite, Var, apply_rewrites, use_counts
+from .rewrite import P, Rewrite, Var, RewritePass, use_counts
 
 g, u = Var("gate"), Var("up")
 GELU_NAMES = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -31,7 +29,7 @@ RULES = [
 
 
 @register_pass
-class RecognizeGatedMlp(FunctionPass):
+class RecognizeGatedMlp(RewritePass):
     """Replace act(gate) * up by glu(gate, up) {activation}, for act silu, gelu or gelu (tanh).
 
     Either operand order of the mul matches; only fires when act(gate) has no other use.
@@ -40,9 +38,4 @@ class RecognizeGatedMlp(FunctionPass):
     name = "recognize-gated-mlp"
     guarantees = ("glu-recognized",)
 
-    def __init__(self):
-        self.fired: dict[str, int] = {}
-
-    def run_on_function(self, fn: Function, module: Module) -> None:
-        for rule, n in apply_rewrites(fn, module, RULES).items():
-            self.fired[rule] = self.fired.get(rule, 0) + n
+    rewrites = RULES

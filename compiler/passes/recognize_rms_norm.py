@@ -4,11 +4,9 @@ Kernels and fusion then see a single normalization instead of six elementwise an
 ops, and the code generators can emit their tuned RMSNorm for it.
 """
 
-from ..ir import Function, Module
 from ..ir.types import dims_equal
-from .base import FunctionPass
 from .registry import register_pass
-from .rewrite import Const, P, Rewrite, Var, apply_rewrites
+from .rewrite import Const, P, Rewrite, Var, RewritePass
 
 x, w = Var("x"), Var("w")
 # x * rsqrt(mean(x², last axis, keepdim) + eps); the structured operand comes first so that x is
@@ -40,7 +38,7 @@ RULES = [
 
 
 @register_pass
-class RecognizeRmsNorm(FunctionPass):
+class RecognizeRmsNorm(RewritePass):
     """Replace w * (x * rsqrt(mean(x², last axis) + eps)) by rms_norm(x, w) {eps, weight_offset}.
 
     Also matches Gemma's (w + c) weight factor (weight_offset = c) and either operand order of
@@ -50,9 +48,4 @@ class RecognizeRmsNorm(FunctionPass):
     name = "recognize-rms-norm"
     guarantees = ("rms_norm-recognized",)
 
-    def __init__(self):
-        self.fired: dict[str, int] = {}
-
-    def run_on_function(self, fn: Function, module: Module) -> None:
-        for rule, n in apply_rewrites(fn, module, RULES).items():
-            self.fired[rule] = self.fired.get(rule, 0) + n
+    rewrites = RULES

@@ -4,11 +4,9 @@ The imported form slices, negates and concatenates x only to multiply it by sin;
 kernel applies the rotation in registers without materializing rotate_half(x).
 """
 
-from ..ir import Function, Module
 from ..ir.types import dims_equal
-from .base import FunctionPass
 from .registry import register_pass
-from .rewrite import P, Rewrite, Var, apply_rewrites
+from .rewrite import P, Rewrite, Var, RewritePass
 
 x = Var("x")
 # x·cos + concat(-x[..., D/2:], x[..., :D/2])·sin. The rotated operand comes first so that x is
@@ -46,7 +44,7 @@ RULES = [Rewrite("rope", ROPE, _rope)]
 
 
 @register_pass
-class RecognizeRope(FunctionPass):
+class RecognizeRope(RewritePass):
     """Replace x·cos + rotate_half(x)·sin over x's last axis by rope(x, cos, sin).
 
     rotate_half(x) must be concat(neg(x[..., D/2:D]), x[..., 0:D/2]) along the last axis (given
@@ -56,9 +54,4 @@ class RecognizeRope(FunctionPass):
     name = "recognize-rope"
     guarantees = ("rope-recognized",)
 
-    def __init__(self):
-        self.fired: dict[str, int] = {}
-
-    def run_on_function(self, fn: Function, module: Module) -> None:
-        for rule, n in apply_rewrites(fn, module, RULES).items():
-            self.fired[rule] = self.fired.get(rule, 0) + n
+    rewrites = RULES

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from importlib.metadata import entry_points
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from .base import Pass, _CallablePass
 

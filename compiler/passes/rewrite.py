@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Union
 
 from ..ir import Block, Builder, Function, Module, Op, Value
 from ..ir.builder import NameAllocator
+from .base import FunctionPass
 
 
 # ---------------------------------------------------------------------- graph editing
@@ -230,3 +231,16 @@ def apply_rewrites(fn: Function, module: Module, rewrites: list[Rewrite]) -> dic
             i += 1
         remove_dead_ops(fn.body)
     return fired
+
+
+class RewritePass(FunctionPass):
+    """A pass that is nothing but a list of rewrites; ``fired`` counts each rule's firings."""
+
+    rewrites: list[Rewrite] = []
+
+    def __init__(self):
+        self.fired: dict[str, int] = {}
+
+    def run_on_function(self, fn: Function, module: Module) -> None:
+        for rule, n in apply_rewrites(fn, module, self.rewrites).items():
+            self.fired[rule] = self.fired.get(rule, 0) + n

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from llmc.compiler.frontend import import_hf_model
 from llmc.compiler.ir import parse_module, print_module, verify

@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import require_bundled_model
 
 GOOD_IR = """module @m {

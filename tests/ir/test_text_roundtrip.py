@@ -3,7 +3,6 @@
 import pytest
 
 from llmc.compiler.ir import Builder, Function, Module, TensorType, parse_module, print_module, symbol, verify
-from llmc.compiler.ir.core import Block
 from llmc.compiler.ir.parser import ParseError
 
 T = symbol("T")

@@ -35,3 +35,19 @@ def assert_same_outputs(before, after, atol: float = 1e-5) -> None:
     for a, b in zip(before, after):
         assert a.shape == b.shape
         assert (a - b).abs().max() <= atol, f"max diff {(a - b).abs().max()}"
+
+
+def run_on_copy(pass_name: str, module: Module) -> Module:
+    """Run a registered pass on a copy of ``module`` (fixtures stay untouched); verify the result."""
+    from llmc.compiler.passes import get_pass
+
+    copy = parse_module(print_module(module))
+    get_pass(pass_name).run(copy)
+    verify(copy)
+    return copy
+
+
+def assert_keeps_outputs(imported, module: Module, vocab: int, atol: float = 1e-5) -> None:
+    """``module`` computes what the imported module computes, on random prompts and decode steps."""
+    assert_same_outputs(model_outputs(imported.module, imported.weights, vocab),
+                        model_outputs(module, imported.weights, vocab), atol=atol)

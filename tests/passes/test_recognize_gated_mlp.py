@@ -3,11 +3,9 @@ per layer on every tiny architecture and on SmolLM2."""
 
 import pytest
 
-from llmc.compiler.frontend import import_hf_model
-from llmc.compiler.ir import parse_module, print_module, verify
 from llmc.compiler.passes import get_pass
-from tests.passes.helpers import assert_pass_output, assert_same_outputs, model_outputs
-from tests.tiny_models import BASE, TINY_ARCHS, tiny_model
+from tests.passes.helpers import assert_keeps_outputs, assert_pass_output, run_on_copy
+from tests.tiny_models import BASE
 
 PASS = get_pass("recognize-gated-mlp")
 
@@ -65,30 +63,18 @@ def test_other_activation_does_not_fire():
 # ------------------------------------------------------------------ real models
 
 
-@pytest.fixture(scope="module", params=sorted(TINY_ARCHS))
-def imported(request):
-    return request.param, import_hf_model(tiny_model(request.param))
-
-
-def test_tiny_arch_same_outputs_and_counts(imported):
-    name, imp = imported
-    module = parse_module(print_module(imp.module))
-    get_pass("recognize-gated-mlp").run(module)
-    verify(module)
+def test_tiny_arch_same_outputs_and_counts(tiny_imported):
+    name, imp = tiny_imported
+    module = run_on_copy("recognize-gated-mlp", imp.module)
     glus = [op for op in module.functions["forward"].ops if op.kind == "glu"]
     assert [op.attrs["activation"] for op in glus] == ["gelu_tanh" if name.startswith("gemma") else "silu"] * 2
-    vocab = BASE["vocab_size"]
-    assert_same_outputs(model_outputs(imp.module, imp.weights, vocab), model_outputs(module, imp.weights, vocab))
+    assert_keeps_outputs(imp, module, BASE["vocab_size"])
 
 
 def test_smollm2(smollm2):
     _, _, imp = smollm2
-    module = parse_module(print_module(imp.module))
-    get_pass("recognize-gated-mlp").run(module)
-    verify(module)
+    module = run_on_copy("recognize-gated-mlp", imp.module)
     ops = module.functions["forward"].ops
     assert sum(op.kind == "glu" for op in ops) == 30
     assert not [op for op in ops if op.kind == "silu"]
-    vocab = 49152
-    assert_same_outputs(model_outputs(imp.module, imp.weights, vocab), model_outputs(module, imp.weights, vocab),
-                        atol=1e-4)
+    assert_keeps_outputs(imp, module, 49152, atol=1e-4)
