@@ -1,0 +1,400 @@
+"""Tensor-expression (TE) definitions of IR ops: what each kernel computes, not how it loops.
+
+Every op kind gets one builder ``(operands, attrs, out_type, ctx) -> te.Tensor``. Operands are
+``te.Tensor``s, ``Scalar`` immediates (from ``constant`` ops) or ``PackedWeight``s (linear
+weights stored in the blocked layout [N/NB, K, NB], which lets a kernel stream NB output
+columns with contiguous vector loads). A fused region composes these builders into one kernel.
+Schedules live in ``schedule.py``; block names set here are how the scheduler recognizes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import sympy
+from tvm import te, tirx as tir
+
+PACK = 32  # output columns per block of a packed linear weight
+
+TVM_DTYPES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64",
+              "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
+
+
+@dataclass
+class Scalar:
+    value: Union[int, float]
+    dtype: str
+
+    def expr(self):
+        return tir.const(self.value, TVM_DTYPES[self.dtype])
+
+
+@dataclass
+class PackedWeight:
+    """A [N, K] weight stored as [N/PACK, K, PACK]; ``tensor`` is the packed placeholder."""
+
+    tensor: te.Tensor
+    n: int
+    k: int
+
+    def at(self, n, k):
+        return self.tensor[n // PACK, k, n % PACK]
+
+
+Operand = Union[te.Tensor, Scalar, PackedWeight]
+
+
+class DimMap:
+    """Turns IR dims (ints, sympy expressions in T, B, ...) into TIR expressions."""
+
+    def __init__(self, symbols: dict[str, Any]):
+        self.symbols = symbols
+
+    def __call__(self, d):
+        if isinstance(d, int):
+            return tir.IntImm("int64", d)
+        return self._expr(sympy.sympify(d))
+
+    def _expr(self, e):
+        if e.is_Integer:
+            return tir.IntImm("int64", int(e))
+        if e.is_Symbol:
+            if e.name not in self.symbols:
+                raise KeyError(f"symbolic dim {e.name} has no TIR variable")
+            return self.symbols[e.name]
+        if e.is_Add:
+            out = self._expr(e.args[0])
+            for a in e.args[1:]:
+                out = out + self._expr(a)
+            return out
+        if e.is_Mul:
+            out = self._expr(e.args[0])
+            for a in e.args[1:]:
+                out = out * self._expr(a)
+            return out
+        raise NotImplementedError(f"dim expression {e} is not supported by the TVM code generator")
+
+    def shape(self, dims):
+        return [self(d) for d in dims]
+
+
+def value_at(x: Operand, index):
+    """Element of an operand at a full index (scalars ignore the index)."""
+    if isinstance(x, Scalar):
+        return x.expr()
+    if isinstance(x, PackedWeight):
+        return x.at(*index)
+    return x[tuple(index)]
+
+
+def unpack(x: Operand, name: str = "unpack") -> te.Tensor:
+    """A plain tensor view of a packed weight (inlined by the scheduler)."""
+    if isinstance(x, PackedWeight):
+        return te.compute((x.n, x.k), lambda n, k: x.at(n, k), name=name)
+    return x
+
+
+def broadcast_index(x: Operand, out_rank: int, index):
+    """Index into ``x`` for output ``index`` under numpy broadcasting."""
+    if isinstance(x, Scalar):
+        return []
+    shape = x.shape
+    offset = out_rank - len(shape)
+    return [0 if (isinstance(d, tir.IntImm) and int(d) == 1) else index[offset + i]
+            for i, d in enumerate(shape)]
+
+
+def _cast(e, dtype):
+    return e.astype(TVM_DTYPES[dtype]) if e.dtype != TVM_DTYPES[dtype] else e
+
+
+Builder = Callable[..., te.Tensor]
+BUILDERS: dict[str, Builder] = {}
+
+
+def builder(*kinds: str):
+    def deco(fn):
+        for k in kinds:
+            BUILDERS[k] = fn
+        return fn
+
+    return deco
+
+
+def _sigmoid(e):
+    return tir.const(1.0, e.dtype) / (tir.const(1.0, e.dtype) + tir.exp(-e))
+
+
+def _gelu(e, approximate: str):
+    half, one = tir.const(0.5, e.dtype), tir.const(1.0, e.dtype)
+    if approximate == "tanh":
+        c = tir.const(0.7978845608028654, e.dtype)  # sqrt(2/pi)
+        return half * e * (one + tir.tanh(c * (e + tir.const(0.044715, e.dtype) * e * e * e)))
+    return half * e * (one + tir.erf(e * tir.const(0.7071067811865476, e.dtype)))
+
+
+UNARY = {
+    "neg": lambda e: -e, "exp": tir.exp, "log": tir.log, "sqrt": tir.sqrt, "rsqrt": tir.rsqrt,
+    "tanh": tir.tanh, "sigmoid": _sigmoid, "silu": lambda e: e * _sigmoid(e),
+    "relu": lambda e: tir.max(e, tir.const(0, e.dtype)), "cos": tir.cos, "sin": tir.sin,
+    "abs": tir.abs, "reciprocal": lambda e: tir.const(1.0, e.dtype) / e,
+}
+BINARY = {
+    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b, "pow": tir.power, "maximum": tir.max, "minimum": tir.min,
+}
+ACTIVATIONS = {"silu": UNARY["silu"], "gelu": lambda e: _gelu(e, "none"), "gelu_tanh": lambda e: _gelu(e, "tanh")}
+
+
+@builder(*UNARY)
+def _unary(ops, attrs, out, ctx):
+    x, f = ops[0], UNARY[ctx.kind]
+    return te.compute(ctx.shape(out), lambda *i: f(value_at(x, i)), name=ctx.kind)
+
+
+@builder("gelu")
+def _gelu_op(ops, attrs, out, ctx):
+    x = ops[0]
+    return te.compute(ctx.shape(out), lambda *i: _gelu(value_at(x, i), attrs["approximate"]), name="gelu")
+
+
+@builder(*BINARY)
+def _binary(ops, attrs, out, ctx):
+    a, b = ops
+    f, rank = BINARY[ctx.kind], len(out.shape)
+    return te.compute(ctx.shape(out), lambda *i: f(value_at(a, broadcast_index(a, rank, i)),
+                                                   value_at(b, broadcast_index(b, rank, i))), name=ctx.kind)
+
+
+@builder("cast")
+def _cast_op(ops, attrs, out, ctx):
+    x = ops[0]
+    return te.compute(ctx.shape(out), lambda *i: _cast(value_at(x, i), attrs["dtype"]), name="cast")
+
+
+@builder("glu")
+def _glu(ops, attrs, out, ctx):
+    g, u = ops
+    act, rank = ACTIVATIONS[attrs["activation"]], len(out.shape)
+    return te.compute(ctx.shape(out), lambda *i: act(value_at(g, broadcast_index(g, rank, i)))
+                      * value_at(u, broadcast_index(u, rank, i)), name="glu")
+
+
+@builder("rope")
+def _rope(ops, attrs, out, ctx):
+    x, cos, sin = ops
+    rank, d = len(out.shape), int(out.shape[-1])
+    half = d // 2
+
+    def f(*i):
+        last = i[-1]
+        partner = list(i[:-1]) + [tir.if_then_else(last < half, last + half, last - half)]
+        rotated = tir.if_then_else(last < half, -value_at(x, partner), value_at(x, partner))
+        return (value_at(x, i) * value_at(cos, broadcast_index(cos, rank, i))
+                + rotated * value_at(sin, broadcast_index(sin, rank, i)))
+
+    return te.compute(ctx.shape(out), f, name="rope")
+
+
+@builder("rms_norm")
+def _rms_norm(ops, attrs, out, ctx):
+    x, w = ops
+    shape = ctx.shape(out)
+    d = shape[-1]
+    k = te.reduce_axis((0, d), name="k")
+    sumsq = te.compute(shape[:-1], lambda *i: te.sum(value_at(x, list(i) + [k]) * value_at(x, list(i) + [k]), axis=k),
+                       name="rms_sumsq")
+    eps = tir.const(attrs["eps"], sumsq.dtype)
+    offset = attrs["weight_offset"]
+
+    def f(*i):
+        scale = tir.rsqrt(sumsq[i[:-1]] / d.astype(sumsq.dtype) + eps)
+        weight = value_at(w, [i[-1]])
+        if offset:
+            weight = weight + tir.const(offset, sumsq.dtype)
+        return value_at(x, i) * scale * weight
+
+    return te.compute(shape, f, name="rms_norm")
+
+
+def _reduce(kind):
+    def build(ops, attrs, out, ctx):
+        x = ops[0]
+        rank = len(x.shape)
+        axes = sorted({a % rank for a in attrs["axes"]})
+        raxes = [te.reduce_axis((0, x.shape[a]), name=f"r{a}") for a in axes]
+
+        def index(i):
+            it, full = iter(i), []
+            for a in range(rank):
+                if a in axes:
+                    full.append(raxes[axes.index(a)])
+                    if attrs["keepdim"]:
+                        next(it)
+                else:
+                    full.append(next(it))
+            return full
+
+        shape = ctx.shape(out)
+        if kind == "max":
+            return te.compute(shape, lambda *i: te.max(x[tuple(index(i))], axis=raxes), name="reduce_max")
+        total = te.compute(shape, lambda *i: te.sum(x[tuple(index(i))], axis=raxes), name="reduce_sum")
+        if kind == "sum":
+            return total
+        count = 1
+        for a in axes:
+            count = count * x.shape[a]
+        return te.compute(shape, lambda *i: total[i] / count.astype(total.dtype), name="reduce_mean")
+
+    return build
+
+
+for _k in ("sum", "mean", "max"):
+    BUILDERS[_k] = _reduce(_k)
+
+
+@builder("softmax")
+def _softmax(ops, attrs, out, ctx):
+    x = ops[0]
+    shape = ctx.shape(out)
+    axis = attrs["axis"] % len(shape)
+    k1 = te.reduce_axis((0, shape[axis]), name="k1")
+    k2 = te.reduce_axis((0, shape[axis]), name="k2")
+
+    def at(i, k):
+        j = list(i)
+        j[axis] = k
+        return tuple(j)
+
+    red_shape = [s for a, s in enumerate(shape) if a != axis]
+
+    def full(i):
+        return list(i[:axis]) + [0] + list(i[axis:])
+
+    mx = te.compute(red_shape, lambda *i: te.max(x[at(full(i), k1)], axis=k1), name="softmax_max")
+    ex = te.compute(shape, lambda *i: tir.exp(x[i] - mx[tuple(i[:axis] + i[axis + 1:])]), name="softmax_exp")
+    sm = te.compute(red_shape, lambda *i: te.sum(ex[at(full(i), k2)], axis=k2), name="softmax_sum")
+    return te.compute(shape, lambda *i: ex[i] / sm[tuple(i[:axis] + i[axis + 1:])], name="softmax")
+
+
+@builder("linear")
+def _linear(ops, attrs, out, ctx):
+    x, w = ops[0], ops[1]
+    bias = ops[2] if len(ops) == 3 else None
+    kdim = x.shape[-1]
+    k = te.reduce_axis((0, kdim), name="k")
+    shape = ctx.shape(out)
+    weight = (lambda n, kk: w.at(n, kk)) if isinstance(w, PackedWeight) else (lambda n, kk: w[n, kk])
+    name = "linear_packed" if isinstance(w, PackedWeight) else "linear"
+    y = te.compute(shape, lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * weight(i[-1], k), axis=k), name=name)
+    if bias is None:
+        return y
+    return te.compute(shape, lambda *i: y[i] + value_at(bias, [i[-1]]), name="bias_add")
+
+
+@builder("matmul")
+def _matmul(ops, attrs, out, ctx):
+    a, b = unpack(ops[0]), unpack(ops[1])
+    shape = ctx.shape(out)
+    rank = len(shape)
+    k = te.reduce_axis((0, a.shape[-1]), name="k")
+
+    def f(*i):
+        ia = broadcast_index(a, rank, list(i[:-2]) + [0, 0])[:-2] + [i[-2], k]
+        ib = broadcast_index(b, rank, list(i[:-2]) + [0, 0])[:-2] + [k, i[-1]]
+        return te.sum(a[tuple(ia)] * b[tuple(ib)], axis=k)
+
+    return te.compute(shape, f, name="matmul")
+
+
+@builder("embedding")
+def _embedding(ops, attrs, out, ctx):
+    table, ids = ops
+    rows = table.n if isinstance(table, PackedWeight) else table.shape[0]
+
+    def f(*i):
+        row = tir.max(tir.min(ids[i[:-1]].astype("int64"), tir.IntImm("int64", int(rows) - 1) if isinstance(rows, int)
+                              else rows - 1), tir.IntImm("int64", 0))
+        return value_at(table, [row, i[-1]])
+
+    return te.compute(ctx.shape(out), f, name="embedding")
+
+
+def _unravel(flat, shape):
+    index = []
+    for d in reversed(shape):
+        index.append(flat % d)
+        flat = flat // d
+    return list(reversed(index))
+
+
+def _ravel(index, shape):
+    flat = tir.IntImm("int64", 0)
+    for i, d in zip(index, shape):
+        flat = flat * d + i
+    return flat
+
+
+@builder("reshape")
+def _reshape(ops, attrs, out, ctx):
+    x = unpack(ops[0])
+    shape = ctx.shape(out)
+    return te.compute(shape, lambda *i: x[tuple(_unravel(_ravel(i, shape), x.shape))], name="reshape")
+
+
+@builder("permute")
+def _permute(ops, attrs, out, ctx):
+    x, perm = unpack(ops[0]), attrs["perm"]
+
+    def f(*i):
+        src = [None] * len(perm)
+        for out_axis, in_axis in enumerate(perm):
+            src[in_axis] = i[out_axis]
+        return x[tuple(src)]
+
+    return te.compute(ctx.shape(out), f, name="permute")
+
+
+@builder("expand")
+def _expand(ops, attrs, out, ctx):
+    x = unpack(ops[0])
+    shape = ctx.shape(out)
+    return te.compute(shape, lambda *i: x[tuple(broadcast_index(x, len(shape), i))], name="expand")
+
+
+@builder("slice")
+def _slice(ops, attrs, out, ctx):
+    x = unpack(ops[0])
+    axis, start, step = attrs["axis"], ctx.dim(attrs["start"]), attrs["step"]
+
+    def f(*i):
+        j = list(i)
+        j[axis] = start + i[axis] * step
+        return x[tuple(j)]
+
+    return te.compute(ctx.shape(out), f, name="slice")
+
+
+@builder("concat")
+def _concat(ops, attrs, out, ctx):
+    xs = [unpack(o) for o in ops]
+    axis = attrs["axis"]
+    offsets, total = [], tir.IntImm("int64", 0)
+    for x in xs:
+        offsets.append(total)
+        total = total + x.shape[axis]
+
+    def value(n, i):
+        j = list(i)
+        size = xs[n].shape[axis]
+        j[axis] = tir.min(tir.max(i[axis] - offsets[n], tir.IntImm("int64", 0)), size - 1)
+        return xs[n][tuple(j)]
+
+    def f(*i):
+        result = value(len(xs) - 1, i)
+        for n in range(len(xs) - 2, -1, -1):
+            result = tir.if_then_else(i[axis] < offsets[n + 1], value(n, i), result)
+        return result
+
+    return te.compute(ctx.shape(out), f, name="concat")
