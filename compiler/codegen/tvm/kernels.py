@@ -286,11 +286,47 @@ def _linear(ops, attrs, out, ctx):
     k = te.reduce_axis((0, kdim), name="k")
     shape = ctx.shape(out)
     weight = (lambda n, kk: w.at(n, kk)) if isinstance(w, PackedWeight) else (lambda n, kk: w[n, kk])
-    name = "linear_packed" if isinstance(w, PackedWeight) else "linear"
-    y = te.compute(shape, lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * weight(i[-1], k), axis=k), name=name)
+    lead = shape[:-1]
+    rows = _product(lead)
+    if isinstance(w, PackedWeight) and not isinstance(rows, tir.IntImm):
+        y = _padded_linear(x, weight, lead, rows, shape, k)
+    else:
+        name = "linear_packed" if isinstance(w, PackedWeight) else "linear"
+        y = te.compute(shape, lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * weight(i[-1], k), axis=k), name=name)
     if bias is None:
         return y
     return te.compute(shape, lambda *i: y[i] + value_at(bias, [i[-1]]), name="bias_add")
+
+
+ROW_TILE = 8  # token rows per register tile of a prefill linear (see schedule.py)
+
+
+def _product(dims):
+    out = tir.IntImm("int64", 1)
+    for d in dims:
+        out = out * d
+    return out if not all(isinstance(d, tir.IntImm) for d in dims) else tir.IntImm("int64", int(tvm_simplify(out)))
+
+
+def tvm_simplify(e):
+    from tvm import arith
+
+    return arith.Analyzer().simplify(e)
+
+
+def _padded_linear(x, weight, lead, rows, shape, k):
+    """Linear over a dynamic number of rows, computed on rows rounded up to ROW_TILE.
+
+    The padding rows re-read the last real row (clamped index), so the hot loop needs no
+    bounds predicate and its accumulators stay in registers; a crop produces the real rows."""
+    padded = (rows + (ROW_TILE - 1)) // ROW_TILE * ROW_TILE
+
+    def row_of(r):
+        return _unravel(tir.min(r, rows - 1), lead)
+
+    ypad = te.compute((padded, shape[-1]), lambda r, n: te.sum(
+        x[tuple(row_of(r)) + (k,)] * weight(n, k), axis=k), name="linear_packed_rows")
+    return te.compute(shape, lambda *i: ypad[_ravel(i[:-1], lead), i[-1]], name="pad_crop")
 
 
 @builder("matmul")

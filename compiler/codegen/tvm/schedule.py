@@ -24,7 +24,7 @@ from .kernels import PACK
 
 log = logging.getLogger("llmc.codegen")
 
-ROWS = 4  # token rows per register tile in prefill linears
+from .kernels import ROW_TILE as ROWS
 VECTOR = 16
 
 
@@ -55,7 +55,7 @@ def _inline_injective(sch: Schedule) -> None:
         changed = False
         for block in sch.get_child_blocks(sch.get_sblock("root") if _has_root(sch) else None):
             name = sch.get(block).name_hint
-            if name.startswith(("linear", "kv_write")) or _is_reduction(sch, block):
+            if name.startswith(("linear", "kv_write", "attn_")) or _is_reduction(sch, block):
                 continue
             if _try(sch.compute_inline, block):
                 changed = True
@@ -93,29 +93,51 @@ def _schedule_linear(sch: Schedule, block, decode: bool) -> None:
         _parallel_vectorize(sch, block)
         return
     m = sch.fuse(*lead) if len(lead) > 1 else (lead[0] if lead else None)
+    if m is not None and _extent(sch, m) == 1:
+        decode = True
     no, ni = sch.split(n, [None, PACK])
     consumers = sch.get_consumers(block)
     if decode or m is None:
-        order = ([no, m] if m is not None else [no]) + [k, ni]
-        sch.reorder(*order)
-        sch.parallel(no)
+        sch.reorder(*([no, m] if m is not None else [no]), k, ni)
         anchor = m if m is not None else no
-        write = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(write, anchor)
     else:
         mo, mi = sch.split(m, [None, ROWS])
         sch.reorder(no, mo, k, mi, ni)
-        sch.parallel(no)
-        write = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(write, mo)
         sch.unroll(mi)
-    for consumer in consumers:  # epilogues into the write-back
+        anchor = mo
+    sch.parallel(no)
+    write = sch.cache_write(block, 0, "local")  # accumulators in registers
+    sch.reverse_compute_at(write, anchor)
+    for consumer in consumers:  # epilogues (glu, residual add, bias) into the write-back
         _try(sch.reverse_compute_inline, consumer)
-    init = sch.decompose_reduction(block, k)
-    _try(sch.vectorize, sch.get_loops(init)[-1])
-    _try(sch.vectorize, sch.get_loops(block)[-1])
-    wb_loops = sch.get_loops(write)
-    _try(sch.vectorize, wb_loops[-1])
+    sch.vectorize(ni)  # before decompose_reduction: only a complete reduction block may be vectorized
+    sch.decompose_reduction(block, k)
+    _try(sch.vectorize, sch.get_loops(write)[-1])
+
+
+def _schedule_attention(sch: Schedule) -> None:
+    """Scores as 16-lane partial dot products (rfactor over the head dim) then a lane sum;
+    probabilities x values with the value dim vectorized; exp materialized once (not per value
+    column); every stage parallel over (token, head).
+
+    (Measured: one parallel loop holding all stages via compute_at was slower here.)"""
+    score = sch.get_sblock("attn_score")
+    kd = sch.get_loops(score)[-1]
+    if (_extent(sch, kd) or 0) % VECTOR == 0:
+        ko, ki = sch.split(kd, [None, VECTOR])
+        rf = sch.rfactor(ki, 3)
+        sch.vectorize(sch.get_loops(rf)[-1])
+        sch.parallel(sch.fuse(*sch.get_loops(rf)[:2]))
+    sch.parallel(sch.fuse(*sch.get_loops(score)[:2]))
+    for name in ("attn_max", "attn_sum", "attn_exp", "attn_out"):
+        b = sch.get_sblock(name)
+        sch.parallel(sch.fuse(*sch.get_loops(b)[:2]))
+    pv = sch.get_sblock("attn_pv")
+    i, h, e, j = sch.get_loops(pv)
+    sch.reorder(j, e)
+    sch.parallel(sch.fuse(i, h))
+    sch.vectorize(e)
+    sch.decompose_reduction(pv, j)
 
 
 def schedule_primfunc(func: tir.PrimFunc, decode: bool) -> tir.PrimFunc:
@@ -123,6 +145,9 @@ def schedule_primfunc(func: tir.PrimFunc, decode: bool) -> tir.PrimFunc:
     _inline_injective(sch)
     root = sch.get_sblock("root") if _has_root(sch) else None
     blocks = list(sch.get_child_blocks(root))
+    if any(sch.get(b).name_hint == "attn_score" for b in blocks):
+        _schedule_attention(sch)
+        return sch.mod["main"]
     linears = [b for b in blocks if sch.get(b).name_hint.startswith("linear")]
     for b in linears:
         _schedule_linear(sch, b, decode)

@@ -1,0 +1,739 @@
+#!/usr/bin/env python3
+"""CPU benchmark: llmc against HF transformers and llama.cpp on the bundled SmolLM2-135M GGUF.
+
+Measures, in one run and with the same thread count for every engine:
+
+  prefill-128, prefill-512   tokens/s of one step over a 128- / 512-token prompt, empty cache
+  decode-128                 tokens/s of 128 greedy one-token steps after a 128-token prompt
+                             (only the decode steps are timed)
+
+Engines: ``hf`` (transformers fp32 eager; also the ``logits_to_keep=1`` variant, labelled
+separately), ``llamacpp`` (llama-cpp-python, optional: ``pip install -e .[bench]``) and
+``llmc`` (``llmc.runtime.Engine`` over a compiled artifact).
+
+Method (see benchmarks/README.md): OMP_WAIT_POLICY=PASSIVE, fixed threads, a warm-up per
+engine, engines interleaved per repetition, a bounded wait for an idle machine before each
+measurement, measurements during which other processes used CPU (from /proc/stat) dropped,
+medians, ratios only between engines measured in this run.
+
+    python benchmarks/cpu.py                           # all engines, 5 repetitions
+    python benchmarks/cpu.py --engines hf,llamacpp --quick
+"""
+
+import os
+
+# Before torch or llama_cpp are imported (both use OpenMP, whose default spin-waiting makes
+# idle worker threads burn the shared cores).
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import argparse
+import datetime
+import gc
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_ARTIFACT = "out/smollm2-cpu"
+BUILD_HINT = "llmc compile smollm2 --target cpu -o out/smollm2-cpu"
+LLAMACPP_MISSING = "not installed (pip install -e .[bench])"
+
+ENGINE_ORDER = ["hf", "hf-keep1", "llamacpp", "llmc"]
+ENGINE_LABELS = {
+    "hf": "HF fp32 eager",
+    "hf-keep1": "HF keep1",
+    "llamacpp": "llama.cpp",
+    "llmc": "llmc",
+}
+
+# A fixed English text; its token ids (truncated to each length) are the prompts.
+PROMPT_TEXT = """\
+The lighthouse on the northern cape was built in the spring of a year that nobody in the village
+could later agree upon. Some said it was the year of the great storm, when the harbour wall broke
+and three fishing boats were carried half a mile inland; others insisted that the storm came
+afterwards, and that the light had already been burning for a whole winter when the sea rose.
+What everyone agreed on was the keeper. He arrived on the weekly coach with a wooden trunk, a
+crate of books and a small brass telescope, and he walked the four miles from the crossroads to
+the cape without asking anyone the way.
+
+He was a patient man who kept careful records. Every evening at dusk he climbed the hundred and
+twelve steps of the tower, trimmed the wicks, polished the great lens with a soft cloth and wrote
+the time of lighting in a ledger bound in green leather. Every morning he wrote the time at which
+he put the light out, the direction and strength of the wind, the state of the sea, and the names
+of any ships that had passed close enough to be read through the telescope. Over the years the
+ledgers filled a shelf, then a second shelf, and then most of the small room at the foot of the
+tower where he slept.
+
+Children from the village sometimes walked out to the cape on summer afternoons. He let them climb
+the stairs and look through the lens, which turned the distant islands upside down and made the
+gulls on the rocks look as large as geese. He explained how the light was focused into a beam, how
+the clockwork turned the lens so that the beam swept the water once every twenty seconds, and how
+a captain far out at sea could count the seconds between flashes and know, without any other sign,
+exactly which lighthouse he was looking at. Each light along the coast had its own rhythm, he told
+them, the way each bird has its own song.
+
+In autumn the work grew harder. The winds came from the west and carried salt spray as high as the
+lantern room, and the glass had to be cleaned twice a night. Fog rolled in from the sea without
+warning, and then the keeper wound the mechanism of the fog bell and listened, between its strokes,
+for the horns of ships feeling their way along the channel. On the worst nights he did not sleep at
+all. He sat by the lamp with a pot of tea and a book, and every quarter of an hour he went out onto
+the gallery to check that the beam was still turning and that no ice had formed on the panes.
+
+The village changed slowly around him. The harbour wall was rebuilt in stone, a railway line reached
+the next town along the coast, and the fishing boats were fitted with engines that could be heard
+long before their lights were seen. A telegraph cable was laid across the bay, and news that once
+took a week to arrive now came in an afternoon. Through all of it the light turned at the same pace,
+and the ledgers recorded the same careful columns of figures: the hour, the wind, the sea, the ships.
+
+When the keeper finally retired, the harbour master asked him what he would miss most. He thought
+about it for a long time before answering. It was not the view, he said, although the view was very
+fine, nor the quiet, although he had grown used to it. It was the feeling, every evening, of
+striking a match in the dark and knowing that somewhere out on the water a stranger would see the
+light and understand, without a word being spoken, where the rocks were and which way lay home.
+
+His ledgers were taken to the library in the county town, where they fill three long shelves in a
+room that few people visit. Historians of the weather have studied them, and so have engineers who
+wanted to know how often the channel was closed by fog, and once a novelist spent a whole winter
+reading them from the first page to the last. She said afterwards that they were the most honest
+book she had ever read, because the man who wrote them had never once imagined that anyone would.
+"""
+
+
+# ------------------------------------------------------------------------------------------
+# CPU accounting from /proc
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+SLACK_JIFFIES = 2  # /proc/stat and /proc/self/stat are sampled separately: allow rounding
+
+
+def _machine_busy_jiffies():
+    """Busy jiffies of the whole machine (all CPUs), from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    fields += [0] * (8 - len(fields))
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    # guest time is already inside user/nice; steal is CPU taken by other VMs: count it busy.
+    return user + nice + system + irq + softirq + steal
+
+
+def _own_jiffies():
+    """utime + stime of this process (all its threads), from /proc/self/stat."""
+    with open("/proc/self/stat") as f:
+        text = f.read()
+    rest = text[text.rindex(")") + 2:].split()  # rest[0] is field 3 (state)
+    return int(rest[11]) + int(rest[12])     # fields 14 and 15
+
+
+class CpuMeter:
+    """Other processes' CPU use over an interval: machine busy jiffies minus our own."""
+
+    def start(self):
+        self.busy0 = _machine_busy_jiffies()
+        self.own0 = _own_jiffies()
+        self.t0 = time.perf_counter()
+
+    def stop(self):
+        wall = time.perf_counter() - self.t0
+        own = _own_jiffies() - self.own0
+        busy = _machine_busy_jiffies() - self.busy0
+        other = max(0, busy - own)
+        return {
+            "wall_s": wall,
+            "own_jiffies": own,
+            "other_jiffies": other,
+            "other_cores": (other / CLK_TCK) / wall if wall > 0 else 0.0,
+        }
+
+
+def is_disturbed(other_jiffies, wall_s, max_other_cores):
+    """True when other processes used more than max_other_cores on average over wall_s."""
+    allowed = max(SLACK_JIFFIES, max_other_cores * wall_s * CLK_TCK)
+    return other_jiffies > allowed
+
+
+def wait_idle(max_wait_s, max_other_cores, window_s=0.25):
+    """Wait (at most max_wait_s) for a window in which other processes were quiet.
+
+    Returns (seconds waited, whether an idle window was seen)."""
+    t0 = time.perf_counter()
+    meter = CpuMeter()
+    while True:
+        meter.start()
+        time.sleep(window_s)
+        m = meter.stop()
+        if not is_disturbed(m["other_jiffies"], m["wall_s"], max_other_cores):
+            return time.perf_counter() - t0, True
+        if time.perf_counter() - t0 >= max_wait_s:
+            return time.perf_counter() - t0, False
+
+
+# ------------------------------------------------------------------------------------------
+# Engines. Each one: reset() empties the cache (untimed); prefill(x) runs one step over a
+# prepared prompt (timed); start_decode(ids) resets, prefills and returns the first greedy
+# token (untimed); decode_step(tok) feeds one token and returns the next greedy one (timed).
+
+
+class EngineUnavailable(Exception):
+    pass
+
+
+class HFEngine:
+    name = "hf"
+    decodes = True
+
+    def __init__(self, src, threads, logits_to_keep=None, model=None):
+        import torch
+
+        self.torch = torch
+        if model is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(
+                src.path, gguf_file=src.gguf_file, dtype=torch.float32,
+                attn_implementation="eager").eval()
+        self.model = model
+        self.has_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.prefill_kwargs = {}
+        if logits_to_keep is not None:
+            if not self.has_keep:
+                raise EngineUnavailable("this transformers has no logits_to_keep argument")
+            self.prefill_kwargs["logits_to_keep"] = logits_to_keep
+        self.config = {"dtype": "float32", "attn_implementation": "eager",
+                       "torch_threads": torch.get_num_threads(), **self.prefill_kwargs}
+        self.pkv = None
+
+    def prepare(self, ids):
+        return self.torch.tensor([ids], dtype=self.torch.long)
+
+    def reset(self):
+        self.pkv = None
+
+    def prefill(self, x):
+        with self.torch.inference_mode():
+            return self.model(input_ids=x, use_cache=True, **self.prefill_kwargs)
+
+    def start_decode(self, ids):
+        self.reset()
+        kw = {"logits_to_keep": 1} if self.has_keep else {}
+        with self.torch.inference_mode():
+            out = self.model(input_ids=self.prepare(ids), use_cache=True, **kw)
+        self.pkv = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def decode_step(self, tok):
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([[tok]], dtype=torch.long),
+                             past_key_values=self.pkv, use_cache=True)
+        self.pkv = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+
+class HFKeep1Engine(HFEngine):
+    """The same model, prefill computing logits for the last row only."""
+
+    name = "hf-keep1"
+    decodes = False  # a one-token decode step is the same computation as "hf"
+
+    def __init__(self, src, threads, model):
+        super().__init__(src, threads, logits_to_keep=1, model=model)
+
+
+class LlamaCppEngine:
+    name = "llamacpp"
+    decodes = True
+
+    def __init__(self, src, threads, n_ctx):
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise EngineUnavailable(LLAMACPP_MISSING) from exc
+        import numpy as np
+
+        self.np = np
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(
+            model_path=os.path.join(src.path, src.gguf_file), n_ctx=n_ctx, n_threads=threads,
+            n_threads_batch=threads, n_batch=512, logits_all=False, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+        self.config = {"n_ctx": n_ctx, "n_threads": threads, "n_threads_batch": threads,
+                       "n_batch": 512, "logits_all": False}
+
+    def prepare(self, ids):
+        return list(ids)
+
+    def reset(self):
+        self.llm.reset()
+
+    def prefill(self, x):
+        self.llm.eval(x)
+
+    def _greedy(self):
+        # logits_all=False: llama.cpp keeps the last token's logits only; Llama.scores is not
+        # filled then, so read them from the context.
+        ptr = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def start_decode(self, ids):
+        self.reset()
+        self.llm.eval(list(ids))
+        return self._greedy()
+
+    def decode_step(self, tok):
+        self.llm.eval([tok])
+        return self._greedy()
+
+
+class LlmcEngine:
+    name = "llmc"
+    decodes = True
+
+    def __init__(self, artifact, threads):
+        try:
+            from llmc.runtime import Engine
+        except ImportError as exc:
+            raise EngineUnavailable(f"llmc.runtime.Engine not importable ({exc})") from exc
+        import numpy as np
+
+        self.np = np
+        self.eng = Engine.load(artifact, threads=threads)
+        self.config = {"artifact": os.path.abspath(artifact), "threads": threads}
+
+    def prepare(self, ids):
+        return self.np.asarray(ids, dtype=self.np.int64)
+
+    def reset(self):
+        self.eng.reset()
+
+    def prefill(self, x):
+        return self.eng.step(x)
+
+    def start_decode(self, ids):
+        self.reset()
+        return int(self.np.argmax(self.eng.step(self.prepare(ids))))
+
+    def decode_step(self, tok):
+        return int(self.np.argmax(self.eng.step(self.np.array([tok], dtype=self.np.int64))))
+
+
+# ------------------------------------------------------------------------------------------
+# Tasks and measurement
+
+
+def make_tasks(prefill_lengths, decode_prompt, decode_tokens):
+    tasks = [{"name": f"prefill-{n}", "kind": "prefill", "prompt": n, "tokens": n}
+             for n in prefill_lengths]
+    tasks.append({"name": f"decode-{decode_tokens}", "kind": "decode", "prompt": decode_prompt,
+                  "tokens": decode_tokens})
+    return tasks
+
+
+def run_task(engine, task, prompt_ids, meter):
+    """One measurement; returns (seconds, meter reading, generated tokens or None)."""
+    ids = prompt_ids[: task["prompt"]]
+    gc.collect()
+    if task["kind"] == "prefill":
+        x = engine.prepare(ids)
+        engine.reset()
+        meter.start()
+        t0 = time.perf_counter()
+        out = engine.prefill(x)
+        seconds = time.perf_counter() - t0
+        m = meter.stop()
+        del out
+        return seconds, m, None
+    tok = engine.start_decode(ids)
+    generated = [tok]
+    step = engine.decode_step
+    meter.start()
+    t0 = time.perf_counter()
+    for _ in range(task["tokens"]):
+        tok = step(tok)
+        generated.append(tok)
+    seconds = time.perf_counter() - t0
+    m = meter.stop()
+    return seconds, m, generated
+
+
+def engine_supports(engine, task):
+    return task["kind"] == "prefill" or engine.decodes
+
+
+def tokenize_prompt(src, n):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    ids = tok(PROMPT_TEXT, add_special_tokens=False)["input_ids"]
+    base = list(ids)
+    while len(ids) < n:  # only for lengths beyond the text: repeat it
+        ids = ids + base
+    return [int(i) for i in ids[:n]], len(base)
+
+
+# ------------------------------------------------------------------------------------------
+# Reporting
+
+
+def versions():
+    out = {"python": platform.python_version()}
+    for key, dist in [("torch", "torch"), ("transformers", "transformers"),
+                      ("llama_cpp", "llama-cpp-python"), ("tvm", "apache-tvm"),
+                      ("llmc", "llmc"), ("numpy", "numpy"), ("gguf", "gguf")]:
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = None
+    if out["tvm"] is None:  # a source build of TVM has no apache-tvm distribution
+        try:
+            import tvm  # noqa: F401
+
+            out["tvm"] = getattr(tvm, "__version__", "importable, version unknown")
+        except Exception:
+            pass
+    try:
+        rev = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        out["llmc_git"] = rev + ("-dirty" if dirty else "") if rev else None
+    except (OSError, subprocess.SubprocessError):
+        out["llmc_git"] = None
+    return out
+
+
+def machine(threads):
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {"cpu_model": model, "cores": NCPU, "cores_available": affinity, "threads": threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "kernel": platform.release(), "clk_tck": CLK_TCK}
+
+
+def summarize(runs):
+    kept = [r for r in runs if r["kept"]]
+    use = kept if kept else runs
+    if not use:
+        return None
+    tok_s = statistics.median(r["tok_s"] for r in use)
+    return {"median_tok_s": tok_s, "median_seconds": statistics.median(r["seconds"] for r in use),
+            "kept": len(kept), "dropped": len(runs) - len(kept), "runs": len(runs),
+            "all_disturbed": not kept}
+
+
+def fmt_rate(s):
+    if s is None:
+        return "-"
+    return f"{s['median_tok_s']:.1f}" + ("!" if s["all_disturbed"] else "")
+
+
+def print_table(rows, columns):
+    widths = [max(len(str(r[i])) for r in [columns] + rows) for i in range(len(columns))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    print(line(columns))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", default="hf,llamacpp,llmc",
+                   help="comma-separated subset of hf,llamacpp,llmc (hf also records its "
+                        "logits_to_keep=1 prefill variant); default all")
+    p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="repetitions per measurement (default 5)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 repetition, prompts 32/64, 16 decode tokens")
+    p.add_argument("--artifact", default=DEFAULT_ARTIFACT,
+                   help=f"llmc artifact directory (default {DEFAULT_ARTIFACT})")
+    p.add_argument("--json", default=None,
+                   help="where to write the results (default benchmarks/results/cpu.json, "
+                        "cpu-quick.json with --quick)")
+    p.add_argument("--max-other-cpu", type=float, default=0.10,
+                   help="drop a measurement when other processes used more than this many "
+                        "cores on average during it (default 0.10)")
+    p.add_argument("--idle-wait", type=float, default=5.0,
+                   help="wait at most this many seconds for an idle machine before each "
+                        "measurement (default 5)")
+    p.add_argument("--max-extra-rounds", type=int, default=None,
+                   help="extra rounds, for the measurements short of --repeats undisturbed "
+                        "ones (default: --repeats; 0 disables)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
+        args.prefill, args.decode_prompt, args.decode_tokens = [32, 64], 32, 16
+    else:
+        args.prefill, args.decode_prompt, args.decode_tokens = [128, 512], 128, 128
+    if args.max_extra_rounds is None:
+        args.max_extra_rounds = args.repeats
+    if args.json is None:
+        name = "cpu-quick.json" if args.quick else "cpu.json"
+        args.json = os.path.join(REPO, "benchmarks", "results", name)
+    wanted = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in wanted if e not in ("hf", "llamacpp", "llmc")]
+    if bad or not wanted:
+        p.error(f"--engines takes a comma-separated subset of hf,llamacpp,llmc (got {args.engines!r})")
+    args.engine_list = wanted
+    if args.threads < 1 or args.repeats < 1:
+        p.error("--threads and --repeats must be at least 1")
+    return args
+
+
+def resolve_artifact(path):
+    if os.path.isdir(path) or os.path.isabs(path):
+        return path
+    in_repo = os.path.join(REPO, path)
+    return in_repo if os.path.isdir(in_repo) else path
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    t = args.threads
+    os.environ.setdefault("OMP_NUM_THREADS", str(t))
+
+    import torch
+
+    torch.set_num_threads(t)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    from llmc.compiler.frontend.hf import resolve_source
+
+    src = resolve_source("smollm2")
+    gguf_path = os.path.join(src.path, src.gguf_file)
+    tasks = make_tasks(args.prefill, args.decode_prompt, args.decode_tokens)
+    n_prompt = max(t_["prompt"] for t_ in tasks)
+    n_ctx = max(1024, args.decode_prompt + args.decode_tokens + 8, max(args.prefill) + 8)
+
+    print(f"model: {gguf_path}")
+    print(f"threads: {t}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, repeats: {args.repeats}"
+          f", drop when other processes use > {args.max_other_cpu} cores")
+    prompt_ids, text_tokens = tokenize_prompt(src, n_prompt)
+
+    # ---- load and warm up
+    engines, status, load_info = [], {}, {}
+    hf_model = None
+    for name in args.engine_list:
+        t0 = time.perf_counter()
+        try:
+            if name == "hf":
+                eng = HFEngine(src, t)
+                hf_model = eng.model
+                made = [eng]
+                try:
+                    made.append(HFKeep1Engine(src, t, hf_model))
+                except EngineUnavailable as exc:
+                    status["hf-keep1"] = str(exc)
+            elif name == "llamacpp":
+                made = [LlamaCppEngine(src, t, n_ctx)]
+            else:
+                artifact = resolve_artifact(args.artifact)
+                if not os.path.isdir(artifact):
+                    print(f"llmc: artifact {args.artifact} not found; build it with:\n"
+                          f"    {BUILD_HINT}\n  (or pass --artifact DIR); skipping llmc")
+                    raise EngineUnavailable(f"no artifact ({BUILD_HINT})")
+                made = [LlmcEngine(artifact, t)]
+        except EngineUnavailable as exc:
+            status[name] = str(exc)
+            print(f"{name}: {exc}")
+            continue
+        except Exception as exc:  # an engine that fails to load must not stop the others
+            status[name] = f"load failed: {type(exc).__name__}: {exc}"
+            print(f"{name}: load failed:")
+            traceback.print_exc()
+            continue
+        load_s = time.perf_counter() - t0
+        for eng in made:
+            status[eng.name] = "ok"
+            load_info[eng.name] = {"load_s": load_s, "config": eng.config}
+            engines.append(eng)
+        print(f"{name}: loaded in {load_s:.1f} s")
+
+    meter = CpuMeter()
+    greedy = {}
+    for eng in list(engines):
+        t0 = time.perf_counter()
+        try:
+            for task in tasks:
+                if engine_supports(eng, task):
+                    _, _, gen = run_task(eng, task, prompt_ids, meter)
+                    if gen is not None:
+                        greedy[eng.name] = gen
+        except Exception as exc:
+            status[eng.name] = f"failed in warm-up: {type(exc).__name__}: {exc}"
+            print(f"{eng.name}: failed in warm-up:")
+            traceback.print_exc()
+            engines.remove(eng)
+            continue
+        load_info[eng.name]["warmup_s"] = time.perf_counter() - t0
+        print(f"{eng.name}: warmed up in {time.perf_counter() - t0:.1f} s")
+    engines.sort(key=lambda e: ENGINE_ORDER.index(e.name))
+
+    # ---- measure: rounds, engines interleaved per task, order rotated per round
+    runs = {e.name: {task["name"]: [] for task in tasks if engine_supports(e, task)} for e in engines}
+
+    def kept_count(e, task):
+        return sum(r["kept"] for r in runs[e.name][task["name"]])
+
+    total_rounds = args.repeats + args.max_extra_rounds
+    t_start = time.perf_counter()
+    for rnd in range(total_rounds):
+        extra = rnd >= args.repeats
+        if extra and all(kept_count(e, task) >= args.repeats
+                         for e in engines for task in tasks if engine_supports(e, task)):
+            break
+        k = rnd % max(1, len(engines))
+        order = engines[k:] + engines[:k]
+        for task in tasks:
+            for eng in order:
+                if not engine_supports(eng, task):
+                    continue
+                if extra and kept_count(eng, task) >= args.repeats:
+                    continue
+                waited, idle = wait_idle(args.idle_wait, args.max_other_cpu)
+                try:
+                    seconds, m, _ = run_task(eng, task, prompt_ids, meter)
+                except Exception as exc:
+                    print(f"{eng.name}: {task['name']} failed: {type(exc).__name__}: {exc}")
+                    continue
+                disturbed = is_disturbed(m["other_jiffies"], m["wall_s"], args.max_other_cpu)
+                rec = {"round": rnd + 1, "seconds": seconds, "tok_s": task["tokens"] / seconds,
+                       "other_cores": round(m["other_cores"], 4),
+                       "other_jiffies": m["other_jiffies"], "own_jiffies": m["own_jiffies"],
+                       "idle_wait_s": round(waited, 3), "idle_before": idle,
+                       "kept": not disturbed}
+                runs[eng.name][task["name"]].append(rec)
+                print(f"  round {rnd + 1}{' (extra)' if extra else ''} {task['name']:>12} "
+                      f"{eng.name:>9}: {rec['tok_s']:8.1f} tok/s   other CPU "
+                      f"{m['other_cores']:.2f} cores{'  DROPPED' if disturbed else ''}", flush=True)
+    measure_s = time.perf_counter() - t_start
+
+    # ---- summarize
+    summary = {e: {task: summarize(r) for task, r in per.items()} for e, per in runs.items()}
+    ratio_pairs = [("llmc/hf", "llmc", "hf"), ("llmc/hf-keep1", "llmc", "hf-keep1"),
+                   ("llmc/llamacpp", "llmc", "llamacpp")]
+    ratios = {}
+    for key, num, den in ratio_pairs:
+        if num not in summary or den not in summary:
+            continue
+        ratios[key] = {}
+        for task in tasks:
+            a, b = summary[num].get(task["name"]), summary[den].get(task["name"])
+            if a and b:
+                ratios[key][task["name"]] = {
+                    "ratio": a["median_tok_s"] / b["median_tok_s"],
+                    "from_disturbed": a["all_disturbed"] or b["all_disturbed"]}
+
+    # ---- table
+    shown = [e for e in ENGINE_ORDER if e in status]
+    if "llamacpp" not in shown and "llamacpp" in args.engine_list:
+        shown.append("llamacpp")
+    cols = ["tok/s"] + [ENGINE_LABELS[e] for e in shown] + ["llmc/HF", "llmc/HF keep1",
+                                                          "llmc/llama.cpp"]
+    rows, kept_rows = [], []
+    for task in tasks:
+        label = task["name"] if task["kind"] == "prefill" else \
+            f"{task['name']} (after {task['prompt']})"
+        row, krow = [label], [label]
+        for e in shown:
+            if status.get(e) != "ok":
+                row.append(status.get(e, "-"))
+                krow.append("-")
+                continue
+            s = summary[e].get(task["name"])
+            row.append(fmt_rate(s))
+            krow.append(f"{s['kept']}/{s['runs']}" if s else "-")
+        for key in ("llmc/hf", "llmc/hf-keep1", "llmc/llamacpp"):
+            r = ratios.get(key, {}).get(task["name"])
+            row.append("-" if r is None else f"{r['ratio']:.2f}" + ("!" if r["from_disturbed"] else ""))
+        rows.append(row)
+        kept_rows.append(krow)
+
+    print()
+    cpu = machine(t)
+    print(f"SmolLM2-135M-Instruct ({src.gguf_file}), {cpu['cpu_model']}, {t} threads, "
+          f"median tok/s over undisturbed repetitions")
+    print_table(rows, cols)
+    print()
+    print("repetitions kept/run (dropped = other processes used CPU during the measurement):")
+    print_table(kept_rows, ["kept/run"] + [ENGINE_LABELS[e] for e in shown])
+    total_dropped = sum(s["dropped"] for per in summary.values() for s in per.values() if s)
+    total_runs = sum(s["runs"] for per in summary.values() for s in per.values() if s)
+    print(f"dropped {total_dropped} of {total_runs} measurements; "
+          f"'!' = every repetition was disturbed, median of all of them shown")
+    print("HF = logits for every prompt row (as users run it); HF keep1 = logits_to_keep=1; "
+          "ratios > 1: llmc faster")
+    if "hf" in greedy:
+        for e, gen in greedy.items():
+            if e == "hf":
+                continue
+            n = min(len(gen), len(greedy["hf"]))
+            same = next((i for i in range(n) if gen[i] != greedy["hf"][i]), n)
+            print(f"greedy decode: {ENGINE_LABELS[e]} agrees with HF on the first {same} of {n} tokens")
+
+    result = {
+        "benchmark": "llmc cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, os.path.abspath(__file__)] + (sys.argv[1:] if argv is None else argv),
+        "model": {"source": "smollm2", "gguf": gguf_path,
+                  "gguf_bytes": os.path.getsize(gguf_path)},
+        "machine": cpu,
+        "versions": versions(),
+        "settings": {"threads": t, "repeats": args.repeats, "quick": args.quick,
+                     "max_extra_rounds": args.max_extra_rounds,
+                     "max_other_cpu_cores": args.max_other_cpu, "slack_jiffies": SLACK_JIFFIES,
+                     "idle_wait_s": args.idle_wait, "engines_requested": args.engine_list,
+                     "artifact": args.artifact},
+        "prompt": {"text_sha256": hashlib.sha256(PROMPT_TEXT.encode()).hexdigest(),
+                   "text_tokens": text_tokens, "token_ids": prompt_ids,
+                   "token_ids_sha256": hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()},
+        "tasks": tasks,
+        "engines": {e: {"label": ENGINE_LABELS[e], "status": status[e], **load_info.get(e, {})}
+                    for e in status},
+        "results": {e: {task: {"runs": runs[e][task], **(summary[e][task] or {})}
+                        for task in runs[e]} for e in runs},
+        "ratios": ratios,
+        "greedy_tokens": greedy,
+        "measure_s": measure_s,
+    }
+    if "llamacpp" in status and status["llamacpp"] == "ok":
+        import llama_cpp
+
+        result["versions"]["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode()
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.json)
+    print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
