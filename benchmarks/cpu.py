@@ -426,7 +426,14 @@ def machine(threads):
     return {"cpu_model": model, "cores": NCPU, "cores_available": affinity, "threads": threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             "kernel": platform.release(), "clk_tck": CLK_TCK}
+
+
+def omp_settings():
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    return f"OMP_WAIT_POLICY={policy}" + (f", GOMP_SPINCOUNT={spin}" if spin is not None else "")
 
 
 def summarize(runs):
@@ -480,6 +487,12 @@ def parse_args(argv):
     p.add_argument("--idle-wait", type=float, default=5.0,
                    help="wait at most this many seconds for an idle machine before each "
                         "measurement (default 5)")
+    p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "unset"],
+                   help="OMP_WAIT_POLICY for torch and llama.cpp (default PASSIVE; 'unset' leaves "
+                        "libgomp's default: spin ~3 ms, then sleep); see benchmarks/README.md")
+    p.add_argument("--gomp-spincount", type=int, default=None,
+                   help="set GOMP_SPINCOUNT (libgomp's spins before a waiting thread sleeps; it "
+                        "overrides the wait policy's spin count); default: not set")
     p.add_argument("--max-extra-rounds", type=int, default=None,
                    help="extra rounds, for the measurements short of --repeats undisturbed "
                         "ones (default: --repeats; 0 disables)")
@@ -514,6 +527,16 @@ def resolve_artifact(path):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     t = args.threads
+    # OpenMP reads these once, when the runtime loads: torch and llama_cpp are imported below.
+    if "torch" in sys.modules or "llama_cpp" in sys.modules:
+        print("warning: torch or llama_cpp was imported before benchmarks/cpu.py set the OpenMP "
+              "environment; run it as a script for the settings to apply", file=sys.stderr)
+    if args.omp_wait_policy == "unset":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    if args.gomp_spincount is not None:
+        os.environ["GOMP_SPINCOUNT"] = str(args.gomp_spincount)
     os.environ.setdefault("OMP_NUM_THREADS", str(t))
 
     import torch
@@ -532,7 +555,7 @@ def main(argv=None):
     n_ctx = max(1024, args.decode_prompt + args.decode_tokens + 8, max(args.prefill) + 8)
 
     print(f"model: {gguf_path}")
-    print(f"threads: {t}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, repeats: {args.repeats}"
+    print(f"threads: {t}, {omp_settings()}, repeats: {args.repeats}"
           f", drop when other processes use > {args.max_other_cpu} cores")
     prompt_ids, text_tokens = tokenize_prompt(src, n_prompt)
 
@@ -678,7 +701,7 @@ def main(argv=None):
     print()
     cpu = machine(t)
     print(f"SmolLM2-135M-Instruct ({src.gguf_file}), {cpu['cpu_model']}, {t} threads, "
-          f"median tok/s over undisturbed repetitions")
+          f"{omp_settings()}, median tok/s over undisturbed repetitions")
     print_table(rows, cols)
     print()
     print("repetitions kept/run (dropped = other processes used CPU during the measurement):")

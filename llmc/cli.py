@@ -12,7 +12,7 @@ import time
 log = logging.getLogger("llmc")
 
 TARGETS = ("cpu", "cuda", "rocm", "metal")
-EMITS = ("ir",)
+EMITS = ("artifact", "ir")
 
 
 class CliError(Exception):
@@ -82,37 +82,85 @@ def _describe_layers(stage: str, module) -> None:
 
 
 def cmd_compile(args) -> int:
+    from llmc.compiler.codegen import TargetError
     from llmc.compiler.ir import print_module, verify
     from llmc.compiler.passes import PassError, PassManager
 
-    if args.emit != "ir":
-        raise CliError(f"--emit {args.emit} is not available yet; this build emits IR only (--emit ir)")
+    emit_ir = args.emit == "ir"
+    if not emit_ir:
+        from llmc.compiler.codegen import CompileOptions
+        from llmc.compiler.driver import compile_artifact, resolve_target
+
+        try:
+            resolve_target(args.target)
+        except TargetError as exc:
+            raise CliError(str(exc)) from None
     passes = _pipeline(args)  # resolve plugins before the slow import, so typos fail fast
     t0 = time.perf_counter()
-    imported, _ = _import(args.model, args.verbose)
-    module = imported.module
+    imported, tokenizer = _import(args.model, args.verbose, with_tokenizer=not emit_ir)
     t1 = time.perf_counter()
-    verify(module)
+    verify(imported.module)
     log.info("verified IR (%.2fs)", time.perf_counter() - t1)
-    _describe_layers("imported", module)
-    manager = PassManager(passes, verify_each=not args.no_verify, print_after=set(args.print_after),
-                          print_after_all=args.print_after_all, dump_dir=args.debug_dump)
-    t2 = time.perf_counter()
+    _describe_layers("imported", imported.module)
+    manager_options = dict(verify_each=not args.no_verify, print_after=set(args.print_after),
+                           print_after_all=args.print_after_all, dump_dir=args.debug_dump)
     try:
-        module = manager.run(module)
+        if emit_ir:
+            t2 = time.perf_counter()
+            module = PassManager(passes, **manager_options).run(imported.module)
+            imported.timings["passes"] = time.perf_counter() - t2
+            out = args.output or f"{module.name}.llmc.ir"
+            write_atomically(out, print_module(module))
+        else:
+            out = args.output or f"{imported.module.name}-{args.target}"
+            options = CompileOptions(mcpu=args.mcpu, threads=args.threads, max_seq_len=args.max_seq_len)
+            imported.timings.update(compile_artifact(imported, tokenizer, args.target, out, options, passes,
+                                                     manager_options, source=args.model))
+            module = imported.module
     except PassError as exc:
         raise CliError(f"{exc}\nNothing was written.") from None
-    imported.timings["passes"] = time.perf_counter() - t2
+    except TargetError as exc:
+        raise CliError(f"{exc}\nNothing was written.") from None
     log.info("-O%d pipeline: %d passes in %.2fs", args.opt_level, len(passes), imported.timings["passes"])
     _describe_layers(f"after -O{args.opt_level}", module)
-    text = print_module(module)
-    out = args.output or f"{module.name}.llmc.ir"
-    write_atomically(out, text)
-    timings = dict(imported.timings)
-    log.info("stage timings: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-    fn = module.functions["forward"]
-    print(f"wrote {out}: {len(fn.ops)} ops, {len(module.params)} params, target {args.target} "
+    log.info("stage timings: %s", ", ".join(f"{k} {v:.1f}s" for k, v in imported.timings.items()))
+    what = "IR" if emit_ir else f"{args.target} artifact"
+    print(f"wrote {what} {out}: {len(module.functions['forward'].ops)} ops, {len(module.params)} params "
           f"({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from llmc.runtime import ArtifactError, Engine, SamplingParams
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed, max_tokens=args.max_tokens)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        engine = Engine.load(args.artifact, threads=args.threads)
+    except ArtifactError as exc:
+        raise CliError(str(exc)) from None
+    tok = engine.tokenizer
+    if tok is None:
+        raise CliError(f"{args.artifact} has no tokenizer; compile a model that ships one")
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        ids = tok.encode(text, add_special_tokens=not args.chat)
+        from llmc.runtime.tokenizer import StreamDecoder
+
+        stream = StreamDecoder(tok)
+        for token in engine.generate(ids, params):
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+        sys.stdout.write(stream.flush() + "\n")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    s = engine.stats
+    log.info("prompt %d tokens in %.2fs (%.0f tok/s); generated %d tokens in %.2fs (%.1f tok/s); stop: %s",
+             s.prompt_tokens, s.prefill_seconds, s.prompt_tokens / max(s.prefill_seconds, 1e-9),
+             s.generated_tokens, s.decode_seconds, s.generated_tokens / max(s.decode_seconds, 1e-9), s.stop_reason)
     return 0
 
 
@@ -199,12 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show progress and stage timings")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    c = sub.add_parser("compile", help="compile a model (this build: to llmc IR text)",
-                       description="Trace MODEL with torch.export and import it into llmc IR.")
+    c = sub.add_parser("compile", help="compile a model into an artifact (or IR text)",
+                       description="Trace MODEL with torch.export, optimize it, and compile it for a target "
+                                   "into an artifact directory (or, with --emit ir, write the optimized IR).")
     c.add_argument("model", metavar="MODEL")
     c.add_argument("--target", choices=TARGETS, default="cpu", help="target to compile for (default cpu)")
-    c.add_argument("--emit", choices=EMITS, default="ir", help="what to write (default ir)")
-    c.add_argument("-o", "--output", help="output file (default NAME.llmc.ir)")
+    c.add_argument("--emit", choices=EMITS, default="artifact", help="what to write (default artifact)")
+    c.add_argument("-o", "--output", help="output directory (artifact, default NAME-TARGET) or file (ir)")
+    c.add_argument("--mcpu", help="cpu: LLVM CPU to build for, e.g. znver4, x86-64-v3 (default: this machine)")
+    c.add_argument("--threads", type=int, help="cpu: threads the kernels are built for (default: all cores)")
+    c.add_argument("--max-seq-len", type=int, default=2048, help="tokens one sequence may hold (default 2048)")
     c.add_argument("-O", dest="opt_level", type=int, default=2, choices=range(4), metavar="{0,1,2,3}",
                    help="optimization level: the pipeline `llmc passes` lists (default 2)")
     c.add_argument("--print-after", action="append", default=[], metavar="PASS",
@@ -231,6 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--summary", action="store_true", help="print op counts instead of the IR")
     i.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     i.set_defaults(func=cmd_ir)
+
+    run = sub.add_parser("run", help="generate text from a compiled artifact",
+                         description="Load ARTIFACT (no compiler, no transformers) and stream a completion.")
+    run.add_argument("artifact", metavar="ARTIFACT")
+    run.add_argument("--prompt", required=True)
+    run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    run.add_argument("--max-tokens", type=int, default=128)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--threads", type=int, help="threads to run with (default: all cores)")
+    run.add_argument("-v", "--verbose", action="store_true", help="print prefill/decode speed")
+    run.set_defaults(func=cmd_run)
 
     r = sub.add_parser("interpret", help="generate text with the IR's reference interpreter (slow, exact)",
                        description="Import MODEL and generate greedily with the reference interpreter.")

@@ -68,7 +68,7 @@ def test_pass_from_the_command_line(tmp_path):
     _, model_dir = tiny_model_dir(tmp_path)
     out = tmp_path / "tiny.llmc.ir"
     env = dict(os.environ, PYTHONPATH=HERE)
-    run = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", model_dir, "-o", str(out),
+    run = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", model_dir, "--emit", "ir", "-o", str(out),
                           "--pass", "my_passes:SquareToMul", "--pass-after", "canonicalize", "--verbose"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -90,7 +90,7 @@ def test_raising_pass_reports_name_dumps_ir_and_writes_nothing(tmp_path):
     out = tmp_path / "never.llmc.ir"
     dump = tmp_path / "dump"
     env = dict(os.environ, PYTHONPATH=HERE)
-    run = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", model_dir, "-o", str(out),
+    run = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", model_dir, "--emit", "ir", "-o", str(out),
                           "--pass", "my_passes:raises", "--debug-dump", str(dump)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode != 0

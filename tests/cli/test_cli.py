@@ -75,7 +75,7 @@ def test_print_after_and_debug_dump(tmp_path):
 
     tiny_model("qwen2").save_pretrained(tmp_path / "tiny")
     dump = tmp_path / "dump"
-    out = llmc("compile", str(tmp_path / "tiny"), "-o", str(tmp_path / "t.llmc.ir"),
+    out = llmc("compile", str(tmp_path / "tiny"), "--emit", "ir", "-o", str(tmp_path / "t.llmc.ir"),
                "--print-after", "recognize-rope", "--debug-dump", str(dump))
     assert out.returncode == 0, out.stderr
     assert "// ----- IR after recognize-rope -----" in out.stdout and " = rope(" in out.stdout

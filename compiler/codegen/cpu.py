@@ -1,0 +1,180 @@
+"""The ``cpu`` target: TVM → LLVM native code, packaged as an llmc artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from ..ir import Module, print_module
+from .registry import CompileOptions, TargetError, register_target
+
+log = logging.getLogger("llmc.codegen")
+
+
+def _default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llmc", "kernels")
+
+
+def pack_weight(array: np.ndarray, pack: int) -> np.ndarray:
+    """[N, K] → [N/pack, K, pack]: each block of ``pack`` output columns contiguous over K."""
+    n, k = array.shape
+    return np.ascontiguousarray(array.reshape(n // pack, pack, k).transpose(0, 2, 1))
+
+
+@register_target("cpu")
+class CpuTarget:
+    """Kernels scheduled for the host (or ``--mcpu``) CPU; one Relax VM executable holds the
+    prefill and decode steps, so a step runs without returning to Python between kernels."""
+
+    def compile(self, module: Module, weights: dict, out_dir: str, options: CompileOptions,
+                metadata: dict[str, Any], tokenizer=None) -> dict:
+        try:
+            import tvm
+        except ImportError:
+            raise TargetError("the cpu target needs apache-tvm: pip install 'llmc[cpu]'") from None
+        from llmc.runtime import artifact
+        from llmc.runtime.cpu_features import host_mcpu, required_features
+
+        from .tvm.lower import PACK, cache_geometry, lower_to_relax, packed_params, weight_order
+        from .tvm.schedule import schedule_module
+
+        mcpu = options.mcpu or host_mcpu()
+        threads = options.threads or os.cpu_count() or 1
+        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": threads})
+        timings = {}
+        key = self._cache_key(module, mcpu, threads, options.max_seq_len, tvm.__version__)
+        cache_dir = options.cache_dir or _default_cache_dir()
+        cached = os.path.join(cache_dir, f"{key}.so")
+        layout = {"cache": cache_geometry(module, options.max_seq_len), "packed": sorted(packed_params(module)),
+                  "weight_order": weight_order(module), "pack": PACK}
+        stage = tempfile.mkdtemp(prefix=".llmc-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+        os.chmod(stage, 0o755)
+        try:
+            os.makedirs(os.path.join(stage, "kernels"))
+            library = os.path.join(stage, artifact.STEP_LIBRARY)
+            t0 = time.perf_counter()
+            if os.path.exists(cached) and os.path.exists(cached + ".json"):
+                shutil.copyfile(cached, library)
+                with open(cached + ".json") as f:
+                    kernels = json.load(f)["kernels"]
+                log.info("kernel cache hit: %s", cached)
+            else:
+                relax_mod, lowered_layout = lower_to_relax(module, options.max_seq_len)
+                assert lowered_layout["weight_order"] == layout["weight_order"]
+                kernels = sorted(g.name_hint for g, f in relax_mod.functions.items()
+                                 if isinstance(f, tvm.tirx.PrimFunc))
+                log.info("lowered to TVM Relax: %d kernels (%.1fs)", len(kernels), time.perf_counter() - t0)
+                scheduled = schedule_module(relax_mod)
+                log.info("scheduled %d kernels", len(kernels))
+                executable = tvm.compile(scheduled, target=target)
+                executable.export_library(library)
+                self._store_in_cache(cache_dir, cached, library, kernels)
+            timings["kernels"] = time.perf_counter() - t0
+            log.info("compiled kernels with LLVM for %s (%.1fs)", mcpu, timings["kernels"])
+
+            t0 = time.perf_counter()
+            layouts = self._write_weights(stage, weights, module, layout)
+            timings["weights"] = time.perf_counter() - t0
+            log.info("wrote %d weights (%.1fs)", len(layouts), timings["weights"])
+            tok = self._write_tokenizer(stage, tokenizer)
+
+            geom = layout["cache"]
+            manifest = {
+                "llmc_version": metadata.get("llmc_version"),
+                "model": {k: v for k, v in metadata.items() if k != "llmc_version"},
+                "target": {"kind": "cpu", "mcpu": mcpu, "threads": threads,
+                           "required_cpu_features": required_features(mcpu), "tvm_version": tvm.__version__},
+                "dtypes": {"activations": "f32", "weights": sorted({w["dtype"] for w in layouts.values()})},
+                "kernels": kernels,
+                "kernel_cache_key": key,
+                "plan": {
+                    "library": artifact.STEP_LIBRARY,
+                    "entry_points": {"prefill": "any number of tokens", "decode": "exactly one token"},
+                    "arguments": ["input_ids", "positions", "logits_index", "ctx(n_ctx)",
+                                  "k_cache_l, v_cache_l for each layer", "weights in weight_order"],
+                    "weight_order": layout["weight_order"],
+                    "weights": layouts,
+                },
+                "kv_cache": {"layers": geom.layers, "kv_heads": geom.kv_heads, "head_dim": geom.head_dim,
+                             "value_dim": geom.value_dim, "max_seq_len": geom.max_seq_len, "dtype": geom.dtype},
+                "tokenizer": tok,
+            }
+            artifact.write_manifest(stage, manifest)
+            if os.path.exists(out_dir):
+                backup = out_dir.rstrip("/") + ".old"
+                shutil.rmtree(backup, ignore_errors=True)
+                os.replace(out_dir, backup)
+                os.replace(stage, out_dir)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(stage, out_dir)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return timings
+
+    @staticmethod
+    def _store_in_cache(cache_dir: str, cached: str, library: str, kernels: list[str]) -> None:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cached}.{os.getpid()}.tmp"
+        shutil.copyfile(library, tmp)
+        with open(tmp + ".json", "w") as f:
+            json.dump({"kernels": kernels}, f)
+        os.replace(tmp + ".json", cached + ".json")
+        os.replace(tmp, cached)
+
+    @staticmethod
+    def _cache_key(module: Module, mcpu: str, threads: int, max_seq_len: int, tvm_version: str) -> str:
+        """Content hash of what determines the kernels: the IR (weights excluded), the options,
+        and the code generator's own source."""
+        from .tvm import kernels, lower, schedule
+
+        h = hashlib.sha256()
+        text = print_module(module)
+        text = "\n".join(line for line in text.splitlines() if "config = " not in line)
+        h.update(text.encode())
+        h.update(json.dumps([mcpu, threads, max_seq_len, tvm_version]).encode())
+        for mod in (kernels, lower, schedule):
+            with open(mod.__file__, "rb") as f:
+                h.update(f.read())
+        return h.hexdigest()[:32]
+
+    @staticmethod
+    def _write_weights(stage: str, weights: dict, module: Module, layout: dict) -> dict:
+        from safetensors.numpy import save_file
+
+        from llmc.runtime import artifact
+
+        packed, pack = set(layout["packed"]), layout["pack"]
+        arrays, layouts = {}, {}
+        for name in layout["weight_order"]:
+            w = weights[name]
+            array = w.detach().cpu().numpy() if hasattr(w, "detach") else np.asarray(w)
+            if name in packed:
+                array = pack_weight(array, pack)
+            arrays[name] = array.copy(order="C")  # (ascontiguousarray would turn 0-d into 1-d)
+            layouts[name] = {"shape": list(array.shape), "dtype": str(array.dtype),
+                             "layout": f"packed{pack}" if name in packed else "plain",
+                             "origin": module.params[name].origin}
+        save_file(arrays, os.path.join(stage, artifact.WEIGHTS))
+        return layouts
+
+    @staticmethod
+    def _write_tokenizer(stage: str, tokenizer) -> Optional[dict]:
+        from llmc.runtime import artifact
+
+        if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
+            return None
+        tokenizer.backend_tokenizer.save(os.path.join(stage, artifact.TOKENIZER))
+        eos = tokenizer.eos_token_id
+        return {"file": artifact.TOKENIZER, "chat_template": getattr(tokenizer, "chat_template", None),
+                "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+                "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or [])}

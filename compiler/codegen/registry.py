@@ -1,0 +1,55 @@
+"""Targets: each is a registry entry that turns an optimized IR module into an artifact.
+
+Adding a target means registering a class here; the passes never change for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+class TargetError(ValueError):
+    """The target cannot compile this (unknown target, missing toolchain, bad option)."""
+
+
+@dataclass
+class CompileOptions:
+    mcpu: Optional[str] = None         # cpu: LLVM CPU name (default: this machine)
+    threads: Optional[int] = None      # cpu: threads the kernels are built for (default: all cores)
+    max_seq_len: int = 2048            # KV cache capacity per sequence
+    cache_dir: Optional[str] = None    # compiled-kernel cache (default ~/.cache/llmc/kernels)
+    extra: dict = field(default_factory=dict)
+
+
+TARGETS: dict[str, Callable[[], object]] = {}
+
+
+def register_target(name: str):
+    def deco(cls):
+        TARGETS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def get_target(name: str):
+    _load_builtin()
+    if name not in TARGETS:
+        raise TargetError(f"unknown target '{name}'; known: {', '.join(sorted(TARGETS))}")
+    return TARGETS[name]()
+
+
+class PlannedTarget:
+    """A target in the design that this build does not generate code for yet."""
+
+    def compile(self, *args, **kwargs):
+        raise TargetError(f"target '{self.name}' has no code generator in this build yet; "
+                          f"use --target cpu, or --emit ir to inspect the optimized IR")
+
+
+def _load_builtin() -> None:
+    if "cpu" not in TARGETS:
+        from . import cpu  # noqa: F401  (registers "cpu")
+        for planned in ("cuda", "rocm", "metal"):
+            TARGETS.setdefault(planned, type(f"{planned.title()}Target", (PlannedTarget,), {"name": planned}))

@@ -1,0 +1,40 @@
+"""Compile models to cpu artifacts in tests, and the HF greedy reference."""
+
+import torch
+
+from llmc.compiler.codegen import CompileOptions
+from llmc.compiler.driver import compile_artifact
+from llmc.compiler.frontend import ImportedModel
+from llmc.compiler.ir import parse_module, print_module
+
+
+def compile_cpu(imported: ImportedModel, out_dir, tokenizer=None, max_seq_len: int = 256, cache_dir=None):
+    """Compile a copy of ``imported`` (fixtures stay untouched) into a cpu artifact."""
+    copy = ImportedModel(parse_module(print_module(imported.module)), imported.weights, imported.config)
+    options = CompileOptions(max_seq_len=max_seq_len, cache_dir=str(cache_dir) if cache_dir else None)
+    return compile_artifact(copy, tokenizer, "cpu", str(out_dir), options)
+
+
+def hf_greedy(model, prompt_ids, new_tokens: int):
+    """Greedy continuation by transformers (fp32, its own KV cache), exactly ``new_tokens`` long,
+    plus the prefill logits of the last prompt token."""
+    with torch.no_grad():
+        out = model(torch.tensor([prompt_ids]), use_cache=True)
+        prefill_logits = out.logits[0, -1]
+        past, token, tokens = out.past_key_values, int(out.logits[0, -1].argmax()), []
+        for _ in range(new_tokens):
+            tokens.append(token)
+            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+    return tokens, prefill_logits.numpy()
+
+
+def llmc_greedy(engine, prompt_ids, new_tokens: int):
+    engine.reset()
+    logits = engine.step(prompt_ids)
+    prefill_logits, tokens = logits, []
+    for _ in range(new_tokens):
+        token = int(logits.argmax())
+        tokens.append(token)
+        logits = engine.step([token])
+    return tokens, prefill_logits
