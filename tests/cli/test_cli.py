@@ -58,7 +58,7 @@ def test_compile_bundled_model_to_ir(tmp_path):
     assert "imported: 2036 ops, 0 fused regions; per decoder layer (30 layers): 61 ops" in out.stderr
     assert "after -O2:" in out.stderr and "3 fused regions" in out.stderr
     assert "pass fuse-elementwise" in out.stderr
-    assert f"wrote {target}" in out.stdout
+    assert f"wrote IR {target}" in out.stdout
     verified = llmc("ir", str(target), "--summary")
     assert verified.returncode == 0 and "attention 30" in verified.stdout and "fused 91" in verified.stdout
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
@@ -89,3 +89,9 @@ def test_unknown_pass_and_level_are_clear_errors(tmp_path):
     assert out.returncode == 2 and "cannot import nosuchmodule" in out.stderr
     out = llmc("compile", "smollm2", "--pass-after", "cse", "-o", str(tmp_path / "x"))
     assert out.returncode == 2 and "--pass-after needs" in out.stderr
+
+
+def test_planned_target_says_so():
+    out = llmc("compile", "smollm2", "--target", "cuda", "-o", "/tmp/llmc-never")
+    assert out.returncode == 2 and "target 'cuda' has no code generator in this build yet" in out.stderr
+    assert not os.path.exists("/tmp/llmc-never")
