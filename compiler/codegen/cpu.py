@@ -55,7 +55,9 @@ class CpuTarget:
         cached = os.path.join(cache_dir, f"{key}.so")
         layout = {"cache": cache_geometry(module, options.max_seq_len), "packed": sorted(packed_params(module)),
                   "weight_order": weight_order(module), "pack": PACK}
-        stage = tempfile.mkdtemp(prefix=".llmc-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=".llmc-", dir=parent)
         os.chmod(stage, 0o755)
         try:
             os.makedirs(os.path.join(stage, "kernels"))
