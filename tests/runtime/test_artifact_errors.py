@@ -17,7 +17,7 @@ from tests.tiny_models import tiny_model
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "cpu"
+    out = tmp_path_factory.mktemp("tiny") / "not-yet-created" / "cpu"  # the writer makes parents
     compile_cpu(import_hf_model(tiny_model("llama")), out, max_seq_len=64)
     return out
 
