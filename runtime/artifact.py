@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: transposed key cache, ctx counted in blocks
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER = "tokenizer.json"

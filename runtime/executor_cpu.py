@@ -43,13 +43,15 @@ class CpuExecutor:
             self.weights.append(tvm.runtime.tensor(array, self.device))
         geom = manifest.kv_cache
         self.max_seq_len = geom["max_seq_len"]
+        self.ctx_block = geom["ctx_block"]
         dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[geom["dtype"]]
         self.caches = []
         for _ in range(geom["layers"]):
-            self.caches.append(tvm.runtime.empty((self.max_seq_len, geom["kv_heads"], geom["head_dim"]), dtype,
-                                                 self.device))
-            self.caches.append(tvm.runtime.empty((self.max_seq_len, geom["kv_heads"], geom["value_dim"]), dtype,
-                                                 self.device))
+            # zeroed: attention reads whole blocks of positions and masks the unwritten ones
+            self.caches.append(tvm.runtime.tensor(np.zeros((geom["kv_heads"], geom["head_dim"], self.max_seq_len),
+                                                           dtype), self.device))
+            self.caches.append(tvm.runtime.tensor(np.zeros((self.max_seq_len, geom["kv_heads"], geom["value_dim"]),
+                                                           dtype), self.device))
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
 
@@ -63,5 +65,5 @@ class CpuExecutor:
         out = fn(tvm.runtime.tensor(np.ascontiguousarray(token_ids, dtype=np.int64), self.device),
                  tvm.runtime.tensor(np.ascontiguousarray(positions, dtype=np.int64), self.device),
                  tvm.runtime.tensor(np.ascontiguousarray(logits_index, dtype=np.int64), self.device),
-                 tvm.runtime.ShapeTuple([n_ctx]), *self.caches, *self.weights)
+                 tvm.runtime.ShapeTuple([-(-n_ctx // self.ctx_block)]), *self.caches, *self.weights)
         return out.numpy()

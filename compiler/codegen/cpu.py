@@ -43,7 +43,7 @@ class CpuTarget:
         from llmc.runtime import artifact
         from llmc.runtime.cpu_features import host_mcpu, required_features
 
-        from .tvm.lower import PACK, cache_geometry, lower_to_relax, packed_params, weight_order
+        from .tvm.lower import CTX_BLOCK, PACK, cache_geometry, lower_to_relax, packed_params, weight_order
         from .tvm.schedule import schedule_module
 
         mcpu = options.mcpu or host_mcpu()
@@ -106,7 +106,9 @@ class CpuTarget:
                     "weights": layouts,
                 },
                 "kv_cache": {"layers": geom.layers, "kv_heads": geom.kv_heads, "head_dim": geom.head_dim,
-                             "value_dim": geom.value_dim, "max_seq_len": geom.max_seq_len, "dtype": geom.dtype},
+                             "value_dim": geom.value_dim, "max_seq_len": geom.max_seq_len, "dtype": geom.dtype,
+                             "k_layout": "[kv_heads, head_dim, max_seq_len]",
+                             "v_layout": "[max_seq_len, kv_heads, value_dim]", "ctx_block": CTX_BLOCK},
                 "tokenizer": tok,
             }
             artifact.write_manifest(stage, manifest)

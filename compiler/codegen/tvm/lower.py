@@ -4,12 +4,14 @@ of kernel calls that the Relax VM runs without returning to Python.
 
 The step's calling convention (the runtime's executor follows it):
 
-    fn(input_ids: i64[T], positions: i64[T], logits_index: i64[B], ctx: Shape[n_ctx],
+    fn(input_ids: i64[T], positions: i64[T], logits_index: i64[B], ctx: Shape[ctx_blocks],
        k_cache_0, v_cache_0, ..., k_cache_{L-1}, v_cache_{L-1}, *weights) -> f32[B, vocab]
 
-``n_ctx`` is the number of cached positions attention reads (max position + 1). Each layer's
-cache is [S, Hkv, D]; the ``attention`` op becomes two in-place cache writes (call_tir_inplace)
-plus an attention kernel over ``n_ctx`` positions. Weights read by a ``linear`` are stored
+``ctx_blocks`` = ceil((max position + 1) / 16): attention reads 16 * ctx_blocks cached
+positions (the extra ones are masked; caches start zeroed). Each layer's key cache is
+[Hkv, D, S] (transposed, so scores vectorize over positions) and its value cache [S, Hkv, Dv];
+the ``attention`` op becomes two in-place cache writes (call_tir_inplace) plus an attention
+kernel. Weights read by a ``linear`` are stored
 packed ([N/PACK, K, PACK]); the manifest records every weight's layout.
 """
 
@@ -40,7 +42,11 @@ class CacheGeometry:
     dtype: str = "f32"
 
     def shape(self, value: bool = False) -> list[int]:
-        return [self.max_seq_len, self.kv_heads, self.value_dim if value else self.head_dim]
+        """Values are [S, Hkv, Dv]; keys are transposed, [Hkv, D, S], so attention scores
+        vectorize over key positions."""
+        if value:
+            return [self.max_seq_len, self.kv_heads, self.value_dim]
+        return [self.kv_heads, self.head_dim, self.max_seq_len]
 
 
 def cache_geometry(module: Module, max_seq_len: int) -> CacheGeometry:
@@ -55,6 +61,7 @@ def cache_geometry(module: Module, max_seq_len: int) -> CacheGeometry:
     if len(shapes) != 1:
         raise CodegenError(f"layers with different KV shapes are not supported yet: {shapes}")
     (kshape, vshape, dtype), = shapes
+    max_seq_len = -(-max_seq_len // CTX_BLOCK) * CTX_BLOCK  # attention reads whole blocks of positions
     return CacheGeometry(len(layers), int(kshape[0]), int(kshape[1]), int(vshape[1]), max_seq_len, dtype)
 
 
@@ -105,6 +112,28 @@ class _KernelCtx:
         return self.dims(d)
 
 
+CTX_BLOCK = 16  # the step's ctx shape counts cached positions in blocks of this many
+
+
+def _k_write(geom: CacheGeometry):
+    S, H, dim = geom.max_seq_len, geom.kv_heads, geom.head_dim
+    dtype = TVM_DTYPES[geom.dtype]
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def k_write(var_x: T.handle, var_pos: T.handle, var_cache: T.handle):
+        T.func_attr({"tirx.noalias": True, "llmc.kind": "kv_write"})
+        t = T.int64()
+        x = T.match_buffer(var_x, (t, H, dim), dtype)
+        pos = T.match_buffer(var_pos, (t,), "int64")
+        cache = T.match_buffer(var_cache, (H, dim, S), dtype)
+        for i, h, d in T.grid(t, H, dim):
+            with T.sblock("kv_write"):
+                vi, vh, vd = T.axis.remap("SSS", [i, h, d])
+                cache[vh, vd, T.min(T.max(pos[vi], T.int64(0)), T.int64(S - 1))] = x[vi, vh, vd]
+
+    return k_write
+
+
 def _kv_write(geom: CacheGeometry, dim: int):
     S, H = geom.max_seq_len, geom.kv_heads
     dtype = TVM_DTYPES[geom.dtype]
@@ -127,12 +156,12 @@ def _kv_write(geom: CacheGeometry, dim: int):
 def _attention_te(q, kc, vc, pos, n_ctx, attrs):
     """Causal (optionally windowed, soft-capped) attention of T queries over n_ctx cached positions."""
     t, hq, d = q.shape
-    hkv, dv = kc.shape[1], vc.shape[2]
+    hkv, dv = kc.shape[0], vc.shape[2]
     group = hq // hkv
     scale, window, softcap = attrs["scale"], attrs["window"], attrs["softcap"]
     kd = te.reduce_axis((0, d), name="kd")
     dtype = q.dtype
-    score = te.compute((t, hq, n_ctx), lambda i, h, j: te.sum(q[i, h, kd] * kc[j, h // group, kd], axis=kd),
+    score = te.compute((t, hq, n_ctx), lambda i, h, j: te.sum(q[i, h, kd] * kc[h // group, kd, j], axis=kd),
                        name="attn_score")
 
     def allowed(i, j):
@@ -244,7 +273,7 @@ class _FunctionLowering:
         q, k, v, pos = operands
         layer = op.attrs["layer"]
         kc, vc = self.caches[2 * layer], self.caches[2 * layer + 1]
-        kw = self.bb.add_func(_kv_write(self.geom, self.geom.head_dim), "kv_write_k")
+        kw = self.bb.add_func(_k_write(self.geom), "kv_write_k")
         vw = self.bb.add_func(_kv_write(self.geom, self.geom.value_dim), "kv_write_v")
         kc = self.bb.emit(relax.call_tir_inplace(kw, [k, pos, kc], [2], kc.struct_info if hasattr(kc, "struct_info")
                                                  else relax.TensorType(self.geom.shape(), TVM_DTYPES[self.geom.dtype])))
@@ -252,7 +281,7 @@ class _FunctionLowering:
                                                  relax.TensorType(self.geom.shape(True), TVM_DTYPES[self.geom.dtype])))
         self.caches[2 * layer], self.caches[2 * layer + 1] = kc, vc
         attrs = dict(op.attrs)
-        return self.bb.emit_te(lambda qq, kk, vv, pp, n: _attention_te(qq, kk, vv, pp, n, attrs),
+        return self.bb.emit_te(lambda qq, kk, vv, pp, m: _attention_te(qq, kk, vv, pp, m * CTX_BLOCK, attrs),
                                q, kc, vc, pos, self.n_ctx, primfunc_name_hint="attention")
 
 
@@ -268,7 +297,7 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
     """Add Relax function ``name`` to ``bb``: the IR's @forward with T = tokens and B = rows
     (ints for a static entry point, or TIR vars for a dynamic one)."""
     fn = module.functions["forward"]
-    n_ctx = tir.Var("n_ctx", "int64")
+    n_ctx = tir.Var("ctx_blocks", "int64")  # cached positions attention reads, in CTX_BLOCKs
     dims = DimMap({"T": tokens, "B": rows})
     args = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in fn.args}
     missing = {"input_ids", "positions", "logits_index"} - set(args)

@@ -116,28 +116,35 @@ def _schedule_linear(sch: Schedule, block, decode: bool) -> None:
 
 
 def _schedule_attention(sch: Schedule) -> None:
-    """Scores as 16-lane partial dot products (rfactor over the head dim) then a lane sum;
-    probabilities x values with the value dim vectorized; exp materialized once (not per value
-    column); every stage parallel over (token, head).
-
-    (Measured: one parallel loop holding all stages via compute_at was slower here.)"""
+    """Scores vectorized over 16 key positions (the key cache is [Hkv, D, S]) with register
+    accumulators; probabilities x values vectorized over the value dim, accumulators in
+    registers; exp materialized once (not per value column); every stage parallel over
+    (token, head). The position extent is a multiple of 16 (the step counts it in blocks)."""
     score = sch.get_sblock("attn_score")
-    kd = sch.get_loops(score)[-1]
-    if (_extent(sch, kd) or 0) % VECTOR == 0:
-        ko, ki = sch.split(kd, [None, VECTOR])
-        rf = sch.rfactor(ki, 3)
-        sch.vectorize(sch.get_loops(rf)[-1])
-        sch.parallel(sch.fuse(*sch.get_loops(rf)[:2]))
-    sch.parallel(sch.fuse(*sch.get_loops(score)[:2]))
+    i, h, j, kd = sch.get_loops(score)
+    sch.parallel(sch.fuse(i, h))
+    jo, ji = sch.split(j, [None, VECTOR])
+    sch.reorder(jo, kd, ji)
+    write = sch.cache_write(score, 0, "local")
+    sch.reverse_compute_at(write, jo)
+    sch.vectorize(ji)
+    sch.decompose_reduction(score, kd)
+    _try(sch.vectorize, sch.get_loops(write)[-1])
     for name in ("attn_max", "attn_sum", "attn_exp", "attn_out"):
         b = sch.get_sblock(name)
         sch.parallel(sch.fuse(*sch.get_loops(b)[:2]))
+    exp = sch.get_sblock("attn_exp")
+    _, inner = sch.split(sch.get_loops(exp)[-1], [None, VECTOR])
+    _try(sch.vectorize, inner)
     pv = sch.get_sblock("attn_pv")
     i, h, e, j = sch.get_loops(pv)
     sch.reorder(j, e)
-    sch.parallel(sch.fuse(i, h))
-    sch.vectorize(e)
-    sch.decompose_reduction(pv, j)
+    outer = sch.fuse(i, h)
+    sch.parallel(outer)
+    write = sch.cache_write(pv, 0, "local")
+    sch.reverse_compute_at(write, outer)
+    sch.vectorize(sch.get_loops(pv)[-1])
+    sch.decompose_reduction(pv, sch.get_loops(pv)[1])
 
 
 def schedule_primfunc(func: tir.PrimFunc, decode: bool) -> tir.PrimFunc:
