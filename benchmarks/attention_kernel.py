@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import tvm  # noqa: E402
 from tvm import te, tirx as tir  # noqa: E402
 
-from llmc.compiler.codegen.tvm.lower import _attention_te  # noqa: E402
+from llmc.compiler.codegen.tvm.lower import CTX_BLOCK, _attention_te  # noqa: E402
 from llmc.compiler.codegen.tvm.schedule import schedule_primfunc  # noqa: E402
 from llmc.runtime.cpu_features import host_mcpu  # noqa: E402
 
@@ -25,18 +25,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     t, s, h, hkv, d = args.tokens, 2048, 9, 3, 64
-    tv, n = tir.Var("T", "int64"), tir.Var("n_ctx", "int64")
+    tv, blocks = tir.Var("T", "int64"), tir.Var("ctx_blocks", "int64")
     q = te.placeholder((tv, h, d), name="q")
-    kc, vc = te.placeholder((s, hkv, d), name="kc"), te.placeholder((s, hkv, d), name="vc")
+    kc, vc = te.placeholder((hkv, d, s), name="kc"), te.placeholder((s, hkv, d), name="vc")  # artifact layouts
     pos = te.placeholder((tv,), "int64", name="pos")
-    out = _attention_te(q, kc, vc, pos, n, {"scale": 0.125, "window": 0, "softcap": 0.0})
-    func = schedule_primfunc(te.create_prim_func([q, kc, vc, pos, out, n]), decode=False)
+    out = _attention_te(q, kc, vc, pos, blocks * CTX_BLOCK, {"scale": 0.125, "window": 0, "softcap": 0.0})
+    func = schedule_primfunc(te.create_prim_func([q, kc, vc, pos, out, blocks]), decode=False)
     target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": args.threads})
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target).jit()
     rng = np.random.default_rng(0)
-    tensors = [rng.random(shape, dtype=np.float32) for shape in ((t, h, d), (s, hkv, d), (s, hkv, d))]
+    tensors = [rng.random(shape, dtype=np.float32) for shape in ((t, h, d), (hkv, d, s), (s, hkv, d))]
     call = [tvm.runtime.tensor(a) for a in tensors] + [tvm.runtime.tensor(np.arange(t)),
-                                                       tvm.runtime.empty((t, h, d), "float32"), t]
+                                                       tvm.runtime.empty((t, h, d), "float32"), -(-t // CTX_BLOCK)]
     lib["main"](*call)
     times = []
     for _ in range(7):
