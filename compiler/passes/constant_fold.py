@@ -3,7 +3,7 @@
 import torch
 
 from ..ir import Function, Module, Op
-from ..ir.interpreter import IMPLS, TORCH_DTYPES
+from ..ir.interpreter import IMPLS, TORCH_DTYPES, _Frame
 from ..ir.ops import ELEMENTWISE_OPS
 from ..ir.builder import NameAllocator
 from .base import FunctionPass
@@ -13,11 +13,7 @@ from .rewrite import InsertionBuilder, remove_dead_ops, replace_all_uses
 
 def _evaluate(op: Op, inputs: list[torch.Tensor]) -> torch.Tensor:
     """Run the op's reference meaning on constant inputs (the interpreter is the oracle)."""
-
-    class _Frame:  # elementwise meanings read nothing but the op itself
-        pass
-
-    frame = _Frame()
+    frame = _Frame(None, {})  # elementwise meanings read nothing of the frame but the op
     frame.op = op
     return IMPLS[op.kind](inputs, op.attrs, frame)
 
