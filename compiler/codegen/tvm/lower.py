@@ -115,27 +115,12 @@ class _KernelCtx:
 CTX_BLOCK = 16  # the step's ctx shape counts cached positions in blocks of this many
 
 
-def _k_write(geom: CacheGeometry):
-    S, H, dim = geom.max_seq_len, geom.kv_heads, geom.head_dim
-    dtype = TVM_DTYPES[geom.dtype]
-
-    @T.prim_func(private=True, check_well_formed=False)
-    def k_write(var_x: T.handle, var_pos: T.handle, var_cache: T.handle):
-        T.func_attr({"tirx.noalias": True, "llmc.kind": "kv_write"})
-        t = T.int64()
-        x = T.match_buffer(var_x, (t, H, dim), dtype)
-        pos = T.match_buffer(var_pos, (t,), "int64")
-        cache = T.match_buffer(var_cache, (H, dim, S), dtype)
-        for i, h, d in T.grid(t, H, dim):
-            with T.sblock("kv_write"):
-                vi, vh, vd = T.axis.remap("SSS", [i, h, d])
-                cache[vh, vd, T.min(T.max(pos[vi], T.int64(0)), T.int64(S - 1))] = x[vi, vh, vd]
-
-    return k_write
-
-
-def _kv_write(geom: CacheGeometry, dim: int):
+def _cache_write(geom: CacheGeometry, keys: bool):
+    """In-place write of this step's keys (cache [Hkv, D, S]) or values (cache [S, Hkv, Dv])
+    at their positions; positions are clamped so a bad one cannot write out of bounds."""
     S, H = geom.max_seq_len, geom.kv_heads
+    dim = geom.head_dim if keys else geom.value_dim
+    shape = geom.shape(value=not keys)
     dtype = TVM_DTYPES[geom.dtype]
 
     @T.prim_func(private=True, check_well_formed=False)
@@ -144,11 +129,14 @@ def _kv_write(geom: CacheGeometry, dim: int):
         t = T.int64()
         x = T.match_buffer(var_x, (t, H, dim), dtype)
         pos = T.match_buffer(var_pos, (t,), "int64")
-        cache = T.match_buffer(var_cache, (S, H, dim), dtype)
+        cache = T.match_buffer(var_cache, shape, dtype)
         for i, h, d in T.grid(t, H, dim):
             with T.sblock("kv_write"):
                 vi, vh, vd = T.axis.remap("SSS", [i, h, d])
-                cache[T.min(T.max(pos[vi], T.int64(0)), T.int64(S - 1)), vh, vd] = x[vi, vh, vd]
+                if keys:  # a Python constant: the parser keeps only the taken branch
+                    cache[vh, vd, T.min(T.max(pos[vi], T.int64(0)), T.int64(S - 1))] = x[vi, vh, vd]
+                else:
+                    cache[T.min(T.max(pos[vi], T.int64(0)), T.int64(S - 1)), vh, vd] = x[vi, vh, vd]
 
     return kv_write
 
@@ -198,7 +186,7 @@ class _FunctionLowering:
     packed: set[str]
     weights: dict[str, relax.Var]
     caches: list[relax.Var]
-    positions: relax.Var
+    geom: CacheGeometry
     n_ctx: Any
     env: dict[int, Any] = field(default_factory=dict)
 
@@ -273,12 +261,11 @@ class _FunctionLowering:
         q, k, v, pos = operands
         layer = op.attrs["layer"]
         kc, vc = self.caches[2 * layer], self.caches[2 * layer + 1]
-        kw = self.bb.add_func(_k_write(self.geom), "kv_write_k")
-        vw = self.bb.add_func(_kv_write(self.geom, self.geom.value_dim), "kv_write_v")
-        kc = self.bb.emit(relax.call_tir_inplace(kw, [k, pos, kc], [2], kc.struct_info if hasattr(kc, "struct_info")
-                                                 else relax.TensorType(self.geom.shape(), TVM_DTYPES[self.geom.dtype])))
-        vc = self.bb.emit(relax.call_tir_inplace(vw, [v, pos, vc], [2],
-                                                 relax.TensorType(self.geom.shape(True), TVM_DTYPES[self.geom.dtype])))
+        dtype = TVM_DTYPES[self.geom.dtype]
+        kw = self.bb.add_func(_cache_write(self.geom, keys=True), "kv_write_k")
+        vw = self.bb.add_func(_cache_write(self.geom, keys=False), "kv_write_v")
+        kc = self.bb.emit(relax.call_tir_inplace(kw, [k, pos, kc], [2], relax.TensorType(self.geom.shape(), dtype)))
+        vc = self.bb.emit(relax.call_tir_inplace(vw, [v, pos, vc], [2], relax.TensorType(self.geom.shape(True), dtype)))
         self.caches[2 * layer], self.caches[2 * layer + 1] = kc, vc
         attrs = dict(op.attrs)
         return self.bb.emit_te(lambda qq, kk, vv, pp, m: _attention_te(qq, kk, vv, pp, m * CTX_BLOCK, attrs),
@@ -319,8 +306,7 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
     params = [args["input_ids"], args["positions"], args["logits_index"], ctx] + caches + list(weights.values())
     with bb.function(name, params, attrs={"global_symbol": name}):
         with bb.dataflow():
-            low = _FunctionLowering(bb, module, dims, packed, weights, list(caches), args["positions"], n_ctx)
-            low.geom = geom
+            low = _FunctionLowering(bb, module, dims, packed, weights, list(caches), geom, n_ctx)
             for a in fn.args:
                 low.env[id(a)] = args[a.name]
             for op in fn.ops:

@@ -53,7 +53,7 @@ def _inline_injective(sch: Schedule) -> None:
     changed = True
     while changed:
         changed = False
-        for block in sch.get_child_blocks(sch.get_sblock("root") if _has_root(sch) else None):
+        for block in sch.get_child_blocks(_root(sch)):
             name = sch.get(block).name_hint
             if name.startswith(("linear", "kv_write", "attn_")) or _is_reduction(sch, block):
                 continue
@@ -62,12 +62,12 @@ def _inline_injective(sch: Schedule) -> None:
                 break
 
 
-def _has_root(sch: Schedule) -> bool:
+def _root(sch: Schedule):
+    """The root block (None where a PrimFunc has none: its blocks are then top level)."""
     try:
-        sch.get_sblock("root")
-        return True
+        return sch.get_sblock("root")
     except Exception:
-        return False
+        return None
 
 
 def _parallel_vectorize(sch: Schedule, block) -> None:
@@ -150,7 +150,7 @@ def _schedule_attention(sch: Schedule) -> None:
 def schedule_primfunc(func: tir.PrimFunc, decode: bool) -> tir.PrimFunc:
     sch = Schedule(func)
     _inline_injective(sch)
-    root = sch.get_sblock("root") if _has_root(sch) else None
+    root = _root(sch)
     blocks = list(sch.get_child_blocks(root))
     if any(sch.get(b).name_hint == "attn_score" for b in blocks):
         _schedule_attention(sch)
@@ -181,8 +181,7 @@ def schedule_module(mod: tvm.IRModule) -> tvm.IRModule:
             except Exception as exc:  # keep the function correct, if slower, and say so
                 log.warning("kernel %s left unscheduled: %s", gvar.name_hint, exc)
         out[gvar] = func
-    new = tvm.IRModule(out, attrs=mod.attrs)
-    return new
+    return tvm.IRModule(out, attrs=mod.attrs)
 
 
 def _called_only_by(mod: tvm.IRModule, entry: str) -> set[str]:
