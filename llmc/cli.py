@@ -95,6 +95,8 @@ def cmd_compile(args) -> int:
             resolve_target(args.target)
         except TargetError as exc:
             raise CliError(str(exc)) from None
+    if args.no_cache:
+        os.environ["LLMC_NO_CACHE"] = "1"
     passes = _pipeline(args)  # resolve plugins before the slow import, so typos fail fast
     t0 = time.perf_counter()
     imported, tokenizer = _import(args.model, args.verbose, with_tokenizer=not emit_ir)
@@ -267,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add your own pass (a Pass, Pass subclass or function Module -> Module)")
     c.add_argument("--pass-after", metavar="PASS", help="where --pass goes in the pipeline (default: at the end)")
     c.add_argument("--no-verify", action="store_true", help="skip verifying the IR after each pass")
+    c.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write llmc's caches (GGUF conversions, compiled kernels); "
+                        "the cache lives in $LLMC_CACHE_DIR, default ~/.cache/llmc")
     c.add_argument("-v", "--verbose", action="store_true", help="show progress, per-pass timings and op counts")
     c.set_defaults(func=cmd_compile)
 

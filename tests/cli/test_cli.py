@@ -95,3 +95,20 @@ def test_planned_target_says_so():
     out = llmc("compile", "smollm2", "--target", "cuda", "-o", "/tmp/llmc-never")
     assert out.returncode == 2 and "target 'cuda' has no code generator in this build yet" in out.stderr
     assert not os.path.exists("/tmp/llmc-never")
+
+
+def test_second_compile_of_the_bundled_model_reuses_both_caches(tmp_path):
+    """The second `llmc compile` of the same GGUF reads the cached conversion and the cached
+    kernels (that is what makes it fast: see benchmarks/compile_time.py) and writes the same
+    artifact, which then generates text through `llmc run`."""
+    require_bundled_model()
+    first = llmc("compile", "smollm2", "--target", "cpu", "-o", str(tmp_path / "a"), "--max-seq-len", "256", "-v")
+    assert first.returncode == 0, first.stderr
+    second = llmc("compile", "smollm2", "--target", "cpu", "-o", str(tmp_path / "b"), "--max-seq-len", "256", "-v")
+    assert second.returncode == 0, second.stderr
+    assert "GGUF conversion cache hit" in second.stderr and "kernel cache hit" in second.stderr
+    for name in os.listdir(tmp_path / "a"):
+        if os.path.isfile(tmp_path / "a" / name):
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    out = llmc("run", str(tmp_path / "b"), "--prompt", "The capital of France is", "--max-tokens", "8")
+    assert out.returncode == 0 and "Paris" in out.stdout, out.stdout + out.stderr
