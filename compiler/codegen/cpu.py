@@ -145,14 +145,14 @@ class CpuTarget:
     def _cache_key(module: Module, mcpu: str, threads: int, max_seq_len: int, tvm_version: str) -> str:
         """Content hash of what determines the kernels: the IR (weights excluded), the options,
         and the code generator's own source."""
-        from .tvm import kernels, lower, schedule
+        from .tvm import attention, kernels, lower, schedule
 
         h = hashlib.sha256()
         text = print_module(module)
         text = "\n".join(line for line in text.splitlines() if "config = " not in line)
         h.update(text.encode())
         h.update(json.dumps([mcpu, threads, max_seq_len, tvm_version]).encode())
-        for mod in (kernels, lower, schedule):
+        for mod in (attention, kernels, lower, schedule):
             with open(mod.__file__, "rb") as f:
                 h.update(f.read())
         return h.hexdigest()[:32]

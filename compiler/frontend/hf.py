@@ -102,7 +102,10 @@ def load_hf_model(source: ModelSource, dtype: torch.dtype = torch.float32, use_c
     """The transformers model in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    return _from_pretrained(AutoModelForCausalLM, source, use_cache, dtype=dtype).eval()
+    model = _from_pretrained(AutoModelForCausalLM, source, use_cache, dtype=dtype).eval()
+    if source.gguf_file:  # name the GGUF, not the conversion cache entry it was read from
+        model.config._name_or_path = source.display
+    return model
 
 
 def load_tokenizer(source: ModelSource, use_cache: bool = True):

@@ -17,7 +17,7 @@ def test_tiny_arch_compiled_greedy_matches_hf(arch, tmp_path):
     compile_cpu(import_hf_model(model), tmp_path / "artifact", max_seq_len=128, cache_dir=tmp_path / "cache")
     engine = Engine.load(str(tmp_path / "artifact"))
     g = torch.Generator().manual_seed(7)
-    for length in (5, 17):  # a short prompt and one past the sliding windows (6)
+    for length in (5, 17, 40):  # short; past the sliding windows (6); over one key block (32)
         prompt = torch.randint(3, model.config.vocab_size, (length,), generator=g).tolist()
         want, want_logits = hf_greedy(model, prompt, 64)
         got, got_logits = llmc_greedy(engine, prompt, 64)

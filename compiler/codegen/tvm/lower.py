@@ -25,6 +25,7 @@ from tvm import relax, te, tirx as tir
 from tvm.script import tirx as T
 
 from ...ir import Block, Module, Op, Value
+from .attention import KEY_BLOCK, attention_te, prefill_attention
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, PackedWeight, Scalar
 
 
@@ -61,7 +62,7 @@ def cache_geometry(module: Module, max_seq_len: int) -> CacheGeometry:
     if len(shapes) != 1:
         raise CodegenError(f"layers with different KV shapes are not supported yet: {shapes}")
     (kshape, vshape, dtype), = shapes
-    max_seq_len = -(-max_seq_len // CTX_BLOCK) * CTX_BLOCK  # attention reads whole blocks of positions
+    max_seq_len = -(-max_seq_len // KEY_BLOCK) * KEY_BLOCK  # attention reads whole blocks of positions
     return CacheGeometry(len(layers), int(kshape[0]), int(kshape[1]), int(vshape[1]), max_seq_len, dtype)
 
 
@@ -130,52 +131,18 @@ def _cache_write(geom: CacheGeometry, keys: bool):
         x = T.match_buffer(var_x, (t, H, dim), dtype)
         pos = T.match_buffer(var_pos, (t,), "int64")
         cache = T.match_buffer(var_cache, shape, dtype)
-        for i, h, d in T.grid(t, H, dim):
-            with T.sblock("kv_write"):
-                vi, vh, vd = T.axis.remap("SSS", [i, h, d])
-                if keys:  # a Python constant: the parser keeps only the taken branch
+        if keys:  # a Python constant: the parser keeps only the taken branch
+            for h, d, i in T.grid(H, dim, t):  # positions innermost: the transposed cache is written contiguously
+                with T.sblock("kv_write"):
+                    vh, vd, vi = T.axis.remap("SSS", [h, d, i])
                     cache[vh, vd, T.min(T.max(pos[vi], T.int64(0)), T.int64(S - 1))] = x[vi, vh, vd]
-                else:
+        else:
+            for i, h, d in T.grid(t, H, dim):
+                with T.sblock("kv_write"):
+                    vi, vh, vd = T.axis.remap("SSS", [i, h, d])
                     cache[T.min(T.max(pos[vi], T.int64(0)), T.int64(S - 1)), vh, vd] = x[vi, vh, vd]
 
     return kv_write
-
-
-def _attention_te(q, kc, vc, pos, n_ctx, attrs):
-    """Causal (optionally windowed, soft-capped) attention of T queries over n_ctx cached positions."""
-    t, hq, d = q.shape
-    hkv, dv = kc.shape[0], vc.shape[2]
-    group = hq // hkv
-    scale, window, softcap = attrs["scale"], attrs["window"], attrs["softcap"]
-    kd = te.reduce_axis((0, d), name="kd")
-    dtype = q.dtype
-    score = te.compute((t, hq, n_ctx), lambda i, h, j: te.sum(q[i, h, kd] * kc[h // group, kd, j], axis=kd),
-                       name="attn_score")
-
-    def allowed(i, j):
-        ok = j <= pos[i]
-        if window > 0:
-            ok = tir.all(ok, pos[i] - j < window)
-        return ok
-
-    def scaled(i, h, j):
-        s = score[i, h, j] * tir.const(scale, dtype)
-        if softcap > 0:
-            s = tir.const(softcap, dtype) * tir.tanh(s / tir.const(softcap, dtype))
-        return s
-
-    neg_inf = tir.min_value(dtype)
-    j1 = te.reduce_axis((0, n_ctx), name="j1")
-    mx = te.compute((t, hq), lambda i, h: te.max(tir.if_then_else(allowed(i, j1), scaled(i, h, j1), neg_inf), axis=j1),
-                    name="attn_max")
-    ex = te.compute((t, hq, n_ctx), lambda i, h, j: tir.if_then_else(
-        allowed(i, j), tir.exp(scaled(i, h, j) - mx[i, h]), tir.const(0.0, dtype)), name="attn_exp")
-    j2 = te.reduce_axis((0, n_ctx), name="j2")
-    sm = te.compute((t, hq), lambda i, h: te.sum(ex[i, h, j2], axis=j2), name="attn_sum")
-    j3 = te.reduce_axis((0, n_ctx), name="j3")
-    acc = te.compute((t, hq, dv), lambda i, h, e: te.sum(ex[i, h, j3] * vc[j3, h // group, e], axis=j3),
-                     name="attn_pv")
-    return te.compute((t, hq, dv), lambda i, h, e: acc[i, h, e] / sm[i, h], name="attn_out")
 
 
 @dataclass
@@ -268,8 +235,14 @@ class _FunctionLowering:
         vc = self.bb.emit(relax.call_tir_inplace(vw, [v, pos, vc], [2], relax.TensorType(self.geom.shape(True), dtype)))
         self.caches[2 * layer], self.caches[2 * layer + 1] = kc, vc
         attrs = dict(op.attrs)
-        return self.bb.emit_te(lambda qq, kk, vv, pp, m: _attention_te(qq, kk, vv, pp, m * CTX_BLOCK, attrs),
-                               q, kc, vc, pos, self.n_ctx, primfunc_name_hint="attention")
+        if isinstance(self.dims.symbols["T"], int) or dtype != "float32":  # decode (or a non-f32 cache): TE stages
+            return self.bb.emit_te(lambda qq, kk, vv, pp, m: attention_te(qq, kk, vv, pp, m * CTX_BLOCK, attrs),
+                                   q, kc, vc, pos, self.n_ctx, primfunc_name_hint="attention")
+        g = self.geom
+        kernel = prefill_attention(op.operands[0].type.shape[1], g.kv_heads, g.head_dim, g.value_dim, g.max_seq_len,
+                                   attrs["scale"], attrs["window"], attrs["softcap"])
+        out_type = relax.TensorType(self.dims.shape(op.result.type.shape), dtype)
+        return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "attention_prefill"), [q, kc, vc, pos], out_type))
 
 
 @dataclass
