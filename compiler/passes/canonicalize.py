@@ -37,6 +37,20 @@ def _full_slice(m, builder):
     return None
 
 
+def _is_empty(value) -> bool:
+    return any(dims_equal(d, 0) for d in value.type.shape)
+
+
+def _concat_drop_empty(m, builder):
+    """concat(a, b) where one side has no elements (partial-rotary models concatenate an empty
+    pass-through slice) is the other side."""
+    a, b = m["x"], m["y"]
+    for keep, drop in ((a, b), (b, a)):
+        if _is_empty(drop) and keep.type.same_as(m.root.result.type):
+            return keep
+    return None
+
+
 RULES = [
     Rewrite("noop-reshape", P("reshape", x), _same_type_as_root),
     Rewrite("noop-cast", P("cast", x), _same_type_as_root),
@@ -46,6 +60,7 @@ RULES = [
     Rewrite("noop-concat", P("concat", x), _same_type_as_root),
     Rewrite("mul-by-one", P("mul", x, Const(value=1.0)), _same_type_as_root),
     Rewrite("div-by-one", P("div", x, Const(value=1.0)), _same_type_as_root),
+    Rewrite("concat-drop-empty", P("concat", x, Var("y")), _concat_drop_empty),
     Rewrite("reshape-chain", P("reshape", P("reshape", x)), _reshape_chain),
     Rewrite("permute-chain", P("permute", P("permute", x, name="inner")), _permute_chain),
 ]
@@ -53,8 +68,8 @@ RULES = [
 
 @register_pass
 class Canonicalize(RewritePass):
-    """Remove no-op reshapes/permutes/expands/slices/concats, casts to the same dtype and
-    multiplications by one; fold reshape-of-reshape and permute-of-permute chains.
+    """Remove no-op reshapes/permutes/expands/slices/concats (and empty concat operands), casts
+    to the same dtype and multiplications by one; fold reshape-of-reshape and permute-of-permute chains.
 
     Requires: verified IR. Guarantees: no no-op views or casts remain."""
 

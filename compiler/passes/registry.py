@@ -91,7 +91,8 @@ CLEANUP = ["canonicalize", "constant-fold", "cse", "dce"]
 PIPELINES: dict[int, list[str]] = {
     0: [],
     1: CLEANUP,
-    2: CLEANUP + ["recognize-rms-norm", "recognize-rope", "recognize-gated-mlp"] + CLEANUP + ["fuse-elementwise"],
+    2: CLEANUP + ["recognize-rms-norm", "recognize-rope", "recognize-gated-mlp", "rope-layout"] + CLEANUP
+       + ["fuse-elementwise"],
 }
 PIPELINES[3] = PIPELINES[2]
 # Targets may override a level; a target not listed uses PIPELINES.

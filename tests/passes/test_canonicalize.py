@@ -46,3 +46,22 @@ KEEP = """module @m {
 
 def test_canonicalize_leaves_real_work_alone():
     assert_pass_output(get_pass("canonicalize"), KEEP, KEEP)
+
+
+def test_concat_with_an_empty_operand_is_the_other_operand():
+    before = """module @m {
+  func @forward(%x: f32[T, 8]) -> (f32[T, 8], f32[T, 8]) {
+    %e = slice(%x) {axis = 1, start = 8, end = 8, step = 1} : f32[T, 0]
+    %a = concat(%x, %e) {axis = 1} : f32[T, 8]
+    %b = concat(%e, %x) {axis = 1} : f32[T, 8]
+    return %a, %b
+  }
+}
+"""
+    after = """module @m {
+  func @forward(%x: f32[T, 8]) -> (f32[T, 8], f32[T, 8]) {
+    return %x, %x
+  }
+}
+"""
+    assert_pass_output(get_pass("canonicalize"), before, after)
