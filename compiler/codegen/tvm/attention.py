@@ -82,8 +82,6 @@ def prefill_attention(hq: int, hkv: int, d: int, dv: int, seq_len: int, scale: f
         pos = T.match_buffer(var_pos, (t,), "int64")
         out = T.match_buffer(var_out, (t, hq, dv), "float32")
         tiles = (t + R - 1) // R
-        # Work items alternate between the cheapest and the dearest remaining tile, so the
-        # contiguous halves TVM's parallel loop hands to each thread carry equal causal work.
         for item in T.parallel(tiles * hkv):
             s = T.alloc_local((R, G, B), "float32")
             p = T.alloc_local((R, G, B), "float32")
@@ -92,8 +90,7 @@ def prefill_attention(hq: int, hkv: int, d: int, dv: int, seq_len: int, scale: f
             l = T.alloc_local((R, G), "float32")
             bounds = T.alloc_local((2,), "int64")
             hk = item % hkv
-            k = item // hkv
-            i0 = T.Select(k % 2 == 0, k // 2, tiles - 1 - k // 2) * R
+            i0 = item // hkv * R
             bounds[0] = T.int64(S - 1)
             bounds[1] = T.int64(0)
             for r in range(R):
