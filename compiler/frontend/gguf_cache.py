@@ -29,6 +29,8 @@ log = logging.getLogger("llmc.frontend")
 
 CONVERSION_VERSION = 1
 META_FILE = "llmc-conversion.json"
+DEFAULT_MAX_GB = 20.0  # fp32 conversions are big (4 bytes per parameter): keep the cache bounded
+STALE_STAGE_SECONDS = 24 * 3600  # a staging dir this old belongs to a killed conversion
 
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
@@ -68,6 +70,7 @@ def converted_dir(gguf_path: str, cache_dir: Optional[str] = None) -> str:
     key = conversion_key(gguf_path)
     target = os.path.join(root, key)
     if _complete(target):
+        os.utime(os.path.join(target, META_FILE))  # most recently used: evicted last
         log.info("GGUF conversion cache hit: %s (hash %.1fs)", target, time.perf_counter() - t0)
         return target
     log.info("converting %s into a Hugging Face directory (once; cached in %s)", gguf_path, root)
@@ -88,7 +91,46 @@ def converted_dir(gguf_path: str, cache_dir: Optional[str] = None) -> str:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     log.info("converted GGUF in %.1fs", time.perf_counter() - t0)
+    evict(root, keep=target)
     return target
+
+
+def max_cache_bytes() -> int:
+    """``$LLMC_CACHE_MAX_GB`` (default 20) gigabytes for all cached conversions together."""
+    try:
+        return int(float(os.environ.get("LLMC_CACHE_MAX_GB", DEFAULT_MAX_GB)) * (1 << 30))
+    except ValueError:
+        log.warning("LLMC_CACHE_MAX_GB=%r is not a number; using %s", os.environ["LLMC_CACHE_MAX_GB"],
+                    DEFAULT_MAX_GB)
+        return int(DEFAULT_MAX_GB * (1 << 30))
+
+
+def evict(root: str, keep: str) -> None:
+    """Remove least recently used conversions until the cache fits ``max_cache_bytes`` (never
+    ``keep``, the one just made or used), and staging dirs left by killed conversions."""
+    now, entries = time.time(), []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith("."):
+            if now - os.path.getmtime(path) > STALE_STAGE_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        meta = os.path.join(path, META_FILE)
+        if _complete(path):
+            with open(meta) as f:
+                size = sum(json.load(f)["files"].values())
+            entries.append((os.path.getmtime(meta), size, path))
+    total, limit = sum(size for _, size, _ in entries), max_cache_bytes()
+    for _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        if os.path.abspath(path) == os.path.abspath(keep):
+            continue
+        log.info("GGUF conversion cache over %.1f GB: removing the least recently used %s", limit / (1 << 30), path)
+        shutil.rmtree(path, ignore_errors=True)
+        total -= size
+    if total > limit:
+        log.warning("the GGUF conversion %s alone is larger than LLMC_CACHE_MAX_GB (%.1f GB)", keep, limit / (1 << 30))
 
 
 def has_tokenizer(directory: str) -> bool:

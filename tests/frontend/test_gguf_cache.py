@@ -105,3 +105,34 @@ def test_no_cache_reads_the_gguf_directly(fake_gguf, conversions, monkeypatch):
     hf._from_pretrained(FakeLoader, source, use_cache=True)
     assert conversions == [] and FakeLoader.calls == [(source.path, "m.gguf")] * 2
     assert not os.path.exists(os.environ["LLMC_CACHE_DIR"])
+
+
+def test_least_recently_used_conversions_are_evicted(tmp_path, conversions, monkeypatch):
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"m{i}.gguf"
+        path.write_bytes(b"GGUF" + bytes([i]) * 64)
+        paths.append(path)
+    monkeypatch.setenv("LLMC_CACHE_MAX_GB", str(250 / (1 << 30)))  # room for two 123-byte entries
+    first = gguf_cache.converted_dir(str(paths[0]))
+    second = gguf_cache.converted_dir(str(paths[1]))
+    os.utime(os.path.join(first, gguf_cache.META_FILE), (1, 1))
+    os.utime(os.path.join(second, gguf_cache.META_FILE), (2, 2))
+    gguf_cache.converted_dir(str(paths[0]))  # a hit makes the first entry the most recent
+    third = gguf_cache.converted_dir(str(paths[2]))
+    assert os.path.isdir(first) and os.path.isdir(third) and not os.path.exists(second)
+
+
+def test_one_conversion_larger_than_the_limit_is_kept(fake_gguf, conversions, monkeypatch):
+    monkeypatch.setenv("LLMC_CACHE_MAX_GB", "0")
+    entry = gguf_cache.converted_dir(str(fake_gguf))
+    assert os.path.isdir(entry)
+
+
+def test_staging_dirs_of_killed_conversions_are_removed(fake_gguf, conversions):
+    root = os.path.join(os.environ["LLMC_CACHE_DIR"], "models")
+    os.makedirs(os.path.join(root, ".deadbeef-killed"))
+    os.utime(os.path.join(root, ".deadbeef-killed"), (1, 1))
+    os.makedirs(os.path.join(root, ".cafe-running"))
+    gguf_cache.converted_dir(str(fake_gguf))
+    assert sorted(os.listdir(root)) == sorted([".cafe-running", gguf_cache.conversion_key(str(fake_gguf))])
