@@ -91,8 +91,11 @@ def cmd_compile(args) -> int:
         from llmc.compiler.codegen import CompileOptions
         from llmc.compiler.driver import compile_artifact, resolve_target
 
+        options = CompileOptions(mcpu=args.mcpu, threads=args.threads, max_seq_len=args.max_seq_len)
         try:
-            resolve_target(args.target)
+            target = resolve_target(args.target)
+            if hasattr(target, "check"):  # a bad --mcpu or a missing cross linker fails before the import
+                target.check(options)
         except TargetError as exc:
             raise CliError(str(exc)) from None
     if args.no_cache:
@@ -115,7 +118,6 @@ def cmd_compile(args) -> int:
             write_atomically(out, print_module(module))
         else:
             out = args.output or f"{imported.module.name}-{args.target}"
-            options = CompileOptions(mcpu=args.mcpu, threads=args.threads, max_seq_len=args.max_seq_len)
             imported.timings.update(compile_artifact(imported, tokenizer, args.target, out, options, passes,
                                                      manager_options, source=args.model))
             module = imported.module
@@ -256,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", choices=TARGETS, default="cpu", help="target to compile for (default cpu)")
     c.add_argument("--emit", choices=EMITS, default="artifact", help="what to write (default artifact)")
     c.add_argument("-o", "--output", help="output directory (artifact, default NAME-TARGET) or file (ir)")
-    c.add_argument("--mcpu", help="cpu: LLVM CPU to build for, e.g. znver4, x86-64-v3 (default: this machine)")
+    c.add_argument("--mcpu", help="cpu: LLVM CPU to build for, x86-64 or AArch64, e.g. znver4, x86-64-v3, neoverse-n1, "
+                        "'aarch64' (default: this machine; another architecture needs llmc[cross])")
     c.add_argument("--threads", type=int, help="cpu: threads the kernels are built for (default: all cores)")
     c.add_argument("--max-seq-len", type=int, default=2048, help="tokens one sequence may hold (default 2048)")
     c.add_argument("-O", dest="opt_level", type=int, default=2, choices=range(4), metavar="{0,1,2,3}",

@@ -115,6 +115,13 @@ def check_target(manifest: Manifest, runtime_target: str, cpu_flags: Optional[se
     if target.get("kind") != runtime_target:
         raise ArtifactError(f"{manifest.root} was compiled for target '{target.get('kind')}', but this runtime "
                             f"executes '{runtime_target}'; compile with `--target {runtime_target}`")
+    from .cpu_features import host_arch
+
+    arch = target.get("arch", "x86_64")  # artifacts before the arch field were all x86-64
+    if runtime_target == "cpu" and arch != host_arch():
+        raise ArtifactError(f"{manifest.root} was compiled for {arch} (--mcpu {target.get('mcpu')}), but this "
+                            f"machine is {host_arch()}; copy it to an {arch} machine, or compile for this one "
+                            f"(`llmc compile MODEL --target cpu` without --mcpu)")
     required = set(target.get("required_cpu_features", []))
     if cpu_flags is not None and required - cpu_flags:
         missing = ", ".join(sorted(required - cpu_flags))

@@ -1,23 +1,17 @@
-"""What this CPU can do, and what an LLVM -mcpu name requires, so the loader can refuse an
-artifact built for instructions this machine lacks (instead of crashing with SIGILL)."""
+"""What this CPU can do, so the loader can refuse an artifact built for another architecture
+or for instructions this machine lacks (instead of crashing with SIGILL). The compiler
+records what an artifact needs (compiler/codegen/llvm_cpu.py); this module reads the host."""
 
 from __future__ import annotations
 
 import platform
 
-# The instruction-set flags (as /proc/cpuinfo names them) that code built for an -mcpu may use.
-# Only what matters to vectorized kernels is listed; unknown CPUs require nothing we can check.
+# The x86-64 micro-architecture levels, as /proc/cpuinfo flags, to name this machine's CPU.
 _X86_LEVELS = {
     "x86-64": [],
     "x86-64-v2": ["sse4_2", "popcnt"],
     "x86-64-v3": ["sse4_2", "popcnt", "avx", "avx2", "fma", "bmi2"],
     "x86-64-v4": ["sse4_2", "popcnt", "avx", "avx2", "fma", "bmi2", "avx512f", "avx512bw", "avx512vl"],
-}
-_X86_CPUS = {
-    "haswell": "x86-64-v3", "broadwell": "x86-64-v3", "skylake": "x86-64-v3", "znver1": "x86-64-v3",
-    "znver2": "x86-64-v3", "znver3": "x86-64-v3", "alderlake": "x86-64-v3",
-    "skylake-avx512": "x86-64-v4", "cascadelake": "x86-64-v4", "icelake-server": "x86-64-v4",
-    "sapphirerapids": "x86-64-v4", "znver4": "x86-64-v4", "znver5": "x86-64-v4",
 }
 
 
@@ -33,9 +27,9 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def required_features(mcpu: str) -> list[str]:
-    level = _X86_CPUS.get(mcpu, mcpu)
-    return list(_X86_LEVELS.get(level, []))
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
 def host_mcpu() -> str:

@@ -36,6 +36,16 @@ class CpuTarget:
     """Kernels scheduled for the host (or ``--mcpu``) CPU; one Relax VM executable holds the
     prefill and decode steps, so a step runs without returning to Python between kernels."""
 
+    def check(self, options: CompileOptions) -> None:
+        """Fail fast (before the slow model import) on a bad --mcpu or a missing cross linker."""
+        try:
+            import tvm  # noqa: F401
+        except ImportError:
+            raise TargetError("the cpu target needs apache-tvm: pip install 'llmc[cpu]'") from None
+        from .llvm_cpu import linker, resolve_cpu
+
+        linker(resolve_cpu(options.mcpu))
+
     def compile(self, module: Module, weights: dict, out_dir: str, options: CompileOptions,
                 metadata: dict[str, Any], tokenizer=None) -> dict:
         try:
@@ -43,16 +53,19 @@ class CpuTarget:
         except ImportError:
             raise TargetError("the cpu target needs apache-tvm: pip install 'llmc[cpu]'") from None
         from llmc.runtime import artifact
-        from llmc.runtime.cpu_features import host_mcpu, required_features
+
+        from .llvm_cpu import linker, resolve_cpu
 
         from .tvm.lower import CTX_BLOCK, PACK, cache_geometry, lower_to_relax, packed_params, weight_order
         from .tvm.schedule import schedule_module
 
-        mcpu = options.mcpu or host_mcpu()
+        cpu = resolve_cpu(options.mcpu)
+        mcpu = cpu.mcpu
         threads = options.threads or os.cpu_count() or 1
-        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": threads})
+        target = cpu.tvm_target(threads)
+        link = linker(cpu)  # before any work: a missing cross linker fails fast
         timings = {}
-        key = self._cache_key(module, mcpu, threads, options.max_seq_len, tvm.__version__)
+        key = self._cache_key(module, f"{cpu.triple}/{mcpu}", threads, options.max_seq_len, tvm.__version__)
         cache_dir = options.cache_dir or _default_cache_dir()
         cached = os.path.join(cache_dir, f"{key}.so")
         layout = {"cache": cache_geometry(module, options.max_seq_len), "packed": sorted(packed_params(module)),
@@ -82,11 +95,12 @@ class CpuTarget:
                 scheduled = schedule_module(relax_mod)
                 log.info("scheduled %d kernels", len(kernels))
                 executable = tvm.compile(scheduled, target=target)
-                executable.export_library(library)
+                executable.export_library(library, fcompile=link)
                 if use_cache:
                     self._store_in_cache(cache_dir, cached, library, kernels)
             timings["kernels"] = time.perf_counter() - t0
-            log.info("compiled kernels with LLVM for %s (%.1fs)", mcpu, timings["kernels"])
+            log.info("compiled kernels with LLVM for %s (%s%s) (%.1fs)", mcpu, cpu.triple,
+                     ", cross-linked" if cpu.cross else "", timings["kernels"])
 
             t0 = time.perf_counter()
             layouts = self._write_weights(stage, weights, module, layout)
@@ -98,8 +112,8 @@ class CpuTarget:
             manifest = {
                 "llmc_version": metadata.get("llmc_version"),
                 "model": {k: v for k, v in metadata.items() if k != "llmc_version"},
-                "target": {"kind": "cpu", "mcpu": mcpu, "threads": threads,
-                           "required_cpu_features": required_features(mcpu), "tvm_version": tvm.__version__},
+                "target": {"kind": "cpu", "mcpu": mcpu, "arch": cpu.arch, "triple": cpu.triple, "threads": threads,
+                           "required_cpu_features": cpu.required_flags, "tvm_version": tvm.__version__},
                 "dtypes": {"activations": "f32", "weights": sorted({w["dtype"] for w in layouts.values()})},
                 "kernels": kernels,
                 "kernel_cache_key": key,
