@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..cache import cache_root, caching_disabled
 from ..ir import Module, print_module
 from .registry import CompileOptions, TargetError, register_target
 
@@ -20,9 +21,15 @@ log = logging.getLogger("llmc.codegen")
 
 
 def _default_cache_dir() -> str:
-    from ..cache import cache_root
-
     return os.path.join(cache_root(), "kernels")
+
+
+def _require_tvm():
+    try:
+        import tvm
+    except ImportError:
+        raise TargetError("the cpu target needs apache-tvm: pip install 'llmc[cpu]'") from None
+    return tvm
 
 
 def pack_weight(array: np.ndarray, pack: int) -> np.ndarray:
@@ -38,20 +45,14 @@ class CpuTarget:
 
     def check(self, options: CompileOptions) -> None:
         """Fail fast (before the slow model import) on a bad --mcpu or a missing cross linker."""
-        try:
-            import tvm  # noqa: F401
-        except ImportError:
-            raise TargetError("the cpu target needs apache-tvm: pip install 'llmc[cpu]'") from None
+        _require_tvm()
         from .llvm_cpu import linker, resolve_cpu
 
         linker(resolve_cpu(options.mcpu))
 
     def compile(self, module: Module, weights: dict, out_dir: str, options: CompileOptions,
                 metadata: dict[str, Any], tokenizer=None) -> dict:
-        try:
-            import tvm
-        except ImportError:
-            raise TargetError("the cpu target needs apache-tvm: pip install 'llmc[cpu]'") from None
+        tvm = _require_tvm()
         from llmc.runtime import artifact
 
         from .llvm_cpu import linker, resolve_cpu
@@ -78,8 +79,6 @@ class CpuTarget:
             os.makedirs(os.path.join(stage, "kernels"))
             library = os.path.join(stage, artifact.STEP_LIBRARY)
             t0 = time.perf_counter()
-            from ..cache import caching_disabled
-
             use_cache = not caching_disabled()
             if use_cache and os.path.exists(cached) and os.path.exists(cached + ".json"):
                 shutil.copyfile(cached, library)

@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Optional
 
-from ..cache import cache_root, caching_disabled  # noqa: F401  (caching_disabled: re-exported)
+from ..cache import cache_root
 
 log = logging.getLogger("llmc.frontend")
 

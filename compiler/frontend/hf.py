@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..cache import caching_disabled
 from ..ir import Module
 from . import gguf_cache
 from .aten_import import import_program
@@ -86,7 +87,7 @@ def _from_pretrained(loader, source: ModelSource, use_cache: bool, **kwargs):
     ``use_cache`` is off (or LLMC_NO_CACHE is set); an unreadable cache entry is converted again."""
     if not source.gguf_file:
         return loader.from_pretrained(source.path, **kwargs)
-    if not use_cache or gguf_cache.caching_disabled():
+    if not use_cache or caching_disabled():
         return loader.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
     directory = gguf_cache.converted_dir(source.display)
     if loader.__name__ == "AutoTokenizer" and not gguf_cache.has_tokenizer(directory):
