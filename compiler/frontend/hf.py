@@ -174,7 +174,12 @@ def import_model(spec: str, with_tokenizer: bool = False) -> tuple[ImportedModel
     source = resolve_source(spec)
     t0 = time.perf_counter()
     log.info("loading %s", source.display)
-    model = load_hf_model(source)
+    try:
+        model = load_hf_model(source)
+    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+        raise ModelSourceError(f"transformers cannot load {source.display}: {exc}\nllmc reads models through "
+                               f"transformers: give a causal LM it supports (a model directory with config.json "
+                               f"and weights, or a GGUF of an architecture its GGUF loader knows)") from None
     load_time = time.perf_counter() - t0
     log.info("loaded %s (%s, %.1fM params) in %.1fs", source.display, model.config.model_type,
              sum(p.numel() for p in model.parameters()) / 1e6, load_time)

@@ -112,3 +112,19 @@ def test_second_compile_of_the_bundled_model_reuses_both_caches(tmp_path):
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     out = llmc("run", str(tmp_path / "b"), "--prompt", "The capital of France is", "--max-tokens", "8")
     assert out.returncode == 0 and "Paris" in out.stdout, out.stdout + out.stderr
+
+
+def test_unreadable_models_are_clear_errors(tmp_path):
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(os.urandom(1000))
+    env = dict(os.environ, LLMC_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", str(fake), "-o", str(tmp_path / "a")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2 and "transformers cannot load" in out.stderr and "GGUF" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "a").exists()
+    assert os.listdir(tmp_path / "cache" / "models") == []  # no half-made conversion left behind
+    weird = tmp_path / "weird"
+    weird.mkdir()
+    (weird / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    out = llmc("compile", str(weird), "--emit", "ir", "-o", str(tmp_path / "w.llmc.ir"))
+    assert out.returncode == 2 and "transformers cannot load" in out.stderr and "Traceback" not in out.stderr
