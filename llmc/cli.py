@@ -240,6 +240,17 @@ def cmd_interpret(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a thread count or a length of 0 is a mistake, not a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmc",
@@ -260,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="output directory (artifact, default NAME-TARGET) or file (ir)")
     c.add_argument("--mcpu", help="cpu: LLVM CPU to build for, x86-64 or AArch64, e.g. znver4, x86-64-v3, neoverse-n1, "
                         "'aarch64' (default: this machine; another architecture needs llmc[cross])")
-    c.add_argument("--threads", type=int, help="cpu: threads the kernels are built for (default: all cores)")
-    c.add_argument("--max-seq-len", type=int, default=2048, help="tokens one sequence may hold (default 2048)")
+    c.add_argument("--threads", type=positive_int, help="cpu: threads the kernels are built for (default: all cores)")
+    c.add_argument("--max-seq-len", type=positive_int, default=2048, help="tokens one sequence may hold (default 2048)")
     c.add_argument("-O", dest="opt_level", type=int, default=2, choices=range(4), metavar="{0,1,2,3}",
                    help="optimization level: the pipeline `llmc passes` lists (default 2)")
     c.add_argument("--print-after", action="append", default=[], metavar="PASS",
@@ -297,12 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("artifact", metavar="ARTIFACT")
     run.add_argument("--prompt", required=True)
     run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    run.add_argument("--max-tokens", type=int, default=128)
+    run.add_argument("--max-tokens", type=positive_int, default=128)
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int)
-    run.add_argument("--threads", type=int, help="threads to run with (default: all cores)")
+    run.add_argument("--threads", type=positive_int, help="threads to run with (default: all cores)")
     run.add_argument("-v", "--verbose", action="store_true", help="print prefill/decode speed")
     run.set_defaults(func=cmd_run)
 

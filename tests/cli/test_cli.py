@@ -128,3 +128,10 @@ def test_unreadable_models_are_clear_errors(tmp_path):
     (weird / "config.json").write_text('{"model_type": "no-such-architecture"}')
     out = llmc("compile", str(weird), "--emit", "ir", "-o", str(tmp_path / "w.llmc.ir"))
     assert out.returncode == 2 and "transformers cannot load" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_zero_or_negative_sizes_are_refused_by_the_parser():
+    for args in (("compile", "smollm2", "--max-seq-len", "0"), ("compile", "smollm2", "--threads", "-2"),
+                 ("run", "nowhere", "--max-tokens", "0", "--prompt", "x")):
+        out = llmc(*args)
+        assert out.returncode == 2 and "must be at least 1" in out.stderr, args
