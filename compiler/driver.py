@@ -4,6 +4,7 @@ The CLI and the tests both call this, so what `llmc compile` does is what is tes
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional
 
@@ -34,6 +35,7 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
     passes = build_pipeline(target_name, 2) if passes is None else passes
     manager = PassManager([get_pass("select-logits")] + list(passes), **(manager_options or {}))
     t0 = time.perf_counter()
+    logging.getLogger("llmc.progress").info("optimizing: %d passes", len(manager.passes))
     module = manager.run(imported.module)
     imported.module = module
     timings = {"passes": time.perf_counter() - t0}

