@@ -34,7 +34,7 @@ def host_arch() -> str:
 
 def host_mcpu() -> str:
     """The LLVM CPU name for this machine's features: the highest x86-64 level it satisfies."""
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if host_arch() != "x86_64":
         return "generic"
     flags = cpu_flags()
     best = "x86-64"

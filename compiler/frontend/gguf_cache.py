@@ -116,11 +116,9 @@ def evict(root: str, keep: str) -> None:
             if now - os.path.getmtime(path) > STALE_STAGE_SECONDS:
                 shutil.rmtree(path, ignore_errors=True)
             continue
-        meta = os.path.join(path, META_FILE)
-        if _complete(path):
-            with open(meta) as f:
-                size = sum(json.load(f)["files"].values())
-            entries.append((os.path.getmtime(meta), size, path))
+        files = _recorded_files(path)
+        if files is not None:
+            entries.append((os.path.getmtime(os.path.join(path, META_FILE)), sum(files.values()), path))
     total, limit = sum(size for _, size, _ in entries), max_cache_bytes()
     for _, size, path in sorted(entries):
         if total <= limit:
@@ -144,17 +142,20 @@ def discard(directory: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _complete(directory: str) -> bool:
-    meta = os.path.join(directory, META_FILE)
-    if not os.path.isfile(meta):
-        return False
+def _recorded_files(directory: str) -> Optional[dict[str, int]]:
+    """{file: size} of a complete entry (every recorded file present at its size), else None."""
     try:
-        with open(meta) as f:
+        with open(os.path.join(directory, META_FILE)) as f:
             files = json.load(f)["files"]
     except (OSError, ValueError, KeyError):
-        return False
-    return all(os.path.isfile(os.path.join(directory, name)) and os.path.getsize(os.path.join(directory, name)) == size
-               for name, size in files.items())
+        return None
+    complete = all(os.path.isfile(os.path.join(directory, name)) and os.path.getsize(os.path.join(directory, name)) == size
+                   for name, size in files.items())
+    return files if complete else None
+
+
+def _complete(directory: str) -> bool:
+    return _recorded_files(directory) is not None
 
 
 def _convert(gguf_path: str, out: str) -> None:

@@ -83,16 +83,21 @@ def resolve_source(spec: str) -> ModelSource:
                            f"a hub id like org/name, or one of: {', '.join(BUNDLED_MODELS)}")
 
 
+def _conversion(source: ModelSource, use_cache: bool) -> Optional[str]:
+    """The cached HF directory a GGUF source is read from, or None to read the source itself
+    (not a GGUF, ``use_cache`` off, or LLMC_NO_CACHE set)."""
+    if source.gguf_file and use_cache and not caching_disabled():
+        return gguf_cache.converted_dir(source.display)
+    return None
+
+
 def _from_pretrained(loader, source: ModelSource, use_cache: bool, **kwargs):
-    """``loader.from_pretrained`` on the source: a GGUF goes through the conversion cache unless
-    ``use_cache`` is off (or LLMC_NO_CACHE is set); an unreadable cache entry is converted again."""
-    if not source.gguf_file:
-        return loader.from_pretrained(source.path, **kwargs)
-    if not use_cache or caching_disabled():
-        return loader.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
-    directory = gguf_cache.converted_dir(source.display)
-    if loader.__name__ == "AutoTokenizer" and not gguf_cache.has_tokenizer(directory):
-        raise ValueError(f"{source.display} carries no tokenizer")
+    """``loader.from_pretrained`` on the source, through the conversion cache for a GGUF; an
+    unreadable cache entry is converted again."""
+    directory = _conversion(source, use_cache)
+    if directory is None:
+        gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        return loader.from_pretrained(source.path, **gguf, **kwargs)
     try:
         return loader.from_pretrained(directory, **kwargs)
     except Exception:  # noqa: BLE001 - a damaged cache entry must never block a compile
@@ -114,6 +119,10 @@ def load_tokenizer(source: ModelSource, use_cache: bool = True):
     """The model's tokenizer, or None if it has none."""
     from transformers import AutoTokenizer
 
+    directory = _conversion(source, use_cache)
+    if directory is not None and not gguf_cache.has_tokenizer(directory):
+        log.info("no tokenizer loaded for %s: the GGUF carries none", source.display)
+        return None
     try:
         tokenizer = _from_pretrained(AutoTokenizer, source, use_cache)
     except (OSError, ValueError) as exc:
