@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import tvm
-from tvm import relax, te, tirx as tir
+from tvm import relax, tirx as tir
 from tvm.script import tirx as T
 
 from ...ir import Block, Module, Op, Value
