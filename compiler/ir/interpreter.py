@@ -90,6 +90,61 @@ def attention_reference(q, k, v, positions, cache: KVCache, layer: int, scale: f
     return out.to(q.dtype)
 
 
+def kv_append_reference(k_pool, v_pool, k, v, slot_mapping):
+    """The meaning of ``kv_append``: new pools with token t's k/v at slot slot_mapping[t]."""
+    blocks, block_size = k_pool.shape[0], k_pool.shape[1]
+    slots = slot_mapping.to(torch.int64)
+    if slots.numel() and int(slots.max()) >= blocks * block_size:
+        raise InterpreterError(f"slot {int(slots.max())} is outside the KV pool of {blocks} blocks x "
+                               f"{block_size} slots")
+    keep = slots >= 0
+    k_pool, v_pool = k_pool.clone(), v_pool.clone()
+    k_pool[slots[keep] // block_size, slots[keep] % block_size] = k[keep]
+    v_pool[slots[keep] // block_size, slots[keep] % block_size] = v[keep]
+    return k_pool, v_pool
+
+
+def paged_attention_reference(q, k_pool, v_pool, block_tables, seq_lens, query_start, scale: float,
+                              window: int, softcap: float) -> torch.Tensor:
+    """The meaning of ``paged_attention`` (see its docstring in ops.py): each sequence's
+    queries attend causally over the keys its block table points to."""
+    block_size = k_pool.shape[1]
+    out = q.new_zeros(q.shape[:2] + (v_pool.shape[3],))
+    starts = [int(x) for x in query_start]
+    if len(starts) and (starts[0] < 0 or starts[-1] > q.shape[0] or any(a > b for a, b in zip(starts, starts[1:]))):
+        raise InterpreterError(f"query_start {starts} is not a non-decreasing list of rows within [0, {q.shape[0]}]")
+    for b in range(block_tables.shape[0]):
+        begin, end, ctx = starts[b], starts[b + 1], int(seq_lens[b])
+        n = end - begin
+        if n == 0:
+            continue
+        if n > ctx:
+            raise InterpreterError(f"sequence {b} has {n} query tokens but seq_len {ctx}")
+        used = -(-ctx // block_size)
+        if used > block_tables.shape[1]:
+            raise InterpreterError(f"sequence {b} has {ctx} tokens, more than its {block_tables.shape[1]} "
+                                   f"blocks of {block_size} hold")
+        blocks = block_tables[b, :used].to(torch.int64)
+        if int(blocks.min()) < 0 or int(blocks.max()) >= k_pool.shape[0]:
+            raise InterpreterError(f"sequence {b} names block {int(blocks.max())} of a {k_pool.shape[0]}-block pool")
+        keys = k_pool[blocks].flatten(0, 1)[:ctx]      # [ctx, Hkv, D]
+        values = v_pool[blocks].flatten(0, 1)[:ctx]    # [ctx, Hkv, Dv]
+        positions = torch.arange(ctx - n, ctx)
+        j = torch.arange(ctx)
+        allowed = j[None, :] <= positions[:, None]
+        if window > 0:
+            allowed &= (positions[:, None] - j[None, :]) < window
+        group = q.shape[1] // keys.shape[1]
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+        scores = torch.einsum("thd,shd->hts", q[begin:end].float(), keys.float()) * scale
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+        out[begin:end] = torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), values.float()).to(q.dtype)
+    return out
+
+
 # --------------------------------------------------------------------------- op meanings
 
 Impl = Callable[[list[torch.Tensor], dict[str, Any], "_Frame"], torch.Tensor]
@@ -217,6 +272,16 @@ def _attention(xs, a, fr):
                                a["window"], a["softcap"])
 
 
+@impl("kv_append")
+def _kv_append(xs, a, fr):
+    return kv_append_reference(*xs)
+
+
+@impl("paged_attention")
+def _paged_attention(xs, a, fr):
+    return paged_attention_reference(*xs, a["scale"], a["window"], a["softcap"])
+
+
 @impl("rms_norm")
 def _rms_norm(xs, a, fr):
     x, w = xs
@@ -321,7 +386,8 @@ class Interpreter:
                     fn = IMPLS.get(op.kind)
                     if fn is None:
                         raise InterpreterError(f"the interpreter has no meaning for op '{op.kind}'")
-                    outs = [fn(args, op.attrs, frame)]
+                    out = fn(args, op.attrs, frame)
+                    outs = list(out) if isinstance(out, tuple) else [out]
             except InterpreterError as exc:
                 raise InterpreterError(f"at %{op.results[0].name} = {op.kind}: {exc}") from None
             for r, t in zip(op.results, outs):

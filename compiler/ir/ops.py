@@ -329,6 +329,85 @@ def _attention(types, attrs, ctx):
     return [TensorType((q.shape[0], hq, v.shape[2]), _same_dtype([q, k, v]))]
 
 
+def _index_tensor(t: TensorType, rank: int, what: str) -> None:
+    if t.rank != rank or t.dtype not in ("i64", "i32"):
+        raise TypeError(f"{what} must be an integer tensor of rank {rank}, got {t}")
+
+
+def _check_pools(k_pool: TensorType, v_pool: TensorType) -> None:
+    if k_pool.rank != 4 or v_pool.rank != 4:
+        raise TypeError(f"KV pools are [blocks, block_size, kv_heads, dim], got {k_pool} and {v_pool}")
+    for axis, what in ((0, "block count"), (1, "block size"), (2, "KV head count")):
+        if not dims_equal(k_pool.shape[axis], v_pool.shape[axis]):
+            raise TypeError(f"key and value pools disagree on the {what}: {k_pool} vs {v_pool}")
+    if not isinstance(k_pool.shape[1], int) or k_pool.shape[1] < 1:
+        raise TypeError(f"the KV block size (pool dim 1) must be a positive constant, got {k_pool}")
+    if k_pool.dtype != v_pool.dtype:
+        raise TypeError(f"key and value pools must share one dtype, got {k_pool.dtype} and {v_pool.dtype}")
+
+
+@register_op("kv_append", num_operands=5)
+def _kv_append(types, attrs, ctx):
+    """Write this step's keys and values into a layer's paged KV pools.
+
+    k_pool [NB, BS, Hkv, D], v_pool [NB, BS, Hkv, Dv], k [T, Hkv, D], v [T, Hkv, Dv],
+    slot_mapping [T] -> (k_pool, v_pool) updated: token t goes to block slot // BS, offset
+    slot % BS; a negative slot writes nothing (padding tokens). The results replace the pool
+    operands, which no op may read afterwards (INVARIANTS.md), so code generators update the
+    pools in place."""
+    k_pool, v_pool, k, v, slots = types
+    _check_pools(k_pool, v_pool)
+    _index_tensor(slots, 1, "kv_append slot_mapping")
+    if k.rank != 3 or v.rank != 3:
+        raise TypeError(f"kv_append takes k, v as [T, kv_heads, dim], got {k} and {v}")
+    for t in (v, slots):
+        if not dims_equal(t.shape[0], k.shape[0]):
+            raise TypeError(f"kv_append operands disagree on the token dim: {k} vs {t}")
+    if not (dims_equal(k.shape[1], k_pool.shape[2]) and dims_equal(k.shape[2], k_pool.shape[3])):
+        raise TypeError(f"keys {k} do not fit the key pool {k_pool}")
+    if not (dims_equal(v.shape[1], v_pool.shape[2]) and dims_equal(v.shape[2], v_pool.shape[3])):
+        raise TypeError(f"values {v} do not fit the value pool {v_pool}")
+    if k.dtype != k_pool.dtype or v.dtype != v_pool.dtype:
+        raise TypeError(f"kv_append: k/v dtypes {k.dtype}/{v.dtype} differ from the pool's {k_pool.dtype}")
+    return [k_pool, v_pool]
+
+
+@register_op("paged_attention", num_operands=6,
+             attrs={"scale": "float", "window": "int", "softcap": "float"})
+def _paged_attention(types, attrs, ctx):
+    """Causal attention of a batch's queries over each sequence's blocks of the KV pools.
+
+    q [T, Hq, D], k_pool [NB, BS, Hkv, D], v_pool [NB, BS, Hkv, Dv], block_tables [B, MB],
+    seq_lens [B], query_start [B + 1] -> [T, Hq, Dv]. Sequence b owns query rows
+    query_start[b] .. query_start[b+1]-1, the last n_b = query_start[b+1] - query_start[b]
+    tokens of its seq_lens[b] tokens, so its row i sits at position seq_lens[b] - n_b + i.
+    Key position j of sequence b lives in block block_tables[b, j // BS] at offset j % BS. A
+    query at position p attends to j <= p (and p - j < window when window > 0), logits scaled
+    by ``scale`` and soft-capped when softcap > 0. Rows no sequence owns come out zero."""
+    q, k_pool, v_pool, tables, seq_lens, query_start = types
+    _check_pools(k_pool, v_pool)
+    _index_tensor(tables, 2, "paged_attention block_tables")
+    _index_tensor(seq_lens, 1, "paged_attention seq_lens")
+    _index_tensor(query_start, 1, "paged_attention query_start")
+    if q.rank != 3:
+        raise TypeError(f"paged_attention takes q as [T, heads, dim], got {q}")
+    if not dims_equal(seq_lens.shape[0], tables.shape[0]):
+        raise TypeError(f"seq_lens {seq_lens} and block_tables {tables} disagree on the sequence count")
+    if not dims_equal(query_start.shape[0], tables.shape[0] + 1):
+        raise TypeError(f"query_start must hold one more entry than there are sequences, got {query_start} "
+                        f"for block_tables {tables}")
+    if not dims_equal(q.shape[2], k_pool.shape[3]):
+        raise TypeError(f"q and key pool head dims differ: {q} vs {k_pool}")
+    hq, hkv = q.shape[1], k_pool.shape[2]
+    if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
+        raise TypeError(f"query heads {hq} are not a multiple of KV heads {hkv}")
+    if q.dtype != k_pool.dtype:
+        raise TypeError(f"paged_attention: q is {q.dtype} but the pools are {k_pool.dtype}")
+    if attrs["window"] < 0 or attrs["softcap"] < 0:
+        raise TypeError("paged_attention window and softcap must be >= 0 (0 = off)")
+    return [TensorType((q.shape[0], hq, v_pool.shape[3]), q.dtype)]
+
+
 @register_op("fused", min_operands=0, attrs={"name": "str"}, has_region=True)
 def _fused(types, attrs, ctx):
     """A region emitted as one kernel: its results are its body's results."""

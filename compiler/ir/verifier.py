@@ -92,11 +92,31 @@ def verify_block(block: Block, module: Optional[Module], where: str) -> list[str
             if r.producer is not op:
                 problems.append(f"{where}: result %{r.name} of `{desc}` does not point back to its op")
             define(r, f"`{desc}`")
+    problems += _check_pool_updates(block, where)
     for v in block.results:
         if id(v) not in defined:
             problems.append(f"{where}: returns %{v.name}, which is not defined in this block")
     if not block.results:
         problems.append(f"{where}: returns nothing")
+    return problems
+
+
+def _check_pool_updates(block: Block, where: str) -> list[str]:
+    """KV pools are updated in place by code generators, so a pool value that a ``kv_append``
+    consumed is dead: no later op reads it and the block does not return it (INVARIANTS.md)."""
+    consumed: dict[int, str] = {}
+    problems = []
+    for op in block.ops:
+        for v in op.operands:
+            if id(v) in consumed:
+                problems.append(f"{where}: op `{_describe(op)}` reads %{v.name} after {consumed[id(v)]} "
+                                f"updated that KV pool; use the updated pool instead")
+        if op.kind == "kv_append":
+            for v in op.operands[:2]:
+                consumed[id(v)] = f"`{_describe(op)}`"
+    for v in block.results:
+        if id(v) in consumed:
+            problems.append(f"{where}: returns %{v.name}, a KV pool that {consumed[id(v)]} already updated")
     return problems
 
 

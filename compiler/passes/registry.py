@@ -88,11 +88,13 @@ def all_passes() -> dict[str, Pass]:
 # ---------------------------------------------------------------------- pipelines
 
 CLEANUP = ["canonicalize", "constant-fold", "cse", "dce"]
+# Lowerings every level ends with: code generators need the paged, batched step.
+LOWERING: list[str] = []  # "paged-kv" joins once every code generator reads the paged step
 PIPELINES: dict[int, list[str]] = {
-    0: [],
-    1: CLEANUP,
+    0: LOWERING,
+    1: CLEANUP + LOWERING,
     2: CLEANUP + ["recognize-rms-norm", "recognize-rope", "recognize-gated-mlp", "rope-layout"] + CLEANUP
-       + ["fuse-elementwise"],
+       + ["fuse-elementwise"] + LOWERING,
 }
 PIPELINES[3] = PIPELINES[2]
 # Targets may override a level; a target not listed uses PIPELINES.
@@ -108,14 +110,18 @@ def pipeline_names(target: str, level: int) -> list[str]:
 def build_pipeline(target: str, level: int, extra: Optional[list[Pass]] = None,
                    after: Optional[str] = None) -> list[Pass]:
     """The passes of (target, level), with ``extra`` inserted after the pass named ``after``
-    (every occurrence's first), or appended when ``after`` is None."""
+    (every occurrence's first), or, when ``after`` is None, before the closing lowerings (so a
+    plugin pass sees the same ``attention`` ops the optimization passes do)."""
     names = pipeline_names(target, level)
     passes = [get_pass(n) for n in names]
     extra = list(extra or [])
     if not extra:
         return passes
     if after is None:
-        return passes + extra
+        cut = len(names)
+        while cut > 0 and names[cut - 1] in LOWERING:
+            cut -= 1
+        return passes[:cut] + extra + passes[cut:]
     if after not in names:
         raise PassNotFound(f"--pass-after {after!r}: no such pass in the -O{level} pipeline for {target} "
                            f"({', '.join(names) or 'empty'})")
