@@ -1,11 +1,10 @@
-"""Time llmc's cpu attention kernels alone (SmolLM2 shapes: 9 query heads, 3 KV heads, dim 64).
+"""Time llmc's cpu paged-attention kernel alone (SmolLM2 shapes: 9 query heads, 3 KV heads, dim 64).
 
-    python benchmarks/attention_kernel.py --tokens 512
+    python benchmarks/attention_kernel.py --tokens 512            # one sequence's prefill
+    python benchmarks/attention_kernel.py --tokens 1 --seqs 8 --context 1024   # a decode batch
 
-Prefill at 512 tokens used to be attention-bound; this isolates the kernels for schedule work:
-``prefill`` is the flash-style TIR kernel the prefill entry point uses, ``te`` the TE-stage
-kernel the decode entry point uses (timed here on a whole prompt, for comparison). Both are
-checked against a numpy reference before they are timed."""
+Each sequence's blocks are scattered over the pool, as the runtime's allocator leaves them.
+The kernel is checked against the IR's meaning (the reference interpreter) before it is timed."""
 
 import argparse
 import os
@@ -14,64 +13,54 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import tvm  # noqa: E402
-from tvm import te, tirx as tir  # noqa: E402
 
-from llmc.compiler.codegen.tvm.attention import attention_te, prefill_attention  # noqa: E402
-from llmc.compiler.codegen.tvm.lower import CTX_BLOCK  # noqa: E402
-from llmc.compiler.codegen.tvm.schedule import schedule_primfunc  # noqa: E402
+from llmc.compiler.codegen.tvm.attention import paged_attention_kernel, tile_rows  # noqa: E402
+from llmc.compiler.ir.interpreter import paged_attention_reference  # noqa: E402
 from llmc.runtime.cpu_features import host_mcpu  # noqa: E402
 
-H, HKV, D, S, SCALE = 9, 3, 64, 2048, 0.125
-
-
-def reference(q, kc, vc, t):
-    out = np.zeros((t, H, D), np.float32)
-    for h in range(H):
-        scores = (q[:, h, :] @ kc[h // (H // HKV)]) * SCALE
-        scores = np.where(np.arange(S)[None, :] <= np.arange(t)[:, None], scores, -np.inf)
-        p = np.exp(scores - scores.max(1, keepdims=True))
-        out[:, h, :] = (p / p.sum(1, keepdims=True)) @ vc[:, h // (H // HKV), :]
-    return out
-
-
-def build(kind):
-    if kind == "prefill":
-        return prefill_attention(H, HKV, D, D, S, SCALE, 0, 0.0), False
-    tv, blocks = tir.Var("T", "int64"), tir.Var("ctx_blocks", "int64")
-    q = te.placeholder((tv, H, D), name="q")
-    kc, vc = te.placeholder((HKV, D, S), name="kc"), te.placeholder((S, HKV, D), name="vc")
-    pos = te.placeholder((tv,), "int64", name="pos")
-    out = attention_te(q, kc, vc, pos, blocks * CTX_BLOCK, {"scale": SCALE, "window": 0, "softcap": 0.0})
-    return schedule_primfunc(te.create_prim_func([q, kc, vc, pos, out, blocks]), decode=False), True
+H, HKV, D, SCALE = 9, 3, 64, 0.125
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=512, help="queries = cached positions (a prefill)")
+    ap.add_argument("--tokens", type=int, default=512, help="new tokens per sequence in the step")
+    ap.add_argument("--context", type=int, default=0, help="tokens each sequence had cached before the step")
+    ap.add_argument("--seqs", type=int, default=1)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=0, help="query rows per tile (default: from the register budget)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
-    t = args.tokens
-    target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": args.threads})
+    bs, n, ctx = args.block_size, args.tokens, args.context + args.tokens
+    rows = args.rows or tile_rows(H // HKV, bs, 16, 32)
+    per_seq = -(-ctx // bs)
+    nb = per_seq * args.seqs
     rng = np.random.default_rng(0)
-    q, kc, vc = (rng.standard_normal(shape, dtype=np.float32) for shape in ((t, H, D), (HKV, D, S), (S, HKV, D)))
-    want = reference(q, kc, vc, t)
-    for kind in ("prefill", "te"):
-        func, takes_blocks = build(kind)
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
-        out = tvm.runtime.empty((t, H, D), "float32")
-        call = [tvm.runtime.tensor(a) for a in (q, kc, vc, np.arange(t))] + [out]
-        call += [-(-t // CTX_BLOCK)] if takes_blocks else []
+    k_pool = rng.standard_normal((nb, bs, HKV, D), dtype=np.float32)
+    v_pool = rng.standard_normal((nb, bs, HKV, D), dtype=np.float32)
+    tables = rng.permutation(nb).reshape(args.seqs, per_seq).astype(np.int64)
+    q = rng.standard_normal((n * args.seqs, H, D), dtype=np.float32)
+    lens = np.full(args.seqs, ctx, np.int64)
+    starts = np.arange(args.seqs + 1, dtype=np.int64) * n
+    want = paged_attention_reference(*(torch.from_numpy(a) for a in (q, k_pool, v_pool, tables, lens, starts)),
+                                     SCALE, 0, 0.0).numpy()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": args.threads})
+    func = paged_attention_kernel(H, HKV, D, D, bs, SCALE, 0, 0.0, rows, args.threads)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
+    out = tvm.runtime.empty(q.shape, "float32")
+    call = [tvm.runtime.tensor(a) for a in (q, np.ascontiguousarray(k_pool.transpose(0, 2, 3, 1)), v_pool, tables,
+                                            lens, starts)] + [out]
+    lib["main"](*call)
+    err = np.abs(out.numpy() - want).max()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
         lib["main"](*call)
-        err = np.abs(out.numpy() - want).max()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            lib["main"](*call)
-            times.append(time.perf_counter() - t0)
-        print(f"{kind:8s} attention, {t} queries over {t} positions: {np.median(times) * 1e3:7.2f} ms per layer "
-              f"(median of {args.repeats}; max abs error vs numpy {err:.1e})")
+        times.append(time.perf_counter() - t0)
+    print(f"paged attention, {args.seqs} x {n} queries over {ctx} positions (block {bs}, {rows} rows per tile): "
+          f"{np.median(times) * 1e3:7.3f} ms per layer (median of {args.repeats}; max abs error {err:.1e})")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,11 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
     artifact to ``out_dir``. Returns the stage timings. Nothing is written if a stage fails."""
     from .passes import build_pipeline
 
+    from .codegen.registry import default_kv_block_size
+
     target = resolve_target(target_name)
+    options = options or CompileOptions()
+    imported.module.attrs["kv_block_size"] = options.kv_block_size or default_kv_block_size(target_name)
     passes = build_pipeline(target_name, 2) if passes is None else passes
     manager = PassManager([get_pass("select-logits")] + list(passes), **(manager_options or {}))
     t0 = time.perf_counter()
@@ -42,6 +46,6 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
     config = imported.config
     metadata = {"llmc_version": llmc.__version__, "name": module.name, "arch": module.attrs.get("arch"),
                 "vocab_size": int(config.get("vocab_size") or 0), "config": config, "source": source}
-    timings.update(target.compile(module, imported.weights, out_dir, options or CompileOptions(), metadata,
+    timings.update(target.compile(module, imported.weights, out_dir, options, metadata,
                                   tokenizer))
     return timings

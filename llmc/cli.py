@@ -95,7 +95,8 @@ def cmd_compile(args) -> int:
         from llmc.compiler.codegen import CompileOptions
         from llmc.compiler.driver import compile_artifact, resolve_target
 
-        options = CompileOptions(mcpu=args.mcpu, threads=args.threads, max_seq_len=args.max_seq_len)
+        options = CompileOptions(mcpu=args.mcpu, threads=args.threads, max_seq_len=args.max_seq_len,
+                                 kv_block_size=args.kv_block_size)
         try:
             target = resolve_target(args.target)
             if hasattr(target, "check"):  # a bad --mcpu or a missing cross linker fails before the import
@@ -107,6 +108,10 @@ def cmd_compile(args) -> int:
     passes = _pipeline(args)  # resolve plugins before the slow import, so typos fail fast
     t0 = time.perf_counter()
     imported, tokenizer = _import(args.model, args.verbose, with_tokenizer=not emit_ir)
+    if emit_ir:
+        from llmc.compiler.codegen.registry import default_kv_block_size
+
+        imported.module.attrs["kv_block_size"] = args.kv_block_size or default_kv_block_size(args.target)
     t1 = time.perf_counter()
     verify(imported.module)
     log.info("verified IR (%.2fs)", time.perf_counter() - t1)
@@ -276,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mcpu", help="cpu: LLVM CPU to build for, x86-64 or AArch64, e.g. znver4, x86-64-v3, neoverse-n1, "
                         "'aarch64' (default: this machine; another architecture needs llmc[cross])")
     c.add_argument("--threads", type=positive_int, help="cpu: threads the kernels are built for (default: all cores)")
-    c.add_argument("--max-seq-len", type=positive_int, default=2048, help="tokens one sequence may hold (default 2048)")
+    c.add_argument("--max-seq-len", type=positive_int, default=2048,
+                   help="tokens one sequence may hold, prompt and output (default 2048)")
+    c.add_argument("--kv-block-size", type=positive_int,
+                   help="positions per block of the paged KV cache (default: 32 for cpu, 16 for GPUs)")
     c.add_argument("-O", dest="opt_level", type=int, default=2, choices=range(4), metavar="{0,1,2,3}",
                    help="optimization level: the pipeline `llmc passes` lists (default 2)")
     c.add_argument("--print-after", action="append", default=[], metavar="PASS",

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-FORMAT_VERSION = 2  # 2: transposed key cache, ctx counted in blocks
+FORMAT_VERSION = 3  # 3: the paged, batched step (block pools, block tables); 2: transposed key cache
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER = "tokenizer.json"

@@ -15,6 +15,7 @@ import numpy as np
 from .artifact import ArtifactError, check_target, read_manifest
 from .cpu_features import cpu_flags
 from .sampler import Sampler, SamplingParams
+from .step import StepBatch
 from .tokenizer import Tokenizer
 
 
@@ -32,7 +33,7 @@ class Engine:
         self.manifest = manifest
         self.executor = executor
         self.tokenizer = tokenizer
-        self.max_seq_len = executor.max_seq_len
+        self.max_seq_len = min(executor.max_model_len, executor.num_blocks * executor.block_size)
         self.vocab_size = int(manifest.model.get("vocab_size", 0)) or None
         self.position = 0
         self.stats = GenerationStats()
@@ -68,7 +69,12 @@ class Engine:
                              f"limit of {self.max_seq_len}; shorten the prompt or recompile with a larger "
                              f"--max-seq-len")
         positions = np.arange(self.position, self.position + ids.size, dtype=np.int64)
-        logits = self.executor.step(ids, positions, np.array([ids.size - 1], dtype=np.int64))
+        # one sequence owning blocks 0, 1, 2, ... of the pool (the batching engine replaces this)
+        bs = self.executor.block_size
+        blocks = np.arange(-(-(self.position + ids.size) // bs), dtype=np.int64)
+        batch = StepBatch(ids, positions, positions, blocks[None, :], np.array([self.position + ids.size]),
+                          np.array([0, ids.size]), np.array([ids.size - 1]))
+        logits = self.executor.step(batch)
         self.position += ids.size
         return logits[0]
 

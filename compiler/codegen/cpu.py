@@ -58,7 +58,7 @@ class CpuTarget:
 
         from .llvm_cpu import linker, resolve_cpu
 
-        from .tvm.lower import CTX_BLOCK, PACK, cache_geometry, lower_to_relax, packed_params, weight_order
+        from .tvm.lower import PACK, AttentionOptions, cache_geometry, lower_to_relax, packed_params, weight_order
         from .tvm.schedule import schedule_module
 
         cpu = resolve_cpu(options.mcpu)
@@ -67,10 +67,11 @@ class CpuTarget:
         target = cpu.tvm_target(threads)
         link = linker(cpu)  # before any work: a missing cross linker fails fast
         timings = {}
-        key = self._cache_key(module, f"{cpu.triple}/{mcpu}", threads, options.max_seq_len, tvm.__version__)
+        attention = AttentionOptions(threads, cpu.vector_lanes, cpu.vector_registers)
+        key = self._cache_key(module, f"{cpu.triple}/{mcpu}", threads, tvm.__version__)
         cache_dir = options.cache_dir or _default_cache_dir()
         cached = os.path.join(cache_dir, f"{key}.so")
-        layout = {"cache": cache_geometry(module, options.max_seq_len), "packed": sorted(packed_params(module)),
+        layout = {"cache": cache_geometry(module), "packed": sorted(packed_params(module)),
                   "weight_order": weight_order(module), "pack": PACK}
         parent = os.path.dirname(os.path.abspath(out_dir))
         os.makedirs(parent, exist_ok=True)
@@ -88,7 +89,7 @@ class CpuTarget:
                 log.info("kernel cache hit: %s", cached)
             else:
                 progress.info("compiling kernels with LLVM for %s (%s)", mcpu, cpu.triple)
-                relax_mod, lowered_layout = lower_to_relax(module, options.max_seq_len)
+                relax_mod, lowered_layout = lower_to_relax(module, attention)
                 assert lowered_layout["weight_order"] == layout["weight_order"]
                 kernels = sorted(g.name_hint for g, f in relax_mod.functions.items()
                                  if isinstance(f, tvm.tirx.PrimFunc))
@@ -121,16 +122,19 @@ class CpuTarget:
                 "kernel_cache_key": key,
                 "plan": {
                     "library": artifact.STEP_LIBRARY,
-                    "entry_points": {"prefill": "any number of tokens", "decode": "exactly one token"},
-                    "arguments": ["input_ids", "positions", "logits_index", "ctx(n_ctx)",
-                                  "k_cache_l, v_cache_l for each layer", "weights in weight_order"],
+                    "entry_points": {"prefill": "any batch: T tokens of B sequences",
+                                     "decode": "exactly one token of one sequence"},
+                    "arguments": ["input_ids", "positions", "slot_mapping", "block_tables", "seq_lens",
+                                  "query_start", "logits_index", "k_pool_l, v_pool_l for each layer",
+                                  "weights in weight_order"],
                     "weight_order": layout["weight_order"],
                     "weights": layouts,
                 },
-                "kv_cache": {"layers": geom.layers, "kv_heads": geom.kv_heads, "head_dim": geom.head_dim,
-                             "value_dim": geom.value_dim, "max_seq_len": geom.max_seq_len, "dtype": geom.dtype,
-                             "k_layout": "[kv_heads, head_dim, max_seq_len]",
-                             "v_layout": "[max_seq_len, kv_heads, value_dim]", "ctx_block": CTX_BLOCK},
+                "kv_cache": {"layers": geom.layers, "block_size": geom.block_size, "kv_heads": geom.kv_heads,
+                             "head_dim": geom.head_dim, "value_dim": geom.value_dim, "dtype": geom.dtype,
+                             "max_model_len": options.max_seq_len, "bytes_per_block": geom.bytes_per_block,
+                             "k_layout": "[blocks, kv_heads, head_dim, block_size]",
+                             "v_layout": "[blocks, block_size, kv_heads, value_dim]"},
                 "tokenizer": tok,
             }
             artifact.write_manifest(stage, manifest)
@@ -158,7 +162,7 @@ class CpuTarget:
         os.replace(tmp, cached)
 
     @staticmethod
-    def _cache_key(module: Module, mcpu: str, threads: int, max_seq_len: int, tvm_version: str) -> str:
+    def _cache_key(module: Module, mcpu: str, threads: int, tvm_version: str) -> str:
         """Content hash of what determines the kernels: the IR (weights excluded), the options,
         and the code generator's own source."""
         from .tvm import attention, kernels, lower, schedule
@@ -167,7 +171,7 @@ class CpuTarget:
         text = print_module(module)
         text = "\n".join(line for line in text.splitlines() if "config = " not in line)
         h.update(text.encode())
-        h.update(json.dumps([mcpu, threads, max_seq_len, tvm_version]).encode())
+        h.update(json.dumps([mcpu, threads, tvm_version]).encode())
         for mod in (attention, kernels, lower, schedule):
             with open(mod.__file__, "rb") as f:
                 h.update(f.read())

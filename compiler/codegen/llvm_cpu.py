@@ -45,6 +45,22 @@ class LlvmCpu:
     def cross(self) -> bool:
         return self.arch != host_arch()
 
+    @property
+    def vector_lanes(self) -> int:
+        """float32 lanes of the widest vector register the code may use."""
+        if "avx512f" in self.required_flags:
+            return 16
+        if "avx2" in self.required_flags or "avx" in self.required_flags:
+            return 8
+        return 4  # SSE, NEON (SVE's minimum width too)
+
+    @property
+    def vector_registers(self) -> int:
+        """Architectural vector registers: what a register tile may occupy before it spills."""
+        if self.arch == "aarch64" or "avx512f" in self.required_flags:
+            return 32
+        return 16
+
     def tvm_target(self, threads: int):
         import tvm
 

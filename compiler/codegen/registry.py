@@ -16,7 +16,8 @@ class TargetError(ValueError):
 class CompileOptions:
     mcpu: Optional[str] = None         # cpu: LLVM CPU name (default: this machine)
     threads: Optional[int] = None      # cpu: threads the kernels are built for (default: all cores)
-    max_seq_len: int = 2048            # KV cache capacity per sequence
+    max_seq_len: int = 2048            # most tokens one sequence may hold (prompt + output)
+    kv_block_size: Optional[int] = None  # positions per KV block (default: the target's)
     cache_dir: Optional[str] = None    # compiled-kernel cache (default <cache root>/kernels, see compiler/cache.py)
     extra: dict = field(default_factory=dict)
 
@@ -38,6 +39,13 @@ def get_target(name: str):
     if name not in TARGETS:
         raise TargetError(f"unknown target '{name}'; known: {', '.join(sorted(TARGETS))}")
     return TARGETS[name]()
+
+
+def default_kv_block_size(target: str) -> int:
+    """Positions per KV block when --kv-block-size is not given: the cpu attention kernel walks
+    one block per online-softmax step, and 32 positions keep that bookkeeping small; GPUs use
+    vLLM's 16."""
+    return 32 if target == "cpu" else 16
 
 
 class PlannedTarget:

@@ -89,7 +89,7 @@ def all_passes() -> dict[str, Pass]:
 
 CLEANUP = ["canonicalize", "constant-fold", "cse", "dce"]
 # Lowerings every level ends with: code generators need the paged, batched step.
-LOWERING: list[str] = []  # "paged-kv" joins once every code generator reads the paged step
+LOWERING = ["paged-kv"]
 PIPELINES: dict[int, list[str]] = {
     0: LOWERING,
     1: CLEANUP + LOWERING,

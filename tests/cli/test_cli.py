@@ -80,7 +80,7 @@ def test_print_after_and_debug_dump(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "// ----- IR after recognize-rope -----" in out.stdout and " = rope(" in out.stdout
     files = sorted(os.listdir(dump))
-    assert files[0] == "00-input.llmc.ir" and files[-1] == "13-fuse-elementwise.llmc.ir"
+    assert files[0] == "00-input.llmc.ir" and files[-1] == "14-paged-kv.llmc.ir"
     assert (dump / files[-1]).read_text() == (tmp_path / "t.llmc.ir").read_text()
 
 

@@ -1,28 +1,27 @@
-"""The cpu attention kernels against the IR's attention meaning (interpreter.attention_reference),
-on random inputs, over a prefill, a second chunk that continues the sequence, and a decode step:
-grouped/multi/multi-query heads, sliding windows shorter and longer than a key block, softcaps,
-lengths that are not multiples of the tile or the key block."""
+"""The cpu attention kernels against the IR's meanings (interpreter.kv_append_reference and
+paged_attention_reference) on random inputs: several sequences in one batch with blocks
+scattered over the pool, each continuing from its own history (a prefill, a continuation
+chunk, a decode token), a padding row, grouped/multi/multi-query heads, sliding windows
+shorter and longer than a block, softcaps, lengths that are not multiples of a tile or block."""
 
 import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import te, tirx as tir
 
-from llmc.compiler.codegen.tvm.attention import KEY_BLOCK, attention_te, fast_exp, prefill_attention
-from llmc.compiler.codegen.tvm.lower import CTX_BLOCK
-from llmc.compiler.codegen.tvm.schedule import schedule_primfunc
-from llmc.compiler.ir.interpreter import KVCache, attention_reference
+from llmc.compiler.codegen.tvm.attention import fast_exp, kv_append_kernel, paged_attention_kernel
+from llmc.compiler.ir.interpreter import kv_append_reference, paged_attention_reference
 from llmc.runtime.cpu_features import host_mcpu
 
-S = 4 * KEY_BLOCK
-CHUNKS = (45, 37, 1)  # prefill, a continuation chunk, a decode step
-CONFIGS = {  # hq, hkv, d, dv, window, softcap
-    "gqa-smollm2": (9, 3, 64, 64, 0, 0.0),
-    "mha-window6": (4, 4, 16, 16, 6, 0.0),
-    "gqa4-window40-softcap": (8, 2, 32, 32, 40, 30.0),
-    "mqa-dv8": (6, 1, 16, 8, 0, 0.0),
+CONFIGS = {  # hq, hkv, d, dv, window, softcap, block size
+    "gqa-smollm2": (9, 3, 64, 64, 0, 0.0, 32),
+    "mha-window6": (4, 4, 16, 16, 6, 0.0, 16),
+    "gqa4-window40-softcap": (8, 2, 32, 32, 40, 30.0, 16),
+    "mqa-dv8": (6, 1, 16, 8, 0, 0.0, 32),
 }
+HISTORY = (0, 37, 70, 5)   # tokens each sequence already cached
+NEW = (45, 29, 1, 1)        # tokens each sequence adds in the batch
+ROWS = 4
 
 
 def _compile(func):
@@ -30,40 +29,47 @@ def _compile(func):
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()["main"]
 
 
-def _te_kernel(hq, hkv, d, dv, attrs):
-    t, blocks = tir.Var("T", "int64"), tir.Var("ctx_blocks", "int64")
-    q = te.placeholder((t, hq, d), name="q")
-    kc, vc = te.placeholder((hkv, d, S), name="kc"), te.placeholder((S, hkv, dv), name="vc")
-    pos = te.placeholder((t,), "int64", name="pos")
-    out = attention_te(q, kc, vc, pos, blocks * CTX_BLOCK, attrs)
-    return _compile(schedule_primfunc(te.create_prim_func([q, kc, vc, pos, out, blocks]), decode=False))
+def to_cpu_layouts(k_pool, v_pool):
+    """IR pool layout [NB, BS, H, D] -> the cpu target's (keys transposed per block)."""
+    return np.ascontiguousarray(k_pool.numpy().transpose(0, 2, 3, 1)), np.ascontiguousarray(v_pool.numpy())
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_attention_kernels_match_reference(name):
-    hq, hkv, d, dv, window, softcap = CONFIGS[name]
-    attrs = {"scale": d ** -0.5, "window": window, "softcap": softcap}
-    kernels = {"prefill": _compile(prefill_attention(hq, hkv, d, dv, S, attrs["scale"], window, softcap)),
-               "te": _te_kernel(hq, hkv, d, dv, attrs)}
+def test_paged_kernels_match_reference(name):
+    hq, hkv, d, dv, window, softcap, bs = CONFIGS[name]
+    scale = d ** -0.5
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    k_cache = {kind: np.zeros((hkv, d, S), np.float32) for kind in kernels}
-    v_cache = {kind: np.zeros((S, hkv, dv), np.float32) for kind in kernels}
-    ref_cache, start = KVCache(), 0
-    for length in CHUNKS:
-        q = torch.randn(length, hq, d, generator=g) * 2
-        k = torch.randn(length, hkv, d, generator=g) * 2
-        v = torch.randn(length, hkv, dv, generator=g)
-        positions = torch.arange(start, start + length)
-        want = attention_reference(q, k, v, positions, ref_cache, 0, attrs["scale"], window, softcap).numpy()
-        for kind, kernel in kernels.items():
-            k_cache[kind][:, :, start:start + length] = k.numpy().transpose(1, 2, 0)
-            v_cache[kind][start:start + length] = v.numpy()
-            out = tvm.runtime.empty((length, hq, dv), "float32")
-            args = [tvm.runtime.tensor(a) for a in (q.numpy(), k_cache[kind], v_cache[kind], positions.numpy())]
-            kernel(*args, out, *([-(-(start + length) // CTX_BLOCK)] if kind == "te" else []))
-            err = np.abs(out.numpy() - want).max()
-            assert err <= 1e-4, f"{kind} kernel, chunk of {length} at position {start}: max error {err:.2e}"
-        start += length
+    nb = sum(-(-(h + n) // bs) for h, n in zip(HISTORY, NEW)) + 3
+    k_pool, v_pool = torch.randn(nb, bs, hkv, d, generator=g), torch.randn(nb, bs, hkv, dv, generator=g)
+    free = torch.randperm(nb, generator=g).tolist()
+    width = max(-(-(h + n) // bs) for h, n in zip(HISTORY, NEW))
+    tables = torch.zeros(len(NEW), width, dtype=torch.int64)
+    slots = []
+    for b, (h, n) in enumerate(zip(HISTORY, NEW)):
+        blocks = [free.pop() for _ in range(-(-(h + n) // bs))]
+        tables[b, :len(blocks)] = torch.tensor(blocks)
+        pos = torch.arange(h, h + n)
+        slots.append(torch.tensor(blocks)[pos // bs] * bs + pos % bs)
+    t = sum(NEW) + 1  # one padding row at the end, owned by no sequence
+    slot_mapping = torch.cat(slots + [torch.tensor([-1])])
+    q = torch.randn(t, hq, d, generator=g) * 2
+    k, v = torch.randn(t, hkv, d, generator=g) * 2, torch.randn(t, hkv, dv, generator=g)
+    starts = torch.tensor(np.concatenate([[0], np.cumsum(NEW)]))
+    lens = torch.tensor([h + n for h, n in zip(HISTORY, NEW)])
+    want_k, want_v = kv_append_reference(k_pool, v_pool, k, v, slot_mapping)
+    want = paged_attention_reference(q, want_k, want_v, tables, lens, starts, scale, window, softcap).numpy()
+
+    kp, vp = (tvm.runtime.tensor(a) for a in to_cpu_layouts(k_pool, v_pool))
+    _compile(kv_append_kernel(hkv, d, bs, keys=True))(tvm.runtime.tensor(k.numpy()), tvm.runtime.tensor(slot_mapping.numpy()), kp)
+    _compile(kv_append_kernel(hkv, dv, bs, keys=False))(tvm.runtime.tensor(v.numpy()), tvm.runtime.tensor(slot_mapping.numpy()), vp)
+    got_k, got_v = to_cpu_layouts(want_k, want_v)
+    assert np.array_equal(kp.numpy(), got_k) and np.array_equal(vp.numpy(), got_v)
+
+    kernel = _compile(paged_attention_kernel(hq, hkv, d, dv, bs, scale, window, softcap, ROWS, threads=2))
+    out = tvm.runtime.tensor(np.full((t, hq, dv), np.nan, np.float32))
+    kernel(tvm.runtime.tensor(q.numpy()), kp, vp, *(tvm.runtime.tensor(a.numpy()) for a in (tables, lens, starts)), out)
+    err = np.abs(out.numpy() - want).max()
+    assert err <= 1e-4, f"max error {err:.2e}"
 
 
 def test_fast_exp_is_accurate_where_softmax_uses_it():

@@ -1,6 +1,7 @@
-"""paged-kv: IR before/after on a hand-written module; then, on every tiny architecture and on
-SmolLM2, a mixed batch of prefill chunks and decode tokens of several sequences through the
-paged IR gives each sequence the logits it gets alone through the unpaged IR."""
+"""paged-kv: IR before/after on a hand-written module; then, on every tiny architecture, a
+mixed batch of prefill chunks and decode tokens of several sequences through the paged IR gives
+each sequence the logits it gets alone through the unpaged IR. (SmolLM2 after the whole -O2
+pipeline: tests/passes/test_pipeline_equivalence.py.)"""
 
 import pytest
 
@@ -72,18 +73,3 @@ def test_mixed_batches_match_sequences_run_alone(arch, block_size):
     verify(after)
     assert not any(op.kind == "attention" for op in after.functions["forward"].ops)
     check_mixed_batches(before, after, imported.weights, model.config.vocab_size, atol=1e-5)
-
-
-def test_mixed_batches_after_the_whole_pipeline(smollm2):
-    """SmolLM2 optimized by -O2 and lowered: four sequences batched = each alone (unoptimized)."""
-    model, _, imported = smollm2
-    before = parse_module(print_module(imported.module))
-    get_pass("select-logits").run(before)
-    after = parse_module(print_module(before))
-    from llmc.compiler.passes import build_pipeline
-
-    for p in build_pipeline("cpu", 2):
-        p.run(after)
-    PagedKV(16).run(after)
-    verify(after)
-    check_mixed_batches(before, after, imported.weights, model.config.vocab_size, atol=1e-4)

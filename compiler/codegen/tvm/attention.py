@@ -1,26 +1,27 @@
-"""Attention kernels of the cpu target: causal (optionally windowed, soft-capped) attention of
-this step's queries over one sequence's KV cache (keys [Hkv, D, S], values [S, Hkv, Dv]).
+"""Attention kernels of the cpu target over paged KV pools: ``kv_append`` (this step's keys and
+values into their slots) and ``paged_attention`` (every sequence of a batch over its blocks).
 
-Two kernels, because prefill and decode want different things:
+Pool layouts (the manifest records them): keys ``[blocks, kv_heads, head_dim, block_size]``,
+transposed inside each block so scores vectorize over the block's key positions; values
+``[blocks, block_size, kv_heads, value_dim]``, so P·V vectorizes over the value dim.
 
-- ``prefill_attention``, a hand-written TIR loop nest in the flash-attention style: each
-  parallel work item takes ``rows`` consecutive queries of every query head sharing one KV
-  head, walks the key blocks up to the tile's last position (blocks above the causal
-  diagonal, or before a sliding window, are never touched), keeps the running max, sum and
-  output per row (online softmax), and never materializes a [T, H, S] score tensor. Scores
-  for ``rows x group`` query rows share each key vector load; exp is a vectorized
-  polynomial (``fast_exp``) instead of one libm call per lane.
-- ``attention_te`` for decode (one query): TE stages that the scheduler in ``schedule.py``
-  parallelizes over heads, which suits a single query better than tiles over queries.
+``paged_attention`` is one hand-written TIR loop nest in the flash-attention style, for
+prefill chunks, decode tokens and mixed batches alike. A parallel work item is a tile of up
+to ``rows`` consecutive query rows of ONE sequence times one KV head (all query heads of
+that KV head's group share every key load). The item walks the sequence's key blocks through
+its block table, from the first block a sliding window still sees to the block of the tile's
+last position (nothing above the causal diagonal is touched), keeps a running max, sum and
+output per row (online softmax, no [T, H, S] scores), and uses a vectorized polynomial exp
+(``fast_exp``) instead of one libm call per lane. A tile with fewer valid rows than
+``rows`` (a decode token, the end of a chunk) runs a one-row body per valid row, so decode
+tokens in a batch cost no wasted work.
 """
 
 from __future__ import annotations
 
-from tvm import te, tirx as tir
+from tvm import tirx as tir
 from tvm.script import tirx as T
 
-KEY_BLOCK = 32  # keys per online-softmax step of the prefill kernel (two 16-lane vectors)
-ACCUMULATOR_VECTORS = 24  # score vectors a tile may keep in registers (AVX-512 has 32)
 NEG = -3.0e38  # "minus infinity" that stays finite, so exp(NEG - NEG) is never NaN
 
 
@@ -42,20 +43,51 @@ def fast_exp(x):
     return p * tir.reinterpret(f32, bits)
 
 
-def prefill_rows(group: int) -> int:
-    """Query rows per tile: as many as keep rows x group x (KEY_BLOCK / 16) score vectors in registers."""
-    return max(1, min(4, ACCUMULATOR_VECTORS // (group * (KEY_BLOCK // 16))))
+def tile_rows(group: int, block_size: int, lanes: int, registers: int) -> int:
+    """Query rows per tile: as many as keep rows x group x (block_size / lanes) score vectors
+    within three quarters of the vector registers (the rest hold keys and the query scalar)."""
+    vectors_per_row = group * max(1, block_size // lanes)
+    return max(1, min(4, (registers * 3 // 4) // vectors_per_row))
 
 
-def prefill_attention(hq: int, hkv: int, d: int, dv: int, seq_len: int, scale: float, window: int,
-                      softcap: float) -> tir.PrimFunc:
-    """PrimFunc ``(q [t, hq, d], k_cache, v_cache, pos [t], out [t, hq, dv])`` for float32 caches
-    of ``seq_len`` positions (a multiple of KEY_BLOCK)."""
-    if seq_len % KEY_BLOCK:
-        raise ValueError(f"KV cache length {seq_len} is not a multiple of {KEY_BLOCK}")
-    G, B, S = hq // hkv, KEY_BLOCK, seq_len
-    R = prefill_rows(G)
+def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype: str = "float32"):
+    """In-place write of this step's keys (pool [NB, Hkv, D, BS]) or values (pool [NB, BS, Hkv, Dv])
+    into their slots; a slot outside the pool (negative: a padding token) writes nothing."""
+    H, BS = kv_heads, block_size
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kv_append(var_x: T.handle, var_slots: T.handle, var_pool: T.handle):
+        T.func_attr({"tirx.noalias": True, "llmc.kind": "kv_append"})
+        t = T.int64()
+        nb = T.int64()
+        x = T.match_buffer(var_x, (t, H, dim), dtype)
+        slots = T.match_buffer(var_slots, (t,), "int64")
+        if keys:  # a Python constant: the parser keeps only the taken branch
+            pool = T.match_buffer(var_pool, (nb, H, dim, BS), dtype)
+            for i in range(t):
+                if slots[i] >= T.int64(0) and slots[i] < nb * BS:
+                    for h, d in T.grid(H, dim):
+                        pool[slots[i] // BS, h, d, slots[i] % BS] = x[i, h, d]
+        else:
+            pool = T.match_buffer(var_pool, (nb, BS, H, dim), dtype)
+            for i in range(t):
+                if slots[i] >= T.int64(0) and slots[i] < nb * BS:
+                    for h in range(H):
+                        for d in T.vectorized(dim):
+                            pool[slots[i] // BS, slots[i] % BS, h, d] = x[i, h, d]
+
+    return kv_append
+
+
+def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
+                           softcap: float, rows: int, threads: int) -> tir.PrimFunc:
+    """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
+    query_start [B + 1], out [T, hq, dv])`` for float32 pools of ``block_size`` positions per
+    block, with tiles of ``rows`` query rows; ``threads`` is the parallel width the work items
+    are interleaved for (each thread gets an even share of early and late tiles)."""
+    G, BS, R = hq // hkv, block_size, rows
     scale, softcap = float(scale), float(softcap)
+    i64 = "int64"
 
     def allowed(j, p):  # key position j visible to a query at position p (float-free, no ==)
         if window > 0:
@@ -64,118 +96,108 @@ def prefill_attention(hq: int, hkv: int, d: int, dv: int, seq_len: int, scale: f
 
     def first_block(lowest_position):  # the first key block a sliding window still sees
         if window > 0:
-            return tir.max(lowest_position - (window - 1), tir.const(0, "int64")) // B
-        return tir.const(0, "int64")
+            return tir.max(lowest_position - (window - 1), tir.const(0, i64)) // BS
+        return tir.const(0, i64)
 
     def capped(s):
         if softcap > 0:
             return tir.const(softcap, "float32") * tir.tanh(s * tir.const(scale / softcap, "float32"))
         return s * tir.const(scale, "float32")
 
-    @T.prim_func(private=True, check_well_formed=False)
-    def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.noalias": True, "llmc.kind": "attention"})
-        t = T.int64()
-        q = T.match_buffer(var_q, (t, hq, d), "float32")
-        kc = T.match_buffer(var_k, (hkv, d, S), "float32")
-        vc = T.match_buffer(var_v, (S, hkv, dv), "float32")
-        pos = T.match_buffer(var_pos, (t,), "int64")
-        out = T.match_buffer(var_out, (t, hq, dv), "float32")
-        tiles = (t + R - 1) // R
-        for item in T.parallel(tiles * hkv):
-            s = T.alloc_local((R, G, B), "float32")
-            p = T.alloc_local((R, G, B), "float32")
-            acc = T.alloc_local((R, G, dv), "float32")
-            m = T.alloc_local((R, G), "float32")
-            l = T.alloc_local((R, G), "float32")
-            bounds = T.alloc_local((2,), "int64")
-            hk = item % hkv
-            i0 = item // hkv * R
-            bounds[0] = T.int64(S - 1)
-            bounds[1] = T.int64(0)
-            for r in range(R):
-                bounds[0] = T.min(bounds[0], pos[T.min(i0 + r, t - 1)])
-                bounds[1] = T.max(bounds[1], pos[T.min(i0 + r, t - 1)])
-            first = first_block(bounds[0])
-            last = T.min(bounds[1], T.int64(S - 1)) // B
-            for r, g in T.grid(R, G):
-                m[r, g] = T.float32(NEG)
-                l[r, g] = T.float32(0)
+    @T.macro
+    def tile(q, kp, vp, tables, out, seq, row, p0, hk, nr):
+        # nr query rows from T row `row` on, at positions p0 .. p0 + nr - 1, of sequence `seq`
+        s = T.alloc_local((nr, G, BS), "float32")
+        p = T.alloc_local((nr, G, BS), "float32")
+        acc = T.alloc_local((nr, G, dv), "float32")
+        m = T.alloc_local((nr, G), "float32")
+        l = T.alloc_local((nr, G), "float32")
+        for r, g in T.grid(nr, G):
+            m[r, g] = T.float32(NEG)
+            l[r, g] = T.float32(0)
+            for e in T.vectorized(dv):
+                acc[r, g, e] = T.float32(0)
+        for kb in range(first_block(p0), (p0 + nr - 1) // BS + 1):
+            page = tables[seq, kb]
+            for r, g in T.grid(nr, G):
+                for jj in T.vectorized(BS):
+                    s[r, g, jj] = T.float32(0)
+            for kd in range(d):
+                for r in T.unroll(nr):
+                    for g in T.unroll(G):
+                        for jj in T.vectorized(BS):
+                            s[r, g, jj] = s[r, g, jj] + q[row + r, hk * G + g, kd] * kp[page, hk, kd, jj]
+            for r, g in T.grid(nr, G):
+                for jj in T.vectorized(BS):
+                    s[r, g, jj] = T.if_then_else(allowed(kb * BS + jj, p0 + r), capped(s[r, g, jj]), T.float32(NEG))
+                top = T.alloc_local((1,), "float32")
+                top[0] = m[r, g]
+                for jj in range(BS):
+                    top[0] = T.max(top[0], s[r, g, jj])
+                for jj in T.vectorized(BS):
+                    p[r, g, jj] = T.if_then_else(s[r, g, jj] > T.float32(NEG), fast_exp(s[r, g, jj] - top[0]),
+                                                 T.float32(0))
+                total = T.alloc_local((1,), "float32")
+                total[0] = T.float32(0)
+                for jj in range(BS):
+                    total[0] = total[0] + p[r, g, jj]
+                rescale = fast_exp(m[r, g] - top[0])
+                l[r, g] = l[r, g] * rescale + total[0]
+                m[r, g] = top[0]
                 for e in T.vectorized(dv):
-                    acc[r, g, e] = T.float32(0)
-            for kb in range(first, last + 1):
-                for r, g in T.grid(R, G):
-                    for jj in T.vectorized(B):
-                        s[r, g, jj] = T.float32(0)
-                for kd in range(d):
-                    for r in T.unroll(R):
-                        for g in T.unroll(G):
-                            for jj in T.vectorized(B):
-                                s[r, g, jj] = s[r, g, jj] + q[T.min(i0 + r, t - 1), hk * G + g, kd] * kc[hk, kd, kb * B + jj]
-                for r, g in T.grid(R, G):
-                    for jj in T.vectorized(B):
-                        s[r, g, jj] = T.if_then_else(allowed(kb * B + jj, pos[T.min(i0 + r, t - 1)]),
-                                                     capped(s[r, g, jj]), T.float32(NEG))
-                    top = T.alloc_local((1,), "float32")
-                    top[0] = m[r, g]
-                    for jj in range(B):
-                        top[0] = T.max(top[0], s[r, g, jj])
-                    for jj in T.vectorized(B):
-                        p[r, g, jj] = T.if_then_else(s[r, g, jj] > T.float32(NEG), fast_exp(s[r, g, jj] - top[0]),
-                                                     T.float32(0))
-                    total = T.alloc_local((1,), "float32")
-                    total[0] = T.float32(0)
-                    for jj in range(B):
-                        total[0] = total[0] + p[r, g, jj]
-                    rescale = fast_exp(m[r, g] - top[0])
-                    l[r, g] = l[r, g] * rescale + total[0]
-                    m[r, g] = top[0]
+                    acc[r, g, e] = acc[r, g, e] * rescale
+                for jj in T.unroll(BS):
                     for e in T.vectorized(dv):
-                        acc[r, g, e] = acc[r, g, e] * rescale
-                    for jj in T.unroll(B):
-                        for e in T.vectorized(dv):
-                            acc[r, g, e] = acc[r, g, e] + p[r, g, jj] * vc[kb * B + jj, hk, e]
-            for r, g in T.grid(R, G):
-                if i0 + r < t:
-                    for e in T.vectorized(dv):
-                        out[i0 + r, hk * G + g, e] = acc[r, g, e] / l[r, g]
+                        acc[r, g, e] = acc[r, g, e] + p[r, g, jj] * vp[page, jj, hk, e]
+        for r, g in T.grid(nr, G):
+            for e in T.vectorized(dv):
+                out[row + r, hk * G + g, e] = acc[r, g, e] / l[r, g]
 
-    return attention
+    @T.prim_func(private=True, check_well_formed=False)
+    def paged_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_tables: T.handle,
+                        var_lens: T.handle, var_starts: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "llmc.kind": "paged_attention"})
+        t = T.int64()
+        nb = T.int64()
+        b = T.int64()
+        mb = T.int64()
+        q = T.match_buffer(var_q, (t, hq, d), "float32")
+        kp = T.match_buffer(var_k, (nb, hkv, d, BS), "float32")
+        vp = T.match_buffer(var_v, (nb, BS, hkv, dv), "float32")
+        tables = T.match_buffer(var_tables, (b, mb), "int64")
+        lens = T.match_buffer(var_lens, (b,), "int64")
+        starts = T.match_buffer(var_starts, (b + 1,), "int64")
+        out = T.match_buffer(var_out, (t, hq, dv), "float32")
+        for i, h, e in T.grid(t - starts[b], hq, dv):  # rows no sequence owns
+            out[starts[b] + i, h, e] = T.float32(0)
+        # Each sequence's rows split into tiles of R; (t + R - 1) // R + b bounds their count.
+        items = ((t + R - 1) // R + b) * hkv
+        chunk = (items + threads - 1) // threads
+        for item in T.parallel(chunk * threads):
+            found = T.alloc_local((3,), "int64")  # sequence, first tile of that sequence, tiles so far
+            idx = item % chunk * threads + item // chunk  # thread k takes items k, k + threads, ...
+            hk = idx % hkv
+            tile_index = idx // hkv
+            found[0] = T.int64(-1)
+            found[2] = T.int64(0)
+            if idx < items:
+                for sq in range(b):
+                    if found[0] < T.int64(0):
+                        n_tiles = (starts[sq + 1] - starts[sq] + R - 1) // R
+                        if tile_index < found[2] + n_tiles:
+                            found[0] = sq
+                            found[1] = found[2]
+                        found[2] = found[2] + n_tiles
+            if found[0] >= T.int64(0):
+                seq = found[0]
+                n = starts[seq + 1] - starts[seq]
+                first_row = (tile_index - found[1]) * R
+                row = starts[seq] + first_row
+                p0 = lens[seq] - n + first_row
+                if first_row + R <= n:
+                    tile(q, kp, vp, tables, out, seq, row, p0, hk, R)
+                else:
+                    for r0 in range(n - first_row):
+                        tile(q, kp, vp, tables, out, seq, row + r0, p0 + r0, hk, 1)
 
-
-def attention_te(q, kc, vc, pos, n_ctx, attrs):
-    """Causal (optionally windowed, soft-capped) attention of T queries over n_ctx cached positions,
-    as TE stages (scores, max, exp, sum, probabilities x values) for ``schedule.py``."""
-    t, hq, d = q.shape
-    hkv, dv = kc.shape[0], vc.shape[2]
-    group = hq // hkv
-    scale, window, softcap = attrs["scale"], attrs["window"], attrs["softcap"]
-    kd = te.reduce_axis((0, d), name="kd")
-    dtype = q.dtype
-    score = te.compute((t, hq, n_ctx), lambda i, h, j: te.sum(q[i, h, kd] * kc[h // group, kd, j], axis=kd),
-                       name="attn_score")
-
-    def allowed(i, j):
-        ok = j <= pos[i]
-        if window > 0:
-            ok = tir.all(ok, pos[i] - j < window)
-        return ok
-
-    def scaled(i, h, j):
-        s = score[i, h, j] * tir.const(scale, dtype)
-        if softcap > 0:
-            s = tir.const(softcap, dtype) * tir.tanh(s / tir.const(softcap, dtype))
-        return s
-
-    neg_inf = tir.min_value(dtype)
-    j1 = te.reduce_axis((0, n_ctx), name="j1")
-    mx = te.compute((t, hq), lambda i, h: te.max(tir.if_then_else(allowed(i, j1), scaled(i, h, j1), neg_inf), axis=j1),
-                    name="attn_max")
-    ex = te.compute((t, hq, n_ctx), lambda i, h, j: tir.if_then_else(
-        allowed(i, j), tir.exp(scaled(i, h, j) - mx[i, h]), tir.const(0.0, dtype)), name="attn_exp")
-    j2 = te.reduce_axis((0, n_ctx), name="j2")
-    sm = te.compute((t, hq), lambda i, h: te.sum(ex[i, h, j2], axis=j2), name="attn_sum")
-    j3 = te.reduce_axis((0, n_ctx), name="j3")
-    acc = te.compute((t, hq, dv), lambda i, h, e: te.sum(ex[i, h, j3] * vc[j3, h // group, e], axis=j3),
-                     name="attn_pv")
-    return te.compute((t, hq, dv), lambda i, h, e: acc[i, h, e] / sm[i, h], name="attn_out")
+    return paged_attention

@@ -1,18 +1,18 @@
-"""Lower an optimized llmc IR module to a TVM Relax module: one Relax function per entry point
-(``prefill`` with a dynamic token count, ``decode`` with one token), each a straight sequence
-of kernel calls that the Relax VM runs without returning to Python.
+"""Lower an optimized, paged llmc IR module to a TVM Relax module: one Relax function per entry
+point (``prefill`` with dynamic token and sequence counts, ``decode`` with one token of one
+sequence), each a straight sequence of kernel calls that the Relax VM runs without returning
+to Python.
 
-The step's calling convention (the runtime's executor follows it):
+The step's calling convention (the runtime's executor follows it; see runtime/step.py):
 
-    fn(input_ids: i64[T], positions: i64[T], logits_index: i64[B], ctx: Shape[ctx_blocks],
-       k_cache_0, v_cache_0, ..., k_cache_{L-1}, v_cache_{L-1}, *weights) -> f32[B, vocab]
+    fn(input_ids: i64[T], positions: i64[T], slot_mapping: i64[T], block_tables: i64[B, MB],
+       seq_lens: i64[B], query_start: i64[B + 1], logits_index: i64[B],
+       k_pool_0, v_pool_0, ..., k_pool_{L-1}, v_pool_{L-1}, *weights) -> f32[B, vocab]
 
-``ctx_blocks`` = ceil((max position + 1) / 16): attention reads 16 * ctx_blocks cached
-positions (the extra ones are masked; caches start zeroed). Each layer's key cache is
-[Hkv, D, S] (transposed, so scores vectorize over positions) and its value cache [S, Hkv, Dv];
-the ``attention`` op becomes two in-place cache writes (call_tir_inplace) plus an attention
-kernel. Weights read by a ``linear`` are stored
-packed ([N/PACK, K, PACK]); the manifest records every weight's layout.
+Each layer's key pool is [NB, Hkv, D, BS] (transposed inside a block, so scores vectorize over
+key positions) and its value pool [NB, BS, Hkv, Dv]; ``kv_append`` updates them in place
+(call_tir_inplace), so the function returns only the logits. Weights read by a ``linear``
+are stored packed ([N/PACK, K, PACK]); the manifest records every weight's layout.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from typing import Any, Optional
 
 import tvm
 from tvm import relax, tirx as tir
-from tvm.script import tirx as T
 
 from ...ir import Block, Module, Op, Value
-from .attention import KEY_BLOCK, attention_te, prefill_attention
+from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, PackedWeight, Scalar
+
+STEP_ARGS = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_index")
 
 
 class CodegenError(NotImplementedError):
@@ -35,35 +36,47 @@ class CodegenError(NotImplementedError):
 
 @dataclass
 class CacheGeometry:
+    """The KV pools of the paged step: one key and one value pool per layer."""
+
     layers: int
+    block_size: int
     kv_heads: int
     head_dim: int
     value_dim: int
-    max_seq_len: int
     dtype: str = "f32"
 
-    def shape(self, value: bool = False) -> list[int]:
-        """Values are [S, Hkv, Dv]; keys are transposed, [Hkv, D, S], so attention scores
-        vectorize over key positions."""
+    def shape(self, blocks, value: bool = False) -> list:
+        """Keys [blocks, Hkv, D, BS] (transposed in a block: scores vectorize over positions);
+        values [blocks, BS, Hkv, Dv]."""
         if value:
-            return [self.max_seq_len, self.kv_heads, self.value_dim]
-        return [self.kv_heads, self.head_dim, self.max_seq_len]
+            return [blocks, self.block_size, self.kv_heads, self.value_dim]
+        return [blocks, self.kv_heads, self.head_dim, self.block_size]
+
+    @property
+    def bytes_per_block(self) -> int:
+        itemsize = {"f32": 4, "f16": 2, "bf16": 2}[self.dtype]
+        return self.layers * self.block_size * self.kv_heads * (self.head_dim + self.value_dim) * itemsize
 
 
-def cache_geometry(module: Module, max_seq_len: int) -> CacheGeometry:
-    attention = [op for op in module.functions["forward"].ops if op.kind == "attention"]
-    if not attention:
+def cache_geometry(module: Module) -> CacheGeometry:
+    """The pools of a module the paged-kv pass lowered (its k_pool_l / v_pool_l arguments)."""
+    fn = module.functions["forward"]
+    names = [a.name for a in fn.args]
+    if "block_tables" not in names:
+        if any(op.kind == "attention" for op in fn.ops):
+            raise CodegenError("the module still has attention ops: run the paged-kv pass before code generation "
+                               "(every -O level's pipeline ends with it)")
         raise CodegenError("the model has no attention op; llmc compiles decoder LMs with a KV cache")
-    layers = sorted(op.attrs["layer"] for op in attention)
-    if layers != list(range(len(layers))):
-        raise CodegenError(f"attention layers must be 0..L-1 once each, got {layers}")
-    shapes = {(op.operands[1].type.shape[1:], op.operands[2].type.shape[1:], op.operands[0].type.dtype)
-              for op in attention}
+    pools = {a.name: a.type for a in fn.args if a.name.startswith(("k_pool_", "v_pool_"))}
+    layers = len(pools) // 2
+    if sorted(pools) != sorted([f"k_pool_{i}" for i in range(layers)] + [f"v_pool_{i}" for i in range(layers)]):
+        raise CodegenError(f"expected k_pool_l / v_pool_l arguments for layers 0..L-1, got {sorted(pools)}")
+    shapes = {(tuple(pools[f"k_pool_{i}"].shape[1:]), tuple(pools[f"v_pool_{i}"].shape[1:]), pools[f"k_pool_{i}"].dtype)
+              for i in range(layers)}
     if len(shapes) != 1:
         raise CodegenError(f"layers with different KV shapes are not supported yet: {shapes}")
     (kshape, vshape, dtype), = shapes
-    max_seq_len = -(-max_seq_len // KEY_BLOCK) * KEY_BLOCK  # attention reads whole blocks of positions
-    return CacheGeometry(len(layers), int(kshape[0]), int(kshape[1]), int(vshape[1]), max_seq_len, dtype)
+    return CacheGeometry(layers, int(kshape[0]), int(kshape[1]), int(kshape[2]), int(vshape[2]), dtype)
 
 
 def _param_of(v: Value, outer: dict[int, Value]) -> Optional[str]:
@@ -113,36 +126,13 @@ class _KernelCtx:
         return self.dims(d)
 
 
-CTX_BLOCK = 16  # the step's ctx shape counts cached positions in blocks of this many
+@dataclass
+class AttentionOptions:
+    """How the attention kernels are shaped for the target CPU."""
 
-
-def _cache_write(geom: CacheGeometry, keys: bool):
-    """In-place write of this step's keys (cache [Hkv, D, S]) or values (cache [S, Hkv, Dv])
-    at their positions; positions are clamped so a bad one cannot write out of bounds."""
-    S, H = geom.max_seq_len, geom.kv_heads
-    dim = geom.head_dim if keys else geom.value_dim
-    shape = geom.shape(value=not keys)
-    dtype = TVM_DTYPES[geom.dtype]
-
-    @T.prim_func(private=True, check_well_formed=False)
-    def kv_write(var_x: T.handle, var_pos: T.handle, var_cache: T.handle):
-        T.func_attr({"tirx.noalias": True, "llmc.kind": "kv_write"})
-        t = T.int64()
-        x = T.match_buffer(var_x, (t, H, dim), dtype)
-        pos = T.match_buffer(var_pos, (t,), "int64")
-        cache = T.match_buffer(var_cache, shape, dtype)
-        if keys:  # a Python constant: the parser keeps only the taken branch
-            for h, d, i in T.grid(H, dim, t):  # positions innermost: the transposed cache is written contiguously
-                with T.sblock("kv_write"):
-                    vh, vd, vi = T.axis.remap("SSS", [h, d, i])
-                    cache[vh, vd, T.min(T.max(pos[vi], T.int64(0)), T.int64(S - 1))] = x[vi, vh, vd]
-        else:
-            for i, h, d in T.grid(t, H, dim):
-                with T.sblock("kv_write"):
-                    vi, vh, vd = T.axis.remap("SSS", [i, h, d])
-                    cache[T.min(T.max(pos[vi], T.int64(0)), T.int64(S - 1)), vh, vd] = x[vi, vh, vd]
-
-    return kv_write
+    threads: int = 2       # parallel width the work items are interleaved for
+    lanes: int = 16        # float32 lanes of a vector register
+    registers: int = 32    # vector registers
 
 
 @dataclass
@@ -152,9 +142,10 @@ class _FunctionLowering:
     dims: DimMap
     packed: set[str]
     weights: dict[str, relax.Var]
-    caches: list[relax.Var]
     geom: CacheGeometry
-    n_ctx: Any
+    attention: AttentionOptions
+    decode: bool
+    pool_blocks: Any = None  # the TIR var of the pools' block count
     env: dict[int, Any] = field(default_factory=dict)
 
     def operand(self, v: Value):
@@ -194,8 +185,10 @@ class _FunctionLowering:
         operands = [self.operand(v) for v in op.operands]
         if kind == "reshape" and not isinstance(operands[0], (_Packed, Scalar)):
             return self.bb.emit(relax.op.reshape(operands[0], self.dims.shape(op.attrs["shape"])))
-        if kind == "attention":
-            return self.lower_attention(op, operands)
+        if kind == "kv_append":
+            return self.lower_kv_append(operands)
+        if kind == "paged_attention":
+            return self.lower_paged_attention(op, operands)
         if op.region is not None:
             return self.lower_region(op, operands)
         ctx = _KernelCtx(kind, self.dims)
@@ -224,25 +217,29 @@ class _FunctionLowering:
             return out
         return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(op.results))]
 
-    def lower_attention(self, op: Op, operands):
-        q, k, v, pos = operands
-        layer = op.attrs["layer"]
-        kc, vc = self.caches[2 * layer], self.caches[2 * layer + 1]
-        dtype = TVM_DTYPES[self.geom.dtype]
-        kw = self.bb.add_func(_cache_write(self.geom, keys=True), "kv_write_k")
-        vw = self.bb.add_func(_cache_write(self.geom, keys=False), "kv_write_v")
-        kc = self.bb.emit(relax.call_tir_inplace(kw, [k, pos, kc], [2], relax.TensorType(self.geom.shape(), dtype)))
-        vc = self.bb.emit(relax.call_tir_inplace(vw, [v, pos, vc], [2], relax.TensorType(self.geom.shape(True), dtype)))
-        self.caches[2 * layer], self.caches[2 * layer + 1] = kc, vc
-        attrs = dict(op.attrs)
-        if isinstance(self.dims.symbols["T"], int) or dtype != "float32":  # decode (or a non-f32 cache): TE stages
-            return self.bb.emit_te(lambda qq, kk, vv, pp, m: attention_te(qq, kk, vv, pp, m * CTX_BLOCK, attrs),
-                                   q, kc, vc, pos, self.n_ctx, primfunc_name_hint="attention")
+    def lower_kv_append(self, operands):
+        k_pool, v_pool, k, v, slots = operands
         g = self.geom
-        kernel = prefill_attention(op.operands[0].type.shape[1], g.kv_heads, g.head_dim, g.value_dim, g.max_seq_len,
-                                   attrs["scale"], attrs["window"], attrs["softcap"])
-        out_type = relax.TensorType(self.dims.shape(op.result.type.shape), dtype)
-        return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "attention_prefill"), [q, kc, vc, pos], out_type))
+        dtype = TVM_DTYPES[g.dtype]
+        blocks = self.pool_blocks
+        kw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.head_dim, g.block_size, True, dtype), "kv_append_k")
+        vw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.value_dim, g.block_size, False, dtype), "kv_append_v")
+        k_pool = self.bb.emit(relax.call_tir_inplace(kw, [k, slots, k_pool], [2],
+                                                     relax.TensorType(g.shape(blocks), dtype)))
+        v_pool = self.bb.emit(relax.call_tir_inplace(vw, [v, slots, v_pool], [2],
+                                                     relax.TensorType(g.shape(blocks, value=True), dtype)))
+        return [k_pool, v_pool]
+
+    def lower_paged_attention(self, op: Op, operands):
+        g, opts = self.geom, self.attention
+        if g.dtype != "f32":
+            raise CodegenError(f"the cpu attention kernel reads float32 KV pools, not {g.dtype}")
+        hq = int(op.operands[0].type.shape[1])
+        rows = 1 if self.decode else tile_rows(hq // g.kv_heads, g.block_size, opts.lanes, opts.registers)
+        kernel = paged_attention_kernel(hq, g.kv_heads, g.head_dim, g.value_dim, g.block_size, op.attrs["scale"],
+                                        op.attrs["window"], op.attrs["softcap"], rows, opts.threads)
+        out_type = relax.TensorType(self.dims.shape(op.result.type.shape), "float32")
+        return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
 
 
 @dataclass
@@ -253,22 +250,24 @@ class _Packed:
 
 
 def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: CacheGeometry,
-                   packed: set[str], order: list[str], tokens, rows) -> None:
-    """Add Relax function ``name`` to ``bb``: the IR's @forward with T = tokens and B = rows
+                   packed: set[str], order: list[str], tokens, rows, attention: AttentionOptions) -> None:
+    """Add Relax function ``name`` to ``bb``: the IR's paged @forward with T = tokens and B = rows
     (ints for a static entry point, or TIR vars for a dynamic one)."""
     fn = module.functions["forward"]
-    n_ctx = tir.Var("ctx_blocks", "int64")  # cached positions attention reads, in CTX_BLOCKs
-    dims = DimMap({"T": tokens, "B": rows})
-    args = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in fn.args}
-    missing = {"input_ids", "positions", "logits_index"} - set(args)
+    blocks = tir.Var("NB", "int64")
+    dims = DimMap({"T": tokens, "B": rows, "MB": tir.Var("MB", "int64"), "NB": blocks})
+    args = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in fn.args if a.name in STEP_ARGS}
+    missing = set(STEP_ARGS) - set(args)
     if missing:
-        raise CodegenError(f"@forward lacks {sorted(missing)}; run the select-logits pass before codegen")
-    ctx = relax.Var("ctx", relax.ShapeType([n_ctx]))
+        raise CodegenError(f"@forward lacks {sorted(missing)}; run select-logits and paged-kv before codegen")
+    extra = [a.name for a in fn.args if a.name not in STEP_ARGS and not a.name.startswith(("k_pool_", "v_pool_"))]
+    if extra:
+        raise CodegenError(f"@forward takes arguments {extra} that the runtime does not provide")
     dtype = TVM_DTYPES[geom.dtype]
-    caches = []
+    pools = {}
     for layer in range(geom.layers):
-        caches.append(relax.Var(f"k_cache_{layer}", relax.TensorType(geom.shape(), dtype)))
-        caches.append(relax.Var(f"v_cache_{layer}", relax.TensorType(geom.shape(True), dtype)))
+        pools[f"k_pool_{layer}"] = relax.Var(f"k_pool_{layer}", relax.TensorType(geom.shape(blocks), dtype))
+        pools[f"v_pool_{layer}"] = relax.Var(f"v_pool_{layer}", relax.TensorType(geom.shape(blocks, True), dtype))
     weights = {}
     for wname in order:
         t = module.params[wname].type
@@ -276,12 +275,12 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
         if wname in packed:
             shape = [shape[0] // PACK, shape[1], PACK]
         weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, TVM_DTYPES[t.dtype]))
-    params = [args["input_ids"], args["positions"], args["logits_index"], ctx] + caches + list(weights.values())
+    params = [args[n] for n in STEP_ARGS] + list(pools.values()) + list(weights.values())
     with bb.function(name, params, attrs={"global_symbol": name}):
         with bb.dataflow():
-            low = _FunctionLowering(bb, module, dims, packed, weights, list(caches), geom, n_ctx)
+            low = _FunctionLowering(bb, module, dims, packed, weights, geom, attention, isinstance(tokens, int), blocks)
             for a in fn.args:
-                low.env[id(a)] = args[a.name]
+                low.env[id(a)] = args[a.name] if a.name in args else pools[a.name]
             for op in fn.ops:
                 result = low.lower_op(op)
                 if len(op.results) == 1:
@@ -294,14 +293,19 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
         bb.emit_func_output(out)
 
 
-def lower_to_relax(module: Module, max_seq_len: int) -> tuple[tvm.IRModule, dict]:
+def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None) -> tuple[tvm.IRModule, dict]:
     """The Relax module with ``prefill`` (dynamic T, B) and ``decode`` (T = B = 1) entry points,
     and the layout facts the artifact records."""
-    geom = cache_geometry(module, max_seq_len)
+    attention = attention or AttentionOptions()
+    geom = cache_geometry(module)
+    fn = module.functions["forward"]
+    pools_returned = [v.producer.kind if v.producer is not None else "argument" for v in fn.results[1:]]
+    if len(fn.results) != 1 + 2 * geom.layers or any(kind != "kv_append" for kind in pools_returned):
+        raise CodegenError("@forward must return the logits followed by the updated KV pools (the paged-kv pass's form)")
     packed = packed_params(module)
     order = weight_order(module)
     bb = relax.BlockBuilder()
-    lower_function(bb, module, "prefill", geom, packed, order, tir.Var("T", "int64"), tir.Var("B", "int64"))
-    lower_function(bb, module, "decode", geom, packed, order, 1, 1)
+    lower_function(bb, module, "prefill", geom, packed, order, tir.Var("T", "int64"), tir.Var("B", "int64"), attention)
+    lower_function(bb, module, "decode", geom, packed, order, 1, 1, attention)
     layout = {"cache": geom, "packed": sorted(packed), "weight_order": order, "pack": PACK}
     return bb.get(), layout
