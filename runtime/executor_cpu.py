@@ -8,13 +8,13 @@ reads it from the manifest only and imports nothing of the compiler. It implemen
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
 
 from .artifact import ArtifactError, Manifest
 from .step import StepBatch
+from .threads import configure_threads
 
 TVM_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
@@ -23,8 +23,7 @@ class CpuExecutor:
     """The compiled step of a cpu artifact with its weights and KV pools loaded."""
 
     def __init__(self, manifest: Manifest, threads: Optional[int] = None, num_blocks: Optional[int] = None):
-        if threads:
-            os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
+        self.threads = configure_threads(threads)  # before TVM's pool starts (see threads.py)
         import tvm
         from tvm import relax
 
