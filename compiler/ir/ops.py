@@ -107,7 +107,7 @@ def _same_dtype(types: list[TensorType]) -> str:
 # --------------------------------------------------------------------------- elementwise
 
 UNARY_OPS = ("neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "relu", "cos", "sin",
-             "abs", "reciprocal")
+             "abs", "reciprocal", "softplus", "log1p", "floor", "erf")
 BINARY_OPS = ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
 
 
@@ -434,6 +434,69 @@ def _rms_norm(types, attrs, ctx):
     if w.rank != 1 or not dims_equal(w.shape[0], x.shape[-1]):
         raise TypeError(f"rms_norm weight must be [{x.shape[-1]}], got {w}")
     return [TensorType(x.shape, _same_dtype(types))]
+
+
+@register_op("layer_norm", min_operands=1, attrs={"eps": "float"})
+def _layer_norm(types, attrs, ctx):
+    """(x - mean(x)) * rsqrt(var(x) + eps) over the last axis (biased variance), then * w and
+    + b when given: operands x, x w, or x w b; w and b are [D]."""
+    x = types[0]
+    if len(types) > 3:
+        raise TypeError(f"layer_norm takes x and an optional weight and bias, got {len(types)} operands")
+    for t, what in zip(types[1:], ("weight", "bias")):
+        if t.rank != 1 or not dims_equal(t.shape[0], x.shape[-1]):
+            raise TypeError(f"layer_norm {what} must be [{x.shape[-1]}], got {t}")
+    return [TensorType(x.shape, _same_dtype(types))]
+
+
+@register_op("topk", num_operands=1, attrs={"k": "int"})
+def _topk(types, attrs, ctx):
+    """The k largest entries along the last axis, largest first: (values, i64 indices); among
+    equal values the lower index comes first."""
+    x, k = types[0], attrs["k"]
+    if x.rank < 1 or not isinstance(x.shape[-1], int) or not 1 <= k <= x.shape[-1]:
+        raise TypeError(f"topk k={k} needs a static last dim of at least k, got {x}")
+    shape = x.shape[:-1] + (k,)
+    return [TensorType(shape, x.dtype), TensorType(shape, "i64")]
+
+
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+@register_op("moe", min_operands=5, attrs={"activation": "str", "gated": "bool"})
+def _moe(types, attrs, ctx):
+    """Mixture-of-experts FFN of routed tokens: each token runs only its k selected experts.
+
+    x [T, D], expert ids [T, K] (integer), routing weights [T, K], up [E, U, D], down [E, D, I]
+    and, optionally, up bias [E, U] and down bias [E, D] -> [T, D]. For token t:
+    sum_k weights[t, k] * down_e(f(up_e x_t)), e = ids[t, k], with f = act(g) * u over the halves
+    g = first I, u = last I rows of up (U = 2I) when gated, else f = act (U = I)."""
+    if attrs["activation"] not in MOE_ACTIVATIONS:
+        raise TypeError(f"moe activation must be one of {', '.join(MOE_ACTIVATIONS)}, got {attrs['activation']!r}")
+    if len(types) not in (5, 7):
+        raise TypeError(f"moe takes x, ids, weights, up, down and optionally up_bias, down_bias; got {len(types)}")
+    x, ids, w, up, down = types[:5]
+    if x.rank != 2 or ids.rank != 2 or w.rank != 2 or up.rank != 3 or down.rank != 3:
+        raise TypeError(f"moe takes x [T, D], ids/weights [T, K], up [E, U, D], down [E, D, I]; got {types[:5]}")
+    if ids.dtype not in ("i64", "i32"):
+        raise TypeError(f"moe expert ids must be integers, got {ids}")
+    for t in (ids, w):
+        if not dims_equal(t.shape[0], x.shape[0]):
+            raise TypeError(f"moe routing {t} disagrees with x {x} on the token dim")
+    if not dims_equal(ids.shape[1], w.shape[1]):
+        raise TypeError(f"moe expert ids {ids} and weights {w} disagree on k")
+    e, u, d = up.shape
+    i = down.shape[2]
+    if not (dims_equal(down.shape[0], e) and dims_equal(d, x.shape[1]) and dims_equal(down.shape[1], x.shape[1])):
+        raise TypeError(f"moe weights up {up} / down {down} do not fit x {x}")
+    if not dims_equal(u, 2 * i if attrs["gated"] else i):
+        raise TypeError(f"moe up rows {u} must be {'2x' if attrs['gated'] else ''}the down width {i}")
+    if len(types) == 7:
+        ub, db = types[5], types[6]
+        if ub.shape != (e, u) or db.shape != (e, d):
+            raise TypeError(f"moe biases must be [{e}, {u}] and [{e}, {d}], got {ub} and {db}")
+    _same_dtype([x, w, up, down] + list(types[5:]))
+    return [x]
 
 
 @register_op("rope", num_operands=3)
