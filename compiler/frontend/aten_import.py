@@ -226,7 +226,7 @@ def _out_dtype(imp: Importer, node) -> str:
 
 _UNARY = {"neg": "neg", "rsqrt": "rsqrt", "cos": "cos", "sin": "sin", "silu": "silu", "tanh": "tanh",
           "exp": "exp", "sqrt": "sqrt", "sigmoid": "sigmoid", "relu": "relu", "abs": "abs",
-          "reciprocal": "reciprocal", "log": "log", "log1p": "log1p", "floor": "floor", "erf": "erf"}
+          "reciprocal": "reciprocal", "log": "log", "log1p": "log1p", "floor": "floor", "erf": "erf", "expm1": "expm1"}
 for _aten, _ir in _UNARY.items():
     rule(f"aten.{_aten}.default")(
         (lambda k: lambda imp, node: imp.b.op(k, imp.as_tensor(imp.value(node.args[0]), _out_dtype(imp, node))))(_ir)
@@ -259,6 +259,8 @@ for _aten, _ir in {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow"
     for _ov in ("Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "default"):
         rule(f"aten.{_aten}.{_ov}")(_binary(_ir))
 rule("aten.rsub.Scalar", "aten.rsub.Tensor")(_binary("sub", reverse=True))
+rule("aten.min.other")(_binary("minimum"))
+rule("aten.max.other")(_binary("maximum"))
 
 
 @rule("aten.mean.dim", "aten.sum.dim_IntList", "aten.amax.default")
@@ -428,6 +430,115 @@ def _attention(imp, node):
     out = imp.b.op("attention", flat(q), flat(k), flat(v), positions, hint=f"attn{layer}",
                    layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap))
     return imp.b.op("reshape", out, shape=list(imp.type_of(node).shape))
+
+
+def _compare(kind: str):
+    def fn(imp: Importer, node):
+        a, b = imp.value(node.args[0]), imp.value(node.args[1])
+        tensor = a if isinstance(a, Value) else b
+        if not isinstance(tensor, Value):
+            raise ImportError_(f"comparison of two scalars at %{node.name}")
+        dtype = tensor.type.dtype
+        if isinstance(a, Value) and isinstance(b, Value) and a.type.dtype != b.type.dtype:
+            dtype = _promote(a.type.dtype, b.type.dtype)
+        return imp.b.op(kind, imp.as_tensor(a, dtype), imp.as_tensor(b, dtype))
+
+    return fn
+
+
+def _promote(a: str, b: str) -> str:
+    order = ["bool", "u8", "i8", "i16", "i32", "i64", "bf16", "f16", "f32", "f64"]
+    return max(a, b, key=order.index)
+
+
+for _aten in ("gt", "ge", "lt", "le", "eq", "ne"):
+    rule(f"aten.{_aten}.Scalar", f"aten.{_aten}.Tensor")(_compare(_aten))
+
+
+def _logical(kind: str):
+    def fn(imp: Importer, node):
+        xs = [imp.as_tensor(imp.value(a), "bool") for a in node.args[:2 if kind != "logical_not" else 1]]
+        if any(x.type.dtype != "bool" for x in xs) or imp.type_of(node).dtype != "bool":
+            raise ImportError_(f"{node.target} at %{node.name}: only bool operands are supported")
+        return imp.b.op(kind, *xs)
+
+    return fn
+
+
+rule("aten.logical_and.default", "aten.bitwise_and.Tensor")(_logical("logical_and"))
+rule("aten.logical_or.default", "aten.bitwise_or.Tensor")(_logical("logical_or"))
+rule("aten.logical_not.default", "aten.bitwise_not.default")(_logical("logical_not"))
+
+
+@rule("aten.where.self", "aten.where.ScalarSelf", "aten.where.ScalarOther", "aten.where.Scalar")
+def _where(imp, node):
+    cond, a, b = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    dtype = _out_dtype(imp, node)
+    return imp.b.op("where", imp.as_tensor(cond, "bool"), imp.as_tensor(a, dtype), imp.as_tensor(b, dtype))
+
+
+@rule("aten.masked_fill.Scalar", "aten.masked_fill.Tensor")
+def _masked_fill(imp, node):
+    x, mask, value = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    dtype = _out_dtype(imp, node)
+    return imp.b.op("where", imp.as_tensor(mask, "bool"), imp.as_tensor(value, dtype), imp.as_tensor(x, dtype))
+
+
+@rule("aten.index_put.default")
+def _index_put(imp, node):
+    """x[mask] = v with one bool mask of x's shape (the only form a static graph can express)."""
+    x, indices, values, accumulate = imp.args(node, ("self", None), ("indices", None), ("values", None),
+                                              ("accumulate", False))
+    given = [i for i in indices if i is not None]
+    if accumulate or len(given) != 1 or given[0].type.dtype != "bool" or given[0].type.rank != x.type.rank:
+        raise ImportError_(f"index_put at %{node.name} ({source_location(node) or 'the model'}): llmc imports "
+                           f"x[mask] = v with one bool mask of x's shape only")
+    if isinstance(values, Value) and values.type.rank and not all(
+            isinstance(d, int) and d == 1 for d in values.type.shape):
+        raise ImportError_(f"index_put at %{node.name}: values must be one value broadcast to the masked places")
+    return imp.b.op("where", given[0], imp.as_tensor(values, x.type.dtype), x)
+
+
+@rule("aten.gather.default")
+def _gather_op(imp, node):
+    x, axis, idx = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    return imp.b.op("gather", x, idx, axis=axis % x.type.rank)
+
+
+@rule("aten.scatter.value", "aten.scatter.src")
+def _scatter_op(imp, node):
+    x, axis, idx, src = (imp.value(a) for a in node.args[:4])
+    if len(node.args) > 4 or node.kwargs.get("reduce"):
+        raise ImportError_(f"scatter with a reduce mode at %{node.name} is not supported")
+    dtype = x.type.dtype
+    if not isinstance(src, Value):
+        src = imp.b.op("expand", imp.const(src, dtype), shape=list(idx.type.shape))
+    return imp.b.op("scatter", x, idx, imp.as_tensor(src, dtype), axis=axis % x.type.rank)
+
+
+@rule("aten.slice_scatter.default")
+def _slice_scatter(imp, node):
+    """x with x[start:end] along dim replaced by src: the untouched parts concatenated around src."""
+    x, src, axis, start, end, step = imp.args(node, ("self", None), ("src", None), ("dim", 0), ("start", None),
+                                              ("end", None), ("step", 1))
+    axis %= x.type.rank
+    size = x.type.shape[axis]
+    start, end = _clamp_index(start, size, 0), _clamp_index(end, size, size)
+    if step != 1:
+        raise ImportError_(f"slice_scatter with step {step} at %{node.name} is not supported")
+    parts = []
+    if start != 0:
+        parts.append(imp.b.op("slice", x, axis=axis, start=0, end=start, step=1))
+    parts.append(imp.as_tensor(src, x.type.dtype))
+    if not dims_equal_(end, size):
+        parts.append(imp.b.op("slice", x, axis=axis, start=end, end=size, step=1))
+    return parts[0] if len(parts) == 1 else imp.b.op("concat", *parts, axis=axis)
+
+
+def dims_equal_(a, b) -> bool:
+    from ..ir.types import dims_equal
+
+    return dims_equal(a, b)
 
 
 @rule("aten.square.default")

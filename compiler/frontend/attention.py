@@ -49,7 +49,7 @@ def _attention_fake(q, k, v, layer, scale, window, softcap):
 _IGNORED_KWARGS = {"position_ids", "cache_position", "output_attentions", "use_cache", "past_key_values",
                    "past_key_value", "dropout", "training", "layer_idx", "is_causal", "head_mask",
                    "query_length", "target_dtype", "attention_type", "layer_type", "output_router_logits",
-                   "output_hidden_states", "return_dict"}
+                   "output_hidden_states", "return_dict", "logits_to_keep"}
 
 
 class AttentionArgumentError(ValueError):
@@ -59,6 +59,11 @@ class AttentionArgumentError(ValueError):
 class _TraceState:
     calls = 0
     layers: set = set()
+
+
+def attention_calls() -> int:
+    """How many attention calls the current (or last) trace made."""
+    return _TraceState.calls
 
 
 def _attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

@@ -172,6 +172,8 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
     T = torch.export.Dim(TOKEN_SYMBOL, min=1, max=max(max_tokens, example_tokens + 1))
     configs = [model.config] + [c for c in {id(text_config): text_config}.values() if c is not model.config]
     saved = [getattr(c, "use_cache", None) for c in configs]
+    from .attention import attention_calls
+
     try:
         for c in configs:
             c.use_cache = False
@@ -181,6 +183,13 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
                 dynamic_shapes={"input_ids": {1: T}, "position_ids": {1: T}},
                 strict=False,
             )
+            calls = attention_calls()
+    except (TypeError, AttributeError, RuntimeError) as exc:
+        if attention_calls() == 0:
+            raise TraceError(f"{type(model).__name__} computes attention itself instead of calling transformers' "
+                             f"attention interface, so llmc cannot place its KV-cache boundary (the trace stopped "
+                             f"at: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise
     except torch._dynamo.exc.UserError as exc:
         if "Constraints violated" in str(exc):
             raise TraceError(
@@ -191,6 +200,9 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
     finally:
         for c, s in zip(configs, saved):
             c.use_cache = s
+    if calls == 0:
+        raise TraceError(f"{type(model).__name__} never calls transformers' attention interface (it computes "
+                         f"attention itself), so llmc cannot place its KV-cache boundary")
     return functionalize(program)
 
 

@@ -164,12 +164,15 @@ _UNARY = {
     "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu, "relu": torch.relu,
     "cos": torch.cos, "sin": torch.sin, "abs": torch.abs, "reciprocal": torch.reciprocal,
-    "softplus": F.softplus, "log1p": torch.log1p, "floor": torch.floor, "erf": torch.erf,
+    "softplus": F.softplus, "log1p": torch.log1p, "floor": torch.floor, "erf": torch.erf, "expm1": torch.expm1,
 }
 _BINARY = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
     "maximum": torch.maximum, "minimum": torch.minimum,
 }
+_BINARY.update({"gt": torch.gt, "ge": torch.ge, "lt": torch.lt, "le": torch.le, "eq": torch.eq, "ne": torch.ne,
+                "logical_and": torch.logical_and, "logical_or": torch.logical_or})
+_UNARY["logical_not"] = torch.logical_not
 for _k, _f in _UNARY.items():
     IMPLS[_k] = (lambda f: lambda xs, a, fr: f(xs[0]))(_f)
 for _k, _f in _BINARY.items():
@@ -288,6 +291,27 @@ def _rms_norm(xs, a, fr):
     x, w = xs
     normed = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + a["eps"])
     return normed * (w + a["weight_offset"]) if a["weight_offset"] else normed * w
+
+
+@impl("where")
+def _where(xs, a, fr):
+    return torch.where(*xs)
+
+
+@impl("gather")
+def _gather(xs, a, fr):
+    x, idx = xs
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= x.shape[a["axis"]]):
+        raise InterpreterError(f"gather index out of range [0, {x.shape[a['axis']]})")
+    return torch.gather(x, a["axis"], idx.to(torch.int64))
+
+
+@impl("scatter")
+def _scatter(xs, a, fr):
+    x, idx, src = xs
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= x.shape[a["axis"]]):
+        raise InterpreterError(f"scatter index out of range [0, {x.shape[a['axis']]})")
+    return torch.scatter(x, a["axis"], idx.to(torch.int64), src)
 
 
 @impl("layer_norm")

@@ -107,7 +107,7 @@ def _same_dtype(types: list[TensorType]) -> str:
 # --------------------------------------------------------------------------- elementwise
 
 UNARY_OPS = ("neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "relu", "cos", "sin",
-             "abs", "reciprocal", "softplus", "log1p", "floor", "erf")
+             "abs", "reciprocal", "softplus", "log1p", "floor", "erf", "expm1")
 BINARY_OPS = ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
 
 
@@ -134,6 +134,71 @@ def _binary(types, attrs, ctx):
 
 for _k in BINARY_OPS:
     register_op(_k, num_operands=2, doc=f"Elementwise {_k} with numpy broadcasting; dtypes must match.")(_binary)
+
+
+COMPARE_OPS = ("gt", "ge", "lt", "le", "eq", "ne")
+LOGICAL_OPS = ("logical_and", "logical_or")
+
+
+def _compare(types, attrs, ctx):
+    _same_dtype(types)
+    return [TensorType(broadcast_shapes(types[0].shape, types[1].shape), "bool")]
+
+
+for _k in COMPARE_OPS:
+    register_op(_k, num_operands=2, doc=f"Elementwise comparison {_k} with broadcasting -> bool.")(_compare)
+
+
+def _logical(types, attrs, ctx):
+    if any(t.dtype != "bool" for t in types):
+        raise TypeError(f"logical ops take bool operands, got {[t.dtype for t in types]}")
+    return [TensorType(broadcast_shapes(types[0].shape, types[-1].shape), "bool")]
+
+
+for _k in LOGICAL_OPS:
+    register_op(_k, num_operands=2, doc=f"Elementwise {_k} of bool tensors.")(_logical)
+register_op("logical_not", num_operands=1, doc="Elementwise not of a bool tensor.")(_logical)
+
+
+@register_op("where", num_operands=3)
+def _where(types, attrs, ctx):
+    """cond ? a : b elementwise, cond bool, all three broadcast; a and b share a dtype."""
+    cond, a, b = types
+    if cond.dtype != "bool":
+        raise TypeError(f"where takes a bool condition, got {cond}")
+    dtype = _same_dtype([a, b])
+    return [TensorType(broadcast_shapes(broadcast_shapes(cond.shape, a.shape), b.shape), dtype)]
+
+
+def _index_like(types, attrs, what):
+    x, idx = types[0], types[1]
+    axis = _norm_axis(attrs["axis"], x.rank)
+    if idx.dtype not in ("i64", "i32") or idx.rank != x.rank:
+        raise TypeError(f"{what} indices must be an integer tensor of x's rank {x.rank}, got {idx}")
+    for i, (a, b) in enumerate(zip(x.shape, idx.shape)):
+        if i != axis and not dims_equal(a, b):
+            raise TypeError(f"{what} indices {idx} must match x {x} off axis {axis}")
+    return axis
+
+
+@register_op("gather", num_operands=2, attrs={"axis": "int"})
+def _gather(types, attrs, ctx):
+    """out[..., j, ...] = x[..., idx[..., j, ...], ...] along axis (torch.gather); idx has x's
+    shape except along axis."""
+    _index_like(types, attrs, "gather")
+    return [TensorType(types[1].shape, types[0].dtype)]
+
+
+@register_op("scatter", num_operands=3, attrs={"axis": "int"})
+def _scatter(types, attrs, ctx):
+    """x with x[..., idx[..., j, ...], ...] = src[..., j, ...] along axis (torch.scatter); src
+    has idx's shape; duplicate indices leave which value wins unspecified."""
+    _index_like(types, attrs, "scatter")
+    src = types[2]
+    if src.dtype != types[0].dtype or src.rank != types[1].rank or not all(
+            dims_equal(a, b) for a, b in zip(src.shape, types[1].shape)):
+        raise TypeError(f"scatter source {src} must have the indices' shape {types[1]} and x's dtype")
+    return [types[0]]
 
 
 @register_op("constant", num_operands=0, attrs={"value": "float_or_int", "dtype": "dtype"})

@@ -109,7 +109,7 @@ def _shrink(config) -> None:
         if key in ("pad_token_id", "bos_token_id", "eos_token_id") or hasattr(config, key):
             current = getattr(config, key, None)
             if current is None and key not in ("pad_token_id", "bos_token_id", "eos_token_id",
-                                               "sliding_window", "head_dim"):
+                                               "sliding_window", "head_dim", "num_experts_per_tok"):
                 continue
             with contextlib.suppress(Exception):
                 setattr(config, key, value)

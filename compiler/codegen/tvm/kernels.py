@@ -142,12 +142,16 @@ UNARY = {
     # torch's softplus: x itself above the threshold 20, where log(1 + e^x) == x in float
     "softplus": lambda e: tir.if_then_else(e > tir.const(20.0, e.dtype), e,
                                            tir.log1p(tir.exp(tir.min(e, tir.const(20.0, e.dtype))))),
-    "log1p": tir.log1p, "floor": tir.floor, "erf": tir.erf,
+    "log1p": tir.log1p, "floor": tir.floor, "erf": tir.erf, "expm1": lambda e: tir.exp(e) - tir.const(1.0, e.dtype),
 }
 BINARY = {
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "div": lambda a, b: a / b, "pow": tir.power, "maximum": tir.max, "minimum": tir.min,
 }
+UNARY["logical_not"] = lambda e: tir.Not(e)
+BINARY.update({"gt": lambda a, b: a > b, "ge": lambda a, b: a >= b, "lt": lambda a, b: a < b,
+               "le": lambda a, b: a <= b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b,
+               "logical_and": tir.And, "logical_or": tir.Or})
 ACTIVATIONS = {"silu": UNARY["silu"], "gelu": lambda e: _gelu(e, "none"), "gelu_tanh": lambda e: _gelu(e, "tanh"),
                "relu": UNARY["relu"]}
 
@@ -221,6 +225,59 @@ def _rms_norm(ops, attrs, out, ctx):
         return value_at(x, i) * scale * weight
 
     return te.compute(shape, f, name="rms_norm")
+
+
+@builder("where")
+def _where(ops, attrs, out, ctx):
+    rank = len(out.shape)
+    c, a, b = ops
+    return te.compute(ctx.shape(out), lambda *i: tir.if_then_else(
+        value_at(c, broadcast_index(c, rank, i)), value_at(a, broadcast_index(a, rank, i)),
+        value_at(b, broadcast_index(b, rank, i))), name="where")
+
+
+def _clamped(index, size):
+    return tir.max(tir.min(index.astype("int64"), size - 1), tir.IntImm("int64", 0))
+
+
+@builder("gather")
+def _gather(ops, attrs, out, ctx):
+    x, idx = unpack(ops[0]), ops[1]
+    axis = attrs["axis"] % len(x.shape)
+
+    def f(*i):
+        j = list(i)
+        j[axis] = _clamped(idx[i], x.shape[axis])
+        return x[tuple(j)]
+
+    return te.compute(ctx.shape(out), f, name="gather")
+
+
+@builder("scatter")
+def _scatter(ops, attrs, out, ctx):
+    """Each output element looks for an index that names it (a reduction over the indices'
+    axis, which is small where scatter appears: router group masks)."""
+    x, idx, src = unpack(ops[0]), ops[1], ops[2]
+    axis = attrs["axis"] % len(x.shape)
+    k1, k2 = te.reduce_axis((0, idx.shape[axis]), name="k1"), te.reduce_axis((0, idx.shape[axis]), name="k2")
+
+    def at(i, k):
+        j = list(i)
+        j[axis] = k
+        return tuple(j)
+
+    def hit(i, k):
+        return idx[at(i, k)].astype("int64") == i[axis].astype("int64")
+
+    count = te.compute(ctx.shape(out), lambda *i: te.sum(tir.if_then_else(hit(i, k1), tir.IntImm("int64", 1),
+                                                                          tir.IntImm("int64", 0)), axis=k1),
+                       name="scatter_count")
+    total = te.compute(ctx.shape(out), lambda *i: te.sum(tir.if_then_else(hit(i, k2), src[at(i, k2)],
+                                                                          tir.const(0, src.dtype)), axis=k2),
+                       name="scatter_sum")
+    return te.compute(ctx.shape(out), lambda *i: tir.if_then_else(
+        count[i] > 0, total[i] / count[i].astype(total.dtype) if total.dtype.startswith("float") else total[i],
+        x[i]), name="scatter")
 
 
 @builder("layer_norm")
