@@ -417,7 +417,8 @@ def _getitem(imp, node):
 
 @rule("llmc.attention.default")
 def _attention(imp, node):
-    q, k, v, layer, scale, window, softcap = imp.value(list(node.args))
+    q, k, v, layer, scale, window, softcap = imp.value(list(node.args[:7]))
+    sinks = imp.value(node.args[7]) if len(node.args) > 7 else imp.value(node.kwargs.get("sinks"))
     positions = imp.positions
     tok = [positions.type.shape[0]]
 
@@ -427,7 +428,8 @@ def _attention(imp, node):
         t = imp.b.op("permute", x, perm=[0, 2, 1, 3])
         return imp.b.op("reshape", t, shape=tok + list(x.type.shape[1:2]) + list(x.type.shape[3:]))
 
-    out = imp.b.op("attention", flat(q), flat(k), flat(v), positions, hint=f"attn{layer}",
+    extra = [] if sinks is None else [imp.as_tensor(sinks, q.type.dtype)]
+    out = imp.b.op("attention", flat(q), flat(k), flat(v), positions, *extra, hint=f"attn{layer}",
                    layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap))
     return imp.b.op("reshape", out, shape=list(imp.type_of(node).shape))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Optional
 
 import torch
 
@@ -18,7 +19,7 @@ ATTN_IMPLEMENTATION = "llmc"
 
 @torch.library.custom_op("llmc::attention", mutates_args=())
 def llmc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float,
-                   window: int, softcap: float) -> torch.Tensor:
+                   window: int, softcap: float, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention without a cache, [B, Hq, T, D] x [B, Hkv, T, D] -> [B, T, Hq, Dv].
 
     Eager meaning for a trace of one prompt from position 0; the IR's ``attention`` op
@@ -35,12 +36,17 @@ def llmc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
     if window > 0:
         allowed &= (i[:, None] - i[None, :]) < window
     scores = scores.masked_fill(~allowed, float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    if sinks is not None:  # one extra logit per head in each softmax's denominator
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(b, hq, t, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.float()).to(q.dtype)
     return out.transpose(1, 2).contiguous()
 
 
 @llmc_attention.register_fake
-def _attention_fake(q, k, v, layer, scale, window, softcap):
+def _attention_fake(q, k, v, layer, scale, window, softcap, sinks=None):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]))
 
 
@@ -71,8 +77,13 @@ def _attention_interface(module, query, key, value, attention_mask, scaling=None
     if kwargs.get("is_causal") is False:
         raise AttentionArgumentError(f"{type(module).__name__} asks for non-causal attention (is_causal=False); "
                                      f"llmc's attention op is causal")
-    unknown = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS and k not in ("sliding_window", "softcap")
-               and v is not None}
+    unknown = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS
+               and k not in ("sliding_window", "softcap", "s_aux", "sinks") and v is not None}
+    sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or sinks.dim() != 1
+                              or sinks.shape[0] != query.shape[1]):
+        raise AttentionArgumentError(f"{type(module).__name__} passes attention sinks that are not one logit per "
+                                     f"query head ([{query.shape[1]}]); llmc's attention op takes sinks of that form")
     if unknown:
         raise AttentionArgumentError(
             f"{type(module).__name__} passes {', '.join(sorted(unknown))} to its attention function; llmc's "
@@ -94,7 +105,8 @@ def _attention_interface(module, query, key, value, attention_mask, scaling=None
             f"{type(module).__name__} with layer_idx {layer} attends a second time in one forward (a shared "
             f"attention layer); llmc keeps one KV cache per layer index")
     _TraceState.layers.add(int(layer))
-    out = torch.ops.llmc.attention(query, key, value, int(layer), scale, int(window), float(softcap))
+    out = torch.ops.llmc.attention(query, key, value, int(layer), scale, int(window), float(softcap),
+                                   None if sinks is None else sinks.to(query.dtype))
     return out, None
 
 

@@ -61,8 +61,16 @@ class KVCache:
         self.written[layer][positions] = True
 
 
+def _softmax_with_sinks(scores: torch.Tensor, sinks) -> torch.Tensor:
+    """softmax over the last axis of [H, T, S] scores; sinks [H] join the denominator only."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.float()[:, None, None].expand(scores.shape[0], scores.shape[1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+
+
 def attention_reference(q, k, v, positions, cache: KVCache, layer: int, scale: float,
-                        window: int, softcap: float) -> torch.Tensor:
+                        window: int, softcap: float, sinks=None) -> torch.Tensor:
     """The meaning of the ``attention`` op (see its docstring in ops.py)."""
     positions = positions.to(torch.int64)
     cache.write(layer, positions, k, v)
@@ -85,7 +93,7 @@ def attention_reference(q, k, v, positions, cache: KVCache, layer: int, scale: f
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~allowed[None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    probs = _softmax_with_sinks(scores, sinks)
     out = torch.einsum("hts,shd->thd", probs, values.float())
     return out.to(q.dtype)
 
@@ -105,7 +113,7 @@ def kv_append_reference(k_pool, v_pool, k, v, slot_mapping):
 
 
 def paged_attention_reference(q, k_pool, v_pool, block_tables, seq_lens, query_start, scale: float,
-                              window: int, softcap: float) -> torch.Tensor:
+                              window: int, softcap: float, sinks=None) -> torch.Tensor:
     """The meaning of ``paged_attention`` (see its docstring in ops.py): each sequence's
     queries attend causally over the keys its block table points to."""
     block_size = k_pool.shape[1]
@@ -141,7 +149,7 @@ def paged_attention_reference(q, k_pool, v_pool, block_tables, seq_lens, query_s
         if softcap > 0:
             scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~allowed[None], float("-inf"))
-        out[begin:end] = torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), values.float()).to(q.dtype)
+        out[begin:end] = torch.einsum("hts,shd->thd", _softmax_with_sinks(scores, sinks), values.float()).to(q.dtype)
     return out
 
 
@@ -271,9 +279,9 @@ def _param(xs, a, fr):
 
 @impl("attention")
 def _attention(xs, a, fr):
-    q, k, v, pos = xs
+    q, k, v, pos = xs[:4]
     return attention_reference(q, k, v, pos, fr.interp.kv_cache, a["layer"], a["scale"],
-                               a["window"], a["softcap"])
+                               a["window"], a["softcap"], xs[4] if len(xs) > 4 else None)
 
 
 @impl("kv_append")
@@ -283,7 +291,7 @@ def _kv_append(xs, a, fr):
 
 @impl("paged_attention")
 def _paged_attention(xs, a, fr):
-    return paged_attention_reference(*xs, a["scale"], a["window"], a["softcap"])
+    return paged_attention_reference(*xs[:6], a["scale"], a["window"], a["softcap"], xs[6] if len(xs) > 6 else None)
 
 
 @impl("rms_norm")
