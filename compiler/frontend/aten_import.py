@@ -720,11 +720,18 @@ def _topk(imp, node):
 
 @rule("llmc.moe.default")
 def _moe(imp, node):
-    x, ids, weights, up, down, up_bias, down_bias, activation, gated = imp.value(list(node.args))
+    x, ids, weights, up, down, up_bias, down_bias, activation, gated, alpha, limit, offset = imp.value(list(node.args))
     operands = [x, ids, imp.as_tensor(weights, x.type.dtype), up, down]
     if up_bias is not None:
         operands += [up_bias, down_bias]
-    return imp.b.op("moe", *operands, activation=activation, gated=bool(gated), hint="moe")
+    extra = {}
+    if activation == "swish_alpha":
+        extra["alpha"] = float(alpha)
+    if limit:
+        extra["limit"] = float(limit)
+    if offset:
+        extra["up_offset"] = float(offset)
+    return imp.b.op("moe", *operands, activation=activation, gated=bool(gated), hint="moe", **extra)
 
 
 def import_program(program, module_name: str, token_symbol: str, inputs: dict[str, str],

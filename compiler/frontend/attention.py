@@ -136,6 +136,7 @@ def llmc_attention_enabled(model):
 
     register()
     experts.register()
+    experts.prepare(model)
     _TraceState.calls, _TraceState.layers = 0, set()
     text = model.config.get_text_config()
     configs = [model.config] + ([text] if text is not model.config else [])

@@ -184,18 +184,18 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
                 strict=False,
             )
             calls = attention_calls()
-    except (TypeError, AttributeError, RuntimeError) as exc:
-        if attention_calls() == 0:
-            raise TraceError(f"{type(model).__name__} computes attention itself instead of calling transformers' "
-                             f"attention interface, so llmc cannot place its KV-cache boundary (the trace stopped "
-                             f"at: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-        raise
     except torch._dynamo.exc.UserError as exc:
         if "Constraints violated" in str(exc):
             raise TraceError(
                 f"{type(model).__name__} specializes on the token count (the model code branches on it, e.g. "
                 f"comparing it with a window or chunk size), so one trace cannot serve every step length: "
                 f"{_first_guard(exc)}") from None
+        raise
+    except (TypeError, AttributeError, RuntimeError) as exc:
+        if attention_calls() == 0:
+            raise TraceError(f"{type(model).__name__} computes attention itself instead of calling transformers' "
+                             f"attention interface, so llmc cannot place its KV-cache boundary (the trace stopped "
+                             f"at: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         raise
     finally:
         for c, s in zip(configs, saved):

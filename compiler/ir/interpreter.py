@@ -340,21 +340,28 @@ MOE_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu
                    "relu": torch.relu}
 
 
-def moe_reference(x, ids, weights, up, down, up_bias=None, down_bias=None, activation="silu", gated=True):
+def moe_gate(h, activation="silu", gated=True, alpha=None, limit=0.0, up_offset=0.0):
+    """The expert nonlinearity of ``moe`` on up-projection rows h [..., U]."""
+    act = (lambda t: t * torch.sigmoid(t * alpha)) if activation == "swish_alpha" else MOE_ACTIVATIONS[activation]
+    if not gated:
+        return act(h)
+    g, u = h.chunk(2, dim=-1)
+    if limit:
+        g, u = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+    return act(g) * (u + up_offset if up_offset else u)
+
+
+def moe_reference(x, ids, weights, up, down, up_bias=None, down_bias=None, activation="silu", gated=True,
+                  alpha=None, limit=0.0, up_offset=0.0):
     """The meaning of ``moe``: each token through its selected experts only, weighted."""
-    act = MOE_ACTIVATIONS[activation]
     out = torch.zeros_like(x)
     ids = ids.to(torch.int64)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= up.shape[0]):
         raise InterpreterError(f"expert id out of range [0, {up.shape[0]}): {int(ids.min())}..{int(ids.max())}")
     for e in ids.unique().tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)
-        h = F.linear(x[tok], up[e], None if up_bias is None else up_bias[e])
-        if gated:
-            g, u = h.chunk(2, dim=-1)
-            h = act(g) * u
-        else:
-            h = act(h)
+        h = moe_gate(F.linear(x[tok], up[e], None if up_bias is None else up_bias[e]), activation, gated, alpha,
+                     limit, up_offset)
         y = F.linear(h, down[e], None if down_bias is None else down_bias[e])
         out.index_add_(0, tok, y * weights[tok, slot, None])
     return out
@@ -362,7 +369,8 @@ def moe_reference(x, ids, weights, up, down, up_bias=None, down_bias=None, activ
 
 @impl("moe")
 def _moe(xs, a, fr):
-    return moe_reference(*xs, activation=a["activation"], gated=a["gated"])
+    return moe_reference(*xs, activation=a["activation"], gated=a["gated"], alpha=a.get("alpha"),
+                         limit=a.get("limit", 0.0), up_offset=a.get("up_offset", 0.0))
 
 
 @impl("rope")

@@ -539,17 +539,22 @@ def _topk(types, attrs, ctx):
     return [TensorType(shape, x.dtype), TensorType(shape, "i64")]
 
 
-MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swish_alpha")
 
 
-@register_op("moe", min_operands=5, attrs={"activation": "str", "gated": "bool"})
+@register_op("moe", min_operands=5, attrs={"activation": "str", "gated": "bool"},
+             optional_attrs={"alpha": "float", "limit": "float", "up_offset": "float"})
 def _moe(types, attrs, ctx):
     """Mixture-of-experts FFN of routed tokens: each token runs only its k selected experts.
 
     x [T, D], expert ids [T, K] (integer), routing weights [T, K], up [E, U, D], down [E, D, I]
     and, optionally, up bias [E, U] and down bias [E, D] -> [T, D]. For token t:
     sum_k weights[t, k] * down_e(f(up_e x_t)), e = ids[t, k], with f = act(g) * u over the halves
-    g = first I, u = last I rows of up (U = 2I) when gated, else f = act (U = I)."""
+    g = first I, u = last I rows of up (U = 2I) when gated, else f = act (U = I).
+    Optional (GPT-OSS-style gates): ``limit`` > 0 clamps g to <= limit and u to
+    [-limit, limit]; ``up_offset`` is added to u; activation swish_alpha is g * sigmoid(alpha g)."""
+    if attrs["activation"] == "swish_alpha" and "alpha" not in attrs:
+        raise TypeError("moe activation swish_alpha needs an alpha attribute")
     if attrs["activation"] not in MOE_ACTIVATIONS:
         raise TypeError(f"moe activation must be one of {', '.join(MOE_ACTIVATIONS)}, got {attrs['activation']!r}")
     if len(types) not in (5, 7):
