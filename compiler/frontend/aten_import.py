@@ -166,6 +166,12 @@ class Importer:
             elif node.op == "call_function":
                 name = node_target_name(node)
                 rule = RULES.get(name)
+                if _touches_complex(self, node) and name not in META_RULES:
+                    rule = COMPLEX_RULES.get(name)
+                    if rule is None:
+                        raise ImportError_(f"complex numbers reach {name} at %{node.name} "
+                                           f"({source_location(node) or 'the model'}); llmc imports complex tensors "
+                                           f"only through {', '.join(sorted(COMPLEX_RULES))}")
                 if rule is None:
                     raise UnsupportedOpError(name, node.name, source_location(node))
                 first_new_op = len(self.b.block.ops)
@@ -297,7 +303,11 @@ def _identity(imp, node):
     return imp.value(node.args[0])
 
 
-@rule("aten._assert_tensor_metadata.default", "aten.sym_size.int", "aten.sym_constrain_range_for_size.default")
+META_RULES = ("aten._assert_tensor_metadata.default", "aten.sym_size.int", "aten.sym_constrain_range_for_size.default",
+              "aten._assert_scalar.default")
+
+
+@rule(*META_RULES)
 def _meta_only(imp, node):
     val = node.meta.get("val")
     return imp.dim(val) if isinstance(val, (torch.SymInt, int)) else None
@@ -408,6 +418,15 @@ def _split(imp, node):
         outs.append(imp.b.op("slice", x, axis=axis, start=start, end=end, step=1))
         start = end
     return outs
+
+
+@rule("mul", "add", "sub", "floordiv", "truediv", "mod", "neg", "sym_max", "sym_min", "sym_sum")
+def _sym_arith(imp, node):
+    """Python arithmetic on symbolic sizes: the result's own dim (an expression in T)."""
+    val = node.meta.get("val")
+    if not isinstance(val, (torch.SymInt, int)):
+        raise ImportError_(f"{node_target_name(node)} at %{node.name} computes a non-integer size")
+    return imp.dim(val)
 
 
 @rule("getitem")
@@ -732,6 +751,93 @@ def _moe(imp, node):
     if offset:
         extra["up_offset"] = float(offset)
     return imp.b.op("moe", *operands, activation=activation, gated=bool(gated), hint="moe", **extra)
+
+
+# ---------------------------------------------------------------------- complex numbers
+# Complex tensors (RoPE written as x * e^{i theta}, Llama 4 and DeepSeek-V2 style) are carried
+# as real tensors with a trailing dim of 2 (re, im): the layout view_as_real gives them, so
+# view_as_complex and view_as_real cost nothing and the rotation becomes real arithmetic.
+
+
+@dataclass
+class Complex:
+    real: Value  # [..., 2]
+
+
+def _touches_complex(imp: Importer, node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.is_complex():
+        return True
+    return any(isinstance(imp.env.get(a), Complex) for a in node.all_input_nodes)
+
+
+COMPLEX_RULES: dict[str, Rule] = {}
+
+
+def complex_rule(*targets: str):
+    def deco(fn):
+        for t in targets:
+            COMPLEX_RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def _pair(imp, re: Value, im: Value) -> Complex:
+    shape = list(re.type.shape)
+    return Complex(imp.b.op("concat", imp.b.op("reshape", re, shape=shape + [1]),
+                            imp.b.op("reshape", im, shape=shape + [1]), axis=len(shape)))
+
+
+def _parts(imp, z: Complex) -> tuple[Value, Value]:
+    r = z.real
+    last = r.type.rank - 1
+    return (imp.b.op("slice", r, axis=last, start=0, end=1, step=1),
+            imp.b.op("slice", r, axis=last, start=1, end=2, step=1))
+
+
+@complex_rule("aten.polar.default")
+def _polar(imp, node):
+    mag, angle = imp.value(node.args[0]), imp.value(node.args[1])
+    return _pair(imp, imp.b.op("mul", mag, imp.b.op("cos", angle)), imp.b.op("mul", mag, imp.b.op("sin", angle)))
+
+
+@complex_rule("aten.view_as_complex.default")
+def _view_as_complex(imp, node):
+    return Complex(imp.value(node.args[0]))
+
+
+@complex_rule("aten.view_as_real.default")
+def _view_as_real(imp, node):
+    return imp.value(node.args[0]).real
+
+
+@complex_rule("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.unsqueeze.default",
+              "aten.squeeze.dim", "aten.squeeze.dims", "aten.expand.default", "aten.clone.default",
+              "aten.alias.default", "aten._to_copy.default", "aten.contiguous.default")
+def _complex_view(imp, node):
+    z = imp.value(node.args[0])
+    val = node.meta["val"]
+    if not val.is_complex():
+        raise ImportError_(f"{node.target} at %{node.name} turns a complex tensor real")
+    shape = [imp.dim(d) for d in val.shape] + [2]
+    kind = "expand" if node.target == torch.ops.aten.expand.default else "reshape"
+    return Complex(imp.b.op(kind, z.real, shape=shape))
+
+
+@complex_rule("aten.mul.Tensor")
+def _complex_mul(imp, node):
+    a, b = imp.value(node.args[0]), imp.value(node.args[1])
+    if not isinstance(a, Complex):
+        a, b = b, a
+    if not isinstance(b, Complex):  # complex times real
+        if isinstance(b, Value):
+            b = imp.b.op("reshape", b, shape=list(b.type.shape) + [1])
+        return Complex(imp.b.op("mul", a.real, imp.as_tensor(b, a.real.type.dtype)))
+    (ar, ai), (br, bi) = _parts(imp, a), _parts(imp, b)
+    re = imp.b.op("sub", imp.b.op("mul", ar, br), imp.b.op("mul", ai, bi))
+    im = imp.b.op("add", imp.b.op("mul", ar, bi), imp.b.op("mul", ai, br))
+    return Complex(imp.b.op("concat", re, im, axis=re.type.rank - 1))
 
 
 def import_program(program, module_name: str, token_symbol: str, inputs: dict[str, str],

@@ -65,6 +65,8 @@ class AttentionArgumentError(ValueError):
 class _TraceState:
     calls = 0
     layers: set = set()
+    windows: set = set()       # sliding windows the attention calls received
+    mask_windows: set = set()  # sliding windows the mask builder was asked for
 
 
 def attention_calls() -> int:
@@ -105,13 +107,65 @@ def _attention_interface(module, query, key, value, attention_mask, scaling=None
             f"{type(module).__name__} with layer_idx {layer} attends a second time in one forward (a shared "
             f"attention layer); llmc keeps one KV cache per layer index")
     _TraceState.layers.add(int(layer))
+    if window:
+        _TraceState.windows.add(int(window))
     out = torch.ops.llmc.attention(query, key, value, int(layer), scale, int(window), float(softcap),
                                    None if sinks is None else sinks.to(query.dtype))
     return out, None
 
 
+# mask pieces transformers composes that llmc's attention op reproduces by itself
+_CAUSAL_PARTS = {"causal_mask_function", "padding_mask_function", "and_masks", "or_masks",
+                 "remap_positions_for_packed_sequence", "add_offsets_to_mask_function",
+                 "packed_sequence_mask_function"}  # packing is read from positions: one sequence per step row range here
+
+
+def _mask_parts(fn, seen=None) -> list[tuple[str, object]]:
+    """The named functions a transformers mask function is composed of (through closures),
+    with the sliding window where one is set."""
+    seen = seen if seen is not None else set()
+    if not callable(fn) or id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    qual = getattr(fn, "__qualname__", type(fn).__name__)
+    outer = qual.split(".<locals>")[0]
+    parts = [(outer, None)]
+    cells = dict(zip(getattr(getattr(fn, "__code__", None), "co_freevars", ()), getattr(fn, "__closure__", None) or ()))
+    if outer == "sliding_window_overlay" and "sliding_window" in cells:
+        parts = [(outer, cells["sliding_window"].cell_contents)]
+    for cell in cells.values():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if callable(v) and not isinstance(v, torch.Tensor):
+                parts += _mask_parts(v, seen)
+    return parts
+
+
 def _no_mask(*args, **kwargs):
+    """The mask builder: no mask tensor at all (the attention op masks by itself), after
+    checking that the mask asked for is one the op reproduces: causal, or causal within a
+    sliding window that the attention call also receives. Anything else (chunked, blockwise,
+    bidirectional) is refused by name rather than dropped."""
+    for name, window in _mask_parts(kwargs.get("mask_function")):
+        if name == "sliding_window_overlay":
+            _TraceState.mask_windows.add(int(window))
+        elif name not in _CAUSAL_PARTS:
+            raise AttentionArgumentError(f"the model asks for a {name.replace('_', ' ')} attention mask; llmc's "
+                                         f"attention op is causal, optionally within a sliding window, and has no "
+                                         f"such mask")
     return None
+
+
+def check_masks() -> None:
+    """After a trace: every sliding window a mask was built for reached an attention call."""
+    missing = _TraceState.mask_windows - _TraceState.windows
+    if missing:
+        raise AttentionArgumentError(f"the model builds sliding-window masks of {sorted(missing)} tokens but never "
+                                     f"passes that window to its attention function; llmc applies windows in the "
+                                     f"attention op and would lose it")
 
 
 _registered = False
@@ -137,7 +191,7 @@ def llmc_attention_enabled(model):
     register()
     experts.register()
     experts.prepare(model)
-    _TraceState.calls, _TraceState.layers = 0, set()
+    _TraceState.calls, _TraceState.layers, _TraceState.windows, _TraceState.mask_windows = 0, set(), set(), set()
     text = model.config.get_text_config()
     configs = [model.config] + ([text] if text is not model.config else [])
     saved = [(c._attn_implementation, getattr(c, "_experts_implementation", None)) for c in configs]
