@@ -17,7 +17,7 @@ import sympy
 import torch
 
 from ..ir import Builder, Function, Module, TensorType, Value, symbol
-from ..ir.interpreter import IR_DTYPES
+from ..ir.interpreter import IR_DTYPES, TORCH_DTYPES as IR_TORCH
 from ..ir.types import Dim, normalize_dim
 
 INT64_MAX = 2**63 - 1
@@ -562,6 +562,15 @@ def dims_equal_(a, b) -> bool:
     return dims_equal(a, b)
 
 
+@rule("aten.conv1d.default", "aten.convolution.default", "aten._conv_depthwise2d.default")
+def _conv(imp, node):
+    raise ImportError_(
+        f"{node_target_name(node)} at %{node.name} ({source_location(node) or 'the model'}): a convolution over "
+        f"the token axis (a short causal convolution, as in LFM2/Mamba-style blocks) needs the previous tokens' "
+        f"inputs as recurrent state at every decode step; llmc's step carries a KV cache only, so the model "
+        f"is not supported")
+
+
 @rule("aten.square.default")
 def _square(imp, node):
     x = imp.as_tensor(imp.value(node.args[0]), _out_dtype(imp, node))
@@ -607,6 +616,20 @@ def _layer_norm(imp, node):
     if weight is None and bias is not None:
         out = imp.b.op("add", out, bias)
     return out
+
+
+@rule("aten.rms_norm.default")
+def _rms_norm(imp, node):
+    x, shape, weight, eps = imp.args(node, ("input", None), ("normalized_shape", None), ("weight", None),
+                                     ("eps", None))
+    if len(shape) != 1:
+        raise ImportError_(f"rms_norm at %{node.name} normalizes over {len(shape)} dims; llmc's over the last only")
+    eps = float(eps) if eps is not None else float(torch.finfo(IR_TORCH[x.type.dtype]).eps)
+    if weight is not None:
+        return imp.b.op("rms_norm", x, weight, eps=eps, weight_offset=0.0)
+    dtype = x.type.dtype
+    ms = imp.b.op("mean", imp.b.op("mul", x, x), axes=[x.type.rank - 1], keepdim=True)
+    return imp.b.op("mul", x, imp.b.op("rsqrt", imp.b.op("add", ms, imp.const(eps, dtype))))
 
 
 @rule("aten.addmm.default")

@@ -64,7 +64,6 @@ class AttentionArgumentError(ValueError):
 
 class _TraceState:
     calls = 0
-    layers: set = set()
     windows: set = set()       # sliding windows the attention calls received
     mask_windows: set = set()  # sliding windows the mask builder was asked for
 
@@ -98,15 +97,11 @@ def _attention_interface(module, query, key, value, attention_mask, scaling=None
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     window = kwargs.get("sliding_window") or 0
     softcap = kwargs.get("softcap") or 0.0
-    layer = getattr(module, "layer_idx", None)
-    if layer is None:  # modules without an index: the order of the calls is the layer order
-        layer = _TraceState.calls
+    # Each call gets the cache of its own index, in call order: for ordinary models that is
+    # layer_idx; a layer that attends twice (differential attention) or an attention module
+    # shared by several layers gets one cache per call, which is what each call attends over.
+    layer = _TraceState.calls
     _TraceState.calls += 1
-    if int(layer) in _TraceState.layers:
-        raise AttentionArgumentError(
-            f"{type(module).__name__} with layer_idx {layer} attends a second time in one forward (a shared "
-            f"attention layer); llmc keeps one KV cache per layer index")
-    _TraceState.layers.add(int(layer))
     if window:
         _TraceState.windows.add(int(window))
     out = torch.ops.llmc.attention(query, key, value, int(layer), scale, int(window), float(softcap),
@@ -191,7 +186,7 @@ def llmc_attention_enabled(model):
     register()
     experts.register()
     experts.prepare(model)
-    _TraceState.calls, _TraceState.layers, _TraceState.windows, _TraceState.mask_windows = 0, set(), set(), set()
+    _TraceState.calls, _TraceState.windows, _TraceState.mask_windows = 0, set(), set()
     text = model.config.get_text_config()
     configs = [model.config] + ([text] if text is not model.config else [])
     saved = [(c._attn_implementation, getattr(c, "_experts_implementation", None)) for c in configs]

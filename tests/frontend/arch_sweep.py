@@ -115,6 +115,10 @@ def _shrink(config) -> None:
                 continue
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
+    if isinstance(getattr(config, "full_attn_idxs", None), list):  # LFM2: layer 0 convolution, layer 1 attention
+        with contextlib.suppress(Exception):
+            config.full_attn_idxs = [1]
+            config.layer_types = ["conv", "full_attention"]
     # layer-type lists sized for the default depth: keep the first two (one of each kind when present)
     for key in ("layer_types", "mlp_layer_types", "block_types", "layers_block_type"):
         types = getattr(config, key, None)
