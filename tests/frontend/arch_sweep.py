@@ -108,10 +108,15 @@ def _shrink(config) -> None:
     if getattr(config, "qk_rope_head_dim", None):  # MLA: head_dim is the rotary part
         tiny["head_dim"] = tiny["qk_rope_head_dim"]
     for key, value in tiny.items():
-        if key in ("pad_token_id", "bos_token_id", "eos_token_id") or hasattr(config, key):
-            current = getattr(config, key, None)
+        try:  # per-layer attributes refuse global access: leave those to the per-layer configs
+            present = key in ("pad_token_id", "bos_token_id", "eos_token_id") or hasattr(config, key)
+            current = getattr(config, key, None) if present else None
+        except Exception:  # noqa: BLE001
+            continue
+        if present:
             if current is None and key not in ("pad_token_id", "bos_token_id", "eos_token_id",
-                                               "sliding_window", "head_dim", "num_experts_per_tok"):
+                                               "sliding_window", "head_dim", "num_experts_per_tok",
+                                               "num_key_value_heads", "num_local_experts", "moe_intermediate_size"):
                 continue
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
