@@ -148,11 +148,12 @@ def cmd_run(args) -> int:
 
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed, max_tokens=args.max_tokens)
+                                seed=args.seed, max_tokens=args.max_tokens, skip_special_tokens=False)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     try:
-        engine = Engine.load(args.artifact, threads=args.threads)
+        # one sequence: a KV pool of one full-length sequence is all `llmc run` needs
+        engine = Engine.load(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1)
     except ArtifactError as exc:
         raise CliError(str(exc)) from None
     tok = engine.tokenizer
@@ -161,19 +162,17 @@ def cmd_run(args) -> int:
     try:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         ids = tok.encode(text, add_special_tokens=not args.chat)
-        from llmc.runtime.tokenizer import StreamDecoder
-
-        stream = StreamDecoder(tok)
-        for token in engine.generate(ids, params):
-            sys.stdout.write(stream.push(token))
+        for out in engine.generate(ids, params):  # the serving engine, one request
+            sys.stdout.write(out.text)
             sys.stdout.flush()
-        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.write("\n")
     except ValueError as exc:
         raise CliError(str(exc)) from None
     s = engine.stats
     log.info("prompt %d tokens in %.2fs (%.0f tok/s); generated %d tokens in %.2fs (%.1f tok/s); stop: %s",
              s.prompt_tokens, s.prefill_seconds, s.prompt_tokens / max(s.prefill_seconds, 1e-9),
-             s.generated_tokens, s.decode_seconds, s.generated_tokens / max(s.decode_seconds, 1e-9), s.stop_reason)
+             s.generated_tokens, s.decode_seconds, max(s.generated_tokens - 1, 0) / max(s.decode_seconds, 1e-9),
+             s.stop_reason)
     return 0
 
 
