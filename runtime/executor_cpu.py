@@ -35,6 +35,14 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
     return header, 8 + size
 
 
+def aligned_zeros(shape: tuple, dtype: str) -> np.ndarray:
+    """A zeroed array of ``shape`` starting ALIGN-byte aligned (lazily mapped zero pages)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.zeros(nbytes + ALIGN, dtype=np.uint8)
+    offset = (-buf.ctypes.data) % ALIGN
+    return buf[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 def aligned_empty(nbytes: int) -> np.ndarray:
     """An uninitialized uint8 buffer of ``nbytes`` whose start is ALIGN-byte aligned."""
     buf = np.empty(nbytes + ALIGN, dtype=np.uint8)
@@ -74,10 +82,12 @@ class CpuExecutor:
         v_shape = (self.num_blocks, self.block_size, geom["kv_heads"], geom["value_dim"])
         self.pools = []
         for _ in range(geom["layers"]):
-            # zeroed (np.zeros maps untouched pages lazily): masked lanes of a block are multiplied
-            # by zero probabilities, which must not meet NaN garbage
-            self.pools.append(tvm.runtime.tensor(np.zeros(k_shape, dtype), self.device))
-            self.pools.append(tvm.runtime.tensor(np.zeros(v_shape, dtype), self.device))
+            # zeroed: masked lanes of a block are multiplied by zero probabilities, which must not
+            # meet NaN garbage. Shared with numpy's calloc'ed memory (DLPack, no copy), so pages
+            # become resident only when a block is first written: a large pool costs nothing
+            # until it is used and loads instantly.
+            self.pools.append(tvm.runtime.from_dlpack(aligned_zeros(k_shape, dtype)))
+            self.pools.append(tvm.runtime.from_dlpack(aligned_zeros(v_shape, dtype)))
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
 
