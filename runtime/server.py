@@ -8,6 +8,7 @@ server-sent-event streaming in OpenAI's chunk format; ``/v1/models``; ``/health`
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -228,11 +229,7 @@ def create_app(server: Server) -> FastAPI:
             first = await _first(gen)
             return StreamingResponse(_completion_stream(server, rid, first, gen, include_usage, body.logprobs),
                                      media_type="text/event-stream")
-        text, samples, last = "", [], None
-        async for out in gen:
-            text += out.text
-            samples += out.new_samples
-            last = out
+        text, samples, last = await _collect(gen, request)
         choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
                   "logprobs": _completion_logprobs(server, samples, 0) if body.logprobs is not None else None}
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": server.model_name,
@@ -266,11 +263,7 @@ def create_app(server: Server) -> FastAPI:
             first = await _first(gen)
             return StreamingResponse(_chat_stream(server, rid, first, gen, include_usage, logprobs is not None),
                                      media_type="text/event-stream")
-        text, samples, last = "", [], None
-        async for out in gen:
-            text += out.text
-            samples += out.new_samples
-            last = out
+        text, samples, last = await _collect(gen, request)
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
                   "logprobs": {"content": _chat_logprobs(server, samples)} if logprobs is not None else None,
                   "finish_reason": last.finish_reason}
@@ -278,6 +271,25 @@ def create_app(server: Server) -> FastAPI:
                 "choices": [choice], "usage": usage(last)}
 
     return app
+
+
+async def _collect(gen, request: Request):
+    """All of a non-streamed request's outputs; a client that disconnects meanwhile aborts it."""
+    async def consume():
+        text, samples, last = "", [], None
+        async for out in gen:
+            text, samples, last = text + out.text, samples + out.new_samples, out
+        return text, samples, last
+
+    task = asyncio.ensure_future(consume())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await gen.aclose()
+            raise ApiError(499, "the client closed the request")
 
 
 async def _first(gen):

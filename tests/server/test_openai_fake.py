@@ -239,3 +239,17 @@ def test_client_disconnect_mid_stream_frees_blocks(byte_tokenizer):
         m = s.wait_idle(5.0)
         assert m["llmc_generation_tokens_total"] < 200  # stopped early
         s.engine.blocks.check()
+
+
+def test_client_disconnect_without_streaming_frees_blocks(byte_tokenizer):
+    with fake_server(tokenizer=byte_tokenizer, max_model_len=256, delay_per_step=0.01) as s:
+        host, port = s.url.split("//")[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        body = json.dumps({"model": "fake", "prompt": "bye", "max_tokens": 200, "temperature": 0, "ignore_eos": True})
+        conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+        deadline = time.monotonic() + 5
+        while s.metrics()["llmc_kv_blocks_used"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        conn.sock.close()
+        m = s.wait_idle(5.0)
+        assert m["llmc_generation_tokens_total"] < 200
