@@ -128,5 +128,6 @@ class PlanRunner:
                 continue
             args = [bufs[v] if kind == "buf" else int(evaluate(v, env)) for kind, v in entry["args"]]
             self.launch(entry["kernel"], grid, args)
+        self.last_buffers = bufs  # for debugging and tests: every buffer of the last step
         logits = bufs[self.plan["outputs"]["logits"]]
         return logits.float().cpu().numpy().reshape(batch.num_seqs, -1)

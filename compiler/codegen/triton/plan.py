@@ -106,6 +106,10 @@ class _Lowering:
         self._temp = 0
         self._dependent: set[int] = set()
         self._logits_value: Optional[Value] = None
+        # Triton's interpreter multiplies bf16 tl.dot operands as raw integers (triton 3.9): on the
+        # interpreter, bf16 tiles are widened to fp32 first, which is exact (same products, fp32
+        # accumulation as on tensor cores); GPU kernels keep bf16 operands
+        self.dot_cast = ".to(tl.float32)" if options.arch == "interpret" and options.dtype == "bf16" else ""
 
     # ------------------------------------------------------------------ dtypes
     def _analyse(self) -> None:
@@ -375,7 +379,7 @@ class _Lowering:
             else:
                 bm, bn, bk, warps, stages = bl.gemm_skinny if variant == "gemm_skinny" else bl.gemm
                 k = render("gemm.py.j2", f"{label}_{variant}", allp, num_warps=warps, num_stages=stages, bm=bm,
-                           bn=bn, bk=bk, m=m_src, precision=precision, **ctx)
+                           bn=bn, bk=bk, m=m_src, precision=precision, dot_cast=self.dot_cast, **ctx)
                 grid = [_cdiv(m_str, bm), _cdiv(str(n), bn)]
             self.launch(k, grid, alla, when=when, op=label)
 
@@ -495,7 +499,8 @@ class _Lowering:
         kp = render("attention_prefill.py.j2", "attention_prefill",
                     in_params + [("tiles_ptr", "*i32"), ("out_ptr", self.ptr_type(out)), ("T", "i32"), ("B", "i32"),
                                  ("MB", "i32")],
-                    num_warps=self.blocks.attn_warps, num_stages=2, bm=bm, precision=precision, **common)
+                    num_warps=self.blocks.attn_warps, num_stages=2, bm=bm, precision=precision,
+                    dot_cast=self.dot_cast, **common)
         self.launch(kp, [f"NT_{bm}", str(hkv)],
                     [["buf", b] for b in ins] + [["buf", tiles], ["buf", out], ["int", "T"], ["int", "B"],
                                                  ["int", "MB"]], when="not decode", op="paged_attention")
