@@ -98,22 +98,35 @@ class PlanRunner:
         return [self.persistent[n] for n in self.plan["outputs"]["pools"]]
 
     def step(self, batch: StepBatch) -> np.ndarray:
-        arrays = {n: getattr(batch, n) for n in self.plan["step_args"]}
+        arrays = {n: torch.from_numpy(np.ascontiguousarray(getattr(batch, n), dtype=np.int64))
+                  for n in self.plan["step_args"]}
         env = {"T": batch.num_tokens, "B": batch.num_seqs, "MB": int(batch.block_tables.shape[1]),
                "NB": self.num_blocks}
         env["decode"] = bool(batch.num_tokens == batch.num_seqs and np.all(np.diff(batch.query_start) == 1))
+        bufs = self.execute(arrays, env, np.asarray(batch.query_start, dtype=np.int64))
+        logits = bufs[self.plan["outputs"]["logits"]]
+        return logits.float().cpu().numpy().reshape(batch.num_seqs, -1)
+
+    def run(self, inputs: dict[str, torch.Tensor], dims: dict[str, int]) -> list[torch.Tensor]:
+        """A plan lowered with step=False: named inputs in, the results (flat) out."""
+        env = dict(dims, NB=self.num_blocks)
+        env.setdefault("decode", False)
+        qs = inputs.get("query_start")
+        bufs = self.execute(inputs, env, None if qs is None else qs.cpu().numpy().astype(np.int64))
+        return [bufs[n] for n in self.plan["outputs"]["results"]]
+
+    def execute(self, inputs: dict[str, torch.Tensor], env: dict, query_start) -> dict[str, torch.Tensor]:
         bufs: dict[str, torch.Tensor] = dict(self.persistent)
         for name, d in self.plan["derived"].items():
             if d["kind"] != "query_tiles":
                 raise ValueError(f"unknown derived input kind {d['kind']}")
-            tiles = query_tiles(np.asarray(batch.query_start, dtype=np.int64), int(d["rows"]))
+            tiles = query_tiles(query_start, int(d["rows"]))
             env[d["count"]] = int(tiles.shape[0])
             bufs[name] = torch.from_numpy(tiles.reshape(-1)).to(self.device)
         for name, b in self.buffers.items():
             kind = b["kind"]
             if kind == "input":
-                bufs[name] = torch.from_numpy(np.ascontiguousarray(arrays[name], dtype=np.int64).reshape(-1)).to(
-                    self.device)
+                bufs[name] = inputs[name].to(device=self.device, dtype=TORCH_DTYPES[b["dtype"]]).contiguous().reshape(-1)
             elif kind == "temp":
                 numel = int(np.prod([evaluate(d, env) for d in b["shape"]]))
                 bufs[name] = torch.empty(numel, dtype=TORCH_DTYPES[b["dtype"]], device=self.device)
@@ -129,5 +142,4 @@ class PlanRunner:
             args = [bufs[v] if kind == "buf" else int(evaluate(v, env)) for kind, v in entry["args"]]
             self.launch(entry["kernel"], grid, args)
         self.last_buffers = bufs  # for debugging and tests: every buffer of the last step
-        logits = bufs[self.plan["outputs"]["logits"]]
-        return logits.float().cpu().numpy().reshape(batch.num_seqs, -1)
+        return bufs

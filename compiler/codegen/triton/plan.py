@@ -94,7 +94,8 @@ class Plan:
 
 
 class _Lowering:
-    def __init__(self, module: Module, options: PlanOptions):
+    def __init__(self, module: Module, options: PlanOptions, step: bool = True):
+        self.step = step
         if options.dtype not in DTYPES:
             raise CodegenError(f"--dtype {options.dtype} is not supported; use one of {', '.join(DTYPES)}")
         self.module = module
@@ -117,7 +118,7 @@ class _Lowering:
         writes the logits (stored fp32)."""
         names = {a.name for a in self.fn.args}
         for a in self.fn.args:
-            if a.name == "input_ids" or a.name.startswith(("k_pool_", "v_pool_")):
+            if a.name == "input_ids" or a.name.startswith(("k_pool_", "v_pool_")) or not self.step:
                 self._dependent.add(id(a))
         self._weight_act: set[str] = set()
         for op in self.fn.ops:
@@ -132,7 +133,7 @@ class _Lowering:
             v = v.producer.operands[0]
         self._logits_value = v
         missing = set(STEP_ARGS) - names
-        if missing:
+        if missing and self.step:
             raise CodegenError(f"@forward lacks {sorted(missing)}; run select-logits and paged-kv before codegen")
 
     def dtype_of(self, v: Value) -> str:
@@ -182,7 +183,9 @@ class _Lowering:
     def run(self) -> Plan:
         self._analyse()
         for a in self.fn.args:
-            if a.name in STEP_ARGS:
+            if not self.step:
+                self.env[id(a)] = self.add_buffer(a.name, a.type.shape, self.dtype_of(a), "input")
+            elif a.name in STEP_ARGS:
                 self.env[id(a)] = self.add_buffer(a.name, a.type.shape, a.type.dtype, "input")
             elif a.name.startswith(("k_pool_", "v_pool_")):
                 self.env[id(a)] = self.add_buffer(a.name, a.type.shape, self.opts.dtype, "pool")
@@ -190,6 +193,9 @@ class _Lowering:
                 raise CodegenError(f"@forward takes argument {a.name} that the runtime does not provide")
         for op in self.fn.ops:
             self.lower(op)
+        if not self.step:
+            self.plan.outputs = {"results": [self.buf(v) for v in self.fn.results]}
+            return self.plan
         logits = self.buf(self.fn.results[0])
         pools = [self.buf(v) for v in self.fn.results[1:]]
         pool_args = [a.name for a in self.fn.args if a.name.startswith(("k_pool_", "v_pool_"))]
@@ -526,6 +532,8 @@ class _Lowering:
                                          ["int", "T"], ["int", "B"]], when="decode", op="paged_attention")
 
 
-def lower_to_plan(module: Module, options: Optional[PlanOptions] = None) -> Plan:
-    """The launch plan of ``module``'s paged @forward (see the module docstring)."""
-    return _Lowering(module, options or PlanOptions()).run()
+def lower_to_plan(module: Module, options: Optional[PlanOptions] = None, step: bool = True) -> Plan:
+    """The launch plan of ``module``'s paged @forward (see the module docstring). With
+    ``step=False`` any @forward is lowered (its arguments become inputs, its results the
+    outputs): how the kernel tests run one op or region at a time."""
+    return _Lowering(module, options or PlanOptions(), step).run()
