@@ -96,7 +96,7 @@ def cmd_compile(args) -> int:
         from llmc.compiler.driver import compile_artifact, resolve_target
 
         options = CompileOptions(mcpu=args.mcpu, threads=args.threads, max_seq_len=args.max_seq_len,
-                                 kv_block_size=args.kv_block_size)
+                                 kv_block_size=args.kv_block_size, arch=args.arch, dtype=args.dtype)
         try:
             target = resolve_target(args.target)
             if hasattr(target, "check"):  # a bad --mcpu or a missing cross linker fails before the import
@@ -305,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mcpu", help="cpu: LLVM CPU to build for, x86-64 or AArch64, e.g. znver4, x86-64-v3, neoverse-n1, "
                         "'aarch64' (default: this machine; another architecture needs llmc[cross])")
     c.add_argument("--threads", type=positive_int, help="cpu: threads the kernels are built for (default: all cores)")
+    c.add_argument("--arch", help="cuda: sm_80, sm_89 or sm_90 (default sm_90); rocm: gfx90a, gfx942 or gfx1100 "
+                        "(default gfx942). Built ahead of time: no GPU needed")
+    c.add_argument("--dtype", choices=("bf16", "f16", "f32"),
+                   help="cuda/rocm: dtype of activations, weights and KV cache (default bf16)")
     c.add_argument("--max-seq-len", type=positive_int, default=2048,
                    help="tokens one sequence may hold, prompt and output (default 2048)")
     c.add_argument("--kv-block-size", type=positive_int,
