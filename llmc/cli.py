@@ -201,6 +201,49 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Run the artifact and the HF model on a few prompts; exit 1 beyond tolerance."""
+    from llmc.compiler.frontend import ModelSourceError
+    from llmc.compiler.frontend.hf import load_hf_model, resolve_source
+    from llmc.compiler.verify import DEFAULT_PROMPTS, verify_artifact
+    from llmc.runtime import ArtifactError, Engine
+
+    try:
+        engine = Engine.load(args.artifact, threads=args.threads)
+    except ArtifactError as exc:
+        raise CliError(str(exc)) from None
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        try:
+            with open(args.prompts) as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as exc:
+            raise CliError(f"cannot read --prompts {args.prompts}: {exc}") from None
+        if not prompts:
+            raise CliError(f"--prompts {args.prompts} has no prompts (one per line)")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        model = load_hf_model(resolve_source(args.model))
+    except (ModelSourceError, OSError, ValueError, KeyError) as exc:
+        raise CliError(f"cannot load {args.model} with transformers: {exc}") from None
+    try:
+        reports = verify_artifact(engine, model, prompts, args.max_tokens)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    ok = True
+    print(f"{'prompt':40s} {'tokens':>6s} {'max |dlogit|':>12s} {'top-1':>6s} {'identical':>9s}")
+    for r in reports:
+        bad = r.max_logit_error > args.tol * max(1.0, r.logit_scale) or r.top1_agreement < args.min_top1
+        ok &= not bad
+        print(f"{r.prompt[:40]:40s} {r.prompt_tokens:6d} {r.max_logit_error:12.3g} {r.top1_agreement:6.2f} "
+              f"{r.identical_tokens:4d}/{r.steps:<4d}{'  FAIL' if bad else ''}")
+    worst = max(r.max_logit_error for r in reports)
+    print(f"{'ok' if ok else 'MISMATCH'}: max logit error {worst:.3g} (tolerance {args.tol:g} x max(1, |logit|)), "
+          f"top-1 agreement "
+          f"{min(r.top1_agreement for r in reports):.2f} (at least {args.min_top1:g})")
+    return 0 if ok else 1
+
+
 def cmd_passes(args) -> int:
     from llmc.compiler.passes import all_passes, pipeline_names
     from llmc.compiler.passes.registry import PIPELINES
@@ -379,6 +422,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM, how long running requests may take to finish (default 30)")
     sv.add_argument("-v", "--verbose", action="store_true", help="log every request")
     sv.set_defaults(func=cmd_serve)
+
+    v = sub.add_parser("verify", help="compare a compiled artifact with the transformers model",
+                       description="Run ARTIFACT and the Hugging Face MODEL on a few prompts (HF's greedy "
+                                   "continuation fed to both) and report, per prompt, the max logit error, top-1 "
+                                   "agreement and the identical greedy continuation length. Exit 1 beyond tolerance.")
+    v.add_argument("artifact", metavar="ARTIFACT")
+    v.add_argument("model", metavar="MODEL", help="what the artifact was compiled from (directory, .gguf, smollm2)")
+    v.add_argument("--prompts", metavar="FILE", help="one prompt per line (token ids if the artifact has no tokenizer)")
+    v.add_argument("--max-tokens", type=positive_int, default=16, help="greedy steps per prompt (default 16)")
+    v.add_argument("--tol", type=float, default=1e-3,
+                   help="max logit error allowed, relative to max(1, largest |logit|) (default 1e-3)")
+    v.add_argument("--min-top1", type=float, default=1.0, help="min top-1 agreement per prompt (default 1.0)")
+    v.add_argument("--threads", type=positive_int, help="threads to run the artifact with")
+    v.add_argument("-v", "--verbose", action="store_true", help="show loading details")
+    v.set_defaults(func=cmd_verify)
 
     r = sub.add_parser("interpret", help="generate text with the IR's reference interpreter (slow, exact)",
                        description="Import MODEL and generate greedily with the reference interpreter.")
