@@ -81,3 +81,17 @@ def test_new_unary_ops(kind):
         x = x.abs()
     (got,) = _run(kind, {}, [x], [TensorType((64,), "f32")])
     torch.testing.assert_close(got, IMPLS[kind]([x], {}, _Frame()), atol=1e-5, rtol=1e-5)
+
+
+def test_router_kernels():
+    torch.manual_seed(9)
+    s, c = torch.randn(7, 8), torch.randn(7, 8)
+    i = torch.stack([torch.randperm(8)[:3] for _ in range(7)])
+    (g,) = _run("gather", {"axis": 1}, [s, i], [TensorType((7, 3), "f32")])
+    assert torch.equal(g, torch.gather(s, 1, i))
+    (sc,) = _run("scatter", {"axis": 1}, [c, i, g], [TensorType((7, 8), "f32")])
+    assert torch.equal(sc, torch.scatter(c, 1, i, g))
+    (gt,) = _run("gt", {}, [s, c], [TensorType((7, 8), "bool")])
+    assert torch.equal(gt, s > c)
+    (w,) = _run("where", {}, [s > c, s, c], [TensorType((7, 8), "f32")])
+    assert torch.equal(w, torch.where(s > c, s, c))

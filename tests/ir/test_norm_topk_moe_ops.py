@@ -88,3 +88,63 @@ def test_moe_ungated_with_biases():
     want = torch.stack([sum(w[t, k] * F.linear(F.gelu(F.linear(x[t], up[ids[t, k]], ub[ids[t, k]])), down[ids[t, k]],
                                                db[ids[t, k]]) for k in range(2)) for t in range(5)])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+ROUTER = """module @m {
+  func @forward(%s: f32[T, 8], %i: i64[T, 2], %c: f32[T, 8]) -> (f32[T, 2], f32[T, 8], f32[T, 8], bool[T, 8]) {
+    %g = gather(%s, %i) {axis = 1} : f32[T, 2]
+    %sc = scatter(%c, %i, %g) {axis = 1} : f32[T, 8]
+    %gt = gt(%s, %c) : bool[T, 8]
+    %le = le(%s, %c) : bool[T, 8]
+    %both = logical_and(%gt, %le) : bool[T, 8]
+    %neither = logical_not(%both) : bool[T, 8]
+    %w = where(%gt, %s, %c) : f32[T, 8]
+    return %g, %sc, %w, %neither
+  }
+}
+"""
+
+
+def test_router_ops_round_trip_and_mean_what_torch_means():
+    module = parse_module(ROUTER)
+    verify(module)
+    assert print_module(parse_module(print_module(module))) == print_module(module)
+    torch.manual_seed(2)
+    s, c = torch.randn(5, 8), torch.randn(5, 8)
+    i = torch.stack([torch.randperm(8)[:2] for _ in range(5)])
+    g, sc, w, neither = Interpreter(module, {}).run([s, i, c])
+    assert torch.equal(g, torch.gather(s, 1, i))
+    assert torch.equal(sc, torch.scatter(c, 1, i, torch.gather(s, 1, i)))
+    assert torch.equal(w, torch.where(s > c, s, c))
+    assert bool(neither.all())  # s > c and s <= c never both hold
+
+
+def test_router_op_type_rules():
+    with pytest.raises(Exception, match="bool condition"):
+        verify(parse_module(ROUTER.replace("where(%gt, %s, %c)", "where(%s, %s, %c)")))
+    with pytest.raises(Exception, match="integer tensor"):
+        verify(parse_module(ROUTER.replace("gather(%s, %i)", "gather(%s, %c)").replace(
+            "f32[T, 2]\n    %sc", "f32[T, 8]\n    %sc")))
+
+
+def test_attention_sinks_join_the_softmax_denominator():
+    text = """module @m {
+  func @forward(%q: f32[T, 4, 8], %k: f32[T, 2, 8], %v: f32[T, 2, 8], %p: i64[T], %s: f32[4]) -> (f32[T, 4, 8]) {
+    %o = attention(%q, %k, %v, %p, %s) {layer = 0, scale = 0.5, window = 0, softcap = 0.0} : f32[T, 4, 8]
+    return %o
+  }
+}
+"""
+    module = parse_module(text)
+    verify(module)
+    torch.manual_seed(4)
+    t = 6
+    q, k, v, sinks = torch.randn(t, 4, 8), torch.randn(t, 2, 8), torch.randn(t, 2, 8), torch.randn(4)
+    got = Interpreter(module, {}).run([q, k, v, torch.arange(t), sinks])[0]
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, kk) * 0.5
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    weights = scores.exp() / (scores.exp().sum(-1, keepdim=True) + sinks.exp()[:, None, None])
+    torch.testing.assert_close(got, torch.einsum("hqk,khd->qhd", weights, vv), atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="sinks must be"):
+        verify(parse_module(text.replace("%s: f32[4]", "%s: f32[3]")))

@@ -276,7 +276,7 @@ def _scatter(ops, attrs, out, ctx):
                                                                           tir.const(0, src.dtype)), axis=k2),
                        name="scatter_sum")
     return te.compute(ctx.shape(out), lambda *i: tir.if_then_else(
-        count[i] > 0, total[i] / count[i].astype(total.dtype) if total.dtype.startswith("float") else total[i],
+        count[i] > 0, total[i] / count[i].astype(total.dtype) if str(total.dtype).startswith("float") else total[i],
         x[i]), name="scatter")
 
 
