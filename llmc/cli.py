@@ -475,8 +475,12 @@ def main(argv=None) -> int:
         return 130
     except Exception as exc:  # frontend errors that carry their own explanation
         from llmc.compiler.frontend import FrontendImportError, UnsupportedOpError
+        from llmc.compiler.frontend.attention import AttentionArgumentError
+        from llmc.compiler.frontend.experts import ExpertsError
+        from llmc.compiler.frontend.hf import TraceError
 
-        if isinstance(exc, (UnsupportedOpError, FrontendImportError)):
+        if isinstance(exc, (UnsupportedOpError, FrontendImportError, TraceError, AttentionArgumentError,
+                            ExpertsError)):
             print(f"llmc: error: {exc}", file=sys.stderr)
             return 2
         raise

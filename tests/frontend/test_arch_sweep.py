@@ -12,7 +12,7 @@ from tests.frontend.arch_sweep import load_expectations, registry, sweep_one
 
 EXPECTED = load_expectations()
 # one model type per mechanism the frontend has to get right; all must be recorded as passing
-FAST_SUBSET = ["llama", "gpt2", "gpt_neox", "phi", "olmo", "mixtral", "qwen2_moe", "olmoe", "gptj"]
+FAST_SUBSET = ["llama", "gpt2", "gpt_neox", "phi", "olmo", "cohere", "mixtral", "qwen2_moe", "olmoe", "gptj", "gpt_oss"]
 
 
 def _check(model_type: str, strict: bool):
