@@ -95,3 +95,18 @@ def test_router_kernels():
     assert torch.equal(gt, s > c)
     (w,) = _run("where", {}, [s > c, s, c], [TensorType((7, 8), "f32")])
     assert torch.equal(w, torch.where(s > c, s, c))
+
+
+def test_expand_and_reshape_of_a_constant():
+    """Filled tensors (zeros_like, new_full, scatter of a constant) are a constant expanded."""
+    from llmc.compiler.codegen.tvm.kernels import Scalar
+
+    for kind in ("expand", "reshape"):
+        out = BUILDERS[kind]([Scalar(1.5, "f32")], {"shape": [3, 4]}, TensorType((3, 4), "f32"),
+                             _KernelCtx(kind, DimMap({})))
+        func = te.create_prim_func([out])
+        target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        result = tvm.runtime.tensor(np.zeros((3, 4), "float32"))
+        lib["main"](result)
+        assert (result.numpy() == 1.5).all()

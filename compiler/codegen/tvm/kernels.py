@@ -528,10 +528,17 @@ def _ravel(index, shape):
     return flat
 
 
+def _splat(x: Scalar, shape, name: str) -> te.Tensor:
+    """A constant broadcast to a shape (reshape/expand of a scalar constant)."""
+    return te.compute(shape, lambda *i: x.expr(), name=name)
+
+
 @builder("reshape")
 def _reshape(ops, attrs, out, ctx):
-    x = unpack(ops[0])
     shape = ctx.shape(out)
+    if isinstance(ops[0], Scalar):
+        return _splat(ops[0], shape, "reshape")
+    x = unpack(ops[0])
     return te.compute(shape, lambda *i: x[tuple(_unravel(_ravel(i, shape), x.shape))], name="reshape")
 
 
@@ -550,8 +557,10 @@ def _permute(ops, attrs, out, ctx):
 
 @builder("expand")
 def _expand(ops, attrs, out, ctx):
-    x = unpack(ops[0])
     shape = ctx.shape(out)
+    if isinstance(ops[0], Scalar):
+        return _splat(ops[0], shape, "expand")
+    x = unpack(ops[0])
     return te.compute(shape, lambda *i: x[tuple(broadcast_index(x, len(shape), i))], name="expand")
 
 
