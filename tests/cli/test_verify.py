@@ -38,20 +38,22 @@ def test_verify_passes_on_a_faithful_artifact(tiny):
 
 
 def test_verify_fails_when_weights_differ(tiny, tmp_path):
-    out = llmc("verify", str(tiny / "artifact"), str(tiny / "altered"))
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "MISMATCH" in out.stdout and "FAIL" in out.stdout
-
-
-def test_verify_reads_token_id_prompts(tiny, tmp_path):
-    prompts = tmp_path / "prompts.txt"
+    prompts = tmp_path / "prompts.txt"  # no tokenizer in the artifact: prompts are token ids
     prompts.write_text("5 6 7 8\n9 10 11 12 13 14 15\n")
-    out = llmc("verify", str(tiny / "artifact"), str(tiny / "hf"), "--prompts", str(prompts), "--max-tokens", "4")
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("4/4") == 2
-    prompts.write_text("not token ids\n")
-    bad = llmc("verify", str(tiny / "artifact"), str(tiny / "hf"), "--prompts", str(prompts))
-    assert bad.returncode == 2 and "space-separated token ids" in bad.stderr
+    out = llmc("verify", str(tiny / "artifact"), str(tiny / "altered"), "--prompts", str(prompts), "--max-tokens", "4")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "MISMATCH" in out.stdout and out.stdout.count("FAIL") == 2
+
+
+def test_prompt_files_must_be_token_ids_without_a_tokenizer():
+    from llmc.compiler.verify import DEFAULT_PROMPTS, _prompt_ids
+
+    assert _prompt_ids(["5 6 7"], None, 128) == [("5 6 7", [5, 6, 7])]
+    assert [len(ids) for _, ids in _prompt_ids(DEFAULT_PROMPTS, None, 128)] == [5, 17, 33]
+    with pytest.raises(ValueError, match="space-separated token ids"):
+        _prompt_ids(["not token ids"], None, 128)
+    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+        _prompt_ids(["5 200"], None, 128)
 
 
 @pytest.mark.model
