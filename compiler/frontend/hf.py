@@ -174,7 +174,7 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
     T = torch.export.Dim(TOKEN_SYMBOL, min=1, max=max_tokens)
     configs = [model.config] + [c for c in {id(text_config): text_config}.values() if c is not model.config]
     saved = [getattr(c, "use_cache", None) for c in configs]
-    from .attention import attention_calls, check_masks
+    from .attention import attention_calls
 
     try:
         for c in configs:
@@ -186,7 +186,6 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
                 strict=False, prefer_deferred_runtime_asserts_over_guards=True,
             )
             calls = attention_calls()
-            check_masks()
     except torch._dynamo.exc.UserError as exc:
         if "Specializations unexpectedly required" in str(exc):
             kinds = sorted({str(k) for k in (getattr(text_config, "layer_types", None) or [])}
