@@ -486,8 +486,8 @@ def _logical(kind: str):
     return fn
 
 
-rule("aten.logical_and.default", "aten.bitwise_and.Tensor")(_logical("logical_and"))
-rule("aten.logical_or.default", "aten.bitwise_or.Tensor")(_logical("logical_or"))
+rule("aten.logical_and.default", "aten.bitwise_and.Tensor", "aten.__and__.Tensor")(_logical("logical_and"))
+rule("aten.logical_or.default", "aten.bitwise_or.Tensor", "aten.__or__.Tensor")(_logical("logical_or"))
 rule("aten.logical_not.default", "aten.bitwise_not.default")(_logical("logical_not"))
 
 
