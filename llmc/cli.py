@@ -151,6 +151,9 @@ def cmd_run(args) -> int:
                                 seed=args.seed, max_tokens=args.max_tokens, skip_special_tokens=False)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    from llmc.runtime.executor_cpu import keep_torch_out
+
+    keep_torch_out()
     try:
         # one sequence: a KV pool of one full-length sequence is all `llmc run` needs
         engine = Engine.load(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1)
@@ -183,6 +186,9 @@ def cmd_serve(args) -> int:
         raise CliError(f"llmc serve needs the serve extra ({exc.name} is missing): pip install 'llmc[serve]'") from None
     from llmc.runtime import ArtifactError, Engine
 
+    from llmc.runtime.executor_cpu import keep_torch_out
+
+    keep_torch_out()
     api_key = args.api_key or os.environ.get("LLMC_API_KEY") or None
     t0 = time.perf_counter()
     try:
