@@ -75,6 +75,24 @@ class TritonExecutor:
         self.runner = PlanRunner(plan, weights, num_blocks, self.device, self._launch)
         self.launches = 0
 
+    @classmethod
+    def from_manifest(cls, manifest, num_blocks: Optional[int] = None, interpret: Optional[bool] = None):
+        """The executor of a cuda/rocm artifact, running its kernel sources through Triton."""
+        from safetensors.torch import load_file
+
+        from .artifact import ArtifactError
+
+        if manifest.target.get("kind") not in ("cuda", "rocm"):
+            raise ArtifactError(f"{manifest.root} is a '{manifest.target.get('kind')}' artifact; the Triton runner "
+                                f"executes cuda/rocm artifacts")
+        plan = manifest.data["plan"]
+        weights = load_file(manifest.path("weights.safetensors"))
+        geom = manifest.kv_cache
+        max_len = int(geom["max_model_len"])
+        blocks = int(num_blocks or -(-max_len // int(geom["block_size"])))
+        return cls(plan, manifest.path("kernels/src"), weights, blocks, max_len,
+                   int(manifest.model.get("vocab_size") or 0), interpret=interpret)
+
     def _launch(self, name: str, grid: tuple, args: list) -> None:
         try:
             self.kernels[name][grid](*args)
