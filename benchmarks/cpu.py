@@ -45,12 +45,13 @@ DEFAULT_ARTIFACT = "out/smollm2-cpu"
 BUILD_HINT = "llmc compile smollm2 --target cpu -o out/smollm2-cpu"
 LLAMACPP_MISSING = "not installed (pip install -e .[bench])"
 
-ENGINE_ORDER = ["hf", "hf-keep1", "llamacpp", "llmc"]
+ENGINE_ORDER = ["hf", "hf-keep1", "llamacpp", "llmc", "llmc-run"]
 ENGINE_LABELS = {
     "hf": "HF fp32 eager",
     "hf-keep1": "HF keep1",
     "llamacpp": "llama.cpp",
     "llmc": "llmc",
+    "llmc-run": "llmc run (plain env)",
 }
 
 # A fixed English text; its token ids (truncated to each length) are the prompts.
@@ -125,11 +126,12 @@ def _machine_busy_jiffies():
 
 
 def _own_jiffies():
-    """utime + stime of this process (all its threads), from /proc/self/stat."""
+    """utime + stime of this process (all its threads) and of its waited-for children (the
+    ``llmc run`` processes of the llmc-run row), from /proc/self/stat."""
     with open("/proc/self/stat") as f:
         text = f.read()
     rest = text[text.rindex(")") + 2:].split()  # rest[0] is field 3 (state)
-    return int(rest[11]) + int(rest[12])     # fields 14 and 15
+    return sum(int(x) for x in rest[11:15])  # fields 14-17: utime, stime, cutime, cstime
 
 
 class CpuMeter:
@@ -338,6 +340,8 @@ def make_tasks(prefill_lengths, decode_prompt, decode_tokens):
 
 def run_task(engine, task, prompt_ids, meter):
     """One measurement; returns (seconds, meter reading, generated tokens or None)."""
+    if hasattr(engine, "measure"):  # whole processes, timed by the engine itself
+        return engine.measure(task, prompt_ids, meter)
     ids = prompt_ids[: task["prompt"]]
     gc.collect()
     if task["kind"] == "prefill":
@@ -365,6 +369,14 @@ def run_task(engine, task, prompt_ids, meter):
 
 def engine_supports(engine, task):
     return task["kind"] == "prefill" or engine.decodes
+
+
+def make_detokenizer(src):
+    """Token ids -> text, for the llmc-run row's --prompt (the tokenizer of the GGUF itself)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    return lambda ids: tok.decode(list(ids))
 
 
 def tokenize_prompt(src, n):
@@ -508,9 +520,9 @@ def parse_args(argv):
         name = "cpu-quick.json" if args.quick else "cpu.json"
         args.json = os.path.join(REPO, "benchmarks", "results", name)
     wanted = [e.strip() for e in args.engines.split(",") if e.strip()]
-    bad = [e for e in wanted if e not in ("hf", "llamacpp", "llmc")]
+    bad = [e for e in wanted if e not in ("hf", "llamacpp", "llmc", "llmc-run")]
     if bad or not wanted:
-        p.error(f"--engines takes a comma-separated subset of hf,llamacpp,llmc (got {args.engines!r})")
+        p.error(f"--engines takes a comma-separated subset of hf,llamacpp,llmc,llmc-run (got {args.engines!r})")
     args.engine_list = wanted
     if args.threads < 1 or args.repeats < 1:
         p.error("--threads and --repeats must be at least 1")
@@ -581,7 +593,12 @@ def main(argv=None):
                     print(f"llmc: artifact {args.artifact} not found; build it with:\n"
                           f"    {BUILD_HINT}\n  (or pass --artifact DIR); skipping llmc")
                     raise EngineUnavailable(f"no artifact ({BUILD_HINT})")
-                made = [LlmcEngine(artifact, t)]
+                if name == "llmc-run":
+                    from llmc_processes import LlmcRunProcesses
+
+                    made = [LlmcRunProcesses(artifact, t, make_detokenizer(src))]
+                else:
+                    made = [LlmcEngine(artifact, t)]
         except EngineUnavailable as exc:
             status[name] = str(exc)
             print(f"{name}: {exc}")
@@ -603,6 +620,8 @@ def main(argv=None):
     for eng in list(engines):
         t0 = time.perf_counter()
         try:
+            if hasattr(eng, "warm_up"):
+                eng.warm_up(prompt_ids)
             for task in tasks:
                 if engine_supports(eng, task):
                     _, _, gen = run_task(eng, task, prompt_ids, meter)
@@ -660,7 +679,7 @@ def main(argv=None):
     # ---- summarize
     summary = {e: {task: summarize(r) for task, r in per.items()} for e, per in runs.items()}
     ratio_pairs = [("llmc/hf", "llmc", "hf"), ("llmc/hf-keep1", "llmc", "hf-keep1"),
-                   ("llmc/llamacpp", "llmc", "llamacpp")]
+                   ("llmc/llamacpp", "llmc", "llamacpp"), ("llmc run/llmc", "llmc-run", "llmc")]
     ratios = {}
     for key, num, den in ratio_pairs:
         if num not in summary or den not in summary:
@@ -677,8 +696,10 @@ def main(argv=None):
     shown = [e for e in ENGINE_ORDER if e in status]
     if "llamacpp" not in shown and "llamacpp" in args.engine_list:
         shown.append("llamacpp")
-    cols = ["tok/s"] + [ENGINE_LABELS[e] for e in shown] + ["llmc/HF", "llmc/HF keep1",
-                                                          "llmc/llama.cpp"]
+    ratio_cols = [("llmc/hf", "llmc/HF"), ("llmc/hf-keep1", "llmc/HF keep1"),
+                  ("llmc/llamacpp", "llmc/llama.cpp"), ("llmc run/llmc", "llmc run/llmc")]
+    ratio_cols = [(k, label) for k, label in ratio_cols if k in ratios]
+    cols = ["tok/s"] + [ENGINE_LABELS[e] for e in shown] + [label for _, label in ratio_cols]
     rows, kept_rows = [], []
     for task in tasks:
         label = task["name"] if task["kind"] == "prefill" else \
@@ -692,7 +713,7 @@ def main(argv=None):
             s = summary[e].get(task["name"])
             row.append(fmt_rate(s))
             krow.append(f"{s['kept']}/{s['runs']}" if s else "-")
-        for key in ("llmc/hf", "llmc/hf-keep1", "llmc/llamacpp"):
+        for key, _ in ratio_cols:
             r = ratios.get(key, {}).get(task["name"])
             row.append("-" if r is None else f"{r['ratio']:.2f}" + ("!" if r["from_disturbed"] else ""))
         rows.append(row)

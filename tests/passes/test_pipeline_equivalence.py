@@ -12,17 +12,19 @@ from tests.passes.helpers import assert_same_outputs, model_outputs
 from tests.tiny_models import TINY_ARCHS, tiny_model
 
 
-def check_each_pass(module, weights, vocab, atol):
+def check_each_pass(module, weights, vocab, atol, batch_atol=None):
     """Every pass keeps the interpreter's outputs; the closing paged-kv lowering changes the
     function's signature, so it is checked by a mixed batch of several sequences through the
-    paged IR against each sequence run alone through the IR before it."""
+    paged IR against each sequence run alone through the IR before it. ``batch_atol``: a
+    batch changes the matmuls' row counts and so fp32 summation orders; on a real model's
+    logits (magnitude ~20) that alone moves them by ~1e-4."""
     current = model_outputs(module, weights, vocab)
     for p in build_pipeline("cpu", 2):
         if p.name == "paged-kv":
             before = parse_module(print_module(module))
             p.run(module)
             verify(module)
-            check_mixed_batches(before, module, weights, vocab, atol=atol)
+            check_mixed_batches(before, module, weights, vocab, atol=batch_atol or atol)
             continue
         p.run(module)
         verify(module)
@@ -46,7 +48,7 @@ def test_every_pass_preserves_outputs_on_tiny_models(arch):
 def test_every_pass_preserves_outputs_on_smollm2(smollm2):
     model, tokenizer, imp = smollm2
     module = parse_module(print_module(imp.module))
-    module = check_each_pass(module, imp.weights, model.config.vocab_size, atol=1e-4)
+    module = check_each_pass(module, imp.weights, model.config.vocab_size, atol=1e-4, batch_atol=5e-4)
     # and the optimized module still matches transformers at the foundation's tolerance
     ids = torch.tensor(tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"][:32])
     with torch.no_grad():
