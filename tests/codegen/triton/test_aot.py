@@ -60,16 +60,15 @@ def check_binaries(root: str, kind: str, arch: str) -> int:
 
 
 @pytest.mark.parametrize("kind,arch", ARCHS)
-def test_tiny_model_builds_for_gpu_without_a_gpu(tiny_llama, kind, arch, tmp_path, monkeypatch):
-    monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path / "cache"))
-    compile_gpu(tiny_llama, tmp_path / "art", kind, arch)
-    assert check_binaries(str(tmp_path / "art"), kind, arch) > 10
-    with open(tmp_path / "art" / "manifest.json") as f:
+def test_tiny_model_builds_for_gpu_without_a_gpu(gpu_artifact, kind, arch):
+    root = gpu_artifact(kind, arch)
+    assert check_binaries(root, kind, arch) > 10
+    with open(os.path.join(root, "manifest.json")) as f:
         data = json.load(f)
     assert data["dtypes"]["weights"] == "bf16" and data["kv_cache"]["block_size"] == 16
 
 
-def test_artifact_plan_and_weights_reproduce_the_reference(tiny_llama, tmp_path, monkeypatch):
+def test_artifact_plan_and_weights_reproduce_the_reference(tiny_llama, gpu_artifact):
     """The sm_90 artifact's own sources, plan and weights, run by the Triton runner. Built
     with --dtype f16: the GPU kernels' bf16 tl.dot is what Triton's interpreter gets wrong
     (bf16 is covered by the interpreter-arch runs in test_step.py)."""
@@ -77,9 +76,8 @@ def test_artifact_plan_and_weights_reproduce_the_reference(tiny_llama, tmp_path,
     from tests.codegen.triton.test_step import executor_step, optimized, reference
     from tests.paged import check_mixed_batches
 
-    monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path / "cache"))
-    compile_gpu(tiny_llama, tmp_path / "art", "cuda", "sm_90", dtype="f16")
-    executor = TritonExecutor.from_manifest(read_manifest(str(tmp_path / "art")), num_blocks=64, interpret=True)
+    root = gpu_artifact("cuda", "sm_90", "f16")
+    executor = TritonExecutor.from_manifest(read_manifest(root), num_blocks=64, interpret=True)
     paged = optimized(tiny_llama)
     worst = check_mixed_batches(reference(tiny_llama), paged, tiny_llama.weights, 128, atol=1e-2,
                                 run=executor_step(executor, paged), num_blocks=64)
