@@ -60,7 +60,8 @@ def parse_kernels(manifest: Manifest) -> dict[str, KernelSpec]:
     kernel_dir = data.get("kernel_dir")
     table = data.get("kernels")
     if not isinstance(table, dict) or not kernel_dir:
-        raise ArtifactError(f"{manifest.root} has no kernel table; it is not a cuda artifact, compile it with "
+        raise ArtifactError(f"{manifest.root} was compiled for target '{manifest.target.get('kind')}' but has no "
+                            f"kernel table (it is corrupt or not a cuda artifact); compile it again with "
                             f"`llmc compile MODEL --target cuda --arch {arch or 'sm_90'}`")
     specs = {}
     for name, meta in table.items():
