@@ -39,6 +39,10 @@ def load_kernels(src_dir: str, names, interpret: bool) -> dict:
     """Import each kernel ``name`` from ``src_dir/name.py``; ``interpret`` decides whether
     triton.jit builds an interpreted function (Triton reads TRITON_INTERPRET at decoration)."""
     require_interpret_mode(interpret)
+    # JIT builds go to llmc's cache root (as the compiler's AOT builds do), not ~/.triton
+    root = os.environ.get("LLMC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llmc")
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(root, "triton"))
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
