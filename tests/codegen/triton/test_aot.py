@@ -100,3 +100,24 @@ def test_smollm2_builds_for_gpu_without_a_gpu(smollm2, kind, arch, tmp_path):
     _, _, imported = smollm2
     compile_gpu(imported, tmp_path / "art", kind, arch)
     assert check_binaries(str(tmp_path / "art"), kind, arch) > 10
+
+
+def test_engine_runs_a_cuda_artifact_through_the_triton_runner(tiny_llama, gpu_artifact, monkeypatch):
+    """Engine.load picks the GPU executor for a cuda artifact; with LLMC_GPU_EXECUTOR=triton (and
+    no GPU) that is the Triton runner on the interpreter: the engine's prefill and decode logits
+    match the reference interpreter's."""
+    import torch
+
+    from llmc.runtime import Engine
+    from llmc.runtime.executor_triton import TritonExecutor
+    from tests.codegen.triton.test_step import reference
+    from tests.paged import alone_logits
+
+    monkeypatch.setenv("LLMC_GPU_EXECUTOR", "triton")
+    engine = Engine.load(gpu_artifact("cuda", "sm_90", "f16"), num_blocks=16)
+    assert isinstance(engine.executor, TritonExecutor)
+    tokens = torch.randint(3, 128, (9,), generator=torch.Generator().manual_seed(3))
+    want = alone_logits(reference(tiny_llama), tiny_llama.weights, tokens, [8, 1])
+    got = [engine.step(tokens[:8].tolist()), engine.step([int(tokens[8])])]
+    for g, w in zip(got, want):
+        assert float((torch.as_tensor(g).float().reshape(-1) - w).abs().max()) < 1e-2
