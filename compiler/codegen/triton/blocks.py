@@ -19,6 +19,7 @@ class BlockSizes:
     elementwise: int = 1024    # elements per program of elementwise and copy kernels
     attn_rows: int = 16        # query tokens per prefill-attention program (times the GQA group)
     attn_warps: int = 4
+    attn_keys: int = 64        # keys per attention step (several KV blocks gathered through the block table)
     decode_splits: int = 8     # split-KV partitions of decode attention (a power of two)
     gemv_max_rows: int = 4
     skinny_max_rows: int = 64

@@ -495,7 +495,8 @@ class _Lowering:
         ins = [self.buf(v) for v in (q, k_pool, v_pool, tables, seq_lens, qstart)]
         in_params = [(n, self.ptr_type(b)) for n, b in zip(
             ("q_ptr", "k_pool_ptr", "v_pool_ptr", "tables_ptr", "seq_lens_ptr", "query_start_ptr"), ins)]
-        common = dict(group=group, gp=gp, hq=hq, hkv=hkv, d=d, dp=_pow2(d), dv_=dv, dvp=_pow2(dv), bs=bs,
+        kt = max(bs, self.blocks.attn_keys)
+        common = dict(group=group, gp=gp, hq=hq, hkv=hkv, d=d, dp=_pow2(d), dv_=dv, dvp=_pow2(dv), bs=bs, kt=kt,
                       scale=repr(float(a["scale"])), window=int(a["window"]), softcap=float(a["softcap"]) or 0)
         # prefill / mixed batches
         bm = max(self.blocks.attn_rows, _pow2(-(-16 // gp)))
