@@ -169,7 +169,11 @@ class CudaExecutor:
         name = name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)
         check_device_arch(manifest.target["arch"], f"sm_{major}{minor}", name)
         torch.cuda.set_device(device)
-        torch.cuda.init()  # torch's primary context is the one the modules load into
+        torch.cuda.init()
+        # the device's primary context (torch's too) made current here, so modules, torch's
+        # buffers and torch's stream all live in one context
+        self._context = _check(driver.cuDevicePrimaryCtxRetain(dev))
+        _check(driver.cuCtxSetCurrent(self._context))
         self.functions, self._modules = {}, []
         for kname, spec in self.specs.items():
             with open(spec.binary, "rb") as f:

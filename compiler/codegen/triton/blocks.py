@@ -26,12 +26,13 @@ class BlockSizes:
 
 
 ARCH_BLOCKS = {
-    "sm_80": BlockSizes(32, (128, 128, 32, 8, 3), (16, 128, 64, 4, 4), (64, 128, 4)),
-    "sm_89": BlockSizes(32, (128, 128, 32, 8, 3), (16, 128, 64, 4, 4), (64, 128, 4)),
-    "sm_90": BlockSizes(32, (128, 128, 64, 8, 3), (16, 128, 64, 4, 4), (64, 128, 4), decode_splits=16),
-    "gfx90a": BlockSizes(64, (128, 128, 32, 8, 2), (16, 128, 64, 4, 2), (64, 128, 4)),
-    "gfx942": BlockSizes(64, (128, 128, 64, 8, 2), (16, 128, 64, 4, 2), (64, 128, 4), decode_splits=16),
-    "gfx1100": BlockSizes(32, (64, 128, 32, 4, 2), (16, 64, 64, 4, 2), (64, 64, 4)),
+    # gemv: 16 output rows per program so even a 576-wide projection spreads over 36 programs
+    "sm_80": BlockSizes(32, (128, 128, 32, 8, 3), (16, 128, 64, 4, 4), (16, 256, 4)),
+    "sm_89": BlockSizes(32, (128, 128, 32, 8, 3), (16, 128, 64, 4, 4), (16, 256, 4)),
+    "sm_90": BlockSizes(32, (128, 128, 64, 8, 3), (16, 128, 64, 4, 4), (16, 256, 4), decode_splits=16),
+    "gfx90a": BlockSizes(64, (128, 128, 32, 8, 2), (16, 128, 64, 4, 2), (16, 256, 4)),
+    "gfx942": BlockSizes(64, (128, 128, 64, 8, 2), (16, 128, 64, 4, 2), (16, 256, 4), decode_splits=16),
+    "gfx1100": BlockSizes(32, (64, 128, 32, 4, 2), (16, 64, 64, 4, 2), (16, 256, 4)),
     "interpret": BlockSizes(32, (64, 64, 64, 4, 1), (16, 128, 64, 4, 1), (128, 128, 4), elementwise=4096,
                             attn_rows=16, decode_splits=2),
 }

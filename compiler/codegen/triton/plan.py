@@ -384,9 +384,11 @@ class _Lowering:
                 grid = [_cdiv(str(n), bn), m_str]
             else:
                 bm, bn, bk, warps, stages = bl.gemm_skinny if variant == "gemm_skinny" else bl.gemm
+                tiles_n = -(-n // bn)
                 k = render("gemm.py.j2", f"{label}_{variant}", allp, num_warps=warps, num_stages=stages, bm=bm,
-                           bn=bn, bk=bk, m=m_src, precision=precision, dot_cast=self.dot_cast, **ctx)
-                grid = [_cdiv(m_str, bm), _cdiv(str(n), bn)]
+                           bn=bn, bk=bk, m=m_src, precision=precision, dot_cast=self.dot_cast, group_m=8,
+                           tiles_n=tiles_n, **ctx)
+                grid = [f"{_cdiv(m_str, bm)}*{tiles_n}"]
             self.launch(k, grid, alla, when=when, op=label)
 
     # ------------------------------------------------------------------ data movement
