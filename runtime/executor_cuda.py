@@ -159,8 +159,13 @@ class CudaExecutor:
         from .launch_plan import PlanRunner
 
         self.torch = torch
-        _check(driver.cuInit(0))
-        dev = _check(driver.cuDeviceGet(device))
+        try:
+            _check(driver.cuInit(0))
+            dev = _check(driver.cuDeviceGet(device))
+        except RuntimeError as exc:
+            raise ArtifactError(f"no usable NVIDIA GPU to run {manifest.root} ({exc}); run it on a machine with one, "
+                                f"or set LLMC_GPU_EXECUTOR=triton TRITON_INTERPRET=1 to run its kernel sources "
+                                f"(slowly) on the CPU") from None
         major = _check(driver.cuDeviceGetAttribute(
             driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev))
         minor = _check(driver.cuDeviceGetAttribute(
@@ -224,6 +229,8 @@ class CudaExecutor:
         b = batch.num_seqs
         bucket = next(x for x in DECODE_BUCKETS if x >= b)
         width = -(-self.max_model_len // self.block_size)
+        if batch.block_tables.shape[1] > width:  # wider tables than a graph holds: run it eagerly
+            return self.runner.step(batch)
         if bucket not in self._graphs:
             self._graphs[bucket] = self._capture(bucket, width)
         graph, static, out = self._graphs[bucket]
