@@ -101,3 +101,15 @@ def test_engine_refuses_rocm_artifacts_with_the_workaround(gpu_artifact, monkeyp
     monkeypatch.delenv("LLMC_GPU_EXECUTOR", raising=False)
     with pytest.raises(ArtifactError, match="LLMC_GPU_EXECUTOR=triton"):
         Engine.load(gpu_artifact("rocm", "gfx942"))
+
+
+def test_cuda_executor_module_imports_nothing_heavy():
+    """Importing it needs neither cuda-bindings nor torch, triton or the compiler (all lazy)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, llmc.runtime.executor_cuda; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'triton', 'cuda', 'transformers') "
+            "or m.startswith('llmc.compiler')]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
