@@ -13,11 +13,11 @@ from llmc.runtime.executor_cuda import CudaExecutor, KernelSpec, check_device_ar
 
 
 def test_kernel_table_parses(gpu_artifact):
-    manifest = read_manifest(gpu_artifact("cuda", "sm_90"))
+    manifest = read_manifest(gpu_artifact("cuda", "sm_90", "f16"))
     specs = parse_kernels(manifest)
     assert set(specs) == set(manifest.data["kernels"])
     gemm = next(s for s in specs.values() if s.name.startswith("linear_gemm_"))
-    assert gemm.params[0] == ("x_ptr", "*bf16") and gemm.params[-2:] == [("T", "i32"), ("B", "i32")]
+    assert gemm.params[0] == ("x_ptr", "*fp16") and gemm.params[-2:] == [("T", "i32"), ("B", "i32")]
     assert gemm.threads == 32 * gemm.num_warps and gemm.symbol == gemm.name
 
 
@@ -28,7 +28,7 @@ def _edited(manifest, edit):
 
 
 def test_inconsistent_kernel_tables_are_refused(gpu_artifact):
-    manifest = read_manifest(gpu_artifact("cuda", "sm_90"))
+    manifest = read_manifest(gpu_artifact("cuda", "sm_90", "f16"))
     names = sorted(manifest.data["kernels"])
 
     def wrong_arch(d):
@@ -92,7 +92,7 @@ def test_without_cuda_bindings_the_error_says_what_to_install(gpu_artifact, monk
 
     monkeypatch.setattr(builtins, "__import__", no_cuda)
     with pytest.raises(ArtifactError, match=r"pip install 'llmc\[cuda\]'"):
-        CudaExecutor(read_manifest(gpu_artifact("cuda", "sm_90")))
+        CudaExecutor(read_manifest(gpu_artifact("cuda", "sm_90", "f16")))
 
 
 def test_engine_refuses_rocm_artifacts_with_the_workaround(gpu_artifact, monkeypatch):
