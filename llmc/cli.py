@@ -227,7 +227,15 @@ def cmd_verify(args) -> int:
             raise CliError(f"cannot read --prompts {args.prompts}: {exc}") from None
         if not prompts:
             raise CliError(f"--prompts {args.prompts} has no prompts (one per line)")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not args.verbose:
+        import warnings
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         model = load_hf_model(resolve_source(args.model))
     except (ModelSourceError, OSError, ValueError, KeyError) as exc:
