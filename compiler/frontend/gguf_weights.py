@@ -1,0 +1,231 @@
+"""GGUF tensors repacked into llmc's one quantized-weight layout, never inflated to float.
+
+Why one layout: every GGUF block type llmc supports (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
+is, per group of 16 or 32 consecutive weights of a row, ``w = scale * code (+ min)`` with
+small integer codes. Repacked once at import into :class:`QuantWeight` (integer codes,
+per-group scales and optional per-group mins, fp32 or, where exact, fp16), one kernel family and one IR op
+(``quantized_linear``) cover them all, and the ``quantize`` pass emits the same layout.
+
+Exactness: the per-group scale and min are computed here with the very fp32 operations
+``gguf.quants.dequantize`` performs (``d * sc``, ``-(dmin * m)``), so the reference
+dequantization ``scale * code + min`` equals gguf's result bit for bit (negation is exact,
+and ``a - b == a + (-b)`` in IEEE arithmetic).
+
+Code storage (row-major, along K):
+  bits == 4: ``u8 [N, K/2]``, element ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the
+             high nibble; a signed layout stores ``code + 8``.
+  bits 5..8: one code per byte, ``i8 [N, K]`` when signed, ``u8 [N, K]`` when not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+QK_K = 256
+
+
+@dataclass
+class QuantWeight:
+    """A weight ``[N, K]`` as integer codes plus per-group fp32 scales (and mins)."""
+
+    codes: torch.Tensor  # see the module docstring for the storage of each bit width
+    scales: torch.Tensor  # f32 or f16 [N, K / group_size] (f16 only where that is exact)
+    mins: Optional[torch.Tensor]  # like scales, or None (symmetric)
+    bits: int
+    group_size: int
+    signed: bool
+    source: str = ""  # the GGUF block type or quantization scheme it came from
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.scales.shape[0], self.scales.shape[1] * self.group_size)
+
+    def rows(self, index: torch.Tensor) -> "QuantWeight":
+        """The rows ``index`` (a permutation or gather of output features), codes untouched."""
+        return QuantWeight(self.codes[index], self.scales[index],
+                           None if self.mins is None else self.mins[index],
+                           self.bits, self.group_size, self.signed, self.source)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.mins, bits=self.bits,
+                          group_size=self.group_size, signed=self.signed)
+
+
+def unpack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Integer codes ``[N, K]`` (int32) from the stored form."""
+    if bits == 4:
+        c = codes.to(torch.int32)
+        out = torch.stack([c & 0x0F, c >> 4], dim=-1).reshape(codes.shape[0], -1)
+        return out - 8 if signed else out
+    return codes.to(torch.int32)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """The stored form of integer codes ``[N, K]`` (inverse of :func:`unpack_codes`)."""
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if int(codes.min()) < lo or int(codes.max()) > hi:
+        raise ValueError(f"codes out of range [{lo}, {hi}] for {bits}-bit {'signed' if signed else 'unsigned'}")
+    if bits == 4:
+        u = (codes + 8 if signed else codes).to(torch.uint8)
+        if u.shape[-1] % 2:
+            raise ValueError(f"4-bit codes need an even row length, got {u.shape[-1]}")
+        return u[:, 0::2] | (u[:, 1::2] << 4)
+    return codes.to(torch.int8 if signed else torch.uint8)
+
+
+def dequantize(codes, scales, mins, *, bits: int, group_size: int, signed: bool) -> torch.Tensor:
+    """The reference meaning of the layout: f32 ``w[n, k] = scale[n, g] * code[n, k] (+ min[n, g])``."""
+    q = unpack_codes(codes, bits, signed).to(torch.float32)
+    n, k = q.shape
+    q = q.reshape(n, k // group_size, group_size)
+    w = scales.to(torch.float32).unsqueeze(-1) * q
+    if mins is not None:
+        w = w + mins.to(torch.float32).unsqueeze(-1)
+    return w.reshape(n, k)
+
+
+# --------------------------------------------------------------------------- block repacking
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and mins of a Q4_K/Q5_K super-block (12 packed bytes)."""
+    n = scales.shape[0]
+    s = scales.reshape(n, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def _nibble_halves(qs: np.ndarray, half: int) -> np.ndarray:
+    """Chunks of ``half`` bytes hold 2*half codes: low nibbles first, then high nibbles."""
+    n = qs.shape[0]
+    q = qs.reshape(n, -1, 1, half) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (q & 0x0F).reshape(n, -1)
+
+
+def _repack_q4_0(b):
+    d, qs = _f16(b[:, :2]), b[:, 2:]
+    return _nibble_halves(qs, 16).astype(np.int32) - 8, d, None, 4, 32, True
+
+
+def _repack_q4_1(b):
+    d, m, qs = _f16(b[:, :2]), _f16(b[:, 2:4]), b[:, 4:]
+    return _nibble_halves(qs, 16).astype(np.int32), d, m, 4, 32, False
+
+
+def _repack_q8_0(b):
+    d, x = _f16(b[:, :2]), np.ascontiguousarray(b[:, 2:]).view(np.int8)
+    return x.astype(np.int32), d, None, 8, 32, True
+
+
+def _k_scales(b):
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, m = _k_scale_min(b[:, 4:16])
+    scale = d * sc.astype(np.float32)
+    mn = -(dmin * m.astype(np.float32))
+    return scale, mn
+
+
+def _repack_q4_k(b):
+    scale, mn = _k_scales(b)
+    return _nibble_halves(b[:, 16:], 32).astype(np.int32), scale, mn, 4, 32, False
+
+
+def _repack_q5_k(b):
+    scale, mn = _k_scales(b)
+    n = b.shape[0]
+    qh, qs = b[:, 16:48], b[:, 48:]
+    ql = _nibble_halves(qs, 32).reshape(n, 8, 32)
+    hi = (qh.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 0x01
+    return (ql | (hi << 4)).reshape(n, -1).astype(np.int32), scale, mn, 5, 32, False
+
+
+def _repack_q6_k(b):
+    n = b.shape[0]
+    ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
+    scale = d * np.ascontiguousarray(sc).view(np.int8).astype(np.float32)
+    lo = _nibble_halves(ql, 64).reshape(n, 8, 32)
+    hi = ((qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03)
+    q = (lo | (hi.reshape(n, 8, 32) << 4)).astype(np.int32) - 32
+    return q.reshape(n, -1), scale, None, 6, 16, True
+
+
+# name -> (block bytes, weights per block, repacker)
+_REPACKERS = {
+    "Q4_0": (18, 32, _repack_q4_0),
+    "Q4_1": (20, 32, _repack_q4_1),
+    "Q8_0": (34, 32, _repack_q8_0),
+    "Q4_K": (144, QK_K, _repack_q4_k),
+    "Q5_K": (176, QK_K, _repack_q5_k),
+    "Q6_K": (210, QK_K, _repack_q6_k),
+}
+QUANT_TYPES = tuple(_REPACKERS)
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _compact(a: np.ndarray) -> torch.Tensor:
+    """fp16 when every value survives the round trip (Q4_0/Q4_1/Q8_0 scales are fp16 in the
+    file), so the artifact is no bigger than the GGUF; fp32 otherwise (K-quant products)."""
+    h = a.astype(np.float16)
+    return torch.from_numpy(h if np.array_equal(h.astype(np.float32), a) else a)
+
+
+def repack_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantWeight:
+    """Raw GGUF bytes of a quantized ``[N, K]`` tensor (rows of blocks along K) -> QuantWeight."""
+    if type_name not in _REPACKERS:
+        raise ValueError(f"GGUF block type {type_name} is not supported; llmc reads "
+                         f"{', '.join(QUANT_TYPES)} and {', '.join(FLOAT_TYPES)} (requantize the file with one of them)")
+    nbytes, per_block, fn = _REPACKERS[type_name]
+    n, k = shape
+    if k % per_block:
+        raise ValueError(f"{type_name} row length {k} is not a multiple of its block size {per_block}")
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, nbytes)
+    if blocks.shape[0] != n * k // per_block:
+        raise ValueError(f"{type_name} tensor [{n}, {k}] needs {n * k // per_block} blocks, got {blocks.shape[0]}")
+    q, scale, mn, bits, group, signed = fn(blocks)
+    codes = pack_codes(torch.from_numpy(q.reshape(n, k)), bits, signed)
+    scales = _compact(np.ascontiguousarray(scale, dtype=np.float32).reshape(n, k // group))
+    mins = None if mn is None else _compact(np.ascontiguousarray(mn, dtype=np.float32).reshape(n, k // group))
+    return QuantWeight(codes, scales, mins, bits, group, signed, source=type_name)
+
+
+def float_tensor(raw: np.ndarray, type_name: str, shape: tuple) -> torch.Tensor:
+    """An F32/F16/BF16 GGUF tensor in its own dtype (BF16 is stored as raw u16 words)."""
+    if type_name == "F32":
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.float32).reshape(shape).copy())
+    if type_name == "F16":
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).reshape(shape).copy())
+    if type_name == "BF16":
+        words = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16).reshape(shape).copy())
+        return words.view(torch.bfloat16)
+    raise ValueError(f"{type_name} is not a float GGUF type")
+
+
+def read_gguf_weights(path: str) -> dict[str, Union[QuantWeight, torch.Tensor]]:
+    """Every tensor of a GGUF file under its GGUF name: QuantWeight or a float tensor."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    out: dict[str, Union[QuantWeight, torch.Tensor]] = {}
+    for t in reader.tensors:
+        type_name = t.tensor_type.name
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (K) first
+        if type_name in FLOAT_TYPES:
+            out[t.name] = float_tensor(t.data, type_name, shape)
+        elif len(shape) == 2:
+            out[t.name] = repack_blocks(t.data, type_name, shape)
+        else:
+            raise ValueError(f"tensor {t.name} of type {type_name} has rank {len(shape)}; only 2-D tensors may be quantized")
+    return out
