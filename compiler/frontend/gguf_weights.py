@@ -25,6 +25,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ..ir.quant import dequantize, pack_codes, unpack_codes  # noqa: F401 (re-exported)
+
 QK_K = 256
 
 
@@ -56,39 +58,6 @@ class QuantWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.mins, bits=self.bits,
                           group_size=self.group_size, signed=self.signed)
-
-
-def unpack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """Integer codes ``[N, K]`` (int32) from the stored form."""
-    if bits == 4:
-        c = codes.to(torch.int32)
-        out = torch.stack([c & 0x0F, c >> 4], dim=-1).reshape(codes.shape[0], -1)
-        return out - 8 if signed else out
-    return codes.to(torch.int32)
-
-
-def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """The stored form of integer codes ``[N, K]`` (inverse of :func:`unpack_codes`)."""
-    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    if int(codes.min()) < lo or int(codes.max()) > hi:
-        raise ValueError(f"codes out of range [{lo}, {hi}] for {bits}-bit {'signed' if signed else 'unsigned'}")
-    if bits == 4:
-        u = (codes + 8 if signed else codes).to(torch.uint8)
-        if u.shape[-1] % 2:
-            raise ValueError(f"4-bit codes need an even row length, got {u.shape[-1]}")
-        return u[:, 0::2] | (u[:, 1::2] << 4)
-    return codes.to(torch.int8 if signed else torch.uint8)
-
-
-def dequantize(codes, scales, mins, *, bits: int, group_size: int, signed: bool) -> torch.Tensor:
-    """The reference meaning of the layout: f32 ``w[n, k] = scale[n, g] * code[n, k] (+ min[n, g])``."""
-    q = unpack_codes(codes, bits, signed).to(torch.float32)
-    n, k = q.shape
-    q = q.reshape(n, k // group_size, group_size)
-    w = scales.to(torch.float32).unsqueeze(-1) * q
-    if mins is not None:
-        w = w + mins.to(torch.float32).unsqueeze(-1)
-    return w.reshape(n, k)
 
 
 # --------------------------------------------------------------------------- block repacking
