@@ -19,45 +19,14 @@ Code storage (row-major, along K):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
 
-from ..ir.quant import dequantize, pack_codes, unpack_codes  # noqa: F401 (re-exported)
+from ..ir.quant import QuantWeight, dequantize, pack_codes, unpack_codes  # noqa: F401 (re-exported)
 
 QK_K = 256
-
-
-@dataclass
-class QuantWeight:
-    """A weight ``[N, K]`` as integer codes plus per-group fp32 scales (and mins)."""
-
-    codes: torch.Tensor  # see the module docstring for the storage of each bit width
-    scales: torch.Tensor  # f32 or f16 [N, K / group_size] (f16 only where that is exact)
-    mins: Optional[torch.Tensor]  # like scales, or None (symmetric)
-    bits: int
-    group_size: int
-    signed: bool
-    source: str = ""  # the GGUF block type or quantization scheme it came from
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.scales.shape[0], self.scales.shape[1] * self.group_size)
-
-    def rows(self, index: torch.Tensor) -> "QuantWeight":
-        """The rows ``index`` (a permutation or gather of output features), codes untouched."""
-        return QuantWeight(self.codes[index], self.scales[index],
-                           None if self.mins is None else self.mins[index],
-                           self.bits, self.group_size, self.signed, self.source)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scales, self.mins, bits=self.bits,
-                          group_size=self.group_size, signed=self.signed)
 
 
 # --------------------------------------------------------------------------- block repacking

@@ -12,6 +12,9 @@ the interpreter dequantizes with :func:`dequantize` and the frontend/passes pack
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 
@@ -91,3 +94,33 @@ def quantize_weight(w: torch.Tensor, *, bits: int, group_size: int, symmetric: b
         mins = lo.to(scale_dtype)
     packed = pack_codes(codes.reshape(n, k), bits, signed=symmetric)
     return packed, scale.to(scale_dtype), mins
+
+
+@dataclass
+class QuantWeight:
+    """A weight ``[N, K]`` as integer codes plus per-group fp32 scales (and mins)."""
+
+    codes: torch.Tensor  # see the module docstring for the storage of each bit width
+    scales: torch.Tensor  # f32 or f16 [N, K / group_size] (f16 only where that is exact)
+    mins: Optional[torch.Tensor]  # like scales, or None (symmetric)
+    bits: int
+    group_size: int
+    signed: bool
+    source: str = ""  # the GGUF block type or quantization scheme it came from
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.scales.shape[0], self.scales.shape[1] * self.group_size)
+
+    def rows(self, index: torch.Tensor) -> "QuantWeight":
+        """The rows ``index`` (a permutation or gather of output features), codes untouched."""
+        return QuantWeight(self.codes[index], self.scales[index],
+                           None if self.mins is None else self.mins[index],
+                           self.bits, self.group_size, self.signed, self.source)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.mins, bits=self.bits,
+                          group_size=self.group_size, signed=self.signed)
