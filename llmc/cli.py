@@ -89,6 +89,18 @@ def cmd_compile(args) -> int:
     from llmc.compiler.codegen import TargetError
     from llmc.compiler.ir import print_module, verify
     from llmc.compiler.passes import PassError, PassManager
+    from llmc.compiler.passes.quantize import SPECIAL, parse_scheme, scheme_help
+
+    if args.quant == "list":
+        print("quantization schemes (llmc compile MODEL --quant SCHEME):\n" + scheme_help())
+        return 0
+    if args.model is None:
+        raise CliError("llmc compile needs a MODEL (a model directory, a .gguf file, a hub id or smollm2)")
+    if args.quant is not None and args.quant not in SPECIAL:
+        try:
+            parse_scheme(args.quant)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
 
     emit_ir = args.emit == "ir"
     if not emit_ir:
@@ -127,8 +139,14 @@ def cmd_compile(args) -> int:
             write_atomically(out, print_module(module))
         else:
             out = args.output or f"{imported.module.name}-{args.target}"
-            imported.timings.update(compile_artifact(imported, tokenizer, args.target, out, options, passes,
-                                                     manager_options, source=args.model))
+            try:
+                timings = compile_artifact(imported, tokenizer, args.target, out, options, passes,
+                                           manager_options, source=args.model, quant=args.quant)
+            except ValueError as exc:
+                if "--quant" not in str(exc):
+                    raise
+                raise CliError(f"{exc}\nNothing was written.") from None
+            imported.timings.update(timings)
             module = imported.module
     except PassError as exc:
         raise CliError(f"{exc}\nNothing was written.") from None
@@ -274,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into an artifact (or IR text)",
                        description="Trace MODEL with torch.export, optimize it, and compile it for a target "
                                    "into an artifact directory (or, with --emit ir, write the optimized IR).")
-    c.add_argument("model", metavar="MODEL")
+    c.add_argument("model", metavar="MODEL", nargs="?")
+    c.add_argument("--quant", metavar="SCHEME",
+                   help="weights: none (floats), gguf (a quantized GGUF's own blocks), or a scheme like q4_g32, "
+                        "q8_g32, q4a_g64 (--quant list shows them); default: gguf for a GGUF source on cpu, else none")
     c.add_argument("--target", choices=TARGETS, default="cpu", help="target to compile for (default cpu)")
     c.add_argument("--emit", choices=EMITS, default="artifact", help="what to write (default artifact)")
     c.add_argument("-o", "--output", help="output directory (artifact, default NAME-TARGET) or file (ir)")

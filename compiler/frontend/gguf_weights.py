@@ -19,7 +19,7 @@ Code storage (row-major, along K):
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -167,3 +167,70 @@ def read_gguf_weights(path: str) -> dict[str, Union[QuantWeight, torch.Tensor]]:
         else:
             raise ValueError(f"tensor {t.name} of type {type_name} has rank {len(shape)}; only 2-D tensors may be quantized")
     return out
+
+
+# --------------------------------------------------------------------------- GGUF blocks for HF params
+
+
+def _reader_arch(reader) -> str:
+    field = reader.fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _head_permutation(rows: int, heads: int) -> Optional[torch.Tensor]:
+    """The row order that undoes llama.cpp's rope permutation of a q/k projection (the
+    converter interleaves the two halves of each head; transformers swaps them back)."""
+    if heads <= 0 or rows % (2 * heads):
+        return None
+    return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+
+
+class GgufBlocks:
+    """A provider for the quantize pass: the GGUF's own blocks for each HF parameter.
+
+    HF names map to GGUF names through gguf's tensor name map for the file's architecture.
+    A candidate is accepted only if it dequantizes to exactly the float weight transformers
+    loaded from the same file (which is gguf.quants.dequantize of it), trying the q/k
+    head permutations llama.cpp's converter applies; so whatever the architecture, a weight
+    is either the file's blocks, bit-exact, or stays float (counted in ``declined``)."""
+
+    def __init__(self, path: str, config: dict):
+        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+
+        reader = GGUFReader(path)
+        arch_name = _reader_arch(reader)
+        arch = {v: k for k, v in MODEL_ARCH_NAMES.items()}.get(arch_name)
+        if arch is None:
+            raise ValueError(f"{path}: gguf knows no architecture {arch_name!r}")
+        self.names = get_tensor_name_map(arch, int(config.get("num_hidden_layers") or 0))
+        self.raw = {t.name: t for t in reader.tensors if t.tensor_type.name in QUANT_TYPES}
+        heads = int(config.get("num_attention_heads") or 0)
+        self.heads = sorted({heads, int(config.get("num_key_value_heads") or heads)})
+        self.used: dict[str, str] = {}
+        self.declined: list[str] = []
+
+    def quantized_names(self) -> set[str]:
+        return set(self.raw)
+
+    def __call__(self, hf_name: str, weight: torch.Tensor) -> Optional[QuantWeight]:
+        gname = self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        t = self.raw.get(gname) if gname else None
+        if t is None or weight.dim() != 2:
+            return None
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if shape != tuple(weight.shape):
+            self.declined.append(hf_name)
+            return None
+        qw = repack_blocks(t.data, t.tensor_type.name, shape)
+        want = weight.detach().to(torch.float32)
+        got = qw.dequantize()
+        if torch.equal(got, want):
+            self.used[hf_name] = gname
+            return qw
+        for heads in self.heads:
+            perm = _head_permutation(shape[0], heads)
+            if perm is not None and torch.equal(got[perm], want):
+                self.used[hf_name] = gname
+                return qw.rows(perm)
+        self.declined.append(hf_name)
+        return None
