@@ -35,8 +35,11 @@ def default_quant(source: str, target_name: str) -> str:
     return "none"
 
 
-def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name: str):
-    """The quantize pass for ``--quant`` (None for "none"); raises ValueError naming the fix."""
+def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name: str,
+                  embedding: Optional[bool] = None):
+    """The quantize pass for ``--quant`` (None for "none"); raises ValueError naming the fix.
+    ``embedding``: quantize embedding tables too (default: yes for gguf, where the file's table
+    is quantized; no for schemes)."""
     from .passes.quantize import Quantize, parse_scheme
 
     if quant == "none":
@@ -56,12 +59,13 @@ def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name:
     else:
         provider = parse_scheme(quant).quantize
     imported.weights = dict(imported.weights)  # the pass replaces entries: leave the caller's dict alone
-    return Quantize(imported.weights, provider)
+    return Quantize(imported.weights, provider, embedding=(quant == "gguf") if embedding is None else embedding)
 
 
 def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_dir: str,
                      options: Optional[CompileOptions] = None, passes=None, manager_options=None,
-                     source: str = "", quant: Optional[str] = "none") -> dict:
+                     source: str = "", quant: Optional[str] = "none",
+                     quant_embedding: Optional[bool] = None) -> dict:
     """Optimize ``imported`` (select-logits, then ``passes``, default -O2) and write the target's
     artifact to ``out_dir``. Returns the stage timings. Nothing is written if a stage fails.
 
@@ -77,7 +81,7 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
     imported.module.attrs["kv_block_size"] = options.kv_block_size or default_kv_block_size(target_name)
     passes = list(build_pipeline(target_name, 2) if passes is None else passes)
     quant = default_quant(source, target_name) if quant is None else quant
-    qpass = quantize_pass(quant, imported, source, target_name)
+    qpass = quantize_pass(quant, imported, source, target_name, quant_embedding)
     if qpass is not None:  # before fusion (it sees top-level linears only), else before the lowerings
         names = [p.name for p in passes]
         cut = names.index("fuse-elementwise") if "fuse-elementwise" in names else len(passes)
@@ -91,8 +95,9 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
     imported.module = module
     timings = {"passes": time.perf_counter() - t0}
     if qpass is not None:
-        n = sum(1 for op in module.functions["forward"].body.walk() if op.kind == "quantized_linear")
-        logging.getLogger("llmc.progress").info("quantized (%s): %d linears", quant, n)
+        kinds = [op.kind for op in module.functions["forward"].body.walk()]
+        logging.getLogger("llmc.progress").info("quantized (%s): %d linears, %d embeddings", quant,
+                                                kinds.count("quantized_linear"), kinds.count("quantized_embedding"))
     config = imported.config
     metadata = {"llmc_version": llmc.__version__, "name": module.name, "arch": module.attrs.get("arch"),
                 "vocab_size": int(config.get("vocab_size") or 0), "config": config, "source": source,

@@ -141,7 +141,8 @@ def cmd_compile(args) -> int:
             out = args.output or f"{imported.module.name}-{args.target}"
             try:
                 timings = compile_artifact(imported, tokenizer, args.target, out, options, passes,
-                                           manager_options, source=args.model, quant=args.quant)
+                                           manager_options, source=args.model, quant=args.quant,
+                                           quant_embedding=args.quant_embedding)
             except ValueError as exc:
                 if "--quant" not in str(exc):
                     raise
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant", metavar="SCHEME",
                    help="weights: none (floats), gguf (a quantized GGUF's own blocks), or a scheme like q4_g32, "
                         "q8_g32, q4a_g64 (--quant list shows them); default: gguf for a GGUF source on cpu, else none")
+    c.add_argument("--quant-embedding", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the embedding table too (default: yes for --quant gguf, no for schemes)")
     c.add_argument("--target", choices=TARGETS, default="cpu", help="target to compile for (default cpu)")
     c.add_argument("--emit", choices=EMITS, default="artifact", help="what to write (default artifact)")
     c.add_argument("-o", "--output", help="output directory (artifact, default NAME-TARGET) or file (ir)")

@@ -214,6 +214,8 @@ class GgufBlocks:
 
     def __call__(self, hf_name: str, weight: torch.Tensor) -> Optional[QuantWeight]:
         gname = self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname == "output.weight" and gname not in self.raw:
+            gname = "token_embd.weight"  # tied embeddings: llama.cpp reads the output from the table
         t = self.raw.get(gname) if gname else None
         if t is None or weight.dim() != 2:
             return None
