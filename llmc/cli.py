@@ -196,6 +196,42 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_eval_ppl(args) -> int:
+    from llmc.runtime import ArtifactError, Engine
+    from llmc.runtime.perplexity import all_logits, perplexity
+
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read --text {args.text}: {exc}") from None
+    try:
+        engine = Engine.load(args.artifact, threads=args.threads)
+    except ArtifactError as exc:
+        raise CliError(str(exc)) from None
+    if engine.tokenizer is None:
+        raise CliError(f"{args.artifact} has no tokenizer to turn the text into tokens")
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)[:args.max_tokens]
+    window = min(args.window, engine.max_seq_len)
+    t0 = time.perf_counter()
+    try:
+        res = perplexity(ids, lambda w: all_logits(engine.executor, w), window, min(args.stride, window))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    seconds = time.perf_counter() - t0
+    quant = engine.manifest.model.get("quant", "none")
+    if args.json:
+        import json
+
+        print(json.dumps({"artifact": args.artifact, "text": args.text, "quant": quant, "perplexity": res.perplexity,
+                          "nll": res.nll, "tokens": res.tokens, "windows": res.windows, "window": window,
+                          "stride": min(args.stride, window), "seconds": round(seconds, 2)}))
+    else:
+        print(f"perplexity {res.perplexity:.4f} (nll {res.nll:.5f} nats/token) over {res.tokens} tokens, "
+              f"{res.windows} windows of {window} (stride {min(args.stride, window)}); quant {quant}; {seconds:.1f}s")
+    return 0
+
+
 def cmd_passes(args) -> int:
     from llmc.compiler.passes import all_passes, pipeline_names
     from llmc.compiler.passes.registry import PIPELINES
@@ -353,6 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=positive_int, help="threads to run with (default: all cores)")
     run.add_argument("-v", "--verbose", action="store_true", help="print prefill/decode speed")
     run.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval-ppl", help="perplexity of a text through a compiled artifact",
+                       description="Sliding-window perplexity of FILE's tokens through ARTIFACT's compiled step "
+                                   "(each token scored once, with up to WINDOW-1 tokens of context).")
+    e.add_argument("artifact", metavar="ARTIFACT")
+    e.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file, e.g. benchmarks/data/english.txt")
+    e.add_argument("--window", type=positive_int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--stride", type=positive_int, default=256, help="tokens between window starts (default 256)")
+    e.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of the text")
+    e.add_argument("--threads", type=positive_int, help="threads to run with (default: all cores)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=cmd_eval_ppl)
 
     r = sub.add_parser("interpret", help="generate text with the IR's reference interpreter (slow, exact)",
                        description="Import MODEL and generate greedily with the reference interpreter.")

@@ -13,6 +13,7 @@ from llmc.compiler.frontend import import_hf_model
 from llmc.compiler.ir.quant import dequantize
 from llmc.compiler.passes.quantize import parse_scheme
 from llmc.runtime import Engine
+from llmc.runtime.perplexity import all_logits
 from tests.codegen.helpers import compile_cpu, hf_greedy, llmc_greedy
 from tests.tiny_models import tiny_model
 
@@ -44,3 +45,9 @@ def test_quantized_tiny_llama_matches_fake_quantized_hf(name, tmp_path):
         got, got_logits = llmc_greedy(engine, prompt, 24)
         assert np.abs(got_logits - want_logits).max() <= 1e-3
         assert got == want
+    # every position's logits from one step (what eval-ppl uses) equal HF's full-sequence logits
+    ids = torch.randint(3, model.config.vocab_size, (45,), generator=g)
+    with torch.no_grad():
+        want_all = reference(ids[None]).logits[0].numpy()
+    got_all = all_logits(engine.executor, ids.numpy())
+    assert got_all.shape == want_all.shape and np.abs(got_all - want_all).max() <= 1e-3
