@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of the text")
     e.add_argument("--threads", type=positive_int, help="threads to run with (default: all cores)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_eval_ppl)
 
     r = sub.add_parser("interpret", help="generate text with the IR's reference interpreter (slow, exact)",
