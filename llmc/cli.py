@@ -170,12 +170,10 @@ def cmd_run(args) -> int:
                                 seed=args.seed, max_tokens=args.max_tokens, skip_special_tokens=False)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    from llmc.runtime.executor_cpu import keep_torch_out
-
-    keep_torch_out()
     try:
         # one sequence: a KV pool of one full-length sequence is all `llmc run` needs
-        engine = Engine.load(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1)
+        engine = Engine.load(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1,
+                             without_torch=True)
     except ArtifactError as exc:
         raise CliError(str(exc)) from None
     tok = engine.tokenizer
@@ -205,15 +203,12 @@ def cmd_serve(args) -> int:
         raise CliError(f"llmc serve needs the serve extra ({exc.name} is missing): pip install 'llmc[serve]'") from None
     from llmc.runtime import ArtifactError, Engine
 
-    from llmc.runtime.executor_cpu import keep_torch_out
-
-    keep_torch_out()
     api_key = args.api_key or os.environ.get("LLMC_API_KEY") or None
     t0 = time.perf_counter()
     try:
         engine = Engine.load(args.artifact, threads=args.threads, num_blocks=args.kv_cache_blocks,
                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                             enable_prefix_caching=not args.no_prefix_caching)
+                             enable_prefix_caching=not args.no_prefix_caching, without_torch=True)
     except (ArtifactError, ValueError) as exc:
         raise CliError(str(exc)) from None
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))

@@ -93,15 +93,21 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, threads: Optional[int] = None, verify_checksums: bool = True,
-             num_blocks: Optional[int] = None, kv_cache_bytes: Optional[int] = None, **kwargs) -> "Engine":
+             num_blocks: Optional[int] = None, kv_cache_bytes: Optional[int] = None, without_torch: bool = False,
+             **kwargs) -> "Engine":
         """Validate and load an artifact (format version, checksums, target, CPU features).
 
         The KV pools get ``num_blocks`` blocks, by default as many as ``kv_cache_bytes``
-        (512 MiB) hold, and never fewer than one full-length sequence needs."""
+        (512 MiB) hold, and never fewer than one full-length sequence needs. ``without_torch``
+        keeps torch out of the process for a cpu artifact (see executor_cpu.keep_torch_out)."""
         manifest = read_manifest(path, verify_checksums=verify_checksums)
         gpu = manifest.target.get("kind") in ("cuda", "rocm")
         if not gpu:
             check_target(manifest, "cpu", cpu_flags() or None)
+            if without_torch:
+                from .executor_cpu import keep_torch_out
+
+                keep_torch_out()
         if num_blocks is None:
             geom = manifest.kv_cache
             one_seq = -(-int(geom["max_model_len"]) // int(geom["block_size"]))
