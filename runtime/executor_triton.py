@@ -90,6 +90,14 @@ class TritonExecutor:
             raise ArtifactError(f"{manifest.root} is a '{manifest.target.get('kind')}' artifact; the Triton runner "
                                 f"executes cuda/rocm artifacts")
         plan = manifest.data["plan"]
+        if interpret is None:
+            import torch
+
+            interpret = not torch.cuda.is_available()
+        if interpret and plan.get("dtype") == "bf16" and plan.get("arch") != "interpret":
+            raise ArtifactError(f"{manifest.root} is a bf16 artifact: Triton's interpreter computes bf16 tl.dot "
+                                f"wrongly, so it cannot run on the CPU; use a GPU, or compile with --dtype f16 "
+                                f"(or f32) to run it under TRITON_INTERPRET=1")
         weights = load_file(manifest.path("weights.safetensors"))
         geom = manifest.kv_cache
         max_len = int(geom["max_model_len"])

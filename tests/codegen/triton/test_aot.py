@@ -125,3 +125,11 @@ def test_engine_runs_a_cuda_artifact_through_the_triton_runner(tiny_llama, gpu_a
     got = [engine.step(tokens[:8].tolist()), engine.step([int(tokens[8])])]
     for g, w in zip(got, want):
         assert float((torch.as_tensor(g).float().reshape(-1) - w).abs().max()) < 1e-2
+
+
+def test_bf16_artifact_is_refused_on_the_interpreter(gpu_artifact):
+    from llmc.runtime.artifact import ArtifactError
+    from llmc.runtime.executor_triton import TritonExecutor
+
+    with pytest.raises(ArtifactError, match="--dtype f16"):
+        TritonExecutor.from_manifest(read_manifest(gpu_artifact("rocm", "gfx942")), interpret=True)
