@@ -13,6 +13,7 @@ import llmc
 from .codegen import CompileOptions, get_target
 from .codegen.registry import PlannedTarget
 from .frontend import ImportedModel
+from .frontend.hf import BUNDLED_MODELS
 from .passes import PassManager, get_pass
 
 
@@ -24,28 +25,83 @@ def resolve_target(name: str):
     return target
 
 
+QUANT_TARGETS = ("cpu",)  # targets with quantized_linear kernels
+
+
+def default_quant(source: str, target_name: str) -> str:
+    """A GGUF source keeps its own blocks on a target with quantized kernels; else floats."""
+    if target_name in QUANT_TARGETS and (source.endswith(".gguf") or source in BUNDLED_MODELS):
+        return "gguf"
+    return "none"
+
+
+def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name: str,
+                  embedding: Optional[bool] = None):
+    """The quantize pass for ``--quant`` (None for "none"); raises ValueError naming the fix.
+    ``embedding``: quantize embedding tables too (default: yes for gguf, where the file's table
+    is quantized; no for schemes)."""
+    from .passes.quantize import Quantize, parse_scheme
+
+    if quant == "none":
+        return None
+    if target_name not in QUANT_TARGETS:
+        raise ValueError(f"--quant {quant}: the {target_name} target has no quantized kernels yet "
+                         f"(targets with them: {', '.join(QUANT_TARGETS)}); use --quant none")
+    if quant == "gguf":
+        from .frontend.gguf_weights import GgufBlocks
+        from .frontend.hf import resolve_source
+
+        src = resolve_source(source) if source else None
+        if src is None or not src.gguf_file:
+            raise ValueError(f"--quant gguf keeps a GGUF file's own blocks, but the source {source or '(none)'} "
+                             f"is not a .gguf file; pick a scheme (llmc compile --quant list)")
+        provider = GgufBlocks(src.display, imported.config)
+    else:
+        provider = parse_scheme(quant).quantize
+    imported.weights = dict(imported.weights)  # the pass replaces entries: leave the caller's dict alone
+    return Quantize(imported.weights, provider, embedding=(quant == "gguf") if embedding is None else embedding)
+
+
 def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_dir: str,
                      options: Optional[CompileOptions] = None, passes=None, manager_options=None,
-                     source: str = "") -> dict:
+                     source: str = "", quant: Optional[str] = "none",
+                     quant_embedding: Optional[bool] = None) -> dict:
     """Optimize ``imported`` (select-logits, then ``passes``, default -O2) and write the target's
-    artifact to ``out_dir``. Returns the stage timings. Nothing is written if a stage fails."""
+    artifact to ``out_dir``. Returns the stage timings. Nothing is written if a stage fails.
+
+    ``quant``: "none" (floats), "gguf" (a quantized GGUF's own blocks), a scheme such as
+    "q4_g32", or None for the default of the source and target (:func:`default_quant`)."""
     from .passes import build_pipeline
+    from .passes.registry import LOWERING
 
     from .codegen.registry import default_kv_block_size
 
     target = resolve_target(target_name)
     options = options or CompileOptions()
     imported.module.attrs["kv_block_size"] = options.kv_block_size or default_kv_block_size(target_name)
-    passes = build_pipeline(target_name, 2) if passes is None else passes
+    passes = list(build_pipeline(target_name, 2) if passes is None else passes)
+    quant = default_quant(source, target_name) if quant is None else quant
+    qpass = quantize_pass(quant, imported, source, target_name, quant_embedding)
+    if qpass is not None:  # before fusion (it sees top-level linears only), else before the lowerings
+        names = [p.name for p in passes]
+        cut = names.index("fuse-elementwise") if "fuse-elementwise" in names else len(passes)
+        while cut > 0 and passes[cut - 1].name in LOWERING:
+            cut -= 1
+        passes.insert(cut, qpass)
     manager = PassManager([get_pass("select-logits")] + list(passes), **(manager_options or {}))
     t0 = time.perf_counter()
     logging.getLogger("llmc.progress").info("optimizing: %d passes", len(manager.passes))
     module = manager.run(imported.module)
     imported.module = module
     timings = {"passes": time.perf_counter() - t0}
+    if qpass is not None:
+        kinds = [op.kind for op in module.functions["forward"].body.walk()]
+        logging.getLogger("llmc.progress").info("quantized (%s): %d linears, %d embeddings", quant,
+                                                kinds.count("quantized_linear"), kinds.count("quantized_embedding"))
     config = imported.config
     metadata = {"llmc_version": llmc.__version__, "name": module.name, "arch": module.attrs.get("arch"),
-                "vocab_size": int(config.get("vocab_size") or 0), "config": config, "source": source}
+                "vocab_size": int(config.get("vocab_size") or 0), "config": config, "source": source,
+                "quant": quant}
     timings.update(target.compile(module, imported.weights, out_dir, options, metadata,
                                   tokenizer))
     return timings

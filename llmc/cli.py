@@ -89,6 +89,18 @@ def cmd_compile(args) -> int:
     from llmc.compiler.codegen import TargetError
     from llmc.compiler.ir import print_module, verify
     from llmc.compiler.passes import PassError, PassManager
+    from llmc.compiler.passes.quantize import SPECIAL, parse_scheme, scheme_help
+
+    if args.quant == "list":
+        print("quantization schemes (llmc compile MODEL --quant SCHEME):\n" + scheme_help())
+        return 0
+    if args.model is None:
+        raise CliError("llmc compile needs a MODEL (a model directory, a .gguf file, a hub id or smollm2)")
+    if args.quant is not None and args.quant not in SPECIAL:
+        try:
+            parse_scheme(args.quant)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
 
     emit_ir = args.emit == "ir"
     if not emit_ir:
@@ -127,8 +139,15 @@ def cmd_compile(args) -> int:
             write_atomically(out, print_module(module))
         else:
             out = args.output or f"{imported.module.name}-{args.target}"
-            imported.timings.update(compile_artifact(imported, tokenizer, args.target, out, options, passes,
-                                                     manager_options, source=args.model))
+            try:
+                timings = compile_artifact(imported, tokenizer, args.target, out, options, passes,
+                                           manager_options, source=args.model, quant=args.quant,
+                                           quant_embedding=args.quant_embedding)
+            except ValueError as exc:
+                if "--quant" not in str(exc):
+                    raise
+                raise CliError(f"{exc}\nNothing was written.") from None
+            imported.timings.update(timings)
             module = imported.module
     except PassError as exc:
         raise CliError(f"{exc}\nNothing was written.") from None
@@ -153,7 +172,8 @@ def cmd_run(args) -> int:
         raise CliError(str(exc)) from None
     try:
         # one sequence: a KV pool of one full-length sequence is all `llmc run` needs
-        engine = Engine.load(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1)
+        engine = Engine.load(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1,
+                             without_torch=True)
     except ArtifactError as exc:
         raise CliError(str(exc)) from None
     tok = engine.tokenizer
@@ -188,7 +208,7 @@ def cmd_serve(args) -> int:
     try:
         engine = Engine.load(args.artifact, threads=args.threads, num_blocks=args.kv_cache_blocks,
                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                             enable_prefix_caching=not args.no_prefix_caching)
+                             enable_prefix_caching=not args.no_prefix_caching, without_torch=True)
     except (ArtifactError, ValueError) as exc:
         raise CliError(str(exc)) from None
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
@@ -250,6 +270,42 @@ def cmd_verify(args) -> int:
           f"top-1 agreement "
           f"{min(r.top1_agreement for r in reports):.2f} (at least {args.min_top1:g})")
     return 0 if ok else 1
+
+
+def cmd_eval_ppl(args) -> int:
+    from llmc.runtime import ArtifactError, Engine
+    from llmc.runtime.perplexity import all_logits, perplexity
+
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read --text {args.text}: {exc}") from None
+    try:
+        engine = Engine.load(args.artifact, threads=args.threads)
+    except ArtifactError as exc:
+        raise CliError(str(exc)) from None
+    if engine.tokenizer is None:
+        raise CliError(f"{args.artifact} has no tokenizer to turn the text into tokens")
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)[:args.max_tokens]
+    window = min(args.window, engine.max_seq_len)
+    t0 = time.perf_counter()
+    try:
+        res = perplexity(ids, lambda w: all_logits(engine.executor, w), window, min(args.stride, window))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    seconds = time.perf_counter() - t0
+    quant = engine.manifest.model.get("quant", "none")
+    if args.json:
+        import json
+
+        print(json.dumps({"artifact": args.artifact, "text": args.text, "quant": quant, "perplexity": res.perplexity,
+                          "nll": res.nll, "tokens": res.tokens, "windows": res.windows, "window": window,
+                          "stride": min(args.stride, window), "seconds": round(seconds, 2)}))
+    else:
+        print(f"perplexity {res.perplexity:.4f} (nll {res.nll:.5f} nats/token) over {res.tokens} tokens, "
+              f"{res.windows} windows of {window} (stride {min(args.stride, window)}); quant {quant}; {seconds:.1f}s")
+    return 0
 
 
 def cmd_passes(args) -> int:
@@ -349,7 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into an artifact (or IR text)",
                        description="Trace MODEL with torch.export, optimize it, and compile it for a target "
                                    "into an artifact directory (or, with --emit ir, write the optimized IR).")
-    c.add_argument("model", metavar="MODEL")
+    c.add_argument("model", metavar="MODEL", nargs="?")
+    c.add_argument("--quant", metavar="SCHEME",
+                   help="weights: none (floats), gguf (a quantized GGUF's own blocks), or a scheme like q4_g32, "
+                        "q8_g32, q4a_g64 (--quant list shows them); default: gguf for a GGUF source on cpu, else none")
+    c.add_argument("--quant-embedding", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the embedding table too (default: yes for --quant gguf, no for schemes)")
     c.add_argument("--target", choices=TARGETS, default="cpu", help="target to compile for (default cpu)")
     c.add_argument("--emit", choices=EMITS, default="artifact", help="what to write (default artifact)")
     c.add_argument("-o", "--output", help="output directory (artifact, default NAME-TARGET) or file (ir)")
@@ -445,6 +506,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=positive_int, help="threads to run the artifact with")
     v.add_argument("-v", "--verbose", action="store_true", help="show loading details")
     v.set_defaults(func=cmd_verify)
+
+    e = sub.add_parser("eval-ppl", help="perplexity of a text through a compiled artifact",
+                       description="Sliding-window perplexity of FILE's tokens through ARTIFACT's compiled step "
+                                   "(each token scored once, with up to WINDOW-1 tokens of context).")
+    e.add_argument("artifact", metavar="ARTIFACT")
+    e.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file, e.g. benchmarks/data/english.txt")
+    e.add_argument("--window", type=positive_int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--stride", type=positive_int, default=256, help="tokens between window starts (default 256)")
+    e.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of the text")
+    e.add_argument("--threads", type=positive_int, help="threads to run with (default: all cores)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    e.set_defaults(func=cmd_eval_ppl)
 
     r = sub.add_parser("interpret", help="generate text with the IR's reference interpreter (slow, exact)",
                        description="Import MODEL and generate greedily with the reference interpreter.")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import Block, Function, Module, Op, Value
+from .quant import dequantize
 from .types import Dim, dim_symbols, eval_dim
 
 TORCH_DTYPES = {
@@ -237,6 +238,22 @@ def _embedding(xs, a, fr):
         raise InterpreterError(f"token id out of range [0, {table.shape[0]}): "
                                f"min {int(ids.min())}, max {int(ids.max())}")
     return F.embedding(ids.to(torch.int64), table)
+
+
+@impl("quantized_linear")
+def _quantized_linear(xs, a, fr):
+    w = dequantize(xs[1], xs[2], xs[3] if len(xs) == 4 else None, bits=a["bits"], group_size=a["group_size"],
+                   signed=a["signed"])
+    return F.linear(xs[0], w.to(xs[0].dtype))
+
+
+@impl("quantized_embedding")
+def _quantized_embedding(xs, a, fr):
+    ids = xs[0].to(torch.int64)
+    rows = ids.reshape(-1)
+    w = dequantize(xs[1][rows], xs[2][rows], xs[3][rows] if len(xs) == 4 else None, bits=a["bits"],
+                   group_size=a["group_size"], signed=a["signed"])
+    return w.reshape(*ids.shape, w.shape[-1])
 
 
 @impl("reshape")

@@ -606,3 +606,59 @@ def _glu(types, attrs, ctx):
 
 
 ELEMENTWISE_OPS = frozenset(UNARY_OPS + BINARY_OPS + ("gelu", "cast", "constant", "glu", "rope"))
+
+
+# --------------------------------------------------------------------------- quantized weights
+# Layout and meaning: ir/quant.py. Codes u8 [N, K/2] (4-bit, two per byte) or i8/u8 [N, K];
+# scales (and optional mins) f32/f16 [N, K / group_size]; w = scale * code (+ min).
+
+QUANT_ATTRS = {"bits": "int", "group_size": "int", "signed": "bool"}
+
+
+def _quant_weight(types: list[TensorType], attrs: dict[str, Any], what: str) -> tuple:
+    """Checks codes/scales[/mins] of a quantized [N, K] weight; returns (N, K)."""
+    bits, group, signed = attrs["bits"], attrs["group_size"], attrs["signed"]
+    if bits not in (4, 5, 6, 8):
+        raise TypeError(f"{what} bits must be 4, 5, 6 or 8, got {bits}")
+    if group <= 0 or group % 2:
+        raise TypeError(f"{what} group_size must be a positive even number, got {group}")
+    codes, scales = types[0], types[1]
+    want = "u8" if bits == 4 or not signed else "i8"
+    if codes.rank != 2 or codes.dtype != want:
+        raise TypeError(f"{what} {bits}-bit {'signed' if signed else 'unsigned'} codes must be {want}[N, C], got {codes}")
+    if scales.rank != 2 or scales.dtype not in ("f32", "f16") or not dims_equal(scales.shape[0], codes.shape[0]):
+        raise TypeError(f"{what} scales must be f32/f16 [{codes.shape[0]}, K/{group}], got {scales}")
+    k = scales.shape[1] * group
+    cols = k // 2 if bits == 4 else k
+    if not dims_equal(codes.shape[1], cols):
+        raise TypeError(f"{what} codes {codes} do not match scales {scales} at group_size {group} "
+                        f"(expected {cols} code columns)")
+    if len(types) == 3 and types[2] != scales:
+        raise TypeError(f"{what} mins must have the scales' type {scales}, got {types[2]}")
+    return codes.shape[0], normalize_dim(k)
+
+
+@register_op("quantized_linear", min_operands=3, attrs=QUANT_ATTRS)
+def _quantized_linear(types, attrs, ctx):
+    """x [..., K] · dequantize(codes, scales[, mins])ᵀ -> [..., N]; the weight is [N, K] as in linear."""
+    if len(types) not in (3, 4):
+        raise TypeError(f"quantized_linear takes x, codes, scales and optional mins, got {len(types)} operands")
+    x = types[0]
+    if x.dtype not in ("f32", "f16", "bf16"):
+        raise TypeError(f"quantized_linear input must be a float tensor, got {x}")
+    n, k = _quant_weight(types[1:], attrs, "quantized_linear")
+    if x.rank < 1 or not dims_equal(x.shape[-1], k):
+        raise TypeError(f"quantized_linear input has K={x.shape[-1] if x.rank else None} but the weight has K={k}")
+    return [TensorType(x.shape[:-1] + (n,), x.dtype)]
+
+
+@register_op("quantized_embedding", min_operands=3, attrs=QUANT_ATTRS)
+def _quantized_embedding(types, attrs, ctx):
+    """Row gather from a quantized table [V, D]: ids [...] (integer) -> f32 [..., D]."""
+    if len(types) not in (3, 4):
+        raise TypeError(f"quantized_embedding takes ids, codes, scales and optional mins, got {len(types)} operands")
+    ids = types[0]
+    if ids.dtype not in ("i64", "i32"):
+        raise TypeError(f"quantized_embedding ids must be i64 or i32, got {ids.dtype}")
+    _, d = _quant_weight(types[1:], attrs, "quantized_embedding")
+    return [TensorType(ids.shape + (d,), "f32")]

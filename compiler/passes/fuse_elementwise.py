@@ -13,7 +13,7 @@ from ..ir.ops import ELEMENTWISE_OPS
 from .base import FunctionPass
 from .registry import register_pass
 
-ANCHORS = frozenset({"linear", "matmul"})  # may start a group, never join one
+ANCHORS = frozenset({"linear", "matmul", "quantized_linear"})  # may start a group, never join one
 NORMS = frozenset({"rms_norm"})  # may start a group or join an anchor-free one
 MEMBERS = (ELEMENTWISE_OPS - {"constant"}) | ANCHORS | NORMS
 

@@ -443,20 +443,72 @@ def _softmax(ops, attrs, out, ctx):
 def _linear(ops, attrs, out, ctx):
     x, w = ops[0], ops[1]
     bias = ops[2] if len(ops) == 3 else None
-    kdim = x.shape[-1]
-    k = te.reduce_axis((0, kdim), name="k")
-    shape = ctx.shape(out)
     weight = (lambda n, kk: w.at(n, kk)) if isinstance(w, PackedWeight) else (lambda n, kk: w[n, kk])
-    lead = shape[:-1]
-    rows = _product(lead)
-    if isinstance(w, PackedWeight) and not isinstance(rows, tir.IntImm):
-        y = _padded_linear(x, weight, lead, rows, shape, k)
-    else:
-        name = "linear_packed" if isinstance(w, PackedWeight) else "linear"
-        y = te.compute(shape, lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * weight(i[-1], k), axis=k), name=name)
+    y = _linear_of(x, weight, isinstance(w, PackedWeight), ctx.shape(out))
     if bias is None:
         return y
-    return te.compute(shape, lambda *i: y[i] + value_at(bias, [i[-1]]), name="bias_add")
+    return te.compute(y.shape, lambda *i: y[i] + value_at(bias, [i[-1]]), name="bias_add")
+
+
+def _linear_of(x, weight, packed: bool, shape, prefix: str = "linear"):
+    """``y[..., n] = sum_k x[..., k] * weight(n, k)``; block names start with "linear" so the
+    scheduler gives it the register-tiled linear schedule."""
+    k = te.reduce_axis((0, x.shape[-1]), name="k")
+    lead = shape[:-1]
+    rows = _product(lead)
+    if packed and not isinstance(rows, tir.IntImm):
+        return _padded_linear(x, weight, lead, rows, shape, k, prefix)
+    name = f"{prefix}_packed" if packed else prefix
+    return te.compute(shape, lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * weight(i[-1], k), axis=k), name=name)
+
+
+def _element(t):
+    return (lambda n, c: t.at(n, c)) if isinstance(t, PackedWeight) else (lambda n, c: t[n, c])
+
+
+def dequantized(codes, scales, mins, bits: int, group: int, signed: bool, dtype: str = "float32"):
+    """``w(n, k)`` of llmc's quantized layout (ir/quant.py) as a TE expression: the code is
+    unpacked and scaled in registers where the kernel reads it, never stored as float."""
+    code_at, scale_at = _element(codes), _element(scales)
+    min_at = _element(mins) if mins is not None else None
+
+    def w(n, k):
+        if bits == 4:
+            byte = code_at(n, k // 2)
+            shift = (k % 2 * 4).astype(byte.dtype)
+            q = ((byte >> shift) & tir.const(15, byte.dtype)).astype(dtype)
+            if signed:
+                q = q - tir.const(8, dtype)
+        else:
+            q = code_at(n, k).astype(dtype)
+        g = k // group
+        v = scale_at(n, g).astype(dtype) * q
+        return v + min_at(n, g).astype(dtype) if min_at is not None else v
+
+    return w
+
+
+@builder("quantized_linear")
+def _quantized_linear(ops, attrs, out, ctx):
+    x, codes, scales = ops[0], ops[1], ops[2]
+    mins = ops[3] if len(ops) == 4 else None
+    weight = dequantized(codes, scales, mins, attrs["bits"], attrs["group_size"], attrs["signed"], x.dtype)
+    return _linear_of(x, weight, isinstance(codes, PackedWeight), ctx.shape(out), prefix="linear_q")
+
+
+@builder("quantized_embedding")
+def _quantized_embedding(ops, attrs, out, ctx):
+    ids, codes, scales = ops[0], ops[1], ops[2]
+    mins = ops[3] if len(ops) == 4 else None
+    rows = codes.n if isinstance(codes, PackedWeight) else codes.shape[0]
+    weight = dequantized(codes, scales, mins, attrs["bits"], attrs["group_size"], attrs["signed"])
+    last = tir.IntImm("int64", int(rows) - 1) if isinstance(rows, int) else rows - 1
+
+    def f(*i):
+        row = tir.max(tir.min(ids[i[:-1]].astype("int64"), last), tir.IntImm("int64", 0))
+        return weight(row, i[-1])
+
+    return te.compute(ctx.shape(out), f, name="embedding_q")
 
 
 ROW_TILE = 8  # token rows per register tile of a prefill linear (see schedule.py)
@@ -470,7 +522,7 @@ def _product(dims):
     return out
 
 
-def _padded_linear(x, weight, lead, rows, shape, k):
+def _padded_linear(x, weight, lead, rows, shape, k, prefix: str = "linear"):
     """Linear over a dynamic number of rows, computed on rows rounded up to ROW_TILE.
 
     The padding rows re-read the last real row (clamped index), so the hot loop needs no
@@ -481,7 +533,7 @@ def _padded_linear(x, weight, lead, rows, shape, k):
         return _unravel(tir.min(r, rows - 1), lead)
 
     ypad = te.compute((padded, shape[-1]), lambda r, n: te.sum(
-        x[tuple(row_of(r)) + (k,)] * weight(n, k), axis=k), name="linear_packed_rows")
+        x[tuple(row_of(r)) + (k,)] * weight(n, k), axis=k), name=f"{prefix}_packed_rows")
     return te.compute(shape, lambda *i: ypad[_ravel(i[:-1], lead), i[-1]], name="pad_crop")
 
 

@@ -98,6 +98,11 @@ def packed_params(module: Module) -> set[str]:
                 n = op.operands[1].type.shape[0]
                 if name is not None and isinstance(n, int) and n % PACK == 0:
                     out.add(name)
+            if op.kind == "quantized_linear":  # codes, scales and mins share the blocked layout
+                names = [_param_of(v, outer) for v in op.operands[1:]]
+                n = op.operands[1].type.shape[0]
+                if None not in names and isinstance(n, int) and n % PACK == 0:
+                    out.update(names)
             if op.region is not None:
                 visit(op.region, {id(a): outer.get(id(v), v) for a, v in zip(op.region.args, op.operands)})
 

@@ -1,0 +1,126 @@
+"""The meaning of llmc's quantized-weight layout (codes + per-group scales [+ mins]).
+
+It lives in the IR because ``quantized_linear`` and ``quantized_embedding`` are defined by it:
+the interpreter dequantizes with :func:`dequantize` and the frontend/passes pack with
+:func:`pack_codes`. Storage (row-major along K, per output row n):
+
+  bits == 4: ``u8 [N, K/2]``; element ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the
+             high nibble; signed codes are stored as ``code + 8``.
+  bits 5..8: one code per byte: ``i8 [N, K]`` when signed, ``u8 [N, K]`` when not.
+  scales, mins: ``f32`` or ``f16`` ``[N, K / group_size]``; ``w = scale * code (+ min)`` in f32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def codes_dtype(bits: int, signed: bool) -> str:
+    """The IR dtype of stored codes."""
+    return "u8" if bits == 4 or not signed else "i8"
+
+
+def codes_cols(k: int, bits: int) -> int:
+    """Stored columns of a row of ``k`` codes."""
+    return k // 2 if bits == 4 else k
+
+
+def unpack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Integer codes ``[N, K]`` (int32) from the stored form."""
+    if bits == 4:
+        c = codes.to(torch.int32)
+        out = torch.stack([c & 0x0F, c >> 4], dim=-1).reshape(codes.shape[0], -1)
+        return out - 8 if signed else out
+    return codes.to(torch.int32)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """The stored form of integer codes ``[N, K]`` (inverse of :func:`unpack_codes`)."""
+    lo, hi = code_range(bits, signed)
+    if int(codes.min()) < lo or int(codes.max()) > hi:
+        raise ValueError(f"codes out of range [{lo}, {hi}] for {bits}-bit {'signed' if signed else 'unsigned'}")
+    if bits == 4:
+        u = (codes + 8 if signed else codes).to(torch.uint8)
+        if u.shape[-1] % 2:
+            raise ValueError(f"4-bit codes need an even row length, got {u.shape[-1]}")
+        return u[:, 0::2] | (u[:, 1::2] << 4)
+    return codes.to(torch.int8 if signed else torch.uint8)
+
+
+def dequantize(codes, scales, mins, *, bits: int, group_size: int, signed: bool) -> torch.Tensor:
+    """The reference meaning of the layout: f32 ``w[n, k] = scale[n, g] * code[n, k] (+ min[n, g])``."""
+    q = unpack_codes(codes, bits, signed).to(torch.float32)
+    n, k = q.shape
+    q = q.reshape(n, k // group_size, group_size)
+    w = scales.to(torch.float32).unsqueeze(-1) * q
+    if mins is not None:
+        w = w + mins.to(torch.float32).unsqueeze(-1)
+    return w.reshape(n, k)
+
+
+def quantize_weight(w: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
+                    scale_dtype: torch.dtype = torch.float16):
+    """Round-to-nearest per-group quantization of a float ``[N, K]`` weight into the layout.
+
+    Symmetric: ``code = round(w / s)`` in ``[-(2^(b-1)-1), 2^(b-1)-1]`` with ``s = max|w| / (2^(b-1)-1)``.
+    Asymmetric: ``code = round((w - min) / s)`` in ``[0, 2^b - 1]`` with ``s = (max - min) / (2^b - 1)``.
+    Scales (and mins) are rounded to ``scale_dtype`` first and the codes computed from the
+    rounded values, so dequantization sees exactly the scales it is given. Returns
+    ``(codes, scales, mins or None)``.
+    """
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"row length {k} is not a multiple of group_size {group_size}")
+    g = w.detach().to(torch.float32).reshape(n, k // group_size, group_size)
+    if symmetric:
+        qmax = (1 << (bits - 1)) - 1
+        scale = (g.abs().amax(-1) / qmax).to(scale_dtype).to(torch.float32)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.round(g / safe.unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int32)
+        mins = None
+    else:
+        qmax = (1 << bits) - 1
+        lo = g.amin(-1).to(scale_dtype).to(torch.float32)
+        scale = ((g.amax(-1) - lo) / qmax).to(scale_dtype).to(torch.float32)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.round((g - lo.unsqueeze(-1)) / safe.unsqueeze(-1)).clamp(0, qmax).to(torch.int32)
+        mins = lo.to(scale_dtype)
+    packed = pack_codes(codes.reshape(n, k), bits, signed=symmetric)
+    return packed, scale.to(scale_dtype), mins
+
+
+@dataclass
+class QuantWeight:
+    """A weight ``[N, K]`` as integer codes plus per-group fp32 scales (and mins)."""
+
+    codes: torch.Tensor  # see the module docstring for the storage of each bit width
+    scales: torch.Tensor  # f32 or f16 [N, K / group_size] (f16 only where that is exact)
+    mins: Optional[torch.Tensor]  # like scales, or None (symmetric)
+    bits: int
+    group_size: int
+    signed: bool
+    source: str = ""  # the GGUF block type or quantization scheme it came from
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.scales.shape[0], self.scales.shape[1] * self.group_size)
+
+    def rows(self, index: torch.Tensor) -> "QuantWeight":
+        """The rows ``index`` (a permutation or gather of output features), codes untouched."""
+        return QuantWeight(self.codes[index], self.scales[index],
+                           None if self.mins is None else self.mins[index],
+                           self.bits, self.group_size, self.signed, self.source)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.mins, bits=self.bits,
+                          group_size=self.group_size, signed=self.signed)

@@ -1,0 +1,89 @@
+"""GGUF blocks repacked into llmc's layout dequantize to exactly gguf.quants.dequantize."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GT
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from llmc.compiler.frontend.gguf_weights import (QUANT_TYPES, float_tensor, pack_codes, repack_blocks,
+                                                 unpack_codes)
+
+N, K = 6, 512
+BLOCK = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q8_0": (34, 32), "Q4_K": (144, 256), "Q5_K": (176, 256),
+         "Q6_K": (210, 256)}
+F16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_blocks(name: str, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes for every field (all code bit patterns) with finite f16 super-scales."""
+    nbytes, per = BLOCK[name]
+    raw = rng.integers(0, 256, size=(N * K // per, nbytes), dtype=np.uint8)
+    for off in F16_AT[name]:
+        d = (rng.standard_normal(raw.shape[0]) * 0.01).astype(np.float16)
+        raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(N, -1)
+
+
+def check_exact(raw: np.ndarray, name: str):
+    qw = repack_blocks(raw, name, (N, K))
+    ref = torch.from_numpy(gguf_dequantize(raw, GT[name]).astype(np.float32))
+    got = qw.dequantize()
+    assert got.shape == ref.shape == (N, K)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, ref), f"{name}: max diff {(got - ref).abs().max()}"
+    return qw
+
+
+@pytest.mark.parametrize("name", QUANT_TYPES)
+def test_random_blocks_dequantize_exactly(name):
+    qw = check_exact(random_blocks(name, np.random.default_rng(hash(name) % 2**32)), name)
+    assert qw.source == name
+    assert qw.scales.dtype == (torch.float16 if name in ('Q4_0', 'Q4_1', 'Q8_0') else torch.float32)
+    assert qw.codes.dtype in (torch.uint8, torch.int8)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_quantized_weights_dequantize_exactly(name):
+    w = np.random.default_rng(1).standard_normal((N, K)).astype(np.float32)
+    check_exact(gguf_quantize(w, GT[name]), name)
+
+
+def test_layout_per_type():
+    rng = np.random.default_rng(2)
+    expect = {"Q4_0": (4, 32, True, False), "Q4_1": (4, 32, False, True), "Q8_0": (8, 32, True, False),
+              "Q4_K": (4, 32, False, True), "Q5_K": (5, 32, False, True), "Q6_K": (6, 16, True, False)}
+    for name, (bits, group, signed, has_mins) in expect.items():
+        qw = repack_blocks(random_blocks(name, rng), name, (N, K))
+        assert (qw.bits, qw.group_size, qw.signed, qw.mins is not None) == (bits, group, signed, has_mins)
+        assert qw.codes.shape == (N, K // 2 if bits == 4 else K)
+        assert qw.scales.shape == (N, K // group)
+
+
+@pytest.mark.parametrize("bits,signed", [(4, True), (4, False), (5, False), (6, True), (8, True), (8, False)])
+def test_pack_unpack_roundtrip(bits, signed):
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    codes = torch.randint(lo, hi + 1, (3, 64), dtype=torch.int32)
+    assert torch.equal(unpack_codes(pack_codes(codes, bits, signed), bits, signed), codes)
+    with pytest.raises(ValueError, match="out of range"):
+        pack_codes(codes.clone().fill_(hi + 1), bits, signed)
+
+
+def test_float_types_keep_their_dtype():
+    w = torch.randn(4, 8)
+    assert torch.equal(float_tensor(w.numpy().view(np.uint8), "F32", (4, 8)), w)
+    h = w.half()
+    assert float_tensor(h.numpy(), "F16", (4, 8)).dtype == torch.float16
+    b = w.bfloat16()
+    raw = gguf_quantize(w.numpy(), GT.BF16)
+    got = float_tensor(raw, "BF16", (4, 8))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, b)
+    assert torch.equal(got.float(), torch.from_numpy(gguf_dequantize(raw, GT.BF16)))
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(ValueError, match="not supported"):
+        repack_blocks(np.zeros((1, 10), np.uint8), "IQ2_XXS", (1, 256))
+    with pytest.raises(ValueError, match="multiple of its block size"):
+        repack_blocks(np.zeros((1, 18), np.uint8), "Q4_0", (1, 16))

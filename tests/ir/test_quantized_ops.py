@@ -1,0 +1,85 @@
+"""quantized_linear / quantized_embedding: type rules, text form, interpreter meaning."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmc.compiler.ir import (Builder, Function, Interpreter, Module, TensorType, VerifyError, parse_module,
+                              print_module, symbol, verify)
+from llmc.compiler.ir.quant import codes_cols, codes_dtype, dequantize, quantize_weight
+
+T = symbol("T")
+N, K = 24, 128
+
+
+def quant_module(bits, group, symmetric, op="quantized_linear", n=N, k=K, scale_dtype="f16"):
+    m = Module("q")
+    signed = symmetric
+    m.add_param("w.codes", TensorType((n, codes_cols(k, bits)), codes_dtype(bits, signed)))
+    m.add_param("w.scales", TensorType((n, k // group), scale_dtype))
+    if not symmetric:
+        m.add_param("w.mins", TensorType((n, k // group), scale_dtype))
+    b = Builder(m)
+    if op == "quantized_linear":
+        x = b.arg("x", TensorType((T, k), "f32"))
+    else:
+        x = b.arg("ids", TensorType((T,), "i64"))
+    ws = [b.op("param", name="w.codes"), b.op("param", name="w.scales")]
+    if not symmetric:
+        ws.append(b.op("param", name="w.mins"))
+    b.ret(b.op(op, x, *ws, bits=bits, group_size=group, signed=signed))
+    m.add_function(Function("forward", b.block))
+    return m
+
+
+def weights_for(w, bits, group, symmetric):
+    codes, scales, mins = quantize_weight(w, bits=bits, group_size=group, symmetric=symmetric)
+    out = {"w.codes": codes, "w.scales": scales}
+    if mins is not None:
+        out["w.mins"] = mins
+    return out, dequantize(codes, scales, mins, bits=bits, group_size=group, signed=symmetric)
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 64, False), (8, 32, True), (8, 128, False)])
+def test_quantized_linear_means_dequantize_then_linear(bits, group, symmetric):
+    m = quant_module(bits, group, symmetric)
+    verify(m)
+    text = print_module(m)
+    assert "quantized_linear(" in text and f"bits = {bits}" in text
+    assert print_module(parse_module(text)) == text
+    w = torch.randn(N, K)
+    weights, deq = weights_for(w, bits, group, symmetric)
+    x = torch.randn(5, K)
+    (y,) = Interpreter(m, weights).run([x])
+    torch.testing.assert_close(y, F.linear(x, deq))
+    # the scheme's error: a half step of the group's scale per weight, at most
+    step = (w.reshape(N, -1, group).abs().amax(-1) if symmetric else
+            w.reshape(N, -1, group).amax(-1) - w.reshape(N, -1, group).amin(-1))
+    qmax = (1 << (bits - 1)) - 1 if symmetric else (1 << bits) - 1
+    bound = (step / qmax).repeat_interleave(group, dim=1) * 0.51 + 1e-3 * w.abs()
+    assert bool(((deq - w).abs() <= bound).all())
+
+
+def test_quantized_embedding_gathers_dequantized_rows():
+    m = quant_module(4, 32, False, op="quantized_embedding", n=50, k=64)
+    verify(m)
+    w = torch.randn(50, 64)
+    weights, deq = weights_for(w, 4, 32, False)
+    ids = torch.tensor([3, 0, 49, 3])
+    (y,) = Interpreter(m, weights).run([ids])
+    assert y.dtype == torch.float32 and torch.equal(y, deq[ids])
+
+
+def test_verifier_names_bad_layouts():
+    m = quant_module(4, 32, True)
+    op = [o for o in m.functions["forward"].ops if o.kind == "quantized_linear"][0]
+    op.attrs["group_size"] = 64  # scales no longer match the codes
+    with pytest.raises(VerifyError, match="do not match scales"):
+        verify(m)
+    op.attrs["group_size"] = 32
+    op.attrs["bits"] = 3
+    with pytest.raises(VerifyError, match="bits must be 4, 5, 6 or 8"):
+        verify(m)
+    op.attrs["bits"] = 8
+    with pytest.raises(VerifyError, match="codes must be i8"):  # i8 [N, K] for signed 8-bit
+        verify(m)
