@@ -108,7 +108,7 @@ def cmd_compile(args) -> int:
         from llmc.compiler.driver import compile_artifact, resolve_target
 
         options = CompileOptions(mcpu=args.mcpu, threads=args.threads, max_seq_len=args.max_seq_len,
-                                 kv_block_size=args.kv_block_size)
+                                 kv_block_size=args.kv_block_size, arch=args.arch, dtype=args.dtype)
         try:
             target = resolve_target(args.target)
             if hasattr(target, "check"):  # a bad --mcpu or a missing cross linker fails before the import
@@ -167,11 +167,12 @@ def cmd_run(args) -> int:
 
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed, max_tokens=args.max_tokens)
+                                seed=args.seed, max_tokens=args.max_tokens, skip_special_tokens=False)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     try:
-        engine = Engine.load(args.artifact, threads=args.threads)
+        # one sequence: a KV pool of one full-length sequence is all `llmc run` needs
+        engine = Engine.load(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1)
     except ArtifactError as exc:
         raise CliError(str(exc)) from None
     tok = engine.tokenizer
@@ -180,20 +181,86 @@ def cmd_run(args) -> int:
     try:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         ids = tok.encode(text, add_special_tokens=not args.chat)
-        from llmc.runtime.tokenizer import StreamDecoder
-
-        stream = StreamDecoder(tok)
-        for token in engine.generate(ids, params):
-            sys.stdout.write(stream.push(token))
+        for out in engine.generate(ids, params):  # the serving engine, one request
+            sys.stdout.write(out.text)
             sys.stdout.flush()
-        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.write("\n")
     except ValueError as exc:
         raise CliError(str(exc)) from None
     s = engine.stats
     log.info("prompt %d tokens in %.2fs (%.0f tok/s); generated %d tokens in %.2fs (%.1f tok/s); stop: %s",
              s.prompt_tokens, s.prefill_seconds, s.prompt_tokens / max(s.prefill_seconds, 1e-9),
-             s.generated_tokens, s.decode_seconds, s.generated_tokens / max(s.decode_seconds, 1e-9), s.stop_reason)
+             s.generated_tokens, s.decode_seconds, max(s.generated_tokens - 1, 0) / max(s.decode_seconds, 1e-9),
+             s.stop_reason)
     return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from llmc.runtime.server import run_server
+    except ImportError as exc:
+        raise CliError(f"llmc serve needs the serve extra ({exc.name} is missing): pip install 'llmc[serve]'") from None
+    from llmc.runtime import ArtifactError, Engine
+
+    api_key = args.api_key or os.environ.get("LLMC_API_KEY") or None
+    t0 = time.perf_counter()
+    try:
+        engine = Engine.load(args.artifact, threads=args.threads, num_blocks=args.kv_cache_blocks,
+                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                             enable_prefix_caching=not args.no_prefix_caching)
+    except (ArtifactError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
+    ex = engine.executor
+    print(f"llmc serve: {name} loaded in {time.perf_counter() - t0:.1f}s; {ex.num_blocks} KV blocks of "
+          f"{ex.block_size} positions, {args.max_num_seqs} sequences at most, context {engine.max_model_len}; "
+          f"http://{args.host}:{args.port}/v1" + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
+    run_server(engine, name, host=args.host, port=args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
+               drain_seconds=args.drain_seconds, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Run the artifact and the HF model on a few prompts; exit 1 beyond tolerance."""
+    from llmc.compiler.frontend import ModelSourceError
+    from llmc.compiler.frontend.hf import load_hf_model, resolve_source
+    from llmc.compiler.verify import DEFAULT_PROMPTS, verify_artifact
+    from llmc.runtime import ArtifactError, Engine
+
+    try:
+        engine = Engine.load(args.artifact, threads=args.threads)
+    except ArtifactError as exc:
+        raise CliError(str(exc)) from None
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        try:
+            with open(args.prompts) as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as exc:
+            raise CliError(f"cannot read --prompts {args.prompts}: {exc}") from None
+        if not prompts:
+            raise CliError(f"--prompts {args.prompts} has no prompts (one per line)")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        model = load_hf_model(resolve_source(args.model))
+    except (ModelSourceError, OSError, ValueError, KeyError) as exc:
+        raise CliError(f"cannot load {args.model} with transformers: {exc}") from None
+    try:
+        reports = verify_artifact(engine, model, prompts, args.max_tokens)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    ok = True
+    print(f"{'prompt':40s} {'tokens':>6s} {'max |dlogit|':>12s} {'top-1':>6s} {'identical':>9s}")
+    for r in reports:
+        bad = r.max_logit_error > args.tol * max(1.0, r.logit_scale) or r.top1_agreement < args.min_top1
+        ok &= not bad
+        print(f"{r.prompt[:40]:40s} {r.prompt_tokens:6d} {r.max_logit_error:12.3g} {r.top1_agreement:6.2f} "
+              f"{r.identical_tokens:4d}/{r.steps:<4d}{'  FAIL' if bad else ''}")
+    worst = max(r.max_logit_error for r in reports)
+    print(f"{'ok' if ok else 'MISMATCH'}: max logit error {worst:.3g} (tolerance {args.tol:g} x max(1, |logit|)), "
+          f"top-1 agreement "
+          f"{min(r.top1_agreement for r in reports):.2f} (at least {args.min_top1:g})")
+    return 0 if ok else 1
 
 
 def cmd_eval_ppl(args) -> int:
@@ -212,7 +279,7 @@ def cmd_eval_ppl(args) -> int:
     if engine.tokenizer is None:
         raise CliError(f"{args.artifact} has no tokenizer to turn the text into tokens")
     ids = engine.tokenizer.encode(text, add_special_tokens=False)[:args.max_tokens]
-    window = min(args.window, engine.max_seq_len)
+    window = min(args.window, engine.max_model_len)
     t0 = time.perf_counter()
     try:
         res = perplexity(ids, lambda w: all_logits(engine.executor, w), window, min(args.stride, window))
@@ -341,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mcpu", help="cpu: LLVM CPU to build for, x86-64 or AArch64, e.g. znver4, x86-64-v3, neoverse-n1, "
                         "'aarch64' (default: this machine; another architecture needs llmc[cross])")
     c.add_argument("--threads", type=positive_int, help="cpu: threads the kernels are built for (default: all cores)")
+    c.add_argument("--arch", help="cuda: sm_80, sm_89 or sm_90 (default sm_90); rocm: gfx90a, gfx942 or gfx1100 "
+                        "(default gfx942). Built ahead of time: no GPU needed")
+    c.add_argument("--dtype", choices=("bf16", "f16", "f32"),
+                   help="cuda/rocm: dtype of activations, weights and KV cache (default bf16)")
     c.add_argument("--max-seq-len", type=positive_int, default=2048,
                    help="tokens one sequence may hold, prompt and output (default 2048)")
     c.add_argument("--kv-block-size", type=positive_int,
@@ -389,6 +460,43 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=positive_int, help="threads to run with (default: all cores)")
     run.add_argument("-v", "--verbose", action="store_true", help="print prefill/decode speed")
     run.set_defaults(func=cmd_run)
+
+    sv = sub.add_parser("serve", help="serve a compiled artifact over an OpenAI-compatible HTTP API",
+                        description="Load ARTIFACT and serve /v1/completions, /v1/chat/completions, /v1/models, "
+                                    "/health and /metrics with continuous batching (needs llmc[serve]).")
+    sv.add_argument("artifact", metavar="ARTIFACT")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set LLMC_API_KEY)")
+    sv.add_argument("--served-model-name", help="the model name clients send (default: the artifact's folder name)")
+    sv.add_argument("--max-num-seqs", type=positive_int, default=16, help="most sequences in one batch (default 16)")
+    sv.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
+                    help="token budget of one step; longer prompts are prefilled in chunks (default 512)")
+    sv.add_argument("--kv-cache-blocks", type=positive_int,
+                    help="KV blocks in the pool (default: 512 MiB worth, at least one full-length sequence)")
+    sv.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of equal prefixes")
+    sv.add_argument("--threads", type=positive_int, help="threads to run with (default: all cores)")
+    sv.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
+                    help="largest request body accepted (default 1 MiB)")
+    sv.add_argument("--drain-seconds", type=float, default=30.0,
+                    help="on SIGTERM, how long running requests may take to finish (default 30)")
+    sv.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    sv.set_defaults(func=cmd_serve)
+
+    v = sub.add_parser("verify", help="compare a compiled artifact with the transformers model",
+                       description="Run ARTIFACT and the Hugging Face MODEL on a few prompts (HF's greedy "
+                                   "continuation fed to both) and report, per prompt, the max logit error, top-1 "
+                                   "agreement and the identical greedy continuation length. Exit 1 beyond tolerance.")
+    v.add_argument("artifact", metavar="ARTIFACT")
+    v.add_argument("model", metavar="MODEL", help="what the artifact was compiled from (directory, .gguf, smollm2)")
+    v.add_argument("--prompts", metavar="FILE", help="one prompt per line (token ids if the artifact has no tokenizer)")
+    v.add_argument("--max-tokens", type=positive_int, default=16, help="greedy steps per prompt (default 16)")
+    v.add_argument("--tol", type=float, default=1e-3,
+                   help="max logit error allowed, relative to max(1, largest |logit|) (default 1e-3)")
+    v.add_argument("--min-top1", type=float, default=1.0, help="min top-1 agreement per prompt (default 1.0)")
+    v.add_argument("--threads", type=positive_int, help="threads to run the artifact with")
+    v.add_argument("-v", "--verbose", action="store_true", help="show loading details")
+    v.set_defaults(func=cmd_verify)
 
     e = sub.add_parser("eval-ppl", help="perplexity of a text through a compiled artifact",
                        description="Sliding-window perplexity of FILE's tokens through ARTIFACT's compiled step "

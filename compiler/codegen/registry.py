@@ -18,6 +18,8 @@ class CompileOptions:
     threads: Optional[int] = None      # cpu: threads the kernels are built for (default: all cores)
     max_seq_len: int = 2048            # most tokens one sequence may hold (prompt + output)
     kv_block_size: Optional[int] = None  # positions per KV block (default: the target's)
+    arch: Optional[str] = None         # cuda/rocm: sm_80|sm_89|sm_90, gfx90a|gfx942|gfx1100 (default sm_90 / gfx942)
+    dtype: Optional[str] = None        # cuda/rocm: activations, weights and KV cache: bf16 (default), f16, f32
     cache_dir: Optional[str] = None    # compiled-kernel cache (default <cache root>/kernels, see compiler/cache.py)
     extra: dict = field(default_factory=dict)
 
@@ -59,5 +61,6 @@ class PlannedTarget:
 def _load_builtin() -> None:
     if "cpu" not in TARGETS:
         from . import cpu  # noqa: F401  (registers "cpu")
-        for planned in ("cuda", "rocm", "metal"):
+        from .triton import target  # noqa: F401  (registers "cuda" and "rocm"; imports triton only to compile)
+        for planned in ("metal",):
             TARGETS.setdefault(planned, type(f"{planned.title()}Target", (PlannedTarget,), {"name": planned}))

@@ -226,7 +226,7 @@ def _out_dtype(imp: Importer, node) -> str:
 
 _UNARY = {"neg": "neg", "rsqrt": "rsqrt", "cos": "cos", "sin": "sin", "silu": "silu", "tanh": "tanh",
           "exp": "exp", "sqrt": "sqrt", "sigmoid": "sigmoid", "relu": "relu", "abs": "abs",
-          "reciprocal": "reciprocal", "log": "log"}
+          "reciprocal": "reciprocal", "log": "log", "log1p": "log1p", "floor": "floor", "erf": "erf", "expm1": "expm1"}
 for _aten, _ir in _UNARY.items():
     rule(f"aten.{_aten}.default")(
         (lambda k: lambda imp, node: imp.b.op(k, imp.as_tensor(imp.value(node.args[0]), _out_dtype(imp, node))))(_ir)
@@ -259,6 +259,8 @@ for _aten, _ir in {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow"
     for _ov in ("Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "default"):
         rule(f"aten.{_aten}.{_ov}")(_binary(_ir))
 rule("aten.rsub.Scalar", "aten.rsub.Tensor")(_binary("sub", reverse=True))
+rule("aten.min.other")(_binary("minimum"))
+rule("aten.max.other")(_binary("maximum"))
 
 
 @rule("aten.mean.dim", "aten.sum.dim_IntList", "aten.amax.default")
@@ -428,6 +430,299 @@ def _attention(imp, node):
     out = imp.b.op("attention", flat(q), flat(k), flat(v), positions, hint=f"attn{layer}",
                    layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap))
     return imp.b.op("reshape", out, shape=list(imp.type_of(node).shape))
+
+
+def _compare(kind: str):
+    def fn(imp: Importer, node):
+        a, b = imp.value(node.args[0]), imp.value(node.args[1])
+        tensor = a if isinstance(a, Value) else b
+        if not isinstance(tensor, Value):
+            raise ImportError_(f"comparison of two scalars at %{node.name}")
+        dtype = tensor.type.dtype
+        if isinstance(a, Value) and isinstance(b, Value) and a.type.dtype != b.type.dtype:
+            dtype = _promote(a.type.dtype, b.type.dtype)
+        return imp.b.op(kind, imp.as_tensor(a, dtype), imp.as_tensor(b, dtype))
+
+    return fn
+
+
+def _promote(a: str, b: str) -> str:
+    order = ["bool", "u8", "i8", "i16", "i32", "i64", "bf16", "f16", "f32", "f64"]
+    return max(a, b, key=order.index)
+
+
+for _aten in ("gt", "ge", "lt", "le", "eq", "ne"):
+    rule(f"aten.{_aten}.Scalar", f"aten.{_aten}.Tensor")(_compare(_aten))
+
+
+def _logical(kind: str):
+    def fn(imp: Importer, node):
+        xs = [imp.as_tensor(imp.value(a), "bool") for a in node.args[:2 if kind != "logical_not" else 1]]
+        if any(x.type.dtype != "bool" for x in xs) or imp.type_of(node).dtype != "bool":
+            raise ImportError_(f"{node.target} at %{node.name}: only bool operands are supported")
+        return imp.b.op(kind, *xs)
+
+    return fn
+
+
+rule("aten.logical_and.default", "aten.bitwise_and.Tensor")(_logical("logical_and"))
+rule("aten.logical_or.default", "aten.bitwise_or.Tensor")(_logical("logical_or"))
+rule("aten.logical_not.default", "aten.bitwise_not.default")(_logical("logical_not"))
+
+
+@rule("aten.where.self", "aten.where.ScalarSelf", "aten.where.ScalarOther", "aten.where.Scalar")
+def _where(imp, node):
+    cond, a, b = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    dtype = _out_dtype(imp, node)
+    return imp.b.op("where", imp.as_tensor(cond, "bool"), imp.as_tensor(a, dtype), imp.as_tensor(b, dtype))
+
+
+@rule("aten.masked_fill.Scalar", "aten.masked_fill.Tensor")
+def _masked_fill(imp, node):
+    x, mask, value = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    dtype = _out_dtype(imp, node)
+    return imp.b.op("where", imp.as_tensor(mask, "bool"), imp.as_tensor(value, dtype), imp.as_tensor(x, dtype))
+
+
+@rule("aten.index_put.default")
+def _index_put(imp, node):
+    """x[mask] = v with one bool mask of x's shape (the only form a static graph can express)."""
+    x, indices, values, accumulate = imp.args(node, ("self", None), ("indices", None), ("values", None),
+                                              ("accumulate", False))
+    given = [i for i in indices if i is not None]
+    if accumulate or len(given) != 1 or given[0].type.dtype != "bool" or given[0].type.rank != x.type.rank:
+        raise ImportError_(f"index_put at %{node.name} ({source_location(node) or 'the model'}): llmc imports "
+                           f"x[mask] = v with one bool mask of x's shape only")
+    if isinstance(values, Value) and values.type.rank and not all(
+            isinstance(d, int) and d == 1 for d in values.type.shape):
+        raise ImportError_(f"index_put at %{node.name}: values must be one value broadcast to the masked places")
+    return imp.b.op("where", given[0], imp.as_tensor(values, x.type.dtype), x)
+
+
+@rule("aten.gather.default")
+def _gather_op(imp, node):
+    x, axis, idx = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    return imp.b.op("gather", x, idx, axis=axis % x.type.rank)
+
+
+@rule("aten.scatter.value", "aten.scatter.src")
+def _scatter_op(imp, node):
+    x, axis, idx, src = (imp.value(a) for a in node.args[:4])
+    if len(node.args) > 4 or node.kwargs.get("reduce"):
+        raise ImportError_(f"scatter with a reduce mode at %{node.name} is not supported")
+    dtype = x.type.dtype
+    if not isinstance(src, Value):
+        src = imp.b.op("expand", imp.const(src, dtype), shape=list(idx.type.shape))
+    return imp.b.op("scatter", x, idx, imp.as_tensor(src, dtype), axis=axis % x.type.rank)
+
+
+@rule("aten.slice_scatter.default")
+def _slice_scatter(imp, node):
+    """x with x[start:end] along dim replaced by src: the untouched parts concatenated around src."""
+    x, src, axis, start, end, step = imp.args(node, ("self", None), ("src", None), ("dim", 0), ("start", None),
+                                              ("end", None), ("step", 1))
+    axis %= x.type.rank
+    size = x.type.shape[axis]
+    start, end = _clamp_index(start, size, 0), _clamp_index(end, size, size)
+    if step != 1:
+        raise ImportError_(f"slice_scatter with step {step} at %{node.name} is not supported")
+    parts = []
+    if start != 0:
+        parts.append(imp.b.op("slice", x, axis=axis, start=0, end=start, step=1))
+    parts.append(imp.as_tensor(src, x.type.dtype))
+    if not dims_equal_(end, size):
+        parts.append(imp.b.op("slice", x, axis=axis, start=end, end=size, step=1))
+    return parts[0] if len(parts) == 1 else imp.b.op("concat", *parts, axis=axis)
+
+
+def dims_equal_(a, b) -> bool:
+    from ..ir.types import dims_equal
+
+    return dims_equal(a, b)
+
+
+@rule("aten.square.default")
+def _square(imp, node):
+    x = imp.as_tensor(imp.value(node.args[0]), _out_dtype(imp, node))
+    return imp.b.op("mul", x, x)
+
+
+@rule("aten.softplus.default")
+def _softplus(imp, node):
+    x, beta, threshold = imp.args(node, ("self", None), ("beta", 1), ("threshold", 20))
+    if beta == 1:
+        return imp.b.op("softplus", x)
+    dtype = x.type.dtype
+    scaled = imp.b.op("softplus", imp.b.op("mul", x, imp.const(beta, dtype)))
+    return imp.b.op("div", scaled, imp.const(beta, dtype))
+
+
+@rule("aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default")
+def _clamp(imp, node):
+    name = node.target._schema.name.split("::")[1]
+    x = imp.value(node.args[0])
+    lo, hi = imp.args(node, ("self", None), ("min", None), ("max", None))[1:] if name == "clamp" else (
+        (imp.value(node.args[1]), None) if name == "clamp_min" else (None, imp.value(node.args[1])))
+    dtype = _out_dtype(imp, node)
+    x = imp.as_tensor(x, dtype)
+    if lo is not None:
+        x = imp.b.op("maximum", x, imp.as_tensor(lo, dtype))
+    if hi is not None:
+        x = imp.b.op("minimum", x, imp.as_tensor(hi, dtype))
+    return x
+
+
+@rule("aten.layer_norm.default")
+def _layer_norm(imp, node):
+    x, shape, weight, bias, eps = imp.args(node, ("input", None), ("normalized_shape", None), ("weight", None),
+                                           ("bias", None), ("eps", 1e-5))
+    if len(shape) != 1:
+        raise ImportError_(f"layer_norm at %{node.name} normalizes over {len(shape)} dims {list(shape)}; llmc's "
+                           f"layer_norm op normalizes over the last dim only")
+    operands = [x] + ([weight] if weight is not None else [])
+    if weight is not None and bias is not None:
+        operands.append(bias)
+    out = imp.b.op("layer_norm", *operands, eps=float(eps))
+    if weight is None and bias is not None:
+        out = imp.b.op("add", out, bias)
+    return out
+
+
+@rule("aten.addmm.default")
+def _addmm(imp, node):
+    bias, a, b, beta, alpha = imp.args(node, ("self", None), ("mat1", None), ("mat2", None), ("beta", 1),
+                                       ("alpha", 1))
+    dtype = _out_dtype(imp, node)
+    out = imp.b.op("matmul", a, b)
+    if alpha != 1:
+        out = imp.b.op("mul", out, imp.const(alpha, dtype))
+    if beta != 1:
+        bias = imp.b.op("mul", bias, imp.const(beta, dtype))
+    return imp.b.op("add", out, bias)
+
+
+@rule("aten.stack.default")
+def _stack(imp, node):
+    xs, axis = imp.args(node, ("tensors", None), ("dim", 0))
+    out = imp.type_of(node)
+    axis %= out.rank
+    parts = []
+    for x in xs:
+        shape = list(x.type.shape)
+        shape.insert(axis, 1)
+        parts.append(imp.b.op("reshape", x, shape=shape))
+    return parts[0] if len(parts) == 1 else imp.b.op("concat", *parts, axis=axis)
+
+
+@rule("aten.repeat_interleave.self_int")
+def _repeat_interleave(imp, node):
+    x, repeats, axis = imp.args(node, ("self", None), ("repeats", None), ("dim", None))
+    if axis is None:
+        raise ImportError_(f"repeat_interleave without dim at %{node.name}: only the per-axis form is supported")
+    axis %= x.type.rank
+    shape = list(x.type.shape)
+    wide = shape[:axis + 1] + [1] + shape[axis + 1:]
+    expanded = imp.b.op("expand", imp.b.op("reshape", x, shape=wide),
+                        shape=shape[:axis + 1] + [repeats] + shape[axis + 1:])
+    return imp.b.op("reshape", expanded, shape=list(imp.type_of(node).shape))
+
+
+@rule("aten.repeat.default")
+def _repeat(imp, node):
+    x, repeats = imp.value(node.args[0]), imp.value(node.args[1])
+    shape = list(x.type.shape)
+    shape = [1] * (len(repeats) - len(shape)) + shape
+    x = imp.b.op("reshape", x, shape=shape)
+    wide, target = [], []
+    for r, d in zip(repeats, shape):
+        wide += [1, d]
+        target += [r, d]
+    x = imp.b.op("expand", imp.b.op("reshape", x, shape=wide), shape=target)
+    return imp.b.op("reshape", x, shape=list(imp.type_of(node).shape))
+
+
+def _gather_rows(imp, node, table: Value, axis: int, ids: Value) -> Value:
+    """table indexed along ``axis`` by an integer tensor: an embedding of flattened rows."""
+    if axis != 0:
+        perm = [axis] + [a for a in range(table.type.rank) if a != axis]
+        table = imp.b.op("permute", table, perm=perm)
+    rest = list(table.type.shape[1:])
+    flat = imp.b.op("reshape", table, shape=[table.type.shape[0], normalize_dim(sympy.Mul(*rest)) if rest else 1])
+    rows = imp.b.op("embedding", flat, ids)
+    out = imp.b.op("reshape", rows, shape=list(ids.type.shape) + rest)
+    if axis != 0:
+        n = ids.type.rank
+        back = list(range(n, n + axis)) + list(range(n)) + list(range(n + axis, out.type.rank))
+        out = imp.b.op("permute", out, perm=back)
+    return out
+
+
+@rule("aten.index.Tensor")
+def _index(imp, node):
+    x, indices = imp.value(node.args[0]), imp.value(node.args[1])
+    given = [(a, i) for a, i in enumerate(indices) if i is not None]
+    if len(given) != 1 or not isinstance(given[0][1], Value) or given[0][1].type.dtype not in ("i64", "i32"):
+        raise ImportError_(f"indexing at %{node.name} ({source_location(node) or 'the model'}) uses "
+                           f"{len(given)} index tensors; llmc imports x[ids] with one integer index tensor")
+    axis, ids = given[0]
+    if axis != 0 and ids.type.rank != 1:
+        raise ImportError_(f"indexing at %{node.name}: a multi-dim index on axis {axis} is not supported")
+    return _gather_rows(imp, node, x, axis, ids)
+
+
+@rule("aten.index_select.default")
+def _index_select(imp, node):
+    x, axis, ids = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    return _gather_rows(imp, node, x, axis % x.type.rank, ids)
+
+
+@rule("aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.new_zeros.default",
+      "aten.new_ones.default", "aten.new_full.default", "aten.new_empty.default", "aten.empty.memory_format",
+      "aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default", "aten.empty_like.default",
+      "aten.scalar_tensor.default")
+def _filled(imp, node):
+    """A tensor of one value: a constant broadcast to the result shape (empty ones read as 0)."""
+    name = node.target._schema.name.split("::")[1]
+    out = imp.type_of(node)
+    if "ones" in name:
+        value = 1
+    elif name in ("full", "scalar_tensor"):
+        value = imp.value(node.args[1] if name == "full" else node.args[0])
+    elif name in ("new_full", "full_like"):
+        value = imp.value(node.args[2] if name == "new_full" else node.args[1])
+    else:
+        value = 0
+    if isinstance(value, Value):
+        raise ImportError_(f"{name} at %{node.name} takes a tensor fill value")
+    c = imp.const(value, out.dtype)
+    return c if out.rank == 0 else imp.b.op("expand", c, shape=list(out.shape))
+
+
+@rule("aten.copy.default")
+def _copy(imp, node):
+    """Functional copy_: the source's values in the destination's shape and dtype."""
+    out = imp.type_of(node)
+    src = imp.as_tensor(imp.value(node.args[1]), out.dtype)
+    return src if src.type.same_as(out) else imp.b.op("expand", src, shape=list(out.shape))
+
+
+@rule("aten.topk.default")
+def _topk(imp, node):
+    x, k, axis, largest, _sorted = imp.args(node, ("self", None), ("k", None), ("dim", -1), ("largest", True),
+                                            ("sorted", True))
+    if axis % x.type.rank != x.type.rank - 1 or not largest:
+        raise ImportError_(f"topk at %{node.name} ({source_location(node) or 'the model'}): llmc's topk takes the "
+                           f"largest entries along the last axis (got dim={axis}, largest={largest})")
+    return imp.b.op_multi("topk", [x], {"k": int(k)}, hint="topk")
+
+
+@rule("llmc.moe.default")
+def _moe(imp, node):
+    x, ids, weights, up, down, up_bias, down_bias, activation, gated = imp.value(list(node.args))
+    operands = [x, ids, imp.as_tensor(weights, x.type.dtype), up, down]
+    if up_bias is not None:
+        operands += [up_bias, down_bias]
+    return imp.b.op("moe", *operands, activation=activation, gated=bool(gated), hint="moe")
 
 
 def import_program(program, module_name: str, token_symbol: str, inputs: dict[str, str],

@@ -141,27 +141,92 @@ class ImportedModel:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class TraceError(ValueError):
+    """A model llmc cannot trace; the message names the construct and why."""
+
+
+def _forward_parameters(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
 def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
-    """torch.export of the forward with a symbolic token dim and llmc attention."""
-    max_tokens = max_tokens or int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
-    vocab = int(model.config.vocab_size)
+    """torch.export of the forward with a symbolic token dim and llmc attention.
+
+    Only ``input_ids`` and ``position_ids`` are passed (``use_cache`` is switched off on the
+    config for the trace), so forwards that take extra arguments through ``**kwargs`` trace
+    alike. A forward without ``position_ids`` cannot be given the positions of a decode step
+    and is refused."""
+    text_config = model.config.get_text_config()
+    max_tokens = max_tokens or int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
+    params = _forward_parameters(model)
+    if "position_ids" not in params:
+        raise TraceError(
+            f"{type(model).__name__}.forward takes no position_ids: llmc passes every step's token positions "
+            f"through it (decode steps do not start at 0), and this model derives positions itself "
+            f"(ALiBi or a recurrent state); it is not supported")
+    vocab = int(text_config.vocab_size)
     ids = torch.arange(example_tokens, dtype=torch.int64)[None] % vocab
     pos = torch.arange(example_tokens, dtype=torch.int64)[None]
     T = torch.export.Dim(TOKEN_SYMBOL, min=1, max=max(max_tokens, example_tokens + 1))
-    with llmc_attention_enabled(model), torch.no_grad():
-        return torch.export.export(
-            model, (), kwargs={"input_ids": ids, "position_ids": pos, "use_cache": False},
-            dynamic_shapes={"input_ids": {1: T}, "position_ids": {1: T}, "use_cache": None},
-            strict=False,
-        )
+    configs = [model.config] + [c for c in {id(text_config): text_config}.values() if c is not model.config]
+    saved = [getattr(c, "use_cache", None) for c in configs]
+    from .attention import attention_calls
+
+    try:
+        for c in configs:
+            c.use_cache = False
+        with llmc_attention_enabled(model), torch.no_grad():
+            program = torch.export.export(
+                model, (), kwargs={"input_ids": ids, "position_ids": pos},
+                dynamic_shapes={"input_ids": {1: T}, "position_ids": {1: T}},
+                strict=False,
+            )
+            calls = attention_calls()
+    except (TypeError, AttributeError, RuntimeError) as exc:
+        if attention_calls() == 0:
+            raise TraceError(f"{type(model).__name__} computes attention itself instead of calling transformers' "
+                             f"attention interface, so llmc cannot place its KV-cache boundary (the trace stopped "
+                             f"at: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise
+    except torch._dynamo.exc.UserError as exc:
+        if "Constraints violated" in str(exc):
+            raise TraceError(
+                f"{type(model).__name__} specializes on the token count (the model code branches on it, e.g. "
+                f"comparing it with a window or chunk size), so one trace cannot serve every step length: "
+                f"{_first_guard(exc)}") from None
+        raise
+    finally:
+        for c, s in zip(configs, saved):
+            c.use_cache = s
+    if calls == 0:
+        raise TraceError(f"{type(model).__name__} never calls transformers' attention interface (it computes "
+                         f"attention itself), so llmc cannot place its KV-cache boundary")
+    return functionalize(program)
 
 
-def import_hf_model(model, name: Optional[str] = None) -> ImportedModel:
-    """Trace a loaded transformers causal LM and import it into llmc IR."""
+def _first_guard(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip().startswith(("- Not all", "- You marked"))]
+    return lines[0][2:] if lines else str(exc).splitlines()[0]
+
+
+def functionalize(program):
+    """In-place aten ops (``mul_``, ``index_put_``, ...) rewritten to their functional forms
+    by torch.export's functionalization; graphs without any are returned as they are."""
+    mutating = any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+                   and node.target._schema.is_mutable for node in program.graph.nodes)
+    return program.run_decompositions({}) if mutating else program
+
+
+def import_hf_model(model, name: Optional[str] = None, program=None) -> ImportedModel:
+    """Trace a loaded transformers causal LM (unless ``program``, its trace, is given) and
+    import it into llmc IR."""
     timings = {}
     t0 = time.perf_counter()
-    progress.info("tracing with torch.export")
-    program = trace(model)
+    if program is None:
+        progress.info("tracing with torch.export")
+        program = trace(model)
     timings["trace"] = time.perf_counter() - t0
     log.info("traced with torch.export: %d graph nodes (%.1fs)", len(program.graph.nodes), timings["trace"])
     inputs = {}

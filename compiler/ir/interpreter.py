@@ -165,11 +165,15 @@ _UNARY = {
     "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu, "relu": torch.relu,
     "cos": torch.cos, "sin": torch.sin, "abs": torch.abs, "reciprocal": torch.reciprocal,
+    "softplus": F.softplus, "log1p": torch.log1p, "floor": torch.floor, "erf": torch.erf, "expm1": torch.expm1,
 }
 _BINARY = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
     "maximum": torch.maximum, "minimum": torch.minimum,
 }
+_BINARY.update({"gt": torch.gt, "ge": torch.ge, "lt": torch.lt, "le": torch.le, "eq": torch.eq, "ne": torch.ne,
+                "logical_and": torch.logical_and, "logical_or": torch.logical_or})
+_UNARY["logical_not"] = torch.logical_not
 for _k, _f in _UNARY.items():
     IMPLS[_k] = (lambda f: lambda xs, a, fr: f(xs[0]))(_f)
 for _k, _f in _BINARY.items():
@@ -304,6 +308,70 @@ def _rms_norm(xs, a, fr):
     x, w = xs
     normed = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + a["eps"])
     return normed * (w + a["weight_offset"]) if a["weight_offset"] else normed * w
+
+
+@impl("where")
+def _where(xs, a, fr):
+    return torch.where(*xs)
+
+
+@impl("gather")
+def _gather(xs, a, fr):
+    x, idx = xs
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= x.shape[a["axis"]]):
+        raise InterpreterError(f"gather index out of range [0, {x.shape[a['axis']]})")
+    return torch.gather(x, a["axis"], idx.to(torch.int64))
+
+
+@impl("scatter")
+def _scatter(xs, a, fr):
+    x, idx, src = xs
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= x.shape[a["axis"]]):
+        raise InterpreterError(f"scatter index out of range [0, {x.shape[a['axis']]})")
+    return torch.scatter(x, a["axis"], idx.to(torch.int64), src)
+
+
+@impl("layer_norm")
+def _layer_norm(xs, a, fr):
+    x = xs[0]
+    return F.layer_norm(x, x.shape[-1:], xs[1] if len(xs) > 1 else None, xs[2] if len(xs) > 2 else None, a["eps"])
+
+
+@impl("topk")
+def _topk(xs, a, fr):
+    x = xs[0]
+    # stable sort: equal values keep index order, as the op's meaning says
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :a["k"]]
+    return torch.gather(x, -1, order), order
+
+
+MOE_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+                   "relu": torch.relu}
+
+
+def moe_reference(x, ids, weights, up, down, up_bias=None, down_bias=None, activation="silu", gated=True):
+    """The meaning of ``moe``: each token through its selected experts only, weighted."""
+    act = MOE_ACTIVATIONS[activation]
+    out = torch.zeros_like(x)
+    ids = ids.to(torch.int64)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= up.shape[0]):
+        raise InterpreterError(f"expert id out of range [0, {up.shape[0]}): {int(ids.min())}..{int(ids.max())}")
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = F.linear(x[tok], up[e], None if up_bias is None else up_bias[e])
+        if gated:
+            g, u = h.chunk(2, dim=-1)
+            h = act(g) * u
+        else:
+            h = act(h)
+        y = F.linear(h, down[e], None if down_bias is None else down_bias[e])
+        out.index_add_(0, tok, y * weights[tok, slot, None])
+    return out
+
+
+@impl("moe")
+def _moe(xs, a, fr):
+    return moe_reference(*xs, activation=a["activation"], gated=a["gated"])
 
 
 @impl("rope")

@@ -107,7 +107,7 @@ def _same_dtype(types: list[TensorType]) -> str:
 # --------------------------------------------------------------------------- elementwise
 
 UNARY_OPS = ("neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "relu", "cos", "sin",
-             "abs", "reciprocal")
+             "abs", "reciprocal", "softplus", "log1p", "floor", "erf", "expm1")
 BINARY_OPS = ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
 
 
@@ -134,6 +134,71 @@ def _binary(types, attrs, ctx):
 
 for _k in BINARY_OPS:
     register_op(_k, num_operands=2, doc=f"Elementwise {_k} with numpy broadcasting; dtypes must match.")(_binary)
+
+
+COMPARE_OPS = ("gt", "ge", "lt", "le", "eq", "ne")
+LOGICAL_OPS = ("logical_and", "logical_or")
+
+
+def _compare(types, attrs, ctx):
+    _same_dtype(types)
+    return [TensorType(broadcast_shapes(types[0].shape, types[1].shape), "bool")]
+
+
+for _k in COMPARE_OPS:
+    register_op(_k, num_operands=2, doc=f"Elementwise comparison {_k} with broadcasting -> bool.")(_compare)
+
+
+def _logical(types, attrs, ctx):
+    if any(t.dtype != "bool" for t in types):
+        raise TypeError(f"logical ops take bool operands, got {[t.dtype for t in types]}")
+    return [TensorType(broadcast_shapes(types[0].shape, types[-1].shape), "bool")]
+
+
+for _k in LOGICAL_OPS:
+    register_op(_k, num_operands=2, doc=f"Elementwise {_k} of bool tensors.")(_logical)
+register_op("logical_not", num_operands=1, doc="Elementwise not of a bool tensor.")(_logical)
+
+
+@register_op("where", num_operands=3)
+def _where(types, attrs, ctx):
+    """cond ? a : b elementwise, cond bool, all three broadcast; a and b share a dtype."""
+    cond, a, b = types
+    if cond.dtype != "bool":
+        raise TypeError(f"where takes a bool condition, got {cond}")
+    dtype = _same_dtype([a, b])
+    return [TensorType(broadcast_shapes(broadcast_shapes(cond.shape, a.shape), b.shape), dtype)]
+
+
+def _index_like(types, attrs, what):
+    x, idx = types[0], types[1]
+    axis = _norm_axis(attrs["axis"], x.rank)
+    if idx.dtype not in ("i64", "i32") or idx.rank != x.rank:
+        raise TypeError(f"{what} indices must be an integer tensor of x's rank {x.rank}, got {idx}")
+    for i, (a, b) in enumerate(zip(x.shape, idx.shape)):
+        if i != axis and not dims_equal(a, b):
+            raise TypeError(f"{what} indices {idx} must match x {x} off axis {axis}")
+    return axis
+
+
+@register_op("gather", num_operands=2, attrs={"axis": "int"})
+def _gather(types, attrs, ctx):
+    """out[..., j, ...] = x[..., idx[..., j, ...], ...] along axis (torch.gather); idx has x's
+    shape except along axis."""
+    _index_like(types, attrs, "gather")
+    return [TensorType(types[1].shape, types[0].dtype)]
+
+
+@register_op("scatter", num_operands=3, attrs={"axis": "int"})
+def _scatter(types, attrs, ctx):
+    """x with x[..., idx[..., j, ...], ...] = src[..., j, ...] along axis (torch.scatter); src
+    has idx's shape; duplicate indices leave which value wins unspecified."""
+    _index_like(types, attrs, "scatter")
+    src = types[2]
+    if src.dtype != types[0].dtype or src.rank != types[1].rank or not all(
+            dims_equal(a, b) for a, b in zip(src.shape, types[1].shape)):
+        raise TypeError(f"scatter source {src} must have the indices' shape {types[1]} and x's dtype")
+    return [types[0]]
 
 
 @register_op("constant", num_operands=0, attrs={"value": "float_or_int", "dtype": "dtype"})
@@ -434,6 +499,69 @@ def _rms_norm(types, attrs, ctx):
     if w.rank != 1 or not dims_equal(w.shape[0], x.shape[-1]):
         raise TypeError(f"rms_norm weight must be [{x.shape[-1]}], got {w}")
     return [TensorType(x.shape, _same_dtype(types))]
+
+
+@register_op("layer_norm", min_operands=1, attrs={"eps": "float"})
+def _layer_norm(types, attrs, ctx):
+    """(x - mean(x)) * rsqrt(var(x) + eps) over the last axis (biased variance), then * w and
+    + b when given: operands x, x w, or x w b; w and b are [D]."""
+    x = types[0]
+    if len(types) > 3:
+        raise TypeError(f"layer_norm takes x and an optional weight and bias, got {len(types)} operands")
+    for t, what in zip(types[1:], ("weight", "bias")):
+        if t.rank != 1 or not dims_equal(t.shape[0], x.shape[-1]):
+            raise TypeError(f"layer_norm {what} must be [{x.shape[-1]}], got {t}")
+    return [TensorType(x.shape, _same_dtype(types))]
+
+
+@register_op("topk", num_operands=1, attrs={"k": "int"})
+def _topk(types, attrs, ctx):
+    """The k largest entries along the last axis, largest first: (values, i64 indices); among
+    equal values the lower index comes first."""
+    x, k = types[0], attrs["k"]
+    if x.rank < 1 or not isinstance(x.shape[-1], int) or not 1 <= k <= x.shape[-1]:
+        raise TypeError(f"topk k={k} needs a static last dim of at least k, got {x}")
+    shape = x.shape[:-1] + (k,)
+    return [TensorType(shape, x.dtype), TensorType(shape, "i64")]
+
+
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+@register_op("moe", min_operands=5, attrs={"activation": "str", "gated": "bool"})
+def _moe(types, attrs, ctx):
+    """Mixture-of-experts FFN of routed tokens: each token runs only its k selected experts.
+
+    x [T, D], expert ids [T, K] (integer), routing weights [T, K], up [E, U, D], down [E, D, I]
+    and, optionally, up bias [E, U] and down bias [E, D] -> [T, D]. For token t:
+    sum_k weights[t, k] * down_e(f(up_e x_t)), e = ids[t, k], with f = act(g) * u over the halves
+    g = first I, u = last I rows of up (U = 2I) when gated, else f = act (U = I)."""
+    if attrs["activation"] not in MOE_ACTIVATIONS:
+        raise TypeError(f"moe activation must be one of {', '.join(MOE_ACTIVATIONS)}, got {attrs['activation']!r}")
+    if len(types) not in (5, 7):
+        raise TypeError(f"moe takes x, ids, weights, up, down and optionally up_bias, down_bias; got {len(types)}")
+    x, ids, w, up, down = types[:5]
+    if x.rank != 2 or ids.rank != 2 or w.rank != 2 or up.rank != 3 or down.rank != 3:
+        raise TypeError(f"moe takes x [T, D], ids/weights [T, K], up [E, U, D], down [E, D, I]; got {types[:5]}")
+    if ids.dtype not in ("i64", "i32"):
+        raise TypeError(f"moe expert ids must be integers, got {ids}")
+    for t in (ids, w):
+        if not dims_equal(t.shape[0], x.shape[0]):
+            raise TypeError(f"moe routing {t} disagrees with x {x} on the token dim")
+    if not dims_equal(ids.shape[1], w.shape[1]):
+        raise TypeError(f"moe expert ids {ids} and weights {w} disagree on k")
+    e, u, d = up.shape
+    i = down.shape[2]
+    if not (dims_equal(down.shape[0], e) and dims_equal(d, x.shape[1]) and dims_equal(down.shape[1], x.shape[1])):
+        raise TypeError(f"moe weights up {up} / down {down} do not fit x {x}")
+    if not dims_equal(u, 2 * i if attrs["gated"] else i):
+        raise TypeError(f"moe up rows {u} must be {'2x' if attrs['gated'] else ''}the down width {i}")
+    if len(types) == 7:
+        ub, db = types[5], types[6]
+        if ub.shape != (e, u) or db.shape != (e, d):
+            raise TypeError(f"moe biases must be [{e}, {u}] and [{e}, {d}], got {ub} and {db}")
+    _same_dtype([x, w, up, down] + list(types[5:]))
+    return [x]
 
 
 @register_op("rope", num_operands=3)

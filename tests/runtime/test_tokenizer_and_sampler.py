@@ -100,7 +100,8 @@ def test_stream_decoder_reassembles_multibyte_text(tokenizers):
 
 
 def test_runtime_imports_neither_transformers_torch_nor_compiler():
-    code = ("import sys, llmc.runtime.tokenizer, llmc.runtime.sampler; "
+    code = ("import sys, llmc.runtime.tokenizer, llmc.runtime.sampler, llmc.runtime.engine, "
+            "llmc.runtime.scheduler, llmc.runtime.async_engine, llmc.runtime.server; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch') "
             "or m == 'llmc.compiler' or m.startswith('llmc.compiler.')]; "
             "print(bad); sys.exit(1 if bad else 0)")

@@ -139,12 +139,21 @@ UNARY = {
     "tanh": tir.tanh, "sigmoid": _sigmoid, "silu": lambda e: e * _sigmoid(e),
     "relu": lambda e: tir.max(e, tir.const(0, e.dtype)), "cos": tir.cos, "sin": tir.sin,
     "abs": tir.abs, "reciprocal": lambda e: tir.const(1.0, e.dtype) / e,
+    # torch's softplus: x itself above the threshold 20, where log(1 + e^x) == x in float
+    "softplus": lambda e: tir.if_then_else(e > tir.const(20.0, e.dtype), e,
+                                           tir.log1p(tir.exp(tir.min(e, tir.const(20.0, e.dtype))))),
+    "log1p": tir.log1p, "floor": tir.floor, "erf": tir.erf, "expm1": lambda e: tir.exp(e) - tir.const(1.0, e.dtype),
 }
 BINARY = {
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "div": lambda a, b: a / b, "pow": tir.power, "maximum": tir.max, "minimum": tir.min,
 }
-ACTIVATIONS = {"silu": UNARY["silu"], "gelu": lambda e: _gelu(e, "none"), "gelu_tanh": lambda e: _gelu(e, "tanh")}
+UNARY["logical_not"] = lambda e: tir.Not(e)
+BINARY.update({"gt": lambda a, b: a > b, "ge": lambda a, b: a >= b, "lt": lambda a, b: a < b,
+               "le": lambda a, b: a <= b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b,
+               "logical_and": tir.And, "logical_or": tir.Or})
+ACTIVATIONS = {"silu": UNARY["silu"], "gelu": lambda e: _gelu(e, "none"), "gelu_tanh": lambda e: _gelu(e, "tanh"),
+               "relu": UNARY["relu"]}
 
 
 @builder(*UNARY)
@@ -216,6 +225,140 @@ def _rms_norm(ops, attrs, out, ctx):
         return value_at(x, i) * scale * weight
 
     return te.compute(shape, f, name="rms_norm")
+
+
+@builder("where")
+def _where(ops, attrs, out, ctx):
+    rank = len(out.shape)
+    c, a, b = ops
+    return te.compute(ctx.shape(out), lambda *i: tir.if_then_else(
+        value_at(c, broadcast_index(c, rank, i)), value_at(a, broadcast_index(a, rank, i)),
+        value_at(b, broadcast_index(b, rank, i))), name="where")
+
+
+def _clamped(index, size):
+    return tir.max(tir.min(index.astype("int64"), size - 1), tir.IntImm("int64", 0))
+
+
+@builder("gather")
+def _gather(ops, attrs, out, ctx):
+    x, idx = unpack(ops[0]), ops[1]
+    axis = attrs["axis"] % len(x.shape)
+
+    def f(*i):
+        j = list(i)
+        j[axis] = _clamped(idx[i], x.shape[axis])
+        return x[tuple(j)]
+
+    return te.compute(ctx.shape(out), f, name="gather")
+
+
+@builder("scatter")
+def _scatter(ops, attrs, out, ctx):
+    """Each output element looks for an index that names it (a reduction over the indices'
+    axis, which is small where scatter appears: router group masks)."""
+    x, idx, src = unpack(ops[0]), ops[1], ops[2]
+    axis = attrs["axis"] % len(x.shape)
+    k1, k2 = te.reduce_axis((0, idx.shape[axis]), name="k1"), te.reduce_axis((0, idx.shape[axis]), name="k2")
+
+    def at(i, k):
+        j = list(i)
+        j[axis] = k
+        return tuple(j)
+
+    def hit(i, k):
+        return idx[at(i, k)].astype("int64") == i[axis].astype("int64")
+
+    count = te.compute(ctx.shape(out), lambda *i: te.sum(tir.if_then_else(hit(i, k1), tir.IntImm("int64", 1),
+                                                                          tir.IntImm("int64", 0)), axis=k1),
+                       name="scatter_count")
+    total = te.compute(ctx.shape(out), lambda *i: te.sum(tir.if_then_else(hit(i, k2), src[at(i, k2)],
+                                                                          tir.const(0, src.dtype)), axis=k2),
+                       name="scatter_sum")
+    return te.compute(ctx.shape(out), lambda *i: tir.if_then_else(
+        count[i] > 0, total[i] / count[i].astype(total.dtype) if total.dtype.startswith("float") else total[i],
+        x[i]), name="scatter")
+
+
+@builder("layer_norm")
+def _layer_norm(ops, attrs, out, ctx):
+    x = ops[0]
+    shape = ctx.shape(out)
+    d = shape[-1]
+    k1, k2 = te.reduce_axis((0, d), name="k1"), te.reduce_axis((0, d), name="k2")
+    total = te.compute(shape[:-1], lambda *i: te.sum(value_at(x, list(i) + [k1]), axis=k1), name="ln_sum")
+    n = d.astype(total.dtype)
+    mean = te.compute(shape[:-1], lambda *i: total[i] / n, name="ln_mean")
+    var = te.compute(shape[:-1], lambda *i: te.sum((value_at(x, list(i) + [k2]) - mean[i])
+                                                   * (value_at(x, list(i) + [k2]) - mean[i]), axis=k2), name="ln_var")
+    eps = tir.const(attrs["eps"], total.dtype)
+
+    def f(*i):
+        y = (value_at(x, i) - mean[i[:-1]]) * tir.rsqrt(var[i[:-1]] / n + eps)
+        if len(ops) > 1:
+            y = y * value_at(ops[1], [i[-1]])
+        if len(ops) > 2:
+            y = y + value_at(ops[2], [i[-1]])
+        return y
+
+    return te.compute(shape, f, name="layer_norm")
+
+
+@builder("topk")
+def _topk(ops, attrs, out, ctx):
+    """Rank of each entry = entries above it (ties: lower index first); slot r takes the entry
+    of rank r. Quadratic in the last dim, which is small where topk appears (expert routers)."""
+    x = ops[0]
+    shape = ctx.shape(out)
+    n, k = x.shape[-1], attrs["k"]
+    j = te.reduce_axis((0, n), name="j")
+    rank = te.compute(list(x.shape), lambda *i: te.sum(tir.if_then_else(
+        tir.Or(x[i[:-1] + (j,)] > x[i], tir.And(x[i[:-1] + (j,)] == x[i], j < i[-1])),
+        tir.IntImm("int64", 1), tir.IntImm("int64", 0)), axis=j), name="topk_rank")
+    m1, m2 = te.reduce_axis((0, n), name="m1"), te.reduce_axis((0, n), name="m2")
+    values = te.compute(shape, lambda *i: te.sum(tir.if_then_else(rank[i[:-1] + (m1,)] == i[-1].astype("int64"),
+                                                                  x[i[:-1] + (m1,)], tir.const(0, x.dtype)), axis=m1),
+                        name="topk_values")
+    index = te.compute(shape, lambda *i: te.sum(tir.if_then_else(rank[i[:-1] + (m2,)] == i[-1].astype("int64"),
+                                                                 m2.astype("int64"), tir.IntImm("int64", 0)), axis=m2),
+                       name="topk_index")
+    del k
+    return [values, index]
+
+
+@builder("moe")
+def _moe(ops, attrs, out, ctx):
+    """Each token through its k selected experts only: the expert id indexes the weights."""
+    x, ids, w, up, down = ops[:5]
+    up_bias, down_bias = (ops[5], ops[6]) if len(ops) == 7 else (None, None)
+    t, d = ctx.shape(out)
+    kk, u = ids.shape[1], up.shape[1]
+    inner = down.shape[2]
+    act = ACTIVATIONS[attrs["activation"]]
+    experts = up.shape[0]
+
+    def expert(ti, ki):
+        return tir.max(tir.min(ids[ti, ki].astype("int64"), experts - 1), tir.IntImm("int64", 0))
+
+    r = te.reduce_axis((0, d), name="r")
+    proj = te.compute((t, kk, u), lambda ti, ki, ui: te.sum(x[ti, r] * up[expert(ti, ki), ui, r], axis=r),
+                      name="moe_up")
+    if up_bias is not None:
+        proj = te.compute((t, kk, u), lambda ti, ki, ui: proj[ti, ki, ui] + up_bias[expert(ti, ki), ui],
+                          name="moe_up_bias")
+    if attrs["gated"]:
+        hidden = te.compute((t, kk, inner), lambda ti, ki, ii: act(proj[ti, ki, ii]) * proj[ti, ki, ii + inner],
+                            name="moe_act")
+    else:
+        hidden = te.compute((t, kk, inner), lambda ti, ki, ii: act(proj[ti, ki, ii]), name="moe_act")
+    ri = te.reduce_axis((0, inner), name="ri")
+    y = te.compute((t, kk, d), lambda ti, ki, di: te.sum(hidden[ti, ki, ri] * down[expert(ti, ki), di, ri], axis=ri),
+                   name="moe_down")
+    if down_bias is not None:
+        y = te.compute((t, kk, d), lambda ti, ki, di: y[ti, ki, di] + down_bias[expert(ti, ki), di],
+                       name="moe_down_bias")
+    rk = te.reduce_axis((0, kk), name="rk")
+    return te.compute((t, d), lambda ti, di: te.sum(y[ti, rk, di] * w[ti, rk], axis=rk), name="moe")
 
 
 def _reduce(kind):

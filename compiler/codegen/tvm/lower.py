@@ -196,7 +196,12 @@ class _FunctionLowering:
             return self.lower_paged_attention(op, operands)
         if op.region is not None:
             return self.lower_region(op, operands)
+        if kind not in BUILDERS:
+            raise CodegenError(f"op '{kind}' has no TVM kernel")
         ctx = _KernelCtx(kind, self.dims)
+        if len(op.results) > 1:
+            out = self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, op.results[0].type, ctx), operands)
+            return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(op.results))]
         out_type = op.result.type
         return self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, out_type, ctx), operands)
 

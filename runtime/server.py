@@ -1,0 +1,454 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn; the ``serve`` extra).
+
+Routes: ``/v1/completions``, ``/v1/chat/completions`` (the model's chat template), both with
+server-sent-event streaming in OpenAI's chunk format; ``/v1/models``; ``/health``; Prometheus
+``/metrics``. Errors are OpenAI's error JSON. The kernels run on the engine thread
+(async_engine.py); this module only parses, tokenizes and formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .async_engine import AsyncEngine, EngineDeadError
+from .engine import RequestOutput
+from .metrics import ServerMetrics
+from .sampler import MAX_LOGPROBS, SamplingParams
+
+log = logging.getLogger("llmc.server")
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+# --- errors ----------------------------------------------------------------------------------
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+                   code: Optional[str] = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+
+# --- request bodies --------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    seed: Optional[int] = Field(None, ge=0)
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+
+
+class CompletionBody(_Common):
+    prompt: Union[str, list[int], list[str]]
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: str
+    content: Optional[Union[str, list[dict[str, Any]]]] = None
+
+
+class ChatBody(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+def validation_message(exc: Union[RequestValidationError, ValidationError]) -> tuple[str, Optional[str]]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
+    param = ".".join(loc) or None
+    where = f"{param}: " if param else ""
+    return f"{where}{first.get('msg', 'invalid value')}", param
+
+
+# --- the app ---------------------------------------------------------------------------------
+class Server:
+    """Holds what the routes share: the engine, names, limits, metrics."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, api_key: Optional[str] = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: Optional[ServerMetrics] = None):
+        self.engine = engine
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics or ServerMetrics(engine)
+        self.tokenizer = engine.engine.tokenizer
+        self.created = int(time.time())
+
+    # sampling parameters from a body
+    def params(self, body: _Common, max_tokens: Optional[int], prompt_len: int, logprobs: Optional[int]) -> SamplingParams:
+        limit = self.engine.engine.max_model_len
+        room = limit - prompt_len
+        if max_tokens is not None and max_tokens > room:
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the prompt has "
+                                f"{prompt_len} and max_tokens asks for {max_tokens} more ({prompt_len + max_tokens}); "
+                                f"lower max_tokens or shorten the prompt", "max_tokens", "context_length_exceeded")
+        try:
+            return SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+                presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed,
+                max_tokens=max_tokens if max_tokens is not None else room, stop=body.stop or (),
+                stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos, logprobs=logprobs)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def check_model(self, body: _Common) -> None:
+        if body.model != self.model_name:
+            raise ApiError(404, f"the model '{body.model}' does not exist; this server serves "
+                                f"'{self.model_name}' (GET /v1/models)", "model", "model_not_found")
+
+    def check_prompt(self, ids: list[int]) -> None:
+        try:
+            self.engine.engine.check_prompt(ids)
+        except ValueError as exc:
+            code = "context_length_exceeded" if "at most" in str(exc) else None
+            raise ApiError(400, str(exc), "prompt", code) from None
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if self.tokenizer else str(token)
+
+
+def usage(out: RequestOutput) -> dict:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="llmc", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = validation_message(exc)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(request: Request, exc: EngineDeadError):
+        return error_response(503, str(exc), "service_unavailable")
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, exc):
+        return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, exc):
+        return error_response(405, f"{request.method} is not allowed on {request.url.path}")
+
+    @app.get("/health")
+    async def health():
+        if not server.engine.alive or not server.engine.accepting:
+            return error_response(503, "the engine is not running", "service_unavailable")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = server.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "llmc",
+                                            "max_model_len": server.engine.engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        server.check_model(body)
+        if body.echo:
+            raise ApiError(400, "echo is not supported", "echo")
+        if isinstance(body.prompt, str):
+            ids = server.tokenizer.encode(body.prompt) if server.tokenizer else []
+        elif body.prompt and all(isinstance(x, str) for x in body.prompt):
+            if len(body.prompt) != 1:
+                raise ApiError(400, "only one prompt per request is supported (n=1, one prompt string)", "prompt")
+            ids = server.tokenizer.encode(body.prompt[0])
+        else:
+            ids = list(body.prompt)
+        server.check_prompt(ids)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        params = server.params(body, max_tokens, len(ids), body.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = server.engine.generate(ids, params, rid)
+        if body.stream:
+            first = await _first(gen)
+            return StreamingResponse(_completion_stream(server, rid, first, gen, include_usage, body.logprobs),
+                                     media_type="text/event-stream")
+        text, samples, last = await _collect(gen, request)
+        choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
+                  "logprobs": _completion_logprobs(server, samples, 0) if body.logprobs is not None else None}
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": server.model_name,
+                "choices": [choice], "usage": usage(last)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request):
+        server.check_model(body)
+        if server.tokenizer is None:
+            raise ApiError(400, "this artifact has no tokenizer, so it cannot chat")
+        messages = []
+        for m in body.messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            messages.append({"role": m.role, "content": content or ""})
+        try:
+            prompt = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation
+            raise ApiError(400, f"the chat template cannot format these messages: {exc}", "messages") from None
+        ids = server.tokenizer.encode(prompt, add_special_tokens=False)
+        server.check_prompt(ids)
+        top = body.top_logprobs if body.logprobs else None
+        logprobs = (top or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = server.params(body, max_tokens, len(ids), logprobs)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = server.engine.generate(ids, params, rid)
+        if body.stream:
+            first = await _first(gen)
+            return StreamingResponse(_chat_stream(server, rid, first, gen, include_usage, logprobs is not None),
+                                     media_type="text/event-stream")
+        text, samples, last = await _collect(gen, request)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": {"content": _chat_logprobs(server, samples)} if logprobs is not None else None,
+                  "finish_reason": last.finish_reason}
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": server.model_name,
+                "choices": [choice], "usage": usage(last)}
+
+    return app
+
+
+async def _collect(gen, request: Request):
+    """All of a non-streamed request's outputs; a client that disconnects meanwhile aborts it."""
+    async def consume():
+        text, samples, last = "", [], None
+        async for out in gen:
+            text, samples, last = text + out.text, samples + out.new_samples, out
+        return text, samples, last
+
+    task = asyncio.ensure_future(consume())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await gen.aclose()
+            raise ApiError(499, "the client closed the request")
+
+
+async def _first(gen):
+    """The first output, awaited before the response starts, so a refused prompt is a 4xx."""
+    try:
+        return await gen.__anext__()
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "prompt") from None
+
+
+def _completion_logprobs(server: Server, samples, offset: int) -> dict:
+    tokens, offsets = [], []
+    for s in samples:
+        offsets.append(offset)
+        text = server.token_text(s.token)
+        tokens.append(text)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [s.logprob for s in samples],
+            "top_logprobs": [{server.token_text(t): lp for t, lp in s.top_logprobs} for s in samples],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(server: Server, samples) -> list:
+    def entry(token, lp):
+        text = server.token_text(token)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top_logprobs]}
+            for s in samples]
+
+
+async def _outputs(first, gen):
+    yield first
+    if not first.finished:
+        async for out in gen:
+            yield out
+
+
+async def _completion_stream(server: Server, rid: str, first, gen, include_usage: bool, logprobs: Optional[int]):
+    created, last, offset = int(time.time()), None, 0
+    try:
+        async for out in _outputs(first, gen):
+            last = out
+            if not out.text and not out.finished and logprobs is None:
+                continue
+            choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
+                      "logprobs": None}
+            if logprobs is not None:
+                choice["logprobs"] = _completion_logprobs(server, out.new_samples, offset)
+            offset += len(out.text)
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                       "choices": [choice]})
+        if include_usage and last is not None:
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                       "choices": [], "usage": usage(last)})
+        yield "data: [DONE]\n\n"
+    finally:
+        await gen.aclose()  # a disconnected client aborts its request (frees its blocks)
+
+
+async def _chat_stream(server: Server, rid: str, first, gen, include_usage: bool, logprobs: bool):
+    created, last = int(time.time()), None
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
+    try:
+        yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+        async for out in _outputs(first, gen):
+            last = out
+            if not out.text and not out.finished and not logprobs:
+                continue
+            delta = {"content": out.text} if out.text or not out.finished else {}
+            choice = {"index": 0, "delta": delta, "finish_reason": out.finish_reason if out.finished else None,
+                      "logprobs": {"content": _chat_logprobs(server, out.new_samples)} if logprobs else None}
+            yield sse({**head, "choices": [choice]})
+        if include_usage and last is not None:
+            yield sse({**head, "choices": [], "usage": usage(last)})
+        yield "data: [DONE]\n\n"
+    finally:
+        await gen.aclose()
+
+
+# --- middleware: API key and body size -------------------------------------------------------
+class Guard:
+    """Pure ASGI middleware (so streaming and disconnects pass through untouched): every /v1
+    route needs the API key when one is set; request bodies over the limit get a 413."""
+
+    def __init__(self, app, server: Server):
+        self.app = app
+        self.server = server
+
+    async def _send_error(self, send, status: int, message: str, code: str, type_: str = "invalid_request_error"):
+        body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        key = self.server.api_key
+        if key and scope["path"].startswith("/v1"):
+            headers = dict(scope["headers"])
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            given = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                what = "missing" if not given else "incorrect"
+                return await self._send_error(send, 401, f"{what} API key: send 'Authorization: Bearer <key>' "
+                                                         f"with the key the server was started with", "invalid_api_key")
+        limit = self.server.max_body_bytes
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                return await self._send_error(send, 413, f"the request body is {int(length)} bytes; the limit is "
+                                                         f"{limit}", "request_too_large")
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # disconnected before the body arrived
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > limit:
+                    return await self._send_error(send, 413, f"the request body is over the limit of {limit} bytes",
+                                                  "request_too_large")
+                if not message.get("more_body"):
+                    break
+            body, sent = b"".join(chunks), False
+
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
+
+
+def build_asgi(server: Server):
+    return Guard(create_app(server), server)
+
+
+__all__ = ["ApiError", "Server", "build_asgi", "create_app"]
+
+
+def run_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_seconds: float = 30.0,
+               log_level: str = "info") -> None:
+    """Serve ``engine`` until SIGTERM/SIGINT. On the signal uvicorn stops accepting, lets the
+    requests in flight finish for at most ``drain_seconds``, then the engine thread stops."""
+    import uvicorn
+
+    async_engine = AsyncEngine(engine).start()
+    server = Server(async_engine, model_name, api_key, max_body_bytes)
+    config = uvicorn.Config(build_asgi(server), host=host, port=port, log_level=log_level, lifespan="off",
+                            timeout_graceful_shutdown=drain_seconds, access_log=log_level == "debug")
+    uv = uvicorn.Server(config)
+    try:
+        uv.run()
+    finally:
+        async_engine.shutdown()

@@ -1,0 +1,306 @@
+"""Registry-wide sweep: every causal-LM model type of the installed transformers, built tiny,
+traced, imported into IR and run by the reference interpreter against transformers.
+
+Why: llmc takes models by tracing at the attention boundary, so in principle it covers any
+decoder transformers ships; this measures how many it really does and, for each one that
+fails, says where (stage) and why (the first line of the error). ``arch_expectations.json``
+(next to this file) records the outcome per model type and makes it a ratchet
+(``test_arch_sweep.py``).
+
+Stages, in order: ``excluded`` (not a decoder-only LM: encoders used as decoders and the
+decoder halves of encoder-decoder models), ``build`` (transformers cannot build a tiny random
+config of it; not counted), ``hf`` (transformers' own forward fails on it; not counted),
+``trace``, ``import``, ``interpret``, ``parity`` (logits differ from transformers), ``pass``.
+
+    python -m tests.frontend.arch_sweep                    # whole registry, table on stdout
+    python -m tests.frontend.arch_sweep --only llama,gpt2  # a few
+    python -m tests.frontend.arch_sweep --json out.json --update-expectations
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+EXPECTATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arch_expectations.json")
+PROMPT_LEN = 14   # longer than every tiny sliding window / chunk (6)
+DECODE_STEPS = 2
+WINDOW = 6
+
+# Encoders that transformers also offers as a causal LM (is_decoder=True) and the decoder
+# halves of encoder-decoder models: not decoder-only language models, so out of scope.
+NOT_DECODER_ONLY = {
+    "bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie",
+    "megatron-bert", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer",
+    "xlm-roberta", "xlm-roberta-xl", "xmod", "xlm", "xlnet", "reformer", "prophetnet",
+    "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp",
+    "pegasus", "plbart", "trocr", "whisper", "musicgen", "musicgen_melody", "moshi",
+}
+
+# Tiny sizes, applied to every config attribute of these names that the config has.
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_layers=2,
+    n_layer=2, n_layers=2, num_attention_heads=4, num_key_value_heads=2, num_heads=4,
+    head_dim=16, max_position_embeddings=256, n_positions=256, max_seq_len=256,
+    # mixture of experts
+    num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
+    moe_topk=2, top_k=2, moe_k=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+    expert_intermediate_size=32, n_shared_experts=1, num_shared_experts=1, n_group=1, topk_group=1,
+    first_k_dense_replace=1, moe_layer_freq=1, decoder_sparse_step=1,
+    # windows, chunks and low-rank projections smaller than the prompt / the hidden size
+    sliding_window=WINDOW, attention_chunk_size=WINDOW, kv_lora_rank=16, q_lora_rank=24,
+    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+# attributes that describe the tiny model; any config attribute of these names that is a
+# positive int larger than the tiny value is also clamped (under other names configs agree on)
+SUB_CONFIGS = ("text_config", "language_config", "decoder_config", "llm_config")
+
+
+@dataclass
+class Outcome:
+    model_type: str
+    status: str          # pass | fail | excluded | unbuildable
+    stage: str           # excluded | build | hf | trace | import | interpret | parity | pass
+    reason: str = ""
+    seconds: float = 0.0
+    max_error: Optional[float] = None
+
+
+class SweepTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    def handler(signum, frame):
+        raise SweepTimeout(f"took longer than {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def registry() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _shrink(config) -> None:
+    tiny = dict(TINY)
+    if getattr(config, "qk_rope_head_dim", None):  # MLA: head_dim is the rotary part
+        tiny["head_dim"] = tiny["qk_rope_head_dim"]
+    for key, value in tiny.items():
+        if key in ("pad_token_id", "bos_token_id", "eos_token_id") or hasattr(config, key):
+            current = getattr(config, key, None)
+            if current is None and key not in ("pad_token_id", "bos_token_id", "eos_token_id",
+                                               "sliding_window", "head_dim", "num_experts_per_tok"):
+                continue
+            with contextlib.suppress(Exception):
+                setattr(config, key, value)
+    # layer-type lists sized for the default depth: keep the first two (one of each kind when present)
+    for key in ("layer_types", "mlp_layer_types", "block_types", "layers_block_type"):
+        types = getattr(config, key, None)
+        if isinstance(types, (list, tuple)) and len(types) > 2:
+            kinds = list(dict.fromkeys(types))
+            with contextlib.suppress(Exception):
+                setattr(config, key, (kinds + kinds)[:2] if len(kinds) >= 2 else list(types[:2]))
+    for sub in SUB_CONFIGS:
+        c = getattr(config, sub, None)
+        if c is not None and hasattr(c, "to_dict"):
+            _shrink(c)
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    _shrink(config)
+    if hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False
+    return config
+
+
+def randomize_vectors(model, seed: int = 0) -> None:
+    """from_config leaves norms at 1 and biases at 0: perturb every all-ones / all-zeros
+    vector so that each one matters for parity (a dropped bias would go unnoticed)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1 and p.dtype.is_floating_point:
+                if bool((p == 0).all()) or bool((p == 1).all()):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A random-weight tiny causal LM of ``model_type`` in eval mode (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    randomize_vectors(model, seed)
+    return model
+
+
+def hf_reference(model, ids: torch.Tensor, prompt_len: int):
+    """transformers' prefill logits [T, V] and the logits of each decode step on its own cache."""
+    with torch.no_grad():
+        out = model(ids[None, :prompt_len], use_cache=True)
+        prefill = out.logits[0].float()
+        past, steps = out.past_key_values, []
+        for i in range(prompt_len, ids.shape[0]):
+            step = model(ids[None, i:i + 1], past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            steps.append(step.logits[0, -1].float())
+    return prefill, steps
+
+
+def _first_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> tuple[bool, float]:
+    err = float((got - want).abs().max())
+    tol = 1e-3 * max(1.0, float(want.abs().max()))
+    return err <= tol, err
+
+
+def sweep_one(model_type: str, timeout: int = 180) -> Outcome:
+    """Build, trace, import and compare one model type; never raises."""
+    from llmc.compiler.frontend import import_hf_model
+    from llmc.compiler.ir import Interpreter, KVCache, verify
+
+    t0 = time.perf_counter()
+
+    def done(status, stage, reason="", err=None):
+        return Outcome(model_type, status, stage, reason, round(time.perf_counter() - t0, 1), err)
+
+    if model_type in NOT_DECODER_ONLY:
+        return done("excluded", "excluded", "not a decoder-only language model")
+    stage = "build"
+    try:
+        with time_limit(timeout):
+            model = tiny_model(model_type)
+            stage = "hf"
+            torch.manual_seed(123)
+            vocab = int(model.config.get_text_config().vocab_size)
+            ids = torch.randint(3, vocab, (PROMPT_LEN + DECODE_STEPS,))
+            want_prefill, want_steps = hf_reference(model, ids, PROMPT_LEN)
+            stage = "trace"
+            from llmc.compiler.frontend import hf as hf_frontend
+
+            program = hf_frontend.trace(model)
+            stage = "import"
+            imported = import_hf_model(model, program=program)
+            verify(imported.module)
+            stage = "interpret"
+            interp = Interpreter(imported.module, imported.weights, KVCache())
+            got = interp.run({"input_ids": ids[:PROMPT_LEN], "positions": torch.arange(PROMPT_LEN)})[0]
+            got_steps = [interp.run({"input_ids": ids[i:i + 1], "positions": torch.tensor([i])})[0][0]
+                         for i in range(PROMPT_LEN, ids.shape[0])]
+    except Exception as exc:  # noqa: BLE001 - the sweep classifies every failure
+        if os.environ.get("LLMC_SWEEP_TRACEBACK"):
+            traceback.print_exc()
+        status = "unbuildable" if stage in ("build", "hf") else "fail"
+        return done(status, stage, _first_line(exc))
+    worst = 0.0
+    for what, g, w in [("prefill", got, want_prefill)] + [
+            (f"decode step {j}", g, w) for j, (g, w) in enumerate(zip(got_steps, want_steps))]:
+        ok, err = _close(g, w)
+        worst = max(worst, err)
+        if not ok:
+            return done("fail", "parity", f"{what} logits differ from transformers by {err:.3g}", err)
+    return done("pass", "pass", "", worst)
+
+
+def load_expectations(path: str = EXPECTATIONS) -> dict:
+    with open(path) as f:
+        return json.load(f)["model_types"]
+
+
+def summary(outcomes: list[Outcome]) -> dict:
+    counted = [o for o in outcomes if o.status in ("pass", "fail")]
+    return {"decoder_only_buildable": len(counted), "pass": sum(o.status == "pass" for o in counted),
+            "registry": len(outcomes)}
+
+
+def write_expectations(outcomes: list[Outcome], path: str = EXPECTATIONS) -> None:
+    import transformers
+
+    data = {
+        "transformers": transformers.__version__,
+        "summary": summary(outcomes),
+        "model_types": {o.model_type: {"status": o.status, "stage": o.stage, "reason": o.reason}
+                        for o in sorted(outcomes, key=lambda o: o.model_type)},
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=False)
+        f.write("\n")
+
+
+def markdown_table(outcomes: list[Outcome]) -> str:
+    rows = ["| model type | result | stage | reason |", "| --- | --- | --- | --- |"]
+    for o in sorted(outcomes, key=lambda o: (o.status != "pass", o.status, o.model_type)):
+        rows.append(f"| {o.model_type} | {o.status} | {o.stage} | {o.reason.replace('|', '/')[:160]} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated model types (default: the whole registry)")
+    parser.add_argument("--timeout", type=int, default=180, help="seconds per model type")
+    parser.add_argument("--json", help="write every outcome to this file")
+    parser.add_argument("--update-expectations", action="store_true",
+                        help=f"rewrite {os.path.basename(EXPECTATIONS)} from this run (whole registry only)")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    types = args.only.split(",") if args.only else registry()
+    outcomes = []
+    for mt in types:
+        o = sweep_one(mt, args.timeout)
+        outcomes.append(o)
+        print(f"{o.model_type:28s} {o.status:11s} {o.stage:9s} {o.seconds:6.1f}s {o.reason}", flush=True)
+    s = summary(outcomes)
+    print(f"\n{s['pass']} of {s['decoder_only_buildable']} buildable decoder-only model types pass "
+          f"(registry: {s['registry']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(o) for o in outcomes], f, indent=1)
+    if args.update_expectations:
+        if args.only:
+            old = load_expectations()
+            merged = {mt: Outcome(mt, **{k: v for k, v in e.items()}) for mt, e in old.items()}
+            merged.update({o.model_type: o for o in outcomes})
+            outcomes = list(merged.values())
+        write_expectations(outcomes)
+    if args.markdown:
+        print(markdown_table(outcomes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The registry sweep as a ratchet: every model type recorded as passing in
+arch_expectations.json must still pass (interpreter vs transformers, prefill + decode).
+
+The default run checks a representative subset (one per mechanism: plain, LayerNorm,
+partial/interleaved RoPE, MoE, ...); ``--runslow`` sweeps the whole registry and also
+fails when a recorded failure now passes or fails differently, so the table stays true
+(regenerate it with ``python -m tests.frontend.arch_sweep --update-expectations``)."""
+
+import pytest
+
+from tests.frontend.arch_sweep import load_expectations, registry, sweep_one
+
+EXPECTED = load_expectations()
+# one model type per mechanism the frontend has to get right; all must be recorded as passing
+FAST_SUBSET = ["llama", "gpt2", "gpt_neox", "phi", "olmo", "mixtral", "qwen2_moe", "olmoe", "gptj"]
+
+
+def _check(model_type: str, strict: bool):
+    want = EXPECTED.get(model_type)
+    assert want is not None, (f"{model_type} is in transformers' registry but not in arch_expectations.json: "
+                              f"run python -m tests.frontend.arch_sweep --update-expectations")
+    got = sweep_one(model_type)
+    if want["status"] == "pass":
+        assert got.status == "pass", f"{model_type} regressed: {got.stage}: {got.reason}"
+    elif strict:
+        assert got.status == want["status"] and got.stage == want["stage"], (
+            f"{model_type} was recorded as {want['status']} at {want['stage']} ({want['reason']}) and is now "
+            f"{got.status} at {got.stage} ({got.reason}): update arch_expectations.json")
+    if got.status == "fail":  # every failure names the op or construct that stopped it
+        assert got.reason.strip(), f"{model_type} failed at {got.stage} without a reason"
+
+
+@pytest.mark.parametrize("model_type", FAST_SUBSET)
+def test_representative_arch_passes(model_type):
+    assert EXPECTED[model_type]["status"] == "pass", f"{model_type} is in the fast subset but not recorded as passing"
+    _check(model_type, strict=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", registry())
+def test_registry_arch_matches_expectation(model_type):
+    _check(model_type, strict=True)

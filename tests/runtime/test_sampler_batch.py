@@ -1,0 +1,62 @@
+"""Sampling features beyond the basics: the nucleus without a full sort, OpenAI penalties,
+logprobs, the batched path, and parameter validation of the new fields."""
+
+import numpy as np
+import pytest
+
+from llmc.runtime.sampler import Sampler, SamplingParams, sample_batch, top_indices
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_nucleus_matches_a_full_sort(top_p):
+    rng = np.random.default_rng(0)
+    probs = np.exp(rng.normal(size=2000) * 0.3)  # flat: the nucleus holds far more than 64 tokens
+    chosen, kept = Sampler(SamplingParams(temperature=1.0, top_p=top_p))._nucleus(None, probs)
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    want = order[:int(np.searchsorted(cumulative, top_p * probs.sum())) + 1]
+    assert chosen.tolist() == want.tolist() and np.allclose(kept, probs[want])
+
+
+def test_top_indices_orders_without_sorting_everything():
+    values = np.array([0.5, 2.0, 2.0, -1.0, 3.0])
+    assert top_indices(values, 3).tolist() == [4, 1, 2]
+
+
+def test_presence_and_frequency_penalties():
+    logits = np.array([3.0, 2.9, 0.0])
+    s = Sampler(SamplingParams(presence_penalty=0.5))
+    assert s.sample(logits, [0], [0]) == 1
+    # frequency scales with the count: one earlier use of 0 is not enough at 0.05, three are
+    s = Sampler(SamplingParams(frequency_penalty=0.05))
+    assert s.sample(logits, [0], [0]) == 0 and s.sample(logits, [0, 0, 0], [0, 0, 0]) == 1
+    # penalties look at the output only, repetition at prompt and output
+    assert Sampler(SamplingParams(presence_penalty=2.0)).sample(logits, [0], []) == 0
+    assert Sampler(SamplingParams(repetition_penalty=1.5)).sample(logits, [0], []) == 1
+
+
+def test_batched_sampling_equals_one_by_one():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 300)).astype(np.float32)
+    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=3), SamplingParams(logprobs=2),
+              SamplingParams(temperature=1.2, top_k=5, seed=4), SamplingParams(repetition_penalty=1.3),
+              SamplingParams(temperature=1.0, min_p=0.1, top_p=0.8, seed=5)]
+    hist = [[1, 2, int(np.argmax(logits[4]))]] * 6
+    batched = sample_batch([Sampler(p) for p in params], logits, hist, hist)
+    alone = [Sampler(p).sample_full(logits[b], hist[b], hist[b]) for b, p in enumerate(params)]
+    assert [s.token for s in batched] == [s.token for s in alone]
+    assert batched[4].token != int(np.argmax(logits[4]))
+    assert len(batched[2].top_logprobs) == 2 and batched[2].top_logprobs[0][0] == batched[2].token
+
+
+@pytest.mark.parametrize("field, value", [
+    ("presence_penalty", 2.5), ("frequency_penalty", -3), ("stop", [""]), ("stop", 5), ("logprobs", 21),
+    ("logprobs", -1),
+])
+def test_new_fields_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_stop_string_becomes_a_tuple():
+    assert SamplingParams(stop="\n").stop == ("\n",)
