@@ -69,7 +69,8 @@ def quantize_weight(w: torch.Tensor, *, bits: int, group_size: int, symmetric: b
                     scale_dtype: torch.dtype = torch.float16):
     """Round-to-nearest per-group quantization of a float ``[N, K]`` weight into the layout.
 
-    Symmetric: ``code = round(w / s)`` in ``[-(2^(b-1)-1), 2^(b-1)-1]`` with ``s = max|w| / (2^(b-1)-1)``.
+    Symmetric: ``code = round(w / s)`` in ``[-2^(b-1), 2^(b-1)-1]`` with ``s = e / -2^(b-1)`` where
+    ``e`` is the group's value of largest magnitude (its sign kept), so ``e`` is exact.
     Asymmetric: ``code = round((w - min) / s)`` in ``[0, 2^b - 1]`` with ``s = (max - min) / (2^b - 1)``.
     Scales (and mins) are rounded to ``scale_dtype`` first and the codes computed from the
     rounded values, so dequantization sees exactly the scales it is given. Returns
@@ -80,10 +81,12 @@ def quantize_weight(w: torch.Tensor, *, bits: int, group_size: int, symmetric: b
         raise ValueError(f"row length {k} is not a multiple of group_size {group_size}")
     g = w.detach().to(torch.float32).reshape(n, k // group_size, group_size)
     if symmetric:
-        qmax = (1 << (bits - 1)) - 1
-        scale = (g.abs().amax(-1) / qmax).to(scale_dtype).to(torch.float32)
+        # the signed extreme maps to -2^(b-1), so all 2^b codes are used (as in GGML's Q4_0/Q8_0)
+        half = 1 << (bits - 1)
+        extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scale = (extreme / -half).to(scale_dtype).to(torch.float32)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        codes = torch.round(g / safe.unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int32)
+        codes = torch.round(g / safe.unsqueeze(-1)).clamp(-half, half - 1).to(torch.int32)
         mins = None
     else:
         qmax = (1 << bits) - 1

@@ -55,8 +55,9 @@ def test_quantized_linear_means_dequantize_then_linear(bits, group, symmetric):
     # the scheme's error: a half step of the group's scale per weight, at most
     step = (w.reshape(N, -1, group).abs().amax(-1) if symmetric else
             w.reshape(N, -1, group).amax(-1) - w.reshape(N, -1, group).amin(-1))
-    qmax = (1 << (bits - 1)) - 1 if symmetric else (1 << bits) - 1
-    bound = (step / qmax).repeat_interleave(group, dim=1) * 0.51 + 1e-3 * w.abs()
+    # symmetric: steps of max|w| / 2^(b-1), and the side opposite the extreme may clamp by one step
+    levels, slack = ((1 << (bits - 1)), 1.01) if symmetric else ((1 << bits) - 1, 0.51)
+    bound = (step / levels).repeat_interleave(group, dim=1) * slack + 1e-3 * w.abs()
     assert bool(((deq - w).abs() <= bound).all())
 
 
