@@ -172,7 +172,8 @@ def cmd_run(args) -> int:
         raise CliError(str(exc)) from None
     try:
         # one sequence: a KV pool of one full-length sequence is all `llmc run` needs
-        engine = Engine.load(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1)
+        engine = Engine.load(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1,
+                             without_torch=True)
     except ArtifactError as exc:
         raise CliError(str(exc)) from None
     tok = engine.tokenizer
@@ -207,7 +208,7 @@ def cmd_serve(args) -> int:
     try:
         engine = Engine.load(args.artifact, threads=args.threads, num_blocks=args.kv_cache_blocks,
                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                             enable_prefix_caching=not args.no_prefix_caching)
+                             enable_prefix_caching=not args.no_prefix_caching, without_torch=True)
     except (ArtifactError, ValueError) as exc:
         raise CliError(str(exc)) from None
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
@@ -240,7 +241,15 @@ def cmd_verify(args) -> int:
             raise CliError(f"cannot read --prompts {args.prompts}: {exc}") from None
         if not prompts:
             raise CliError(f"--prompts {args.prompts} has no prompts (one per line)")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not args.verbose:
+        import warnings
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         model = load_hf_model(resolve_source(args.model))
     except (ModelSourceError, OSError, ValueError, KeyError) as exc:

@@ -93,21 +93,34 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, threads: Optional[int] = None, verify_checksums: bool = True,
-             num_blocks: Optional[int] = None, kv_cache_bytes: Optional[int] = None, **kwargs) -> "Engine":
+             num_blocks: Optional[int] = None, kv_cache_bytes: Optional[int] = None, without_torch: bool = False,
+             **kwargs) -> "Engine":
         """Validate and load an artifact (format version, checksums, target, CPU features).
 
         The KV pools get ``num_blocks`` blocks, by default as many as ``kv_cache_bytes``
-        (512 MiB) hold, and never fewer than one full-length sequence needs."""
+        (512 MiB) hold, and never fewer than one full-length sequence needs. ``without_torch``
+        keeps torch out of the process for a cpu artifact (see executor_cpu.keep_torch_out)."""
         manifest = read_manifest(path, verify_checksums=verify_checksums)
-        check_target(manifest, "cpu", cpu_flags() or None)
-        from .executor_cpu import CpuExecutor
+        gpu = manifest.target.get("kind") in ("cuda", "rocm")
+        if not gpu:
+            check_target(manifest, "cpu", cpu_flags() or None)
+            if without_torch:
+                from .executor_cpu import keep_torch_out
 
+                keep_torch_out()
         if num_blocks is None:
             geom = manifest.kv_cache
             one_seq = -(-int(geom["max_model_len"]) // int(geom["block_size"]))
             budget = (kv_cache_bytes or DEFAULT_KV_CACHE_BYTES) // max(1, int(geom["bytes_per_block"]))
             num_blocks = max(one_seq, budget)
-        executor = CpuExecutor(manifest, threads, num_blocks)
+        if gpu:
+            from .executor_cuda import load_gpu_executor
+
+            executor = load_gpu_executor(manifest, num_blocks)
+        else:
+            from .executor_cpu import CpuExecutor
+
+            executor = CpuExecutor(manifest, threads, num_blocks)
         tok = manifest.data.get("tokenizer")
         tokenizer = None
         if tok:

@@ -39,6 +39,10 @@ def load_kernels(src_dir: str, names, interpret: bool) -> dict:
     """Import each kernel ``name`` from ``src_dir/name.py``; ``interpret`` decides whether
     triton.jit builds an interpreted function (Triton reads TRITON_INTERPRET at decoration)."""
     require_interpret_mode(interpret)
+    # JIT builds go to llmc's cache root (as the compiler's AOT builds do), not ~/.triton
+    root = os.environ.get("LLMC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llmc")
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(root, "triton"))
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
@@ -74,6 +78,32 @@ class TritonExecutor:
         self.num_blocks, self.max_model_len, self.vocab_size = num_blocks, max_model_len, vocab_size
         self.runner = PlanRunner(plan, weights, num_blocks, self.device, self._launch)
         self.launches = 0
+
+    @classmethod
+    def from_manifest(cls, manifest, num_blocks: Optional[int] = None, interpret: Optional[bool] = None):
+        """The executor of a cuda/rocm artifact, running its kernel sources through Triton."""
+        from safetensors.torch import load_file
+
+        from .artifact import ArtifactError
+
+        if manifest.target.get("kind") not in ("cuda", "rocm"):
+            raise ArtifactError(f"{manifest.root} is a '{manifest.target.get('kind')}' artifact; the Triton runner "
+                                f"executes cuda/rocm artifacts")
+        plan = manifest.data["plan"]
+        if interpret is None:
+            import torch
+
+            interpret = not torch.cuda.is_available()
+        if interpret and plan.get("dtype") == "bf16" and plan.get("arch") != "interpret":
+            raise ArtifactError(f"{manifest.root} is a bf16 artifact: Triton's interpreter computes bf16 tl.dot "
+                                f"wrongly, so it cannot run on the CPU; use a GPU, or compile with --dtype f16 "
+                                f"(or f32) to run it under TRITON_INTERPRET=1")
+        weights = load_file(manifest.path("weights.safetensors"))
+        geom = manifest.kv_cache
+        max_len = int(geom["max_model_len"])
+        blocks = int(num_blocks or -(-max_len // int(geom["block_size"])))
+        return cls(plan, manifest.path("kernels/src"), weights, blocks, max_len,
+                   int(manifest.model.get("vocab_size") or 0), interpret=interpret)
 
     def _launch(self, name: str, grid: tuple, args: list) -> None:
         try:

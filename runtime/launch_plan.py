@@ -120,6 +120,10 @@ class PlanRunner:
         for name, d in self.plan["derived"].items():
             if d["kind"] != "query_tiles":
                 raise ValueError(f"unknown derived input kind {d['kind']}")
+            if query_start is None or env.get("decode"):  # only prefill attention reads the tiles
+                env[d["count"]] = 0
+                bufs[name] = torch.zeros(2, dtype=torch.int32, device=self.device)
+                continue
             tiles = query_tiles(query_start, int(d["rows"]))
             env[d["count"]] = int(tiles.shape[0])
             bufs[name] = torch.from_numpy(tiles.reshape(-1)).to(self.device)

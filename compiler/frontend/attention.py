@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Optional
 
 import torch
 
@@ -18,7 +19,7 @@ ATTN_IMPLEMENTATION = "llmc"
 
 @torch.library.custom_op("llmc::attention", mutates_args=())
 def llmc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float,
-                   window: int, softcap: float) -> torch.Tensor:
+                   window: int, softcap: float, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention without a cache, [B, Hq, T, D] x [B, Hkv, T, D] -> [B, T, Hq, Dv].
 
     Eager meaning for a trace of one prompt from position 0; the IR's ``attention`` op
@@ -35,12 +36,17 @@ def llmc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
     if window > 0:
         allowed &= (i[:, None] - i[None, :]) < window
     scores = scores.masked_fill(~allowed, float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    if sinks is not None:  # one extra logit per head in each softmax's denominator
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(b, hq, t, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.float()).to(q.dtype)
     return out.transpose(1, 2).contiguous()
 
 
 @llmc_attention.register_fake
-def _attention_fake(q, k, v, layer, scale, window, softcap):
+def _attention_fake(q, k, v, layer, scale, window, softcap, sinks=None):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]))
 
 
@@ -58,7 +64,8 @@ class AttentionArgumentError(ValueError):
 
 class _TraceState:
     calls = 0
-    layers: set = set()
+    windows: set = set()       # sliding windows the attention calls received
+    mask_windows: set = set()  # sliding windows the mask builder was asked for
 
 
 def attention_calls() -> int:
@@ -71,8 +78,13 @@ def _attention_interface(module, query, key, value, attention_mask, scaling=None
     if kwargs.get("is_causal") is False:
         raise AttentionArgumentError(f"{type(module).__name__} asks for non-causal attention (is_causal=False); "
                                      f"llmc's attention op is causal")
-    unknown = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS and k not in ("sliding_window", "softcap")
-               and v is not None}
+    unknown = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS
+               and k not in ("sliding_window", "softcap", "s_aux", "sinks") and v is not None}
+    sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or sinks.dim() != 1
+                              or sinks.shape[0] != query.shape[1]):
+        raise AttentionArgumentError(f"{type(module).__name__} passes attention sinks that are not one logit per "
+                                     f"query head ([{query.shape[1]}]); llmc's attention op takes sinks of that form")
     if unknown:
         raise AttentionArgumentError(
             f"{type(module).__name__} passes {', '.join(sorted(unknown))} to its attention function; llmc's "
@@ -85,21 +97,70 @@ def _attention_interface(module, query, key, value, attention_mask, scaling=None
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     window = kwargs.get("sliding_window") or 0
     softcap = kwargs.get("softcap") or 0.0
-    layer = getattr(module, "layer_idx", None)
-    if layer is None:  # modules without an index: the order of the calls is the layer order
-        layer = _TraceState.calls
+    # Each call gets the cache of its own index, in call order: for ordinary models that is
+    # layer_idx; a layer that attends twice (differential attention) or an attention module
+    # shared by several layers gets one cache per call, which is what each call attends over.
+    layer = _TraceState.calls
     _TraceState.calls += 1
-    if int(layer) in _TraceState.layers:
-        raise AttentionArgumentError(
-            f"{type(module).__name__} with layer_idx {layer} attends a second time in one forward (a shared "
-            f"attention layer); llmc keeps one KV cache per layer index")
-    _TraceState.layers.add(int(layer))
-    out = torch.ops.llmc.attention(query, key, value, int(layer), scale, int(window), float(softcap))
+    if window:
+        _TraceState.windows.add(int(window))
+    out = torch.ops.llmc.attention(query, key, value, int(layer), scale, int(window), float(softcap),
+                                   None if sinks is None else sinks.to(query.dtype))
     return out, None
 
 
+# mask pieces transformers composes that llmc's attention op reproduces by itself
+_CAUSAL_PARTS = {"causal_mask_function", "padding_mask_function", "and_masks", "or_masks",
+                 "remap_positions_for_packed_sequence", "add_offsets_to_mask_function",
+                 "packed_sequence_mask_function"}  # packing is read from positions: one sequence per step row range here
+
+
+def _mask_parts(fn, seen=None) -> list[tuple[str, object]]:
+    """The named functions a transformers mask function is composed of (through closures),
+    with the sliding window where one is set."""
+    seen = seen if seen is not None else set()
+    if not callable(fn) or id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    qual = getattr(fn, "__qualname__", type(fn).__name__)
+    outer = qual.split(".<locals>")[0]
+    parts = [(outer, None)]
+    cells = dict(zip(getattr(getattr(fn, "__code__", None), "co_freevars", ()), getattr(fn, "__closure__", None) or ()))
+    if outer == "sliding_window_overlay" and "sliding_window" in cells:
+        parts = [(outer, cells["sliding_window"].cell_contents)]
+    for cell in cells.values():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if callable(v) and not isinstance(v, torch.Tensor):
+                parts += _mask_parts(v, seen)
+    return parts
+
+
 def _no_mask(*args, **kwargs):
+    """The mask builder: no mask tensor at all (the attention op masks by itself), after
+    checking that the mask asked for is one the op reproduces: causal, or causal within a
+    sliding window that the attention call also receives. Anything else (chunked, blockwise,
+    bidirectional) is refused by name rather than dropped."""
+    for name, window in _mask_parts(kwargs.get("mask_function")):
+        if name == "sliding_window_overlay":
+            _TraceState.mask_windows.add(int(window))
+        elif name not in _CAUSAL_PARTS:
+            raise AttentionArgumentError(f"the model asks for a {name.replace('_', ' ')} attention mask; llmc's "
+                                         f"attention op is causal, optionally within a sliding window, and has no "
+                                         f"such mask")
     return None
+
+
+def check_masks() -> None:
+    """After a trace: every sliding window a mask was built for reached an attention call."""
+    missing = _TraceState.mask_windows - _TraceState.windows
+    if missing:
+        raise AttentionArgumentError(f"the model builds sliding-window masks of {sorted(missing)} tokens but never "
+                                     f"passes that window to its attention function; llmc applies windows in the "
+                                     f"attention op and would lose it")
 
 
 _registered = False
@@ -124,7 +185,8 @@ def llmc_attention_enabled(model):
 
     register()
     experts.register()
-    _TraceState.calls, _TraceState.layers = 0, set()
+    experts.prepare(model)
+    _TraceState.calls, _TraceState.windows, _TraceState.mask_windows = 0, set(), set()
     text = model.config.get_text_config()
     configs = [model.config] + ([text] if text is not model.config else [])
     saved = [(c._attn_implementation, getattr(c, "_experts_implementation", None)) for c in configs]

@@ -169,10 +169,12 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
     vocab = int(text_config.vocab_size)
     ids = torch.arange(example_tokens, dtype=torch.int64)[None] % vocab
     pos = torch.arange(example_tokens, dtype=torch.int64)[None]
-    T = torch.export.Dim(TOKEN_SYMBOL, min=1, max=max(max_tokens, example_tokens + 1))
+    # at most max_position_embeddings - 1 tokens per step: some models special-case a full window
+    max_tokens = max(max_tokens - 1, example_tokens + 1)
+    T = torch.export.Dim(TOKEN_SYMBOL, min=1, max=max_tokens)
     configs = [model.config] + [c for c in {id(text_config): text_config}.values() if c is not model.config]
     saved = [getattr(c, "use_cache", None) for c in configs]
-    from .attention import attention_calls
+    from .attention import attention_calls, check_masks
 
     try:
         for c in configs:
@@ -181,29 +183,63 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
             program = torch.export.export(
                 model, (), kwargs={"input_ids": ids, "position_ids": pos},
                 dynamic_shapes={"input_ids": {1: T}, "position_ids": {1: T}},
-                strict=False,
+                strict=False, prefer_deferred_runtime_asserts_over_guards=True,
             )
             calls = attention_calls()
-    except (TypeError, AttributeError, RuntimeError) as exc:
-        if attention_calls() == 0:
-            raise TraceError(f"{type(model).__name__} computes attention itself instead of calling transformers' "
-                             f"attention interface, so llmc cannot place its KV-cache boundary (the trace stopped "
-                             f"at: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-        raise
+            check_masks()
     except torch._dynamo.exc.UserError as exc:
+        if "Specializations unexpectedly required" in str(exc):
+            kinds = sorted({str(k) for k in (getattr(text_config, "layer_types", None) or [])}
+                           - {"full_attention", "sliding_attention"})
+            raise TraceError(
+                f"{type(model).__name__}'s code fixes the token count to the example's ({example_tokens}) "
+                f"(a chunked or recurrent computation over the sequence"
+                f"{', layer types ' + ', '.join(kinds) if kinds else ''}), so one trace cannot serve every "
+                f"step length") from None
         if "Constraints violated" in str(exc):
             raise TraceError(
                 f"{type(model).__name__} specializes on the token count (the model code branches on it, e.g. "
                 f"comparing it with a window or chunk size), so one trace cannot serve every step length: "
                 f"{_first_guard(exc)}") from None
         raise
+    except (TypeError, AttributeError, RuntimeError) as exc:
+        if attention_calls() == 0:
+            raise TraceError(f"{type(model).__name__} computes attention itself instead of calling transformers' "
+                             f"attention interface, so llmc cannot place its KV-cache boundary (the trace stopped "
+                             f"at: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise
     finally:
         for c, s in zip(configs, saved):
             c.use_cache = s
+    _check_token_asserts(model, program, max_tokens)
     if calls == 0:
         raise TraceError(f"{type(model).__name__} never calls transformers' attention interface (it computes "
                          f"attention itself), so llmc cannot place its KV-cache boundary")
     return functionalize(program)
+
+
+def _check_token_asserts(model, program, max_tokens: int) -> None:
+    """The model code's conditions on the token count, kept by the trace as runtime asserts
+    instead of specializing it: the trace serves every step length when each holds for every
+    T in 1..max_tokens (checked here, once); otherwise the first one that fails is named."""
+    import sympy
+
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten._assert_scalar.default:
+            continue
+        cond = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else node.args[0]
+        expr = getattr(getattr(cond, "node", None), "expr", cond)
+        if expr is True or expr == sympy.true:
+            continue
+        symbols = sorted(getattr(expr, "free_symbols", ()), key=str)
+        if len(symbols) != 1:
+            raise TraceError(f"{type(model).__name__}'s code asserts {expr} on more than the token count")
+        f = sympy.lambdify(symbols, expr, "math")
+        bad = next((t for t in range(1, max_tokens + 1) if not bool(f(t))), None)
+        if bad is not None:
+            raise TraceError(f"{type(model).__name__} branches on the token count ({expr} is false for T = {bad}; "
+                             f"{node.meta.get('stack_trace', '').strip().splitlines()[-1].strip() if node.meta.get('stack_trace') else ''}), "
+                             f"so one trace cannot serve every step length")
 
 
 def _first_guard(exc: Exception) -> str:

@@ -62,8 +62,16 @@ class KVCache:
         self.written[layer][positions] = True
 
 
+def _softmax_with_sinks(scores: torch.Tensor, sinks) -> torch.Tensor:
+    """softmax over the last axis of [H, T, S] scores; sinks [H] join the denominator only."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.float()[:, None, None].expand(scores.shape[0], scores.shape[1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+
+
 def attention_reference(q, k, v, positions, cache: KVCache, layer: int, scale: float,
-                        window: int, softcap: float) -> torch.Tensor:
+                        window: int, softcap: float, sinks=None) -> torch.Tensor:
     """The meaning of the ``attention`` op (see its docstring in ops.py)."""
     positions = positions.to(torch.int64)
     cache.write(layer, positions, k, v)
@@ -86,7 +94,7 @@ def attention_reference(q, k, v, positions, cache: KVCache, layer: int, scale: f
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~allowed[None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    probs = _softmax_with_sinks(scores, sinks)
     out = torch.einsum("hts,shd->thd", probs, values.float())
     return out.to(q.dtype)
 
@@ -106,7 +114,7 @@ def kv_append_reference(k_pool, v_pool, k, v, slot_mapping):
 
 
 def paged_attention_reference(q, k_pool, v_pool, block_tables, seq_lens, query_start, scale: float,
-                              window: int, softcap: float) -> torch.Tensor:
+                              window: int, softcap: float, sinks=None) -> torch.Tensor:
     """The meaning of ``paged_attention`` (see its docstring in ops.py): each sequence's
     queries attend causally over the keys its block table points to."""
     block_size = k_pool.shape[1]
@@ -142,7 +150,7 @@ def paged_attention_reference(q, k_pool, v_pool, block_tables, seq_lens, query_s
         if softcap > 0:
             scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~allowed[None], float("-inf"))
-        out[begin:end] = torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), values.float()).to(q.dtype)
+        out[begin:end] = torch.einsum("hts,shd->thd", _softmax_with_sinks(scores, sinks), values.float()).to(q.dtype)
     return out
 
 
@@ -288,9 +296,9 @@ def _param(xs, a, fr):
 
 @impl("attention")
 def _attention(xs, a, fr):
-    q, k, v, pos = xs
+    q, k, v, pos = xs[:4]
     return attention_reference(q, k, v, pos, fr.interp.kv_cache, a["layer"], a["scale"],
-                               a["window"], a["softcap"])
+                               a["window"], a["softcap"], xs[4] if len(xs) > 4 else None)
 
 
 @impl("kv_append")
@@ -300,7 +308,7 @@ def _kv_append(xs, a, fr):
 
 @impl("paged_attention")
 def _paged_attention(xs, a, fr):
-    return paged_attention_reference(*xs, a["scale"], a["window"], a["softcap"])
+    return paged_attention_reference(*xs[:6], a["scale"], a["window"], a["softcap"], xs[6] if len(xs) > 6 else None)
 
 
 @impl("rms_norm")
@@ -349,21 +357,28 @@ MOE_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu
                    "relu": torch.relu}
 
 
-def moe_reference(x, ids, weights, up, down, up_bias=None, down_bias=None, activation="silu", gated=True):
+def moe_gate(h, activation="silu", gated=True, alpha=None, limit=0.0, up_offset=0.0):
+    """The expert nonlinearity of ``moe`` on up-projection rows h [..., U]."""
+    act = (lambda t: t * torch.sigmoid(t * alpha)) if activation == "swish_alpha" else MOE_ACTIVATIONS[activation]
+    if not gated:
+        return act(h)
+    g, u = h.chunk(2, dim=-1)
+    if limit:
+        g, u = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+    return act(g) * (u + up_offset if up_offset else u)
+
+
+def moe_reference(x, ids, weights, up, down, up_bias=None, down_bias=None, activation="silu", gated=True,
+                  alpha=None, limit=0.0, up_offset=0.0):
     """The meaning of ``moe``: each token through its selected experts only, weighted."""
-    act = MOE_ACTIVATIONS[activation]
     out = torch.zeros_like(x)
     ids = ids.to(torch.int64)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= up.shape[0]):
         raise InterpreterError(f"expert id out of range [0, {up.shape[0]}): {int(ids.min())}..{int(ids.max())}")
     for e in ids.unique().tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)
-        h = F.linear(x[tok], up[e], None if up_bias is None else up_bias[e])
-        if gated:
-            g, u = h.chunk(2, dim=-1)
-            h = act(g) * u
-        else:
-            h = act(h)
+        h = moe_gate(F.linear(x[tok], up[e], None if up_bias is None else up_bias[e]), activation, gated, alpha,
+                     limit, up_offset)
         y = F.linear(h, down[e], None if down_bias is None else down_bias[e])
         out.index_add_(0, tok, y * weights[tok, slot, None])
     return out
@@ -371,7 +386,8 @@ def moe_reference(x, ids, weights, up, down, up_bias=None, down_bias=None, activ
 
 @impl("moe")
 def _moe(xs, a, fr):
-    return moe_reference(*xs, activation=a["activation"], gated=a["gated"])
+    return moe_reference(*xs, activation=a["activation"], gated=a["gated"], alpha=a.get("alpha"),
+                         limit=a.get("limit", 0.0), up_offset=a.get("up_offset", 0.0))
 
 
 @impl("rope")

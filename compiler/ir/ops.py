@@ -363,7 +363,16 @@ def _param(types, attrs, ctx):
     return [p.type]
 
 
-@register_op("attention", num_operands=4, has_effects=True,
+def _check_sinks(types, q, hq, what):
+    if len(types) > 1:
+        raise TypeError(f"{what} takes at most one sinks operand after its {what} operands")
+    if types:
+        sinks = types[0]
+        if sinks.rank != 1 or not dims_equal(sinks.shape[0], hq) or sinks.dtype != q.dtype:
+            raise TypeError(f"{what} sinks must be {q.dtype}[{hq}] (one logit per query head), got {sinks}")
+
+
+@register_op("attention", min_operands=4, has_effects=True,
              attrs={"layer": "int", "scale": "float", "window": "int", "softcap": "float"})
 def _attention(types, attrs, ctx):
     """Causal attention of this step's tokens over the layer's KV cache.
@@ -372,9 +381,12 @@ def _attention(types, attrs, ctx):
     k, v of each token at its position in layer ``layer``'s cache, then each query at position p
     attends to cached positions j with j <= p (and p - j < window when window > 0), logits
     scaled by ``scale`` and, when softcap > 0, passed through softcap·tanh(x/softcap).
-    This op is the KV-cache boundary that paged-KV lowering rewrites.
+    This op is the KV-cache boundary that paged-KV lowering rewrites. An optional fifth
+    operand, sinks [Hq], adds one logit per query head to each softmax's denominator
+    (attention sinks: probability mass that attends to nothing).
     """
-    q, k, v, pos = types
+    q, k, v, pos = types[:4]
+    _check_sinks(types[4:], q, q.shape[1] if q.rank == 3 else None, "attention")
     if q.rank != 3 or k.rank != 3 or v.rank != 3:
         raise TypeError(f"attention takes q, k, v as [T, heads, dim], got {q}, {k}, {v}")
     if pos.rank != 1 or pos.dtype not in ("i64", "i32"):
@@ -437,7 +449,7 @@ def _kv_append(types, attrs, ctx):
     return [k_pool, v_pool]
 
 
-@register_op("paged_attention", num_operands=6,
+@register_op("paged_attention", min_operands=6,
              attrs={"scale": "float", "window": "int", "softcap": "float"})
 def _paged_attention(types, attrs, ctx):
     """Causal attention of a batch's queries over each sequence's blocks of the KV pools.
@@ -448,8 +460,10 @@ def _paged_attention(types, attrs, ctx):
     tokens of its seq_lens[b] tokens, so its row i sits at position seq_lens[b] - n_b + i.
     Key position j of sequence b lives in block block_tables[b, j // BS] at offset j % BS. A
     query at position p attends to j <= p (and p - j < window when window > 0), logits scaled
-    by ``scale`` and soft-capped when softcap > 0. Rows no sequence owns come out zero."""
-    q, k_pool, v_pool, tables, seq_lens, query_start = types
+    by ``scale`` and soft-capped when softcap > 0. Rows no sequence owns come out zero. An
+    optional seventh operand, sinks [Hq], joins each softmax's denominator (see attention)."""
+    q, k_pool, v_pool, tables, seq_lens, query_start = types[:6]
+    _check_sinks(types[6:], q, q.shape[1] if q.rank == 3 else None, "paged_attention")
     _check_pools(k_pool, v_pool)
     _index_tensor(tables, 2, "paged_attention block_tables")
     _index_tensor(seq_lens, 1, "paged_attention seq_lens")
@@ -525,17 +539,22 @@ def _topk(types, attrs, ctx):
     return [TensorType(shape, x.dtype), TensorType(shape, "i64")]
 
 
-MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swish_alpha")
 
 
-@register_op("moe", min_operands=5, attrs={"activation": "str", "gated": "bool"})
+@register_op("moe", min_operands=5, attrs={"activation": "str", "gated": "bool"},
+             optional_attrs={"alpha": "float", "limit": "float", "up_offset": "float"})
 def _moe(types, attrs, ctx):
     """Mixture-of-experts FFN of routed tokens: each token runs only its k selected experts.
 
     x [T, D], expert ids [T, K] (integer), routing weights [T, K], up [E, U, D], down [E, D, I]
     and, optionally, up bias [E, U] and down bias [E, D] -> [T, D]. For token t:
     sum_k weights[t, k] * down_e(f(up_e x_t)), e = ids[t, k], with f = act(g) * u over the halves
-    g = first I, u = last I rows of up (U = 2I) when gated, else f = act (U = I)."""
+    g = first I, u = last I rows of up (U = 2I) when gated, else f = act (U = I).
+    Optional (GPT-OSS-style gates): ``limit`` > 0 clamps g to <= limit and u to
+    [-limit, limit]; ``up_offset`` is added to u; activation swish_alpha is g * sigmoid(alpha g)."""
+    if attrs["activation"] == "swish_alpha" and "alpha" not in attrs:
+        raise TypeError("moe activation swish_alpha needs an alpha attribute")
     if attrs["activation"] not in MOE_ACTIVATIONS:
         raise TypeError(f"moe activation must be one of {', '.join(MOE_ACTIVATIONS)}, got {attrs['activation']!r}")
     if len(types) not in (5, 7):

@@ -91,7 +91,8 @@ class PagedKV(Pass):
         replacement: dict[int, list[Op]] = {}
         for layer in range(len(layers)):
             op = by_layer[layer]
-            q, k, v, _positions = op.operands
+            q, k, v, _positions = op.operands[:4]
+            sinks = list(op.operands[4:])
             k_pool = new_arg(f"k_pool_{layer}", [pool_blocks, block_size, k.type.shape[1], k.type.shape[2]],
                              k.type.dtype)
             v_pool = new_arg(f"v_pool_{layer}", [pool_blocks, block_size, v.type.shape[1], v.type.shape[2]],
@@ -102,7 +103,7 @@ class PagedKV(Pass):
             append = Op("kv_append", [k_pool, v_pool, k, v, step["slot_mapping"]], {}, [k_new, v_new])
             attrs = {key: op.attrs[key] for key in ("scale", "window", "softcap")}
             paged = Op("paged_attention", [q, k_new, v_new, step["block_tables"], step["seq_lens"],
-                                           step["query_start"]], attrs, list(op.results))
+                                           step["query_start"]] + sinks, attrs, list(op.results))
             replacement[id(op)] = [append, paged]
             updated += [k_new, v_new]
 

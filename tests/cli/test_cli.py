@@ -91,10 +91,16 @@ def test_unknown_pass_and_level_are_clear_errors(tmp_path):
     assert out.returncode == 2 and "--pass-after needs" in out.stderr
 
 
-def test_planned_target_says_so():
-    out = llmc("compile", "smollm2", "--target", "metal", "-o", "/tmp/llmc-never")
+def test_planned_target_says_so(tmp_path):
+    out = llmc("compile", "smollm2", "--target", "metal", "-o", str(tmp_path / "never"))
     assert out.returncode == 2 and "target 'metal' has no code generator in this build yet" in out.stderr
-    assert not os.path.exists("/tmp/llmc-never")
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_unknown_gpu_arch_fails_before_the_import(tmp_path):
+    out = llmc("compile", "smollm2", "--target", "cuda", "--arch", "sm_75", "-o", str(tmp_path / "never"))
+    assert out.returncode == 2 and "use one of sm_80, sm_89, sm_90" in out.stderr
+    assert not os.path.exists(tmp_path / "never")
 
 
 def test_second_compile_of_the_bundled_model_reuses_both_caches(tmp_path):

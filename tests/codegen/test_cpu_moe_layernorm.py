@@ -12,7 +12,11 @@ from tests.codegen.helpers import compile_cpu, hf_greedy, llmc_greedy
 from tests.frontend.arch_sweep import tiny_model
 
 
-@pytest.mark.parametrize("arch, op", [("mixtral", "moe"), ("gpt2", "layer_norm")])
+@pytest.mark.parametrize("arch, op", [
+    ("mixtral", "moe"), ("gpt2", "layer_norm"),
+    # GPT-OSS: attention sinks, clamped swish-alpha gate over interleaved rows, expert biases
+    pytest.param("gpt_oss", "moe", marks=pytest.mark.slow),
+])
 def test_compiled_greedy_matches_hf(arch, op, tmp_path):
     model = tiny_model(arch)
     imported = import_hf_model(model)

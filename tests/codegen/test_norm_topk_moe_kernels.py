@@ -55,16 +55,21 @@ def test_topk_with_ties():
     assert torch.equal(index, want_i)
 
 
-@pytest.mark.parametrize("gated, bias, activation", [(True, False, "silu"), (False, True, "gelu_tanh")])
-def test_moe_selected_experts(gated, bias, activation):
+@pytest.mark.parametrize("gated, bias, activation, extra_attrs", [
+    (True, False, "silu", {}), (False, True, "gelu_tanh", {}),
+    (True, True, "swish_alpha", {"alpha": 1.702, "limit": 0.5, "up_offset": 1.0}),  # GPT-OSS's gate
+    (True, False, "silu", {"limit": 0.3}),  # DeepSeek-V4's clamped SwiGLU
+])
+def test_moe_selected_experts(gated, bias, activation, extra_attrs):
     torch.manual_seed(5)
     t, d, inner, e, k = 6, 32, 20, 5, 2
     x, ids, w = torch.randn(t, d), torch.randint(0, e, (t, k)), torch.rand(t, k)
     up, down = torch.randn(e, 2 * inner if gated else inner, d) * 0.2, torch.randn(e, d, inner) * 0.2
     extra = [torch.randn(e, up.shape[1]), torch.randn(e, d)] if bias else []
-    (got,) = _run("moe", {"activation": activation, "gated": gated}, [x, ids, w, up, down] + extra,
+    (got,) = _run("moe", {"activation": activation, "gated": gated, **extra_attrs}, [x, ids, w, up, down] + extra,
                   [TensorType((t, d), "f32")])
-    want = moe_reference(x, ids, w, up, down, *(extra or [None, None]), activation=activation, gated=gated)
+    want = moe_reference(x, ids, w, up, down, *(extra or [None, None]), activation=activation, gated=gated,
+                         **extra_attrs)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

@@ -40,3 +40,13 @@ def test_representative_arch_passes(model_type):
 @pytest.mark.parametrize("model_type", registry())
 def test_registry_arch_matches_expectation(model_type):
     _check(model_type, strict=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(mt for mt, e in EXPECTED.items() if e.get("cpu") == "pass"))
+def test_recorded_cpu_pass_still_compiles_and_matches(model_type):
+    """Each model type recorded as passing through cpu: compiled, greedy tokens equal HF's."""
+    from tests.frontend.arch_sweep import cpu_one
+
+    status, reason = cpu_one(model_type)
+    assert status == "pass", f"{model_type} regressed on cpu: {reason}"

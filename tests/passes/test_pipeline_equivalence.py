@@ -62,3 +62,15 @@ def test_every_pass_preserves_outputs_on_smollm2(smollm2):
     got_decode = batcher.step([(0, nxt)], weights=imp.weights)
     assert (got_decode - want_decode).abs().max() <= 1e-3
     assert torch.equal(got_decode.argmax(-1), want_decode.argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt2", pytest.param("gpt_oss", marks=pytest.mark.slow),
+                                  pytest.param("deepseek_v3", marks=pytest.mark.slow)])
+def test_every_pass_preserves_outputs_on_newer_ops(arch):
+    """moe and topk (Mixtral), layer_norm (GPT-2), attention sinks and the clamped expert gate
+    (GPT-OSS), gather/scatter/where routers (DeepSeek-V3), through every pass and paged-kv."""
+    from tests.frontend.arch_sweep import tiny_model as sweep_model
+
+    model = sweep_model(arch)
+    imp = import_hf_model(model)
+    check_each_pass(imp.module, imp.weights, model.config.vocab_size, atol=1e-5)

@@ -133,3 +133,23 @@ def test_context_limit_ends_with_length():
     engine = Engine(FakeExecutor(max_model_len=32))
     (got,), (reason,) = run_all(engine, [list(range(1, 29))], SamplingParams(max_tokens=100, ignore_eos=True))
     assert len(got) == 4 and reason == "length"
+
+
+def test_max_num_seqs_and_budget_bound_every_step():
+    engine = Engine(FakeExecutor(num_blocks=512), max_num_seqs=4, max_num_batched_tokens=16)
+    got, _ = run_all(engine, PROMPTS[:10], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert got == [alone_reference(p, 6, eos=-1) for p in PROMPTS[:10]]
+    assert max(s for s, _ in engine.executor.batches) == 4
+    assert max(t for _, t in engine.executor.batches) == 16
+
+
+def test_stop_string_split_across_tokens_is_held_back(tok):
+    from llmc.runtime.detokenizer import IncrementalText
+
+    text = IncrementalText(tok, stop=["END"])
+    pieces = [text.push(i) for i in tok.encode("abcEN")]
+    assert "".join(pieces) == "abc"  # "EN" could start "END": held back
+    assert text.push(tok.encode("D")[0]) == "" and text.stopped == "END"
+    text = IncrementalText(tok, stop=["END"])
+    pieces = [text.push(i) for i in tok.encode("abcENx")] + [text.finish()]
+    assert "".join(pieces) == "abcENx" and text.stopped is None

@@ -54,19 +54,30 @@ def ask(client, model, prompt, n=20):
 
 
 def test_concurrent_requests_equal_alone_with_and_without_preemption(tiny_artifact):
+    """Also prefix reuse on the real kernels: the second of two prompts sharing a long prefix
+    hits the cache and returns what a server without prefix caching returns."""
+    prefix = "A shared preamble that both requests start with, long enough for several blocks. " * 2
     results = {}
-    for blocks in ("256", "12"):
+    for blocks, extra in (("256", []), ("12", ["--no-prefix-caching"])):
         with llmc_serve(tiny_artifact, "--kv-cache-blocks", blocks, "--max-num-batched-tokens", "64",
-                        "--served-model-name", "tiny") as live:
+                        "--served-model-name", "tiny", *extra) as live:
             c = client_for(live)
+            ask(c, "tiny", prefix + "first")
+            second = c.completions.create(model="tiny", prompt=prefix + "second", max_tokens=20, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            hits = live.metrics()["llmc_prefix_cache_hits_total"]
             alone = [ask(c, "tiny", p) for p in PROMPTS]
             with cf.ThreadPoolExecutor(16) as pool:
                 together = list(pool.map(lambda p: ask(c, "tiny", p), PROMPTS))
             assert together == alone and len(set(alone)) > 8  # distinct texts, not one degenerate answer
             m = live.wait_idle()
-            results[blocks] = (alone, m["llmc_preemptions_total"])
+            results[blocks] = (alone, m["llmc_preemptions_total"], second, hits)
     assert results["256"][0] == results["12"][0]
     assert results["256"][1] == 0 and results["12"][1] > 0
+    cached, plain = results["256"][2], results["12"][2]
+    assert results["256"][3] >= 4 and results["12"][3] == 0
+    assert cached.usage.prompt_tokens_details.cached_tokens >= 128
+    assert cached.choices[0].text == plain.choices[0].text
 
 
 def test_sigterm_lets_running_requests_finish(tiny_artifact):

@@ -253,3 +253,14 @@ def test_client_disconnect_without_streaming_frees_blocks(byte_tokenizer):
         conn.sock.close()
         m = s.wait_idle(5.0)
         assert m["llmc_generation_tokens_total"] < 200
+
+
+def test_without_a_tokenizer_token_id_prompts_still_work():
+    with fake_server() as s:
+        code, text = s.post("/v1/completions", {"model": "fake", "prompt": [5, 6, 7], "max_tokens": 4,
+                                                "temperature": 0, "logprobs": 0, "ignore_eos": True})
+        assert code == 200 and json.loads(text)["usage"]["completion_tokens"] == 4
+        code, text = s.post("/v1/completions", {"model": "fake", "prompt": "text", "max_tokens": 4})
+        assert code == 400 and "token ids" in json.loads(text)["error"]["message"]
+        code, text = s.post("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "x"}]})
+        assert code == 400 and "no tokenizer" in json.loads(text)["error"]["message"]

@@ -19,18 +19,20 @@ class BlockSizes:
     elementwise: int = 1024    # elements per program of elementwise and copy kernels
     attn_rows: int = 16        # query tokens per prefill-attention program (times the GQA group)
     attn_warps: int = 4
+    attn_keys: int = 64        # keys per attention step (several KV blocks gathered through the block table)
     decode_splits: int = 8     # split-KV partitions of decode attention (a power of two)
     gemv_max_rows: int = 4
     skinny_max_rows: int = 64
 
 
 ARCH_BLOCKS = {
-    "sm_80": BlockSizes(32, (128, 128, 32, 8, 3), (16, 128, 64, 4, 4), (64, 128, 4)),
-    "sm_89": BlockSizes(32, (128, 128, 32, 8, 3), (16, 128, 64, 4, 4), (64, 128, 4)),
-    "sm_90": BlockSizes(32, (128, 128, 64, 8, 3), (16, 128, 64, 4, 4), (64, 128, 4), decode_splits=16),
-    "gfx90a": BlockSizes(64, (128, 128, 32, 8, 2), (16, 128, 64, 4, 2), (64, 128, 4)),
-    "gfx942": BlockSizes(64, (128, 128, 64, 8, 2), (16, 128, 64, 4, 2), (64, 128, 4), decode_splits=16),
-    "gfx1100": BlockSizes(32, (64, 128, 32, 4, 2), (16, 64, 64, 4, 2), (64, 64, 4)),
+    # gemv: 16 output rows per program so even a 576-wide projection spreads over 36 programs
+    "sm_80": BlockSizes(32, (128, 128, 32, 8, 3), (16, 128, 64, 4, 4), (16, 256, 4)),
+    "sm_89": BlockSizes(32, (128, 128, 32, 8, 3), (16, 128, 64, 4, 4), (16, 256, 4)),
+    "sm_90": BlockSizes(32, (128, 128, 64, 8, 3), (16, 128, 64, 4, 4), (16, 256, 4), decode_splits=16),
+    "gfx90a": BlockSizes(64, (128, 128, 32, 8, 2), (16, 128, 64, 4, 2), (16, 256, 4)),
+    "gfx942": BlockSizes(64, (128, 128, 64, 8, 2), (16, 128, 64, 4, 2), (16, 256, 4), decode_splits=16),
+    "gfx1100": BlockSizes(32, (64, 128, 32, 4, 2), (16, 64, 64, 4, 2), (16, 256, 4)),
     "interpret": BlockSizes(32, (64, 64, 64, 4, 1), (16, 128, 64, 4, 1), (128, 128, 4), elementwise=4096,
                             attn_rows=16, decode_splits=2),
 }

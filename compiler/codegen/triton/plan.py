@@ -384,9 +384,11 @@ class _Lowering:
                 grid = [_cdiv(str(n), bn), m_str]
             else:
                 bm, bn, bk, warps, stages = bl.gemm_skinny if variant == "gemm_skinny" else bl.gemm
+                tiles_n = -(-n // bn)
                 k = render("gemm.py.j2", f"{label}_{variant}", allp, num_warps=warps, num_stages=stages, bm=bm,
-                           bn=bn, bk=bk, m=m_src, precision=precision, dot_cast=self.dot_cast, **ctx)
-                grid = [_cdiv(m_str, bm), _cdiv(str(n), bn)]
+                           bn=bn, bk=bk, m=m_src, precision=precision, dot_cast=self.dot_cast, group_m=8,
+                           tiles_n=tiles_n, **ctx)
+                grid = [f"{_cdiv(m_str, bm)}*{tiles_n}"]
             self.launch(k, grid, alla, when=when, op=label)
 
     # ------------------------------------------------------------------ data movement
@@ -495,7 +497,8 @@ class _Lowering:
         ins = [self.buf(v) for v in (q, k_pool, v_pool, tables, seq_lens, qstart)]
         in_params = [(n, self.ptr_type(b)) for n, b in zip(
             ("q_ptr", "k_pool_ptr", "v_pool_ptr", "tables_ptr", "seq_lens_ptr", "query_start_ptr"), ins)]
-        common = dict(group=group, gp=gp, hq=hq, hkv=hkv, d=d, dp=_pow2(d), dv_=dv, dvp=_pow2(dv), bs=bs,
+        kt = max(bs, self.blocks.attn_keys)
+        common = dict(group=group, gp=gp, hq=hq, hkv=hkv, d=d, dp=_pow2(d), dv_=dv, dvp=_pow2(dv), bs=bs, kt=kt,
                       scale=repr(float(a["scale"])), window=int(a["window"]), softcap=float(a["softcap"]) or 0)
         # prefill / mixed batches
         bm = max(self.blocks.attn_rows, _pow2(-(-16 // gp)))

@@ -80,11 +80,13 @@ def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype
 
 
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
-                           softcap: float, rows: int, threads: int) -> tir.PrimFunc:
+                           softcap: float, rows: int, threads: int, sinks: bool = False) -> tir.PrimFunc:
     """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
-    query_start [B + 1], out [T, hq, dv])`` for float32 pools of ``block_size`` positions per
-    block, with tiles of ``rows`` query rows; ``threads`` is the parallel width the work items
-    are interleaved for (each thread gets an even share of early and late tiles)."""
+    query_start [B + 1], [sinks [hq],] out [T, hq, dv])`` for float32 pools of ``block_size``
+    positions per block, with tiles of ``rows`` query rows; ``threads`` is the parallel width
+    the work items are interleaved for (each thread gets an even share of early and late
+    tiles). With ``sinks``, each row's online softmax starts from its head's sink logit
+    (running max = sink, running sum = 1) instead of from nothing."""
     G, BS, R = hq // hkv, block_size, rows
     scale, softcap = float(scale), float(softcap)
     i64 = "int64"
@@ -105,7 +107,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         return s * tir.const(scale, "float32")
 
     @T.macro
-    def tile(q, kp, vp, tables, out, seq, row, p0, hk, nr):
+    def tile(q, kp, vp, tables, out, seq, row, p0, hk, nr, sk):
         # nr query rows from T row `row` on, at positions p0 .. p0 + nr - 1, of sequence `seq`
         s = T.alloc_local((nr, G, BS), "float32")
         p = T.alloc_local((nr, G, BS), "float32")
@@ -113,8 +115,12 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         m = T.alloc_local((nr, G), "float32")
         l = T.alloc_local((nr, G), "float32")
         for r, g in T.grid(nr, G):
-            m[r, g] = T.float32(NEG)
-            l[r, g] = T.float32(0)
+            if sinks:  # a Python constant: the parser keeps only the taken branch
+                m[r, g] = sk[hk * G + g]
+                l[r, g] = T.float32(1)
+            else:
+                m[r, g] = T.float32(NEG)
+                l[r, g] = T.float32(0)
             for e in T.vectorized(dv):
                 acc[r, g, e] = T.float32(0)
         for kb in range(first_block(p0), (p0 + nr - 1) // BS + 1):
@@ -153,21 +159,8 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
             for e in T.vectorized(dv):
                 out[row + r, hk * G + g, e] = acc[r, g, e] / l[r, g]
 
-    @T.prim_func(private=True, check_well_formed=False)
-    def paged_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_tables: T.handle,
-                        var_lens: T.handle, var_starts: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.noalias": True, "llmc.kind": "paged_attention"})
-        t = T.int64()
-        nb = T.int64()
-        b = T.int64()
-        mb = T.int64()
-        q = T.match_buffer(var_q, (t, hq, d), "float32")
-        kp = T.match_buffer(var_k, (nb, hkv, d, BS), "float32")
-        vp = T.match_buffer(var_v, (nb, BS, hkv, dv), "float32")
-        tables = T.match_buffer(var_tables, (b, mb), "int64")
-        lens = T.match_buffer(var_lens, (b,), "int64")
-        starts = T.match_buffer(var_starts, (b + 1,), "int64")
-        out = T.match_buffer(var_out, (t, hq, dv), "float32")
+    @T.macro
+    def run(q, kp, vp, tables, lens, starts, out, sk, t, b):
         for i, h, e in T.grid(t - starts[b], hq, dv):  # rows no sequence owns
             out[starts[b] + i, h, e] = T.float32(0)
         # Each sequence's rows split into tiles of R; (t + R - 1) // R + b bounds their count.
@@ -195,9 +188,48 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                 row = starts[seq] + first_row
                 p0 = lens[seq] - n + first_row
                 if first_row + R <= n:
-                    tile(q, kp, vp, tables, out, seq, row, p0, hk, R)
+                    tile(q, kp, vp, tables, out, seq, row, p0, hk, R, sk)
                 else:
                     for r0 in range(n - first_row):
-                        tile(q, kp, vp, tables, out, seq, row + r0, p0 + r0, hk, 1)
+                        tile(q, kp, vp, tables, out, seq, row + r0, p0 + r0, hk, 1, sk)
+
+    if sinks:
+        @T.prim_func(private=True, check_well_formed=False)
+        def paged_attention_sinks(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_tables: T.handle,
+                                  var_lens: T.handle, var_starts: T.handle, var_sinks: T.handle,
+                                  var_out: T.handle):
+            T.func_attr({"tirx.noalias": True, "llmc.kind": "paged_attention"})
+            t = T.int64()
+            nb = T.int64()
+            b = T.int64()
+            mb = T.int64()
+            q = T.match_buffer(var_q, (t, hq, d), "float32")
+            kp = T.match_buffer(var_k, (nb, hkv, d, BS), "float32")
+            vp = T.match_buffer(var_v, (nb, BS, hkv, dv), "float32")
+            tables = T.match_buffer(var_tables, (b, mb), "int64")
+            lens = T.match_buffer(var_lens, (b,), "int64")
+            starts = T.match_buffer(var_starts, (b + 1,), "int64")
+            sk = T.match_buffer(var_sinks, (hq,), "float32")
+            out = T.match_buffer(var_out, (t, hq, dv), "float32")
+            run(q, kp, vp, tables, lens, starts, out, sk, t, b)
+
+        return paged_attention_sinks
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def paged_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_tables: T.handle,
+                        var_lens: T.handle, var_starts: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "llmc.kind": "paged_attention"})
+        t = T.int64()
+        nb = T.int64()
+        b = T.int64()
+        mb = T.int64()
+        q = T.match_buffer(var_q, (t, hq, d), "float32")
+        kp = T.match_buffer(var_k, (nb, hkv, d, BS), "float32")
+        vp = T.match_buffer(var_v, (nb, BS, hkv, dv), "float32")
+        tables = T.match_buffer(var_tables, (b, mb), "int64")
+        lens = T.match_buffer(var_lens, (b,), "int64")
+        starts = T.match_buffer(var_starts, (b + 1,), "int64")
+        out = T.match_buffer(var_out, (t, hq, dv), "float32")
+        run(q, kp, vp, tables, lens, starts, out, None, t, b)
 
     return paged_attention

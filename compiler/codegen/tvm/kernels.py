@@ -334,8 +334,22 @@ def _moe(ops, attrs, out, ctx):
     t, d = ctx.shape(out)
     kk, u = ids.shape[1], up.shape[1]
     inner = down.shape[2]
-    act = ACTIVATIONS[attrs["activation"]]
+    dt = x.dtype
+    if attrs["activation"] == "swish_alpha":
+        alpha = attrs["alpha"]
+        act = lambda e: e * (tir.const(1.0, dt) / (tir.const(1.0, dt) + tir.exp(-(e * tir.const(alpha, dt)))))  # noqa: E731
+    else:
+        act = ACTIVATIONS[attrs["activation"]]
+    limit, offset = attrs.get("limit", 0.0), attrs.get("up_offset", 0.0)
     experts = up.shape[0]
+
+    def gate(e):
+        return tir.min(e, tir.const(limit, dt)) if limit else e
+
+    def upv(e):
+        if limit:
+            e = tir.max(tir.min(e, tir.const(limit, dt)), tir.const(-limit, dt))
+        return e + tir.const(offset, dt) if offset else e
 
     def expert(ti, ki):
         return tir.max(tir.min(ids[ti, ki].astype("int64"), experts - 1), tir.IntImm("int64", 0))
@@ -347,6 +361,10 @@ def _moe(ops, attrs, out, ctx):
         proj = te.compute((t, kk, u), lambda ti, ki, ui: proj[ti, ki, ui] + up_bias[expert(ti, ki), ui],
                           name="moe_up_bias")
     if attrs["gated"]:
+        if limit or offset:  # clamps / offset as their own stage, so act sees plain loads
+            raw = proj
+            proj = te.compute((t, kk, u), lambda ti, ki, ui: tir.if_then_else(
+                ui < inner, gate(raw[ti, ki, ui]), upv(raw[ti, ki, ui])), name="moe_clamp")
         hidden = te.compute((t, kk, inner), lambda ti, ki, ii: act(proj[ti, ki, ii]) * proj[ti, ki, ii + inner],
                             name="moe_act")
     else:

@@ -320,9 +320,9 @@ def test_paged_attention(s, window, softcap, mode, dtype):
     hq, hkv, d, bs, nb = s["hq"], s["hkv"], s["d"], 16, 24
     scale = 1 / math.sqrt(d)
     if mode == "mixed":
-        n_new, ctx = [9, 1, 20, 3], [9, 37, 52, 3]      # a fresh prompt, a decode token, a chunk, a prompt
+        n_new, ctx = [9, 1, 20, 3], [9, 37, 150, 3]     # a fresh prompt, a decode token, a late chunk, a prompt
     else:
-        n_new, ctx = [1, 1, 1], [1, 17, 70]
+        n_new, ctx = [1, 1, 1], [1, 17, 200]
     qs = torch.tensor([0] + list(torch.cumsum(torch.tensor(n_new), 0)))
     t, b = int(qs[-1]), len(n_new)
     mb = max(-(-c // bs) for c in ctx)
