@@ -101,6 +101,12 @@ def cmd_compile(args) -> int:
             parse_scheme(args.quant)
         except ValueError as exc:
             raise CliError(str(exc)) from None
+    if args.quant == "gguf" and not args.model.endswith(".gguf"):
+        from llmc.compiler.frontend.hf import BUNDLED_MODELS
+
+        if args.model not in BUNDLED_MODELS:
+            raise CliError(f"--quant gguf keeps a GGUF file's own blocks, but {args.model} is not a .gguf file; "
+                           f"pick a scheme (llmc compile --quant list)")
 
     emit_ir = args.emit == "ir"
     if not emit_ir:
