@@ -307,7 +307,8 @@ class LlmcEngine:
 
         self.np = np
         self.eng = Engine.load(artifact, threads=threads)
-        self.config = {"artifact": os.path.abspath(artifact), "threads": threads}
+        self.config = {"artifact": os.path.abspath(artifact), "threads": threads,
+                       "quant": self.eng.manifest.model.get("quant", "none")}  # gguf = the GGUF's own blocks
 
     def prepare(self, ids):
         return self.np.asarray(ids, dtype=self.np.int64)

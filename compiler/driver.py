@@ -56,10 +56,16 @@ def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name:
             raise ValueError(f"--quant gguf keeps a GGUF file's own blocks, but the source {source or '(none)'} "
                              f"is not a .gguf file; pick a scheme (llmc compile --quant list)")
         provider = GgufBlocks(src.display, imported.config)
+        head = None
     else:
-        provider = parse_scheme(quant).quantize
+        scheme = parse_scheme(quant)
+        provider = scheme.quantize
+        # the LM head (and a table tied to it) keeps 8 bits under a 4-bit scheme, as llama.cpp's
+        # Q4 files keep theirs at 6-8 bits: int4 logits cost far more accuracy than they save
+        head = parse_scheme(scheme.name.replace("q4", "q8", 1)).quantize if scheme.bits == 4 else None
     imported.weights = dict(imported.weights)  # the pass replaces entries: leave the caller's dict alone
-    return Quantize(imported.weights, provider, embedding=(quant == "gguf") if embedding is None else embedding)
+    return Quantize(imported.weights, provider, embedding=(quant == "gguf") if embedding is None else embedding,
+                    lm_head_provider=head)
 
 
 def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_dir: str,

@@ -101,6 +101,12 @@ def cmd_compile(args) -> int:
             parse_scheme(args.quant)
         except ValueError as exc:
             raise CliError(str(exc)) from None
+    if args.quant == "gguf" and not args.model.endswith(".gguf"):
+        from llmc.compiler.frontend.hf import BUNDLED_MODELS
+
+        if args.model not in BUNDLED_MODELS:
+            raise CliError(f"--quant gguf keeps a GGUF file's own blocks, but {args.model} is not a .gguf file; "
+                           f"pick a scheme (llmc compile --quant list)")
 
     emit_ir = args.emit == "ir"
     if not emit_ir:
@@ -288,7 +294,7 @@ def cmd_eval_ppl(args) -> int:
     if engine.tokenizer is None:
         raise CliError(f"{args.artifact} has no tokenizer to turn the text into tokens")
     ids = engine.tokenizer.encode(text, add_special_tokens=False)[:args.max_tokens]
-    window = min(args.window, engine.max_seq_len)
+    window = min(args.window, engine.max_model_len)
     t0 = time.perf_counter()
     try:
         res = perplexity(ids, lambda w: all_logits(engine.executor, w), window, min(args.stride, window))

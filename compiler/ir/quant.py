@@ -65,11 +65,36 @@ def dequantize(codes, scales, mins, *, bits: int, group_size: int, signed: bool)
     return w.reshape(n, k)
 
 
+def _symmetric_search(g: torch.Tensor, bits: int, steps: int = 5):
+    """Codes and scales of groups ``g [..., G]`` minimizing the squared error, over candidate
+    grids: the signed extreme ``e`` mapped to ``-(2^(b-1) + d)`` for d in -0.5..1.5 (d = 0 is
+    GGML's Q4_0 rule: all 2^b codes used, ``e`` exact), each with its least-squares scale
+    ``sum(w q) / sum(q q)`` (the idea of llama.cpp's make_qx_quants, written for tensors)."""
+    half = 1 << (bits - 1)
+    extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True))
+    safe = torch.where(extreme == 0, torch.ones_like(extreme), extreme)
+    best_err, best_codes, best_scale = None, None, None
+    for d in torch.linspace(-0.5, 1.5, steps).tolist():
+        q = torch.round(g * (-(half + d) / safe)).clamp(-half, half - 1)
+        qq = (q * q).sum(-1, keepdim=True)
+        scale = torch.where(qq > 0, (g * q).sum(-1, keepdim=True) / qq.clamp(min=1e-30), torch.zeros_like(qq))
+        err = ((g - scale * q) ** 2).sum(-1)
+        if best_err is None:
+            best_err, best_codes, best_scale = err, q, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_codes = torch.where(better.unsqueeze(-1), q, best_codes)
+            best_scale = torch.where(better.unsqueeze(-1), scale, best_scale)
+    return best_codes.to(torch.int32), best_scale.squeeze(-1)
+
+
 def quantize_weight(w: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
                     scale_dtype: torch.dtype = torch.float16):
     """Round-to-nearest per-group quantization of a float ``[N, K]`` weight into the layout.
 
-    Symmetric: ``code = round(w / s)`` in ``[-(2^(b-1)-1), 2^(b-1)-1]`` with ``s = max|w| / (2^(b-1)-1)``.
+    Symmetric: codes in ``[-2^(b-1), 2^(b-1)-1]``, the scale chosen per group by a small search
+    (:func:`_symmetric_search`) for the least squared error.
     Asymmetric: ``code = round((w - min) / s)`` in ``[0, 2^b - 1]`` with ``s = (max - min) / (2^b - 1)``.
     Scales (and mins) are rounded to ``scale_dtype`` first and the codes computed from the
     rounded values, so dequantization sees exactly the scales it is given. Returns
@@ -80,10 +105,8 @@ def quantize_weight(w: torch.Tensor, *, bits: int, group_size: int, symmetric: b
         raise ValueError(f"row length {k} is not a multiple of group_size {group_size}")
     g = w.detach().to(torch.float32).reshape(n, k // group_size, group_size)
     if symmetric:
-        qmax = (1 << (bits - 1)) - 1
-        scale = (g.abs().amax(-1) / qmax).to(scale_dtype).to(torch.float32)
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        codes = torch.round(g / safe.unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int32)
+        codes, scale = _symmetric_search(g, bits)
+        scale = scale.to(scale_dtype).to(torch.float32)
         mins = None
     else:
         qmax = (1 << bits) - 1

@@ -79,15 +79,19 @@ class Quantize(Pass):
     name = "quantize"
     guarantees = ("weights-quantized",)
 
-    def __init__(self, weights: dict, provider: Provider, embedding: bool = False, lm_head: bool = True):
+    def __init__(self, weights: dict, provider: Provider, embedding: bool = False, lm_head: bool = True,
+                 lm_head_provider: Optional[Provider] = None):
         self.weights, self.provider = weights, provider
         self.embedding, self.lm_head = embedding, lm_head
+        self.lm_head_provider = lm_head_provider  # e.g. 8 bits for the LM head of a 4-bit scheme
         self.done: dict[str, Optional[QuantWeight]] = {}
+        self._head: set = set()
 
     def _quant(self, name: str) -> Optional[QuantWeight]:
         if name not in self.done:
             w = self.weights.get(name)
-            self.done[name] = None if w is None else self.provider(name, w)
+            provider = self.lm_head_provider if (name in self._head and self.lm_head_provider) else self.provider
+            self.done[name] = None if w is None else provider(name, w)
         return self.done[name]
 
     def _params(self, module: Module, name: str, qw: QuantWeight, param_ops: dict, block_ops: list) -> list[Value]:
@@ -116,7 +120,8 @@ class Quantize(Pass):
     def run(self, module: Module) -> Module:
         from ..ir.builder import NameAllocator
 
-        lm_head = self._lm_head_params(module) if not self.lm_head else set()
+        self._head = self._lm_head_params(module)
+        lm_head = self._head if not self.lm_head else set()
         for fn in module.functions.values():
             block = fn.body
             self._names = NameAllocator()

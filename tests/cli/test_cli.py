@@ -143,3 +143,17 @@ def test_zero_or_negative_sizes_are_refused_by_the_parser():
                  ("run", "nowhere", "--max-tokens", "0", "--prompt", "x")):
         out = llmc(*args)
         assert out.returncode == 2 and "must be at least 1" in out.stderr, args
+
+
+def test_quant_list_and_bad_schemes_fail_before_any_import(tmp_path):
+    out = llmc("compile", "--quant", "list")
+    assert out.returncode == 0 and "q4_g32" in out.stdout and "gguf" in out.stdout and "q8a_g128" in out.stdout
+    out = llmc("compile", str(tmp_path), "--quant", "q3_g32")
+    assert out.returncode == 2 and "unknown quantization scheme 'q3_g32'" in out.stderr
+    out = llmc("compile", str(tmp_path), "--quant", "gguf")
+    assert out.returncode == 2 and "is not a .gguf file" in out.stderr
+
+
+def test_eval_ppl_names_a_missing_text(tmp_path):
+    out = llmc("eval-ppl", str(tmp_path), "--text", str(tmp_path / "none.txt"))
+    assert out.returncode == 2 and "cannot read --text" in out.stderr

@@ -35,8 +35,9 @@ class _Ctx:
 def random_layout(bits, group, signed, mins, g):
     lo, hi = code_range(bits, signed)
     codes = pack_codes(torch.randint(lo, hi + 1, (N, K), generator=g, dtype=torch.int32), bits, signed)
-    scales = (torch.rand(N, K // group, generator=g) * 0.02).half()
-    m = (torch.randn(N, K // group, generator=g) * 0.05).half() if mins else None
+    dtype = torch.float32 if bits in (5, 6) else torch.float16  # K-quant scales are fp32 products
+    scales = (torch.rand(N, K // group, generator=g) * 0.02).to(dtype)
+    m = (torch.randn(N, K // group, generator=g) * 0.05).to(dtype) if mins else None
     return codes, scales, m
 
 

@@ -38,7 +38,7 @@ def check_exact(raw: np.ndarray, name: str):
 
 @pytest.mark.parametrize("name", QUANT_TYPES)
 def test_random_blocks_dequantize_exactly(name):
-    qw = check_exact(random_blocks(name, np.random.default_rng(hash(name) % 2**32)), name)
+    qw = check_exact(random_blocks(name, np.random.default_rng(sum(map(ord, name)))), name)
     assert qw.source == name
     assert qw.scales.dtype == (torch.float16 if name in ('Q4_0', 'Q4_1', 'Q8_0') else torch.float32)
     assert qw.codes.dtype in (torch.uint8, torch.int8)
@@ -87,3 +87,47 @@ def test_bad_input_names_the_problem():
         repack_blocks(np.zeros((1, 10), np.uint8), "IQ2_XXS", (1, 256))
     with pytest.raises(ValueError, match="multiple of its block size"):
         repack_blocks(np.zeros((1, 18), np.uint8), "Q4_0", (1, 16))
+
+
+def test_gguf_blocks_map_hf_names_and_undo_the_head_permutation(tmp_path):
+    """A tiny llama GGUF: blocks are matched to HF names, q/k rows un-permuted, a tied LM head
+    reads token_embd, and a weight that does not dequantize to the given float one is declined."""
+    from gguf import GGUFWriter
+
+    from llmc.compiler.frontend.gguf_weights import GgufBlocks, _head_permutation
+
+    rng = np.random.default_rng(3)
+    heads, kv_heads, dim, vocab = 4, 2, 64, 96
+    q_hf = rng.standard_normal((dim, dim)).astype(np.float32)
+    k_hf = rng.standard_normal((dim // 2, dim)).astype(np.float32)
+    emb = rng.standard_normal((vocab, dim)).astype(np.float32)
+    inv_q = torch.argsort(_head_permutation(dim, heads)).numpy()  # llama.cpp's permutation
+    inv_k = torch.argsort(_head_permutation(dim // 2, kv_heads)).numpy()
+    path = str(tmp_path / "tiny.gguf")
+    w = GGUFWriter(path, "llama")
+    blocks = {"blk.0.attn_q.weight": gguf_quantize(q_hf[inv_q], GT.Q4_1),
+              "blk.0.attn_k.weight": gguf_quantize(k_hf[inv_k], GT.Q8_0),
+              "token_embd.weight": gguf_quantize(emb, GT.Q4_0)}
+    types = {"blk.0.attn_q.weight": GT.Q4_1, "blk.0.attn_k.weight": GT.Q8_0, "token_embd.weight": GT.Q4_0}
+    for name, raw in blocks.items():
+        w.add_tensor(name, raw, raw_dtype=types[name])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    def loaded(name, perm=None):  # what transformers' loader yields: dequantized, rows un-permuted
+        x = torch.from_numpy(gguf_dequantize(blocks[name], types[name]).astype(np.float32))
+        return x if perm is None else x[perm]
+
+    prov = GgufBlocks(path, {"num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv_heads})
+    q_w = loaded("blk.0.attn_q.weight", _head_permutation(dim, heads))
+    qw = prov("model.layers.0.self_attn.q_proj.weight", q_w)
+    assert qw is not None and qw.source == "Q4_1" and torch.equal(qw.dequantize(), q_w)
+    k_w = loaded("blk.0.attn_k.weight", _head_permutation(dim // 2, kv_heads))
+    assert torch.equal(prov("model.layers.0.self_attn.k_proj.weight", k_w).dequantize(), k_w)
+    head = prov("lm_head.weight", loaded("token_embd.weight"))
+    assert head is not None and head.source == "Q4_0"
+    assert prov("model.layers.0.self_attn.q_proj.weight", q_w + 1e-3) is None  # not this file's weight
+    assert "model.layers.0.self_attn.q_proj.weight" in prov.declined
+    assert prov("model.layers.0.mlp.up_proj.weight", torch.zeros(8, 64)) is None  # not in the file
