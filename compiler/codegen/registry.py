@@ -58,8 +58,15 @@ class PlannedTarget:
                           f"use --target cpu, or --emit ir to inspect the optimized IR")
 
 
+_BUILTIN_LOADED = False
+
+
 def _load_builtin() -> None:
-    if "cpu" not in TARGETS:
+    """Register the built-in targets once. A flag, not "cpu" in TARGETS: importing the cpu
+    module directly registers cpu alone, and must not hide cuda/rocm afterwards."""
+    global _BUILTIN_LOADED
+    if not _BUILTIN_LOADED:
+        _BUILTIN_LOADED = True
         from . import cpu  # noqa: F401  (registers "cpu")
         from .triton import target  # noqa: F401  (registers "cuda" and "rocm"; imports triton only to compile)
         for planned in ("metal",):
