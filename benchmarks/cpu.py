@@ -669,6 +669,7 @@ def main(argv=None):
                 rec = {"round": rnd + 1, "seconds": seconds, "tok_s": task["tokens"] / seconds,
                        "other_cores": round(m["other_cores"], 4),
                        "other_jiffies": m["other_jiffies"], "own_jiffies": m["own_jiffies"],
+                       **({"process": m["process"]} if "process" in m else {}),
                        "idle_wait_s": round(waited, 3), "idle_before": idle,
                        "kept": not disturbed}
                 runs[eng.name][task["name"]].append(rec)
@@ -762,7 +763,7 @@ def main(argv=None):
         "tasks": tasks,
         "engines": {e: {"label": ENGINE_LABELS[e], "status": status[e], **load_info.get(e, {})}
                     for e in status},
-        "results": {e: {task: {"runs": runs[e][task], **(summary[e][task] or {})}
+        "results": {e: {task: {**(summary[e][task] or {}), "measurements": runs[e][task]}
                         for task in runs[e]} for e in runs},
         "ratios": ratios,
         "greedy_tokens": greedy,

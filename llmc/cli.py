@@ -195,7 +195,7 @@ def cmd_run(args) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     s = engine.stats
-    log.info("prompt %d tokens in %.2fs (%.0f tok/s); generated %d tokens in %.2fs (%.1f tok/s); stop: %s",
+    log.info("prompt %d tokens in %.3fs (%.0f tok/s); generated %d tokens in %.3fs (%.1f tok/s); stop: %s",
              s.prompt_tokens, s.prefill_seconds, s.prompt_tokens / max(s.prefill_seconds, 1e-9),
              s.generated_tokens, s.decode_seconds, max(s.generated_tokens - 1, 0) / max(s.decode_seconds, 1e-9),
              s.stop_reason)
