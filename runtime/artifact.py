@@ -80,6 +80,21 @@ def write_manifest(root: str, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=1, sort_keys=True)
 
 
+def publish(stage: str, out_dir: str) -> None:
+    """Move a finished staging directory to ``out_dir``, replacing an older artifact there only
+    once the new one is complete (a failed compile never leaves half an artifact)."""
+    import shutil
+
+    if os.path.exists(out_dir):
+        backup = out_dir.rstrip("/") + ".old"
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(out_dir, backup)
+        os.replace(stage, out_dir)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(stage, out_dir)
+
+
 def read_manifest(root: str, verify_checksums: bool = True) -> Manifest:
     """Read and validate an artifact's manifest (format version, files, checksums)."""
     if not os.path.isdir(root):

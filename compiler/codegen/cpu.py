@@ -138,14 +138,7 @@ class CpuTarget:
                 "tokenizer": tok,
             }
             artifact.write_manifest(stage, manifest)
-            if os.path.exists(out_dir):
-                backup = out_dir.rstrip("/") + ".old"
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(out_dir, backup)
-                os.replace(stage, out_dir)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(stage, out_dir)
+            artifact.publish(stage, out_dir)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
