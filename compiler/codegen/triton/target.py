@@ -99,8 +99,12 @@ class _TritonTarget:
             layouts = self._write_weights(stage, weights, plan)
             timings["weights"] = time.perf_counter() - t0
             tok = CpuTarget._write_tokenizer(stage, tokenizer)
-            pools = [b for b in plan.buffers.values() if b["kind"] == "pool"]
-            _, bs, hkv, d = (int(x) if x.isdigit() else x for x in pools[0]["shape"])
+            pools = {name: [int(x) if str(x).isdigit() else x for x in buf["shape"]]
+                     for name, buf in plan.buffers.items() if buf["kind"] == "pool"}
+            k_shape = next(shape for name, shape in pools.items() if name.startswith("k_pool_"))
+            v_shape = next(shape for name, shape in pools.items() if name.startswith("v_pool_"))
+            _, bs, hkv, d = k_shape
+            dv = v_shape[-1]  # the value width may differ from the key width
             itemsize = {"f32": 4, "f16": 2, "bf16": 2}[dtype]
             binary, asm = BINARY[self.kind]
             manifest = {
@@ -114,8 +118,8 @@ class _TritonTarget:
                 "kernel_dir": f"kernels/{arch}",
                 "plan": {**plan.to_json(), "weights": layouts, "weight_order": list(layouts)},
                 "kv_cache": {"layers": len(pools) // 2, "block_size": bs, "kv_heads": hkv, "head_dim": d,
-                             "value_dim": d, "dtype": dtype, "max_model_len": options.max_seq_len,
-                             "bytes_per_block": len(pools) * bs * hkv * d * itemsize,
+                             "value_dim": dv, "dtype": dtype, "max_model_len": options.max_seq_len,
+                             "bytes_per_block": sum(shape[1] * shape[2] * shape[3] for shape in pools.values()) * itemsize,
                              "k_layout": "[blocks, block_size, kv_heads, head_dim]",
                              "v_layout": "[blocks, block_size, kv_heads, value_dim]"},
                 "tokenizer": tok,
