@@ -23,10 +23,12 @@ import subprocess
 import sys
 import time
 
-# Variables a user would not have set: the runtime must reach its speed without them.
-THREADING_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "TVM_NUM_THREADS",
-                       "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS",
-                       "KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_PLACES")
+from llmc.runtime.threads import POOL_VARIABLES
+
+# Variables a user would not have set: the runtime must reach its speed without them (every
+# pool size the runtime itself sets, plus the OpenMP waiting and placement knobs).
+THREADING_VARIABLES = POOL_VARIABLES + ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+                                        "OMP_PROC_BIND", "OMP_PLACES")
 SUMMARY = re.compile(r"prompt (\d+) tokens in ([\d.]+)s .*?generated (\d+) tokens in ([\d.]+)s")
 BASE_PROMPT = 16
 
