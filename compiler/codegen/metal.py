@@ -62,8 +62,9 @@ def metal_target(arch: str = DEFAULT_ARCH):
                              host={"kind": "llvm", "mtriple": HOST_TRIPLE, "mcpu": ARCHS[arch]})
 
 
-def _storage_backend(module: Module, act: str):
-    """The lowering Backend of the metal target (see tvm/lower.py's Backend)."""
+def _storage_backend(module: Module, act: str, gpu: bool = True):
+    """The lowering Backend of the metal target (see tvm/lower.py's Backend); ``gpu=False``
+    builds the attention kernels with serial loops instead of thread bindings (CPU checks)."""
     from .tvm.gpu_attention import attention_rows, kv_append_kernel, paged_attention_kernel
     from .tvm.kernels import TVM_DTYPES
     from .tvm.lower import Backend
@@ -115,7 +116,7 @@ def _storage_backend(module: Module, act: str):
 
         def kv_append_kernel(self, geom, keys: bool):
             dim = geom.head_dim if keys else geom.value_dim
-            return kv_append_kernel(geom.kv_heads, dim, geom.block_size, keys, TVM_DTYPES[act])
+            return kv_append_kernel(geom.kv_heads, dim, geom.block_size, keys, TVM_DTYPES[act], gpu)
 
         def paged_attention_kernel(self, op, geom, decode: bool, dtype: str):
             q = op.operands[0]
@@ -127,7 +128,7 @@ def _storage_backend(module: Module, act: str):
             return paged_attention_kernel(hq, geom.kv_heads, geom.head_dim, geom.value_dim, geom.block_size,
                                           op.attrs["scale"], op.attrs["window"], op.attrs["softcap"],
                                           attention_rows(hq // geom.kv_heads, decode), sinks,
-                                          TVM_DTYPES[act], sink_dtype, dtype)
+                                          TVM_DTYPES[act], sink_dtype, dtype, gpu)
 
     return MetalBackend()
 
@@ -149,13 +150,28 @@ def relax_pipeline(target):
     return _pipeline
 
 
-def lower_for_metal(module: Module, dtype: str = "f16"):
-    """(Relax module, layout, backend): the cpu target's lowering with the metal storage rules."""
+def lower_for_metal(module: Module, dtype: str = "f16", gpu: bool = True):
+    """(Relax module, layout, backend): the cpu target's lowering with the metal storage rules.
+    ``gpu=False``: the attention kernels' same bodies in serial loops, and nothing here is
+    scheduled, so ``tvm.compile`` for llvm runs the whole step on the CPU (numerics checks)."""
     from .tvm.lower import lower_to_relax
 
-    backend = _storage_backend(module, dtype)
+    backend = _storage_backend(module, dtype, gpu)
     relax_mod, layout = lower_to_relax(module, backend=backend)
     return relax_mod, layout, backend
+
+
+def stored_weights(weights: dict, layout: dict, backend) -> dict[str, np.ndarray]:
+    """The weights in the dtypes the kernels read (fp16 where the backend stores them so),
+    unpacked; the artifact writer packs them as the cpu target does."""
+    out = {}
+    for name in layout["weight_order"]:
+        w = weights[name]
+        array = w.detach().cpu().numpy() if hasattr(w, "detach") else np.asarray(w)
+        if backend.param_storage(name) == "f16" and array.dtype == np.float32:
+            array = array.astype(np.float16)
+        out[name] = array
+    return out
 
 
 def metal_source(executable) -> str:
@@ -279,12 +295,7 @@ class MetalTarget:
 
             t0 = time.perf_counter()
             progress.info("writing weights")
-            stored = {}
-            for name in layout["weight_order"]:
-                w = weights[name]
-                array = w.detach().cpu().numpy() if hasattr(w, "detach") else np.asarray(w)
-                want = backend.param_storage(name)
-                stored[name] = array.astype(np.float16) if want == "f16" and array.dtype == np.float32 else array
+            stored = stored_weights(weights, layout, backend)
             layouts = CpuTarget._write_weights(stage, stored, module, layout)
             timings["weights"] = time.perf_counter() - t0
             tok = CpuTarget._write_tokenizer(stage, tokenizer)
