@@ -102,7 +102,7 @@ def test_bad_arch_and_dtype_are_refused_before_work():
     target.check(CompileOptions(arch="apple-m3", dtype="f32"))
 
 
-@pytest.mark.parametrize("dtype", ["f16", "f32"])
+@pytest.mark.parametrize("dtype", ["f16", pytest.param("f32", marks=pytest.mark.slow)])
 def test_every_scheduled_kernel_verifies_for_metal(llama, dtype):
     _, imported = llama
     relax_mod, _, _ = lower_for_metal(optimized(imported), dtype)
@@ -165,7 +165,8 @@ def _cpu_step(module, imported, dtype):
     return run
 
 
-@pytest.mark.parametrize("arch,dtype,atol", [("llama", "f32", 1e-4), ("llama", "f16", 3e-2),
+@pytest.mark.parametrize("arch,dtype,atol", [pytest.param("llama", "f32", 1e-4, marks=pytest.mark.slow),
+                                             ("llama", "f16", 3e-2),
                                              pytest.param("gemma2", "f16", 3e-2, marks=pytest.mark.slow)])
 def test_unscheduled_metal_kernels_on_cpu_match_the_interpreter(arch, dtype, atol):
     model = llama_model = tiny_model(arch)
