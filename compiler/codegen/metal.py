@@ -25,10 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -266,11 +264,7 @@ class MetalTarget:
         target = metal_target(arch)
         link = linker()
         timings = {}
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=".llmc-", dir=parent)
-        os.chmod(stage, 0o755)
-        try:
+        with artifact.staged(out_dir) as stage:  # published only when complete
             os.makedirs(os.path.join(stage, "kernels"))
             t0 = time.perf_counter()
             progress.info("compiling kernels for Metal (%s, %s activations)", arch, dtype)
@@ -333,10 +327,6 @@ class MetalTarget:
                 "tokenizer": tok,
             }
             artifact.write_manifest(stage, manifest)
-            artifact.publish(stage, out_dir)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
         return timings
 
 
