@@ -259,13 +259,28 @@ def test_smollm2_metal_artifact(tmp_path):
                           str(out)], capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["target"]["kind"] == "metal" and manifest["model"]["quant"] == "none"
+    assert manifest["target"]["kind"] == "metal" and manifest["model"]["quant"] == "gguf"  # Q4_1/Q8_0 kept
     assert macho_header(str(out / "kernels" / "step.dylib"))["cputype"] == CPU_TYPE_ARM64
     names = set(msl_functions((out / "kernels" / "step.metal").read_text()))
     assert all(set(manifest["plan"]["msl_functions"][k]) <= names and manifest["plan"]["msl_functions"][k]
                for k in manifest["kernels"])
     cpu = tmp_path / "smollm2-cpu"
-    run = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", "smollm2", "--target", "cpu", "--quant",
-                          "none", "-o", str(cpu)], capture_output=True, text=True, timeout=1800)
+    run = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", "smollm2", "--target", "cpu", "-o", str(cpu)],
+                         capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((cpu / "manifest.json").read_text())["kernels"] == manifest["kernels"]
+
+
+@pytest.mark.slow
+def test_quantized_kernels_schedule_and_verify_for_metal(llama, tmp_path):
+    """quantized_linear / quantized_embedding (codes dequantized in registers) on metal."""
+    _, imported = llama
+    copy = _copy(imported)
+    compile_artifact(copy, None, "metal", str(tmp_path / "q4"), CompileOptions(max_seq_len=64), quant="q4a_g32")
+    manifest = json.loads((tmp_path / "q4" / "manifest.json").read_text())
+    assert any(k.startswith("quantized_linear") for k in manifest["kernels"])
+    relax_mod, _, _ = lower_for_metal(copy.module, "f16")
+    target = metal_target()
+    for gvar, func in schedule_gpu_module(relax_mod, target).functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            assert verify_gpu_kernel(func, target) >= 1, gvar.name_hint
