@@ -56,12 +56,20 @@ def llama():
     return model, import_hf_model(model)
 
 
-def test_tiny_llama_metal_artifact_is_a_macho_dylib_with_msl_for_every_kernel(llama, tmp_path):
+def test_tiny_llama_metal_artifact_is_a_macho_dylib_with_msl_for_every_kernel(llama, tmp_path, caplog):
     _, imported = llama
     copy = _copy(imported)
     out = tmp_path / "metal"
-    compile_artifact(copy, None, "metal", str(out), CompileOptions(max_seq_len=64))
+    compile_artifact(copy, None, "metal", str(out), CompileOptions(max_seq_len=64, cache_dir=str(tmp_path / "c")))
     manifest = json.loads((out / "manifest.json").read_text())
+    # a second build of the same model takes the kernels from the cache, identical
+    with caplog.at_level("INFO", logger="llmc.codegen"):
+        compile_artifact(_copy(imported), None, "metal", str(tmp_path / "again"),
+                         CompileOptions(max_seq_len=64, cache_dir=str(tmp_path / "c")))
+    assert "kernel cache hit" in caplog.text
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert again["files"]["kernels/step.dylib"] == manifest["files"]["kernels/step.dylib"]
+    assert again["plan"]["msl_functions"] == manifest["plan"]["msl_functions"]
     target = manifest["target"]
     assert (target["kind"], target["arch"], target["min_macos"]) == ("metal", "apple-m1", "13.0")
     assert manifest["dtypes"]["activations"] == "f16" and manifest["kv_cache"]["dtype"] == "f16"
