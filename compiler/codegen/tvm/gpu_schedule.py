@@ -210,7 +210,9 @@ def _stage_in_shared(sch: Schedule, block, index: int, ko, ty: int, tx: int) -> 
     try:
         shared = trial.cache_read(block, index, "shared")
         trial.compute_at(shared, ko)
-        if any(not isinstance(d, tir.IntImm) for d in trial.get(shared).writes[0].buffer.shape):
+        written = trial.get(shared).writes[0]
+        buffer = written.source if hasattr(written, "source") else written.buffer  # 0.27: TensorRegion
+        if any(not isinstance(d, tir.IntImm) for d in buffer.shape):
             return False
         fused = trial.fuse(*trial.get_loops(shared)[5:])  # below mo, no, my, nx, ko
         _, fy, fx = trial.split(fused, [None, ty, tx])
