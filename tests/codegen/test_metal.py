@@ -292,3 +292,21 @@ def test_quantized_kernels_schedule_and_verify_for_metal(llama, tmp_path):
     for gvar, func in schedule_gpu_module(relax_mod, target).functions.items():
         if isinstance(func, tvm.tirx.PrimFunc):
             assert verify_gpu_kernel(func, target) >= 1, gvar.name_hint
+
+
+@pytest.mark.slow
+def test_cuda_check_bundle_is_emitted(tmp_path):
+    """benchmarks/metal_cuda_check.py emit: the scheduled kernels as CUDA C with launch shapes,
+    inputs and the CPU reference (its `run` half needs an NVIDIA GPU and CuPy)."""
+    out = tmp_path / "bundle"
+    run = subprocess.run([sys.executable, "benchmarks/metal_cuda_check.py", "emit", "--out", str(out)],
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    index = json.loads((out / "index.json").read_text())
+    names = [k["name"] for k in index["kernels"]]
+    assert len(names) >= 30 and "paged_attention_case1" in names
+    assert any(n.startswith("prefill40_") and "linear" in n for n in names)  # tiled GEMMs
+    for k in index["kernels"]:
+        source = (out / f"{k['name']}.cu").read_text()
+        assert f"{k['function']}(" in source and "__global__" in source
+        assert np.prod(k["block"]) <= 1024
