@@ -140,11 +140,13 @@ def _attention_cases(out_dir: str, dtype: str, target, index: dict) -> None:
     the same kernel body in serial loops on the CPU."""
     import tvm
 
-    from llmc.compiler.codegen.tvm.gpu_attention import paged_attention_kernel
+    from llmc.compiler.codegen.tvm.gpu_attention import attention_lanes, paged_attention_kernel
 
     tdtype = {"f16": "float16", "f32": "float32"}[dtype]
-    hq, hkv, d, dv, bs, nb, rows = 6, 2, 16, 8, 4, 24, 2
-    for case, (window, softcap, sinks) in enumerate([(0, 0.0, False), (5, 30.0, True)]):
+    hq, hkv, d, dv, bs, nb = 6, 2, 16, 8, 4, 24
+    # tiles of 2 rows (prefill), and one row per tile with its keys split over lanes (decode)
+    for case, (window, softcap, sinks, rows) in enumerate([(0, 0.0, False, 2), (5, 30.0, True, 2),
+                                                           (0, 0.0, True, 1), (6, 20.0, False, 1)]):
         rng = np.random.default_rng(case)
         lens, starts = np.array([11, 1, 6]), np.array([0, 4, 5, 11])
         perm = rng.permutation(nb)
@@ -189,8 +191,10 @@ def _attention_cases(out_dir: str, dtype: str, target, index: dict) -> None:
             pname = str(p.name)
             args.append({"buffer": pname[:-4]} if pname.endswith("_ptr") else {"scalar": scalars[pname], "dtype": "int64"})
         g = hq // hkv
-        index["kernels"].append({"name": name, "function": "main_kernel", "grid": [((t + rows - 1) // rows + 3) * hkv, 1, 1],
-                                 "block": [rows * g, 1, 1], "args": args, "outputs": ["out"], "dtype": dtype})
+        lanes = attention_lanes(rows, g, dv)
+        index["kernels"].append({"name": name, "function": "main_kernel",
+                                 "grid": [((t + rows - 1) // rows + 3) * hkv, 1, 1], "block": [rows * g * lanes, 1, 1],
+                                 "args": args, "outputs": ["out"], "dtype": dtype})
 
 
 def _walk(mod):

@@ -217,9 +217,10 @@ def _reference_attention(q, kp, vp, tables, lens, starts, scale, window, softcap
     return out
 
 
+@pytest.mark.parametrize("rows,lanes", [(2, 1), (1, 4)])  # tiles of 2 rows; one row split over 4 lanes
 @pytest.mark.parametrize("window,softcap,sinks,dtype", [(0, 0.0, False, "float32"), (5, 30.0, True, "float32"),
                                                         (0, 0.0, False, "float16"), (7, 0.0, True, "float16")])
-def test_gpu_attention_kernel_body_matches_torch(window, softcap, sinks, dtype):
+def test_gpu_attention_kernel_body_matches_torch(window, softcap, sinks, dtype, rows, lanes):
     hq, hkv, d, dv, bs, nb = 6, 2, 16, 8, 4, 24
     g = torch.Generator().manual_seed(window + int(softcap))
     lens, news = [11, 1, 6], [4, 1, 6]  # a prefill chunk after 7 cached, a decode token, a whole prompt
@@ -236,9 +237,8 @@ def test_gpu_attention_kernel_body_matches_torch(window, softcap, sinks, dtype):
     kp = torch.randn(nb, hkv, d, bs, generator=g)
     vp = torch.randn(nb, bs, hkv, dv, generator=g)
     sk = torch.randn(hq, generator=g) if sinks else None
-    rows = 2
     kernel = paged_attention_kernel(hq, hkv, d, dv, bs, 0.25, window, softcap, rows, sinks, dtype, "float32",
-                                    dtype, gpu=False).with_attr("global_symbol", "main")
+                                    dtype, gpu=False, lanes=lanes).with_attr("global_symbol", "main")
     lib = tvm.compile(kernel, target=tvm.target.Target({"kind": "llvm"}))
     npd = np.float16 if dtype == "float16" else np.float32
     qn, kn, vn = (x.numpy().astype(npd) for x in (q, kp, vp))

@@ -89,14 +89,37 @@ def attention_rows(group: int, decode: bool) -> int:
     return max(1, min(32, 64 // group))
 
 
+LANE_SHARED_BYTES = 16384  # threadgroup memory the lanes' partial results may take (Metal: 32 KiB)
+
+
+def attention_lanes(rows: int, group: int, dv: int) -> int:
+    """Threads that split one query row's keys (1 = no split): up to 16 for decode, as many as
+    their partial results (max, sum, dv outputs each) fit in LANE_SHARED_BYTES."""
+    if rows > 1:
+        return 1
+    lanes = 16
+    while lanes > 1 and rows * group * lanes * (dv + 2) * 4 > LANE_SHARED_BYTES:
+        lanes //= 2
+    return lanes
+
+
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
                            softcap: float, rows: int, sinks: bool = False, dtype: str = "float16",
-                           sink_dtype: str = "float32", out_dtype: str = None, gpu: bool = True) -> tir.PrimFunc:
+                           sink_dtype: str = "float32", out_dtype: str = None, gpu: bool = True,
+                           lanes: int = None) -> tir.PrimFunc:
     """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
     query_start [B + 1], [sinks [hq],] out [T, hq, dv])``; q, pools in ``dtype``, the output in
-    ``out_dtype`` (default ``dtype``), fp32 arithmetic."""
+    ``out_dtype`` (default ``dtype``), fp32 arithmetic.
+
+    ``lanes`` > 1 (default: :func:`attention_lanes`) splits each row's key blocks round-robin
+    over that many threads, each with its own online softmax; their (max, sum, output) go to
+    threadgroup memory and a second phase combines them, each lane writing every lanes-th
+    output column. The phases are two loops over the same threads (TVM puts the barrier
+    between them), so the serial variant (``gpu=False``) runs them one after the other with
+    the same result."""
     G, BS, R = hq // hkv, block_size, rows
-    NT = R * G
+    L = lanes or attention_lanes(rows, G, dv)
+    NT = R * G * L
     scale, softcap = float(scale), float(softcap)
     out_dtype = out_dtype or dtype
     f32, i64 = "float32", "int64"
@@ -120,84 +143,159 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         return e.astype(f32) if dtype != f32 else e
 
     @T.macro
-    def work(q, kp, vp, tables, lens, starts, out, sk, t, b, item, tid):
-        if True:
-            if True:
-                found = T.alloc_local((3,), i64)  # sequence, its first tile, tiles so far
-                qv = T.alloc_local((d,), f32)
-                s = T.alloc_local((BS,), f32)
-                acc = T.alloc_local((dv,), f32)
-                stat = T.alloc_local((4,), f32)  # running max, running sum, block max, block sum
-                if item == T.int64(0):  # rows no sequence owns (T beyond query_start[B]) are zero
-                    for z in range(((t - starts[b]) * hq * dv + NT - 1) // NT):
-                        if tid < T.int64(NT) and z * NT + tid < (t - starts[b]) * hq * dv:
-                            out[starts[b] + (z * NT + tid) // (hq * dv), (z * NT + tid) // dv % hq,
-                                (z * NT + tid) % dv] = T.Cast(out_dtype, T.float32(0))
-                hk = item % hkv
-                tile_index = item // hkv
-                found[0] = T.int64(-1)
-                found[2] = T.int64(0)
-                for sq in range(b):
-                    if found[0] < T.int64(0):
-                        n_tiles = (starts[sq + 1] - starts[sq] + R - 1) // R
-                        if tile_index < found[2] + n_tiles:
-                            found[0] = sq
-                            found[1] = found[2]
-                        found[2] = found[2] + n_tiles
-                r = tid // G
-                g = tid % G
-                h = hk * G + g
-                if found[0] >= T.int64(0):
-                    seq = found[0]
-                    n = starts[seq + 1] - starts[seq]
-                    first_row = (tile_index - found[1]) * R + r
-                    if first_row < n:
-                        row = starts[seq] + first_row
-                        p = lens[seq] - n + first_row
+    def locate(starts, b, item, found):
+        # which sequence owns this threadgroup's tile: found = (sequence, its first tile, tiles so far)
+        found[0] = T.int64(-1)
+        found[2] = T.int64(0)
+        for sq in range(b):
+            if found[0] < T.int64(0):
+                n_tiles = (starts[sq + 1] - starts[sq] + R - 1) // R
+                if item // hkv < found[2] + n_tiles:
+                    found[0] = sq
+                    found[1] = found[2]
+                found[2] = found[2] + n_tiles
+
+    @T.macro
+    def zero_unowned(starts, out, t, b, item, tid):
+        if item == T.int64(0):  # rows no sequence owns (T beyond query_start[B]) are zero
+            for z in range(((t - starts[b]) * hq * dv + NT - 1) // NT):
+                if z * NT + tid < (t - starts[b]) * hq * dv:
+                    out[starts[b] + (z * NT + tid) // (hq * dv), (z * NT + tid) // dv % hq,
+                        (z * NT + tid) % dv] = T.Cast(out_dtype, T.float32(0))
+
+    @T.macro
+    def keys(q, kp, vp, tables, lens, starts, sk, b, item, tid, acc, stat, part_m, part_l, part_acc):
+        # phase 1: this thread's share of its row's keys, online softmax in registers
+        found = T.alloc_local((3,), i64)
+        qv = T.alloc_local((d,), f32)
+        s = T.alloc_local((BS,), f32)
+        locate(starts, b, item, found)
+        lane = tid % L
+        g = tid // L % G
+        r = tid // (L * G)
+        hk = item % hkv
+        h = hk * G + g
+        for e in range(dv):
+            acc[e] = T.float32(0)
+        if sinks:  # a Python constant: the parser keeps only the taken branch
+            stat[0] = T.if_then_else(lane == T.int64(0), T.Cast(f32, sk[h]), T.float32(NEG))
+            stat[1] = T.if_then_else(lane == T.int64(0), T.float32(1), T.float32(0))
+        else:
+            stat[0] = T.float32(NEG)
+            stat[1] = T.float32(0)
+        if found[0] >= T.int64(0):
+            seq = found[0]
+            n = starts[seq + 1] - starts[seq]
+            first_row = (item // hkv - found[1]) * R + r
+            if first_row < n:
+                row = starts[seq] + first_row
+                p = lens[seq] - n + first_row
+                for kd in range(d):
+                    qv[kd] = widen(q[row, h, kd])
+                for i in range((p // BS - first_block(p) - lane + L) // L):
+                    kb = first_block(p) + lane + i * L
+                    page = tables[seq, kb]
+                    stat[2] = stat[0]
+                    for jj in range(BS):
+                        s[jj] = T.float32(0)
                         for kd in range(d):
-                            qv[kd] = widen(q[row, h, kd])
+                            s[jj] = s[jj] + qv[kd] * widen(kp[page, hk, kd, jj])
+                        s[jj] = T.if_then_else(allowed(kb * BS + jj, p), capped(s[jj]), T.float32(NEG))
+                        stat[2] = T.max(stat[2], s[jj])
+                    stat[3] = T.float32(0)
+                    for jj in range(BS):
+                        s[jj] = T.if_then_else(s[jj] > T.float32(NEG), T.exp(s[jj] - stat[2]), T.float32(0))
+                        stat[3] = stat[3] + s[jj]
+                    rescale = T.exp(stat[0] - stat[2])
+                    stat[1] = stat[1] * rescale + stat[3]
+                    stat[0] = stat[2]
+                    for e in range(dv):
+                        acc[e] = acc[e] * rescale
+                    for jj in range(BS):
                         for e in range(dv):
-                            acc[e] = T.float32(0)
-                        if sinks:  # a Python constant: the parser keeps only the taken branch
-                            stat[0] = T.Cast(f32, sk[h])
-                            stat[1] = T.float32(1)
-                        else:
-                            stat[0] = T.float32(NEG)
-                            stat[1] = T.float32(0)
-                        for kb in range(first_block(p), p // BS + 1):
-                            page = tables[seq, kb]
-                            stat[2] = stat[0]
-                            for jj in range(BS):
-                                s[jj] = T.float32(0)
-                                for kd in range(d):
-                                    s[jj] = s[jj] + qv[kd] * widen(kp[page, hk, kd, jj])
-                                s[jj] = T.if_then_else(allowed(kb * BS + jj, p), capped(s[jj]), T.float32(NEG))
-                                stat[2] = T.max(stat[2], s[jj])
-                            stat[3] = T.float32(0)
-                            for jj in range(BS):
-                                s[jj] = T.if_then_else(s[jj] > T.float32(NEG), T.exp(s[jj] - stat[2]), T.float32(0))
-                                stat[3] = stat[3] + s[jj]
-                            rescale = T.exp(stat[0] - stat[2])
-                            stat[1] = stat[1] * rescale + stat[3]
-                            stat[0] = stat[2]
-                            for e in range(dv):
-                                acc[e] = acc[e] * rescale
-                            for jj in range(BS):
-                                for e in range(dv):
-                                    acc[e] = acc[e] + s[jj] * widen(vp[page, jj, hk, e])
-                        for e in range(dv):
-                            out[row, h, e] = T.Cast(out_dtype, acc[e] / stat[1])
+                            acc[e] = acc[e] + s[jj] * widen(vp[page, jj, hk, e])
+        if L > 1:
+            part_m[tid] = stat[0]
+            part_l[tid] = stat[1]
+            for e in range(dv):
+                part_acc[tid, e] = acc[e]
+
+    @T.macro
+    def write_own(starts, out, b, item, tid, acc, stat):
+        # L == 1: the thread's own result is the row's
+        found = T.alloc_local((3,), i64)
+        locate(starts, b, item, found)
+        g = tid % G
+        r = tid // G
+        if found[0] >= T.int64(0):
+            seq = found[0]
+            n = starts[seq + 1] - starts[seq]
+            first_row = (item // hkv - found[1]) * R + r
+            if first_row < n:
+                for e in range(dv):
+                    out[starts[seq] + first_row, (item % hkv) * G + g, e] = T.Cast(out_dtype, acc[e] / stat[1])
+
+    @T.macro
+    def combine(starts, out, b, item, tid, part_m, part_l, part_acc):
+        # phase 2: the lanes' partial softmaxes merged; lane writes columns lane, lane + L, ...
+        found = T.alloc_local((3,), i64)
+        tot = T.alloc_local((2,), f32)  # common max, common sum
+        locate(starts, b, item, found)
+        lane = tid % L
+        g = tid // L % G
+        r = tid // (L * G)
+        base = tid - lane
+        if found[0] >= T.int64(0):
+            seq = found[0]
+            n = starts[seq + 1] - starts[seq]
+            first_row = (item // hkv - found[1]) * R + r
+            if first_row < n:
+                tot[0] = T.float32(NEG)
+                for other in range(L):
+                    tot[0] = T.max(tot[0], part_m[base + other])
+                tot[1] = T.float32(0)
+                for other in range(L):
+                    tot[1] = tot[1] + part_l[base + other] * T.exp(part_m[base + other] - tot[0])
+                for i in range((dv - lane + L - 1) // L):
+                    e = lane + i * L
+                    total = T.alloc_local((1,), f32)
+                    total[0] = T.float32(0)
+                    for other in range(L):
+                        total[0] = total[0] + part_acc[base + other, e] * T.exp(part_m[base + other] - tot[0])
+                    out[starts[seq] + first_row, (item % hkv) * G + g, e] = T.Cast(out_dtype, total[0] / tot[1])
 
     @T.macro
     def body(q, kp, vp, tables, lens, starts, out, sk, t, b):
         if gpu:  # a Python constant: the parser keeps only the taken branch
             for item in T.thread_binding(((t + R - 1) // R + b) * hkv, thread="blockIdx.x"):
+                part_m = T.alloc_buffer((NT,), f32, scope="shared")
+                part_l = T.alloc_buffer((NT,), f32, scope="shared")
+                part_acc = T.alloc_buffer((NT, dv), f32, scope="shared")
                 for tid in T.thread_binding(T.int64(NT), thread="threadIdx.x"):
-                    work(q, kp, vp, tables, lens, starts, out, sk, t, b, item, tid)
+                    acc = T.alloc_local((dv,), f32)
+                    stat = T.alloc_local((4,), f32)  # running max, running sum, block max, block sum
+                    zero_unowned(starts, out, t, b, item, tid)
+                    keys(q, kp, vp, tables, lens, starts, sk, b, item, tid, acc, stat, part_m, part_l, part_acc)
+                    if L == 1:
+                        write_own(starts, out, b, item, tid, acc, stat)
+                if L > 1:
+                    for tid in T.thread_binding(T.int64(NT), thread="threadIdx.x"):
+                        combine(starts, out, b, item, tid, part_m, part_l, part_acc)
         else:
             for item in range(((t + R - 1) // R + b) * hkv):
+                part_m = T.alloc_buffer((NT,), f32)
+                part_l = T.alloc_buffer((NT,), f32)
+                part_acc = T.alloc_buffer((NT, dv), f32)
                 for tid in range(T.int64(NT)):
-                    work(q, kp, vp, tables, lens, starts, out, sk, t, b, item, tid)
+                    acc = T.alloc_local((dv,), f32)
+                    stat = T.alloc_local((4,), f32)
+                    zero_unowned(starts, out, t, b, item, tid)
+                    keys(q, kp, vp, tables, lens, starts, sk, b, item, tid, acc, stat, part_m, part_l, part_acc)
+                    if L == 1:
+                        write_own(starts, out, b, item, tid, acc, stat)
+                if L > 1:
+                    for tid in range(T.int64(NT)):
+                        combine(starts, out, b, item, tid, part_m, part_l, part_acc)
 
     if sinks:
         @T.prim_func(private=True, check_well_formed=False)
