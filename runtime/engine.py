@@ -320,7 +320,7 @@ class Engine:
                           np.array([end]), np.array([0, ids.size]), np.array([ids.size - 1]))
         logits = self.executor.step(batch)
         self.position = end
-        return logits[0]
+        return np.array(logits[0])  # a copy: the executor may return a view of its output
 
 
 __all__ = ["ArtifactError", "Engine", "EngineMetrics", "GenerationStats", "RequestOutput"]

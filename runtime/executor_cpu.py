@@ -62,6 +62,20 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return buf[offset:offset + nbytes]
 
 
+def pack_int64(arrays) -> list:
+    """Copies of ``arrays`` as int64, each starting ALIGN-byte aligned inside one buffer."""
+    step = ALIGN // 8
+    sizes = [int(np.size(a)) for a in arrays]
+    buf = aligned_empty(8 * sum(-(-max(n, 1) // step) * step for n in sizes)).view(np.int64)
+    out, at = [], 0
+    for a, n in zip(arrays, sizes):
+        view = buf[at:at + n].reshape(np.shape(a))
+        view[...] = a
+        out.append(view)
+        at += -(-max(n, 1) // step) * step
+    return out
+
+
 class CpuExecutor:
     """The compiled step of a cpu artifact with its weights and KV pools loaded."""
 
@@ -146,5 +160,8 @@ class CpuExecutor:
         fn = self._decode if decode else self._prefill
         arrays = (batch.input_ids, batch.positions, batch.slot_mapping, batch.block_tables, batch.seq_lens,
                   batch.query_start, batch.logits_index)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a, dtype=np.int64), self.device) for a in arrays]
-        return fn(*args, *self.pools, *self.weights).numpy()
+        # The seven int64 inputs share one aligned buffer that TVM borrows (DLPack, ~1 us each)
+        # instead of seven copies into TVM-allocated tensors (~40 us each); the logits come back
+        # as a numpy view of the VM's output (it stays alive while the view does), not a copy.
+        args = [tvm.runtime.from_dlpack(a) for a in pack_int64(arrays)]
+        return np.from_dlpack(fn(*args, *self.pools, *self.weights))
