@@ -359,7 +359,7 @@ def _t(imp, node):
     return imp.b.op("permute", x, perm=[1, 0]) if x.type.rank == 2 else x
 
 
-@rule("aten.expand.default")
+@rule("aten.expand.default", "aten.expand_as.default")
 def _expand(imp, node):
     return imp.b.op("expand", imp.value(node.args[0]), shape=list(imp.type_of(node).shape))
 
@@ -438,6 +438,8 @@ def _getitem(imp, node):
 def _attention(imp, node):
     q, k, v, layer, scale, window, softcap = imp.value(list(node.args[:7]))
     sinks = imp.value(node.args[7]) if len(node.args) > 7 else imp.value(node.kwargs.get("sinks"))
+    chunk = int(node.args[8]) if len(node.args) > 8 else int(node.kwargs.get("chunk", 0))
+    alibi = node.args[9] if len(node.args) > 9 else node.kwargs.get("alibi")
     positions = imp.positions
     tok = [positions.type.shape[0]]
 
@@ -449,7 +451,9 @@ def _attention(imp, node):
 
     extra = [] if sinks is None else [imp.as_tensor(sinks, q.type.dtype)]
     out = imp.b.op("attention", flat(q), flat(k), flat(v), positions, *extra, hint=f"attn{layer}",
-                   layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap))
+                   layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap),
+                   **({"chunk": chunk} if chunk else {}),
+                   **({"alibi": [float(x) for x in alibi]} if alibi else {}))
     return imp.b.op("reshape", out, shape=list(imp.type_of(node).shape))
 
 

@@ -80,26 +80,34 @@ def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype
 
 
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
-                           softcap: float, rows: int, threads: int, sinks: bool = False) -> tir.PrimFunc:
+                           softcap: float, rows: int, threads: int, sinks: bool = False,
+                           chunk: int = 0) -> tir.PrimFunc:
     """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
     query_start [B + 1], [sinks [hq],] out [T, hq, dv])`` for float32 pools of ``block_size``
     positions per block, with tiles of ``rows`` query rows; ``threads`` is the parallel width
     the work items are interleaved for (each thread gets an even share of early and late
     tiles). With ``sinks``, each row's online softmax starts from its head's sink logit
-    (running max = sink, running sum = 1) instead of from nothing."""
+    (running max = sink, running sum = 1) instead of from nothing. With ``chunk`` > 0 a query
+    at p sees only keys j >= (p // chunk) * chunk (its own chunk; chunked attention)."""
     G, BS, R = hq // hkv, block_size, rows
     scale, softcap = float(scale), float(softcap)
     i64 = "int64"
 
     def allowed(j, p):  # key position j visible to a query at position p (float-free, no ==)
+        conds = [j <= p]
         if window > 0:
-            return tir.all(j <= p, p - j < window)
-        return j <= p
+            conds.append(p - j < window)
+        if chunk > 0:  # same chunk as the query (given j <= p)
+            conds.append(j >= tir.floordiv(p, chunk) * chunk)
+        return tir.all(*conds) if len(conds) > 1 else conds[0]
 
-    def first_block(lowest_position):  # the first key block a sliding window still sees
+    def first_block(lowest_position):  # the first key block a sliding window / chunk still sees
+        first = tir.const(0, i64)
         if window > 0:
-            return tir.max(lowest_position - (window - 1), tir.const(0, i64)) // BS
-        return tir.const(0, i64)
+            first = tir.max(lowest_position - (window - 1), first)
+        if chunk > 0:
+            first = tir.max(tir.floordiv(lowest_position, chunk) * chunk, first)
+        return first // BS
 
     def capped(s):
         if softcap > 0:
