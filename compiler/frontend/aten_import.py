@@ -705,6 +705,17 @@ def _gather_rows(imp, node, table: Value, axis: int, ids: Value) -> Value:
     return out
 
 
+def _constant_indices_wrapped(imp, ids: Value, size) -> Value:
+    """Constant index tensors (lifted from the model code, e.g. ``x[..., [-2], :]``) may count
+    from the end; their negative entries are wrapped once here, at import."""
+    producer = ids.producer
+    name = producer.attrs.get("name") if producer is not None and producer.kind == "param" else None
+    w = imp.weights.get(name) if name is not None else None
+    if w is not None and isinstance(size, int) and bool((w < 0).any()):
+        imp.weights[name] = torch.where(w < 0, w + size, w).contiguous()
+    return ids
+
+
 @rule("aten.index.Tensor")
 def _index(imp, node):
     x, indices = imp.value(node.args[0]), imp.value(node.args[1])
@@ -713,6 +724,7 @@ def _index(imp, node):
         raise ImportError_(f"indexing at %{node.name} ({source_location(node) or 'the model'}) uses "
                            f"{len(given)} index tensors; llmc imports x[ids] with one integer index tensor")
     axis, ids = given[0]
+    ids = _constant_indices_wrapped(imp, ids, x.type.shape[axis])
     if axis != 0 and ids.type.rank != 1:
         raise ImportError_(f"indexing at %{node.name}: a multi-dim index on axis {axis} is not supported")
     return _gather_rows(imp, node, x, axis, ids)

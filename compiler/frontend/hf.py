@@ -197,7 +197,8 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
     from . import self_attention
 
     text_config = model.config.get_text_config()
-    max_tokens = max_tokens or int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
+    max_tokens = max_tokens or next((int(v) for v in (getattr(text_config, k, None) for k in (
+        "max_position_embeddings", "n_positions", "max_seq_len")) if isinstance(v, int) and v > 0), 4096)
     name = type(model).__name__
     takes_positions = "position_ids" in _forward_parameters(model)
     traced = model if takes_positions else _WithPositions(model)

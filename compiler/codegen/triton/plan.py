@@ -492,6 +492,9 @@ class _Lowering:
         if bs < 16 or bs & (bs - 1):
             raise CodegenError(f"the Triton attention kernels need a KV block size that is a power of two >= 16, "
                                f"got {bs}; compile with --kv-block-size 16 (the GPU default)")
+        if op.attrs.get("alibi"):
+            raise CodegenError("the Triton attention kernels have no ALiBi position biases (paged_attention alibi, "
+                               "Bloom/MPT-style models); compile this model for cpu")
         if op.attrs.get("chunk", 0):
             raise CodegenError(f"the Triton attention kernels have no chunked attention (paged_attention chunk="
                                f"{op.attrs['chunk']}, Llama 4's local layers); compile this model for cpu")

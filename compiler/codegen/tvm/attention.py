@@ -81,14 +81,15 @@ def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype
 
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
                            softcap: float, rows: int, threads: int, sinks: bool = False,
-                           chunk: int = 0) -> tir.PrimFunc:
+                           chunk: int = 0, alibi=None) -> tir.PrimFunc:
     """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
     query_start [B + 1], [sinks [hq],] out [T, hq, dv])`` for float32 pools of ``block_size``
     positions per block, with tiles of ``rows`` query rows; ``threads`` is the parallel width
     the work items are interleaved for (each thread gets an even share of early and late
     tiles). With ``sinks``, each row's online softmax starts from its head's sink logit
     (running max = sink, running sum = 1) instead of from nothing. With ``chunk`` > 0 a query
-    at p sees only keys j >= (p // chunk) * chunk (its own chunk; chunked attention)."""
+    at p sees only keys j >= (p // chunk) * chunk (its own chunk; chunked attention). With
+    ``alibi`` (one slope per query head) each logit gains slope_h * (j - p)."""
     G, BS, R = hq // hkv, block_size, rows
     scale, softcap = float(scale), float(softcap)
     i64 = "int64"
@@ -113,6 +114,17 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         if softcap > 0:
             return tir.const(softcap, "float32") * tir.tanh(s * tir.const(scale / softcap, "float32"))
         return s * tir.const(scale, "float32")
+
+    slopes = [float(x) for x in (alibi or [])]
+
+    def biased(x, head, distance):  # ALiBi: slope_h * (j - p), the slope picked by a select chain
+        if not slopes:
+            return x
+        head = tir.Cast("int64", head)
+        slope = tir.const(slopes[-1], "float32")
+        for h in reversed(range(len(slopes) - 1)):
+            slope = tir.Select(head == tir.const(h, "int64"), tir.const(slopes[h], "float32"), slope)
+        return x + slope * tir.Cast("float32", distance)
 
     @T.macro
     def tile(q, kp, vp, tables, out, seq, row, p0, hk, nr, sk):
@@ -143,7 +155,9 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                             s[r, g, jj] = s[r, g, jj] + q[row + r, hk * G + g, kd] * kp[page, hk, kd, jj]
             for r, g in T.grid(nr, G):
                 for jj in T.vectorized(BS):
-                    s[r, g, jj] = T.if_then_else(allowed(kb * BS + jj, p0 + r), capped(s[r, g, jj]), T.float32(NEG))
+                    s[r, g, jj] = T.if_then_else(allowed(kb * BS + jj, p0 + r),
+                                                 biased(capped(s[r, g, jj]), hk * G + g, kb * BS + jj - (p0 + r)),
+                                                 T.float32(NEG))
                 top = T.alloc_local((1,), "float32")
                 top[0] = m[r, g]
                 for jj in range(BS):

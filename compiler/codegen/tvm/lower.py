@@ -248,7 +248,8 @@ class _FunctionLowering:
         rows = 1 if self.decode else tile_rows(hq // g.kv_heads, g.block_size, opts.lanes, opts.registers)
         kernel = paged_attention_kernel(hq, g.kv_heads, g.head_dim, g.value_dim, g.block_size, op.attrs["scale"],
                                         op.attrs["window"], op.attrs["softcap"], rows, opts.threads,
-                                        sinks=len(op.operands) == 7, chunk=op.attrs.get("chunk", 0))
+                                        sinks=len(op.operands) == 7, chunk=op.attrs.get("chunk", 0),
+                                        alibi=op.attrs.get("alibi"))
         out_type = relax.TensorType(self.dims.shape(op.result.type.shape), "float32")
         return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
 
