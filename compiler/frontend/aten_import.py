@@ -399,7 +399,7 @@ def _select(imp, node):
     return imp.b.op("reshape", s, shape=list(imp.type_of(node).shape))
 
 
-@rule("aten.cat.default")
+@rule("aten.cat.default", "aten.concat.default")
 def _cat(imp, node):
     xs, axis = imp.value(node.args[0]), imp.value(node.args[1]) if len(node.args) > 1 else 0
     xs = [x for x in xs if not (x.type.rank == 1 and x.type.shape[0] == 0)]
@@ -591,7 +591,7 @@ def _softplus(imp, node):
     return imp.b.op("div", scaled, imp.const(beta, dtype))
 
 
-@rule("aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default")
+@rule("aten.clamp.default", "aten.clamp.Tensor", "aten.clamp_min.default", "aten.clamp_max.default")
 def _clamp(imp, node):
     name = node.target._schema.name.split("::")[1]
     x = imp.value(node.args[0])
@@ -736,6 +736,24 @@ def _index_select(imp, node):
     return _gather_rows(imp, node, x, axis % x.type.rank, ids)
 
 
+@rule("aten.arange.default", "aten.arange.start", "aten.arange.start_step")
+def _arange(imp, node):
+    """``arange`` over constant bounds (rotary frequencies computed inside the forward): the
+    values become a constant weight. Bounds that depend on the token count are refused."""
+    bounds = [imp.value(a) for a in node.args]
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+        raise ImportError_(f"arange at %{node.name} ({source_location(node) or 'the model'}) runs to a bound that "
+                           f"depends on the token count: the model derives positions itself; llmc passes them as "
+                           f"an input")
+    val = node.meta["val"]
+    name = f"_const.{node.name}"
+    tensor = torch.arange(*bounds, dtype=val.dtype)
+    if name not in imp.module.params:
+        imp.module.add_param(name, TensorType(tuple(tensor.shape), IR_DTYPES[tensor.dtype]), "constant")
+        imp.weights[name] = tensor
+    return imp.b.op("param", hint=re.sub(r"\W", "_", name), name=name)
+
+
 @rule("aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.new_zeros.default",
       "aten.new_ones.default", "aten.new_full.default", "aten.new_empty.default", "aten.empty.memory_format",
       "aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default", "aten.empty_like.default",
@@ -774,6 +792,23 @@ def _topk(imp, node):
         raise ImportError_(f"topk at %{node.name} ({source_location(node) or 'the model'}): llmc's topk takes the "
                            f"largest entries along the last axis (got dim={axis}, largest={largest})")
     return imp.b.op_multi("topk", [x], {"k": int(k)}, hint="topk")
+
+
+@rule("aten.max.dim")
+def _max_dim(imp, node):
+    """(values, indices) of the maximum along the last axis: topk with k = 1 (ties toward the
+    lower index, as torch)."""
+    x = imp.value(node.args[0])
+    axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if axis % x.type.rank != x.type.rank - 1:
+        raise ImportError_(f"max over dim {axis} at %{node.name} ({source_location(node) or 'the model'}): llmc "
+                           f"takes the maximum with its index along the last axis only")
+    values, indices = imp.b.op_multi("topk", [x], {"k": 1}, hint="max")
+    if keepdim:
+        return [values, indices]
+    shape = list(x.type.shape[:-1])
+    return [imp.b.op("reshape", values, shape=shape), imp.b.op("reshape", indices, shape=shape)]
 
 
 @rule("llmc.moe.default")

@@ -69,11 +69,13 @@ class AttentionArgumentError(ValueError):
 
 class MaskSpec:
     """What the mask builder hands the model instead of a mask tensor when the mask is not
-    plain causal (sliding windows travel as the ``sliding_window`` argument): the model passes
-    it through to its attention function, which turns it into attention op attributes."""
+    plain causal: the model passes it through to its attention function, which turns it into
+    attention op attributes. A sliding window here is the one the model's mask applies; it
+    wins over the ``sliding_window`` argument (which some models set only for flash kernels,
+    and others not at all while their mask has one)."""
 
-    def __init__(self, chunk: int = 0):
-        self.chunk = chunk
+    def __init__(self, chunk: int = 0, window: int = 0):
+        self.chunk, self.window = chunk, window
 
 
 class _TraceState:
@@ -102,15 +104,15 @@ def _attention_interface(module, query, key, value, attention_mask, scaling=None
             f"{type(module).__name__} passes {', '.join(sorted(unknown))} to its attention function; llmc's "
             f"attention op has no such argument (it takes q, k, v, scale, sliding window and softcap), so the "
             f"model is refused rather than computed without it")
-    chunk = 0
+    chunk, mask_window = 0, 0
     if isinstance(attention_mask, MaskSpec):
-        chunk, attention_mask = attention_mask.chunk, None
+        chunk, mask_window, attention_mask = attention_mask.chunk, attention_mask.window, None
     if attention_mask is not None:
         raise AttentionArgumentError(
             f"{type(module).__name__} builds its own attention mask instead of transformers' mask interface; "
             f"llmc's attention op applies the causal (and window) mask itself and cannot take an arbitrary mask")
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    window = kwargs.get("sliding_window") or 0
+    window = mask_window or kwargs.get("sliding_window") or 0
     softcap = kwargs.get("softcap") or 0.0
     # Each call gets the cache of its own index, in call order: for ordinary models that is
     # layer_idx; a layer that attends twice (differential attention) or an attention module
@@ -166,18 +168,18 @@ def _no_mask(*args, **kwargs):
     (chunked attention), after checking that the mask asked for is one the op reproduces:
     causal, optionally within a sliding window or a chunk. Anything else (bidirectional, a
     model's own mask function) is refused by name rather than dropped."""
-    chunk = 0
+    chunk = window = 0
     for name, value in _mask_parts(kwargs.get("mask_function")):
-        # a sliding window need not reach this layer's attention call: models build one mask per
-        # layer type they might have; a window a layer uses but does not pass shows as a parity
-        # failure in the registry sweep (its windows are shorter than the prompt)
+        # models build one mask per layer type; each layer's attention call gets its own
         if name == "chunked_overlay" and isinstance(value, int) and value > 0:
             chunk = value
+        elif name == "sliding_window_overlay" and isinstance(value, int) and value > 0:
+            window = value
         elif name != "sliding_window_overlay" and name not in _CAUSAL_PARTS and name not in _TEXT_ONLY_NOOPS:
             raise AttentionArgumentError(f"the model asks for a {name.replace('_', ' ')} attention mask; llmc's "
                                          f"attention op is causal, optionally within a sliding window or a chunk, "
                                          f"and has no such mask")
-    return MaskSpec(chunk) if chunk else None
+    return MaskSpec(chunk, window) if chunk or window else None
 
 
 
