@@ -145,6 +145,12 @@ class TraceError(ValueError):
     """A model llmc cannot trace; the message names the construct and why."""
 
 
+def _takes_kwargs(model) -> bool:
+    import inspect
+
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+
+
 def _forward_parameters(model) -> set[str]:
     import inspect
 
@@ -157,12 +163,15 @@ class _WithPositions(torch.nn.Module):
     recognized attention (``self_attention``) is what uses them. Any other use of positions
     the model derives itself is refused after the trace (``_derives_positions``)."""
 
-    def __init__(self, model):
+    def __init__(self, model, through_kwargs: bool):
         super().__init__()
         self.model = model
         self.config = model.config
+        self.through_kwargs = through_kwargs
 
     def forward(self, input_ids, position_ids):
+        if self.through_kwargs:  # a forward taking **kwargs hands them down to its language model
+            return self.model(input_ids=input_ids, position_ids=position_ids)
         return self.model(input_ids=input_ids)
 
 
@@ -201,7 +210,7 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
         "max_position_embeddings", "n_positions", "max_seq_len")) if isinstance(v, int) and v > 0), 4096)
     name = type(model).__name__
     takes_positions = "position_ids" in _forward_parameters(model)
-    traced = model if takes_positions else _WithPositions(model)
+    traced = model if takes_positions else _WithPositions(model, _takes_kwargs(model))
     vocab = int(text_config.vocab_size)
     ids = torch.arange(example_tokens, dtype=torch.int64)[None] % vocab
     pos = torch.arange(example_tokens, dtype=torch.int64)[None]
