@@ -149,26 +149,3 @@ def test_attention_sinks_join_the_softmax_denominator():
     with pytest.raises(Exception, match="sinks must be"):
         verify(parse_module(text.replace("%s: f32[4]", "%s: f32[3]")))
 
-
-def test_chunked_attention_sees_only_its_own_chunk():
-    text = """module @m {
-  func @forward(%q: f32[T, 4, 8], %k: f32[T, 2, 8], %v: f32[T, 2, 8], %p: i64[T]) -> (f32[T, 4, 8]) {
-    %o = attention(%q, %k, %v, %p) {layer = 0, scale = 0.5, window = 0, softcap = 0.0, chunk = 3} : f32[T, 4, 8]
-    return %o
-  }
-}
-"""
-    module = parse_module(text)
-    verify(module)
-    assert "chunk = 3" in print_module(module)
-    torch.manual_seed(5)
-    t = 8
-    q, k, v = torch.randn(t, 4, 8), torch.randn(t, 2, 8), torch.randn(t, 2, 8)
-    got = Interpreter(module, {}).run([q, k, v, torch.arange(t)])[0]
-    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-    i = torch.arange(t)
-    allowed = (i[None, :] <= i[:, None]) & (i[None, :] // 3 == i[:, None] // 3)
-    scores = (torch.einsum("qhd,khd->hqk", q, kk) * 0.5).masked_fill(~allowed, float("-inf"))
-    torch.testing.assert_close(got, torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv), atol=1e-5, rtol=1e-5)
-    with pytest.raises(Exception, match="chunk must be"):
-        verify(parse_module(text.replace("chunk = 3", "chunk = -1")))
