@@ -261,7 +261,8 @@ def _binary(kind: str, reverse: bool = False):
 
 
 for _aten, _ir in {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow",
-                   "maximum": "maximum", "minimum": "minimum"}.items():
+                   "maximum": "maximum", "minimum": "minimum", "multiply": "mul", "subtract": "sub",
+                   "divide": "div"}.items():
     for _ov in ("Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "default"):
         rule(f"aten.{_aten}.{_ov}")(_binary(_ir))
 rule("aten.rsub.Scalar", "aten.rsub.Tensor")(_binary("sub", reverse=True))
