@@ -36,7 +36,9 @@ class CodegenError(NotImplementedError):
 
 @dataclass
 class CacheGeometry:
-    """The KV pools of the paged step: one key and one value pool per layer."""
+    """The KV pools of the paged step: one key and one value pool per layer. ``kv_heads``,
+    ``head_dim`` and ``value_dim`` are layer 0's; ``per_layer`` lists (kv_heads, head_dim,
+    value_dim) of every layer when they differ (models mixing attention shapes, MiMo-V2)."""
 
     layers: int
     block_size: int
@@ -44,6 +46,14 @@ class CacheGeometry:
     head_dim: int
     value_dim: int
     dtype: str = "f32"
+    per_layer: Optional[list] = None
+
+    def layer(self, index: int) -> "CacheGeometry":
+        """The geometry of one layer's pools."""
+        if not self.per_layer:
+            return self
+        h, d, dv = self.per_layer[index]
+        return CacheGeometry(1, self.block_size, h, d, dv, self.dtype)
 
     def shape(self, blocks, value: bool = False) -> list:
         """Keys [blocks, Hkv, D, BS] (transposed in a block: scores vectorize over positions);
@@ -55,7 +65,8 @@ class CacheGeometry:
     @property
     def bytes_per_block(self) -> int:
         itemsize = {"f32": 4, "f16": 2, "bf16": 2}[self.dtype]
-        return self.layers * self.block_size * self.kv_heads * (self.head_dim + self.value_dim) * itemsize
+        shapes = self.per_layer or [(self.kv_heads, self.head_dim, self.value_dim)] * self.layers
+        return sum(self.block_size * h * (d + dv) * itemsize for h, d, dv in shapes)
 
 
 def cache_geometry(module: Module) -> CacheGeometry:
@@ -73,10 +84,13 @@ def cache_geometry(module: Module) -> CacheGeometry:
         raise CodegenError(f"expected k_pool_l / v_pool_l arguments for layers 0..L-1, got {sorted(pools)}")
     shapes = {(tuple(pools[f"k_pool_{i}"].shape[1:]), tuple(pools[f"v_pool_{i}"].shape[1:]), pools[f"k_pool_{i}"].dtype)
               for i in range(layers)}
-    if len(shapes) != 1:
-        raise CodegenError(f"layers with different KV shapes are not supported yet: {shapes}")
-    (kshape, vshape, dtype), = shapes
-    return CacheGeometry(layers, int(kshape[0]), int(kshape[1]), int(kshape[2]), int(vshape[2]), dtype)
+    if len({(k[0], dtype) for k, _, dtype in shapes}) != 1:
+        raise CodegenError(f"layers with different KV block sizes or dtypes are not supported: {shapes}")
+    per_layer = [(int(pools[f"k_pool_{i}"].shape[2]), int(pools[f"k_pool_{i}"].shape[3]),
+                  int(pools[f"v_pool_{i}"].shape[3])) for i in range(layers)]
+    bs, dtype = int(pools["k_pool_0"].shape[1]), pools["k_pool_0"].dtype
+    h, d, dv = per_layer[0]
+    return CacheGeometry(layers, bs, h, d, dv, dtype, per_layer if len(set(per_layer)) > 1 else None)
 
 
 def _param_of(v: Value, outer: dict[int, Value]) -> Optional[str]:
@@ -239,7 +253,7 @@ class _FunctionLowering:
         if kind == "reshape" and not isinstance(operands[0], (_Packed, Scalar)):
             return self.bb.emit(relax.op.reshape(operands[0], self.dims.shape(op.attrs["shape"])))
         if kind == "kv_append":
-            return self.lower_kv_append(operands)
+            return self.lower_kv_append(operands, op)
         if kind == "paged_attention":
             return self.lower_paged_attention(op, operands)
         if op.region is not None:
@@ -276,9 +290,14 @@ class _FunctionLowering:
             return out
         return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(op.results))]
 
-    def lower_kv_append(self, operands):
+    def op_geometry(self, k_pool: Value, v_pool: Value) -> CacheGeometry:
+        """The pool geometry of the layer whose IR pools ([NB, BS, Hkv, D]) an op reads."""
+        _, _, h, d = (int(x) if isinstance(x, int) else x for x in k_pool.type.shape)
+        return CacheGeometry(1, self.geom.block_size, int(h), int(d), int(v_pool.type.shape[3]), self.geom.dtype)
+
+    def lower_kv_append(self, operands, op: Op):
         k_pool, v_pool, k, v, slots = operands
-        g = self.geom
+        g = self.op_geometry(op.operands[0], op.operands[1])
         dtype = TVM_DTYPES[g.dtype]
         blocks = self.pool_blocks
         if self.backend is not None:
@@ -294,7 +313,7 @@ class _FunctionLowering:
         return [k_pool, v_pool]
 
     def lower_paged_attention(self, op: Op, operands):
-        g, opts = self.geom, self.attention
+        g, opts = self.op_geometry(op.operands[1], op.operands[2]), self.attention
         if self.backend is not None:
             dtype = TVM_DTYPES[self.backend.storage(op.result)]
             kernel = self.backend.paged_attention_kernel(op, g, self.decode, dtype)
@@ -306,7 +325,8 @@ class _FunctionLowering:
         rows = 1 if self.decode else tile_rows(hq // g.kv_heads, g.block_size, opts.lanes, opts.registers)
         kernel = paged_attention_kernel(hq, g.kv_heads, g.head_dim, g.value_dim, g.block_size, op.attrs["scale"],
                                         op.attrs["window"], op.attrs["softcap"], rows, opts.threads,
-                                        sinks=len(op.operands) == 7, lanes=opts.lanes, registers=opts.registers)
+                                        sinks=len(op.operands) == 7, lanes=opts.lanes, registers=opts.registers,
+                                        chunk=op.attrs.get("chunk", 0), alibi=op.attrs.get("alibi"))
         out_type = relax.TensorType(self.dims.shape(op.result.type.shape), "float32")
         return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
 
@@ -336,8 +356,9 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
     dtype = TVM_DTYPES[geom.dtype]
     pools = {}
     for layer in range(geom.layers):
-        pools[f"k_pool_{layer}"] = relax.Var(f"k_pool_{layer}", relax.TensorType(geom.shape(blocks), dtype))
-        pools[f"v_pool_{layer}"] = relax.Var(f"v_pool_{layer}", relax.TensorType(geom.shape(blocks, True), dtype))
+        lg = geom.layer(layer)
+        pools[f"k_pool_{layer}"] = relax.Var(f"k_pool_{layer}", relax.TensorType(lg.shape(blocks), dtype))
+        pools[f"v_pool_{layer}"] = relax.Var(f"v_pool_{layer}", relax.TensorType(lg.shape(blocks, True), dtype))
     weights = {}
     for wname in order:
         t = module.params[wname].type
