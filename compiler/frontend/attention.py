@@ -171,6 +171,7 @@ def register() -> None:
 def llmc_attention_enabled(model):
     """Make ``model`` (and its sub-configs) use llmc attention and llmc experts inside the block."""
     from . import experts
+    from .recurrent import recurrent_enabled
 
     register()
     experts.register()
@@ -183,7 +184,8 @@ def llmc_attention_enabled(model):
         for c in configs:
             c._attn_implementation = ATTN_IMPLEMENTATION
             c._experts_implementation = experts.EXPERTS_IMPLEMENTATION
-        yield model
+        with recurrent_enabled(model):  # recurrent kernels -> llmc state ops (frontend/recurrent.py)
+            yield model
     finally:
         for c, (attn, exp) in zip(configs, saved):
             c._attn_implementation = attn
