@@ -137,6 +137,9 @@ class CpuTarget:
                              "v_layout": "[blocks, block_size, kv_heads, value_dim]"},
                 "tokenizer": tok,
             }
+            if layout.get("states"):  # recurrent state: one slot per running sequence (runtime/engine.py)
+                manifest["state"] = {"pools": layout["states"], "layout": "[slots, *shape] per pool, after the KV "
+                                                                           "pools; state_slots [B] after logits_index"}
             artifact.write_manifest(stage, manifest)
             artifact.publish(stage, out_dir)
         except BaseException:
