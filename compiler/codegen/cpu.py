@@ -58,7 +58,8 @@ class CpuTarget:
 
         from .llvm_cpu import linker, resolve_cpu
 
-        from .tvm.lower import PACK, AttentionOptions, cache_geometry, lower_to_relax, packed_params, weight_order
+        from .tvm.lower import (PACK, AttentionOptions, cache_geometry, lower_to_relax, packed_params, state_pools,
+                                weight_order)
         from .tvm.schedule import schedule_module
 
         cpu = resolve_cpu(options.mcpu)
@@ -72,7 +73,9 @@ class CpuTarget:
         cache_dir = options.cache_dir or _default_cache_dir()
         cached = os.path.join(cache_dir, f"{key}.so")
         layout = {"cache": cache_geometry(module), "packed": sorted(packed_params(module)),
-                  "weight_order": weight_order(module), "pack": PACK}
+                  "weight_order": weight_order(module), "pack": PACK,
+                  "states": [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
+                             for a in state_pools(module)]}
         parent = os.path.dirname(os.path.abspath(out_dir))
         os.makedirs(parent, exist_ok=True)
         stage = tempfile.mkdtemp(prefix=".llmc-", dir=parent)
