@@ -125,6 +125,8 @@ class Engine:
             geom = manifest.kv_cache
             one_seq = -(-int(geom["max_model_len"]) // int(geom["block_size"]))
             budget = (kv_cache_bytes or DEFAULT_KV_CACHE_BYTES) // max(1, int(geom["bytes_per_block"]))
+            if int(geom["bytes_per_block"]) == 0:  # no KV cache at all (attention-free recurrent models)
+                budget = one_seq * (kwargs.get("max_num_seqs", 16) + 1)
             num_blocks = max(one_seq, budget)
         if gpu:
             from .executor_cuda import load_gpu_executor

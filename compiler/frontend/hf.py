@@ -161,7 +161,8 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
     text_config = model.config.get_text_config()
     max_tokens = max_tokens or int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
     params = _forward_parameters(model)
-    if "position_ids" not in params:
+    no_positions = "position_ids" not in params
+    if no_positions and not _recurrent_only(model):
         raise TraceError(
             f"{type(model).__name__}.forward takes no position_ids: llmc passes every step's token positions "
             f"through it (decode steps do not start at 0), and this model derives positions itself "
@@ -180,9 +181,11 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
         for c in configs:
             c.use_cache = False
         with llmc_attention_enabled(model), torch.no_grad():
+            kwargs, shapes = {"input_ids": ids, "position_ids": pos}, {"input_ids": {1: T}, "position_ids": {1: T}}
+            if no_positions:  # an attention-free recurrent model: its state ops take the positions
+                kwargs, shapes = {"input_ids": ids}, {"input_ids": {1: T}}
             program = torch.export.export(
-                model, (), kwargs={"input_ids": ids, "position_ids": pos},
-                dynamic_shapes={"input_ids": {1: T}, "position_ids": {1: T}},
+                model, (), kwargs=kwargs, dynamic_shapes=shapes,
                 strict=False, prefer_deferred_runtime_asserts_over_guards=True,
             )
             calls = attention_calls()
@@ -211,10 +214,24 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
         for c, s in zip(configs, saved):
             c.use_cache = s
     _check_token_asserts(model, program, max_tokens)
-    if calls == 0:
+    from .recurrent import state_calls
+
+    if calls == 0 and state_calls() == 0:
         raise TraceError(f"{type(model).__name__} never calls transformers' attention interface (it computes "
                          f"attention itself), so llmc cannot place its KV-cache boundary")
     return functionalize(program)
+
+
+def _recurrent_only(model) -> bool:
+    """A model with no attention at all whose sequence mixing is recurrent state (Mamba): its
+    forward needs no positions, as each state op continues from where its state left off."""
+    from .recurrent import recurrent_module_names
+
+    modules = {type(m).__module__ for m in model.modules()}
+    import sys
+
+    return any(recurrent_module_names(sys.modules.get(name)) for name in modules) and not any(
+        "Attention" in type(m).__name__ for m in model.modules())
 
 
 def _check_token_asserts(model, program, max_tokens: int) -> None:

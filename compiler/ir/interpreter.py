@@ -321,7 +321,7 @@ def _recurrent(xs, a, fr):
     operands = xs[:pos_index] + xs[pos_index + 1:]
     try:
         return sequence_reference(kind, operands, xs[pos_index].to(torch.int64), fr.interp.kv_cache.states,
-                                  a["state"])
+                                  a["state"], a.get("delta", True))
     except StateError as exc:
         raise InterpreterError(str(exc)) from None
 
@@ -331,7 +331,7 @@ def _recurrent_step(xs, a, fr):
     n = 2 if fr.op.kind == "causal_conv1d_step" else 5
     operands = xs[1:1 + n] + xs[4 + n:]
     try:
-        return step_reference(fr.op.kind, xs[0], operands, *xs[1 + n:4 + n])
+        return step_reference(fr.op.kind, xs[0], operands, *xs[1 + n:4 + n], delta=a.get("delta", True))
     except StateError as exc:
         raise InterpreterError(str(exc)) from None
 

@@ -74,7 +74,8 @@ def _rule_types(types, what: str) -> TensorType:
     return TensorType((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
 
 
-@register_op("gated_delta_rule", num_operands=6, attrs={"state": "int"}, has_effects=True)
+@register_op("gated_delta_rule", num_operands=6, attrs={"state": "int"}, optional_attrs={"delta": "bool"},
+             has_effects=True)
 def _gated_delta_rule(types, attrs, ctx):
     """Gated delta-rule linear attention over the tokens of one sequence, with its state.
 
@@ -82,7 +83,8 @@ def _gated_delta_rule(types, attrs, ctx):
     positions [T] -> [T, H, dv]. Per head, with S [dk, dv] (zeros at position 0, else state
     ``state``), token by token: S <- S * exp(g_t) (row i by g_t[i] when per channel);
     S <- S + k_t (beta_t (v_t - k_t S)); o_t = q_t S. Normalization and scaling of q, k are
-    ordinary ops before it."""
+    ordinary ops before it. With ``delta = false`` the update is plain gated linear attention,
+    S <- S + k_t (beta_t v_t) (Mamba's selective scan and Mamba-2's SSD in recurrent form)."""
     out = _rule_types(types, "gated_delta_rule")
     _index_tensor(types[5], 1, "gated_delta_rule positions")
     return [out]
@@ -121,7 +123,7 @@ def _causal_conv1d_step(types, attrs, ctx):
     return [x, pool]
 
 
-@register_op("gated_delta_rule_step", num_operands=9)
+@register_op("gated_delta_rule_step", num_operands=9, optional_attrs={"delta": "bool"})
 def _gated_delta_rule_step(types, attrs, ctx):
     """gated_delta_rule for a batch of sequences over a state pool (after paged-kv).
 
@@ -165,7 +167,7 @@ def conv_run(state: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias=None):
     return y.to(x.dtype), u[u.shape[0] - (k - 1):].clone()
 
 
-def delta_rule_run(state, q, k, v, g, beta):
+def delta_rule_run(state, q, k, v, g, beta, delta: bool = True):
     """One sequence's rows (q, k [n, H, dk], v [n, H, dv], g [n, H(, dk)], beta [n, H]) from
     state [H, dk, dv] (float32): (o [n, H, dv], new state)."""
     s = state.float().clone()
@@ -174,9 +176,9 @@ def delta_rule_run(state, q, k, v, g, beta):
     for t in range(q.shape[0]):
         decay = g[t].exp()
         s = s * (decay[:, :, None] if g.dim() == 3 else decay[:, None, None])
-        mem = torch.einsum("hk,hkv->hv", k[t], s)
-        delta = (v[t] - mem) * beta[t][:, None]
-        s = s + k[t][:, :, None] * delta[:, None, :]
+        mem = torch.einsum("hk,hkv->hv", k[t], s) if delta else 0.0
+        update = (v[t] - mem) * beta[t][:, None]
+        s = s + k[t][:, :, None] * update[:, None, :]
         out[t] = torch.einsum("hk,hkv->hv", q[t], s)
     return out.to(v.dtype), s
 
@@ -189,14 +191,15 @@ def _zeros(kind: str, operands) -> torch.Tensor:
     return torch.zeros(q.shape[1], q.shape[2], v.shape[2], dtype=torch.float32)
 
 
-def _run(kind: str, state, operands):
+def _run(kind: str, state, operands, delta: bool = True):
     if kind == "causal_conv1d":
         x, w = operands[0], operands[1]
         return conv_run(state, x, w, operands[2] if len(operands) > 2 else None)
-    return delta_rule_run(state, *operands)
+    return delta_rule_run(state, *operands, delta=delta)
 
 
-def sequence_reference(kind: str, operands: list, positions: torch.Tensor, states: dict, index: int):
+def sequence_reference(kind: str, operands: list, positions: torch.Tensor, states: dict, index: int,
+                       delta: bool = True):
     """The meaning of ``causal_conv1d`` / ``gated_delta_rule`` (unpaged): ``states`` maps a state
     index to (state, next position); a step at position 0 starts from zeros."""
     first = int(positions[0]) if positions.numel() else 0
@@ -210,12 +213,12 @@ def sequence_reference(kind: str, operands: list, positions: torch.Tensor, state
             raise StateError(f"{kind} state {index}: the step starts at position {first} but the state holds "
                              f"{have if have is not None else 'no'} tokens (run the earlier tokens first)")
         state = states[index][0]
-    y, new = _run(kind, state, operands)
+    y, new = _run(kind, state, operands, delta)
     states[index] = (new, first + positions.numel())
     return y
 
 
-def step_reference(kind: str, pool, operands: list, slots, seq_lens, query_start):
+def step_reference(kind: str, pool, operands: list, slots, seq_lens, query_start, delta: bool = True):
     """The meaning of ``causal_conv1d_step`` / ``gated_delta_rule_step``: (out, new pool)."""
     base = STATE_OPS[0] if kind == "causal_conv1d_step" else STATE_OPS[1]
     pool = pool.clone()
@@ -239,7 +242,7 @@ def step_reference(kind: str, pool, operands: list, slots, seq_lens, query_start
         if base == "causal_conv1d":  # weight and bias are not per row
             per_row = [operands[0][lo:hi]] + list(operands[1:])
         state = _zeros(base, operands) if int(seq_lens[b]) == hi - lo else pool[slot]
-        y, new = _run(base, state, per_row)
+        y, new = _run(base, state, per_row, delta)
         out[lo:hi] = y
         pool[slot] = new.to(pool.dtype)
     return out, pool

@@ -55,9 +55,9 @@ class PagedKV(Pass):
             raise PagedKVError("paged-kv: an attention op sits inside a fused region; run paged-kv before fusion "
                                "passes that could capture it")
         attention = [op for op in fn.ops if op.kind == "attention"]
-        if not attention:
-            return module
         stateful = [op for op in fn.ops if op.kind in STEP_OPS]
+        if not attention and not stateful:
+            return module
         layers = sorted(op.attrs["layer"] for op in attention)
         if layers != list(range(len(layers))):
             raise PagedKVError(f"paged-kv: expected one attention op per layer 0..L-1, got layers {layers}")
@@ -125,7 +125,8 @@ class PagedKV(Pass):
                 else:
                     inputs, extra = list(op.operands[:5]), []
                 stepped = Op(STEP_OPS[op.kind], [pool, *inputs, step["state_slots"], step["seq_lens"],
-                                                  step["query_start"], *extra], {}, [op.results[0], new_pool])
+                                                  step["query_start"], *extra],
+                             {k: v for k, v in op.attrs.items() if k != "state"}, [op.results[0], new_pool])
                 replacement[id(op)] = [stepped]
                 states.append(pool)
                 updated_states.append(new_pool)

@@ -44,8 +44,8 @@ def test_conv_step_kernel_matches_reference(channels, width, bias):
     np.testing.assert_allclose(tp.numpy(), want_pool.numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_delta_rule_step_kernel_matches_reference(per_channel):
+@pytest.mark.parametrize("per_channel,delta", [(False, True), (True, True), (True, False)])
+def test_delta_rule_step_kernel_matches_reference(per_channel, delta):
     heads, dk, dv = 3, 8, 12
     g = torch.Generator().manual_seed(int(per_channel))
     slots, lens, starts, t = _batch()
@@ -54,8 +54,9 @@ def test_delta_rule_step_kernel_matches_reference(per_channel):
     gate = -torch.rand((t, heads, dk) if per_channel else (t, heads), generator=g)
     beta = torch.rand(t, heads, generator=g)
     pool = torch.randn(SLOT_COUNT, heads, dk, dv, generator=g)
-    want, want_pool = step_reference("gated_delta_rule_step", pool, [q, k, v, gate, beta], slots, lens, starts)
-    fn = _compile(delta_rule_step_kernel(heads, dk, dv, per_channel))
+    want, want_pool = step_reference("gated_delta_rule_step", pool, [q, k, v, gate, beta], slots, lens, starts,
+                                     delta=delta)
+    fn = _compile(delta_rule_step_kernel(heads, dk, dv, per_channel, delta))
     tp, out = _t(pool), tvm.runtime.tensor(np.full((t, heads, dv), np.nan, dtype=np.float32))
     fn(*[_t(a) for a in (q, k, v, gate, beta, slots, lens, starts)], tp, out)
     np.testing.assert_allclose(out.numpy(), want.numpy(), atol=1e-4)

@@ -169,15 +169,25 @@ def tiny_model(model_type: str, seed: int = 0):
     return model
 
 
+def cache_of(model, out) -> dict:
+    """The keyword that hands ``out``'s cache to the next call: ``past_key_values``, or
+    ``cache`` for models (Mamba) whose forward and outputs name it so."""
+    import inspect
+
+    if "past_key_values" not in inspect.signature(model.forward).parameters and hasattr(out, "cache"):
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
 def hf_reference(model, ids: torch.Tensor, prompt_len: int):
     """transformers' prefill logits [T, V] and the logits of each decode step on its own cache."""
     with torch.no_grad():
         out = model(ids[None, :prompt_len], use_cache=True)
         prefill = out.logits[0].float()
-        past, steps = out.past_key_values, []
+        past, steps = cache_of(model, out), []
         for i in range(prompt_len, ids.shape[0]):
-            step = model(ids[None, i:i + 1], past_key_values=past, use_cache=True)
-            past = step.past_key_values
+            step = model(ids[None, i:i + 1], **past, use_cache=True)
+            past = cache_of(model, step)
             steps.append(step.logits[0, -1].float())
     return prefill, steps
 

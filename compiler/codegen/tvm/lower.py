@@ -70,6 +70,8 @@ def cache_geometry(module: Module) -> CacheGeometry:
         raise CodegenError("the model has no attention op; llmc compiles decoder LMs with a KV cache")
     pools = {a.name: a.type for a in fn.args if a.name.startswith(("k_pool_", "v_pool_"))}
     layers = len(pools) // 2
+    if layers == 0 and state_pools(module):  # attention-free (Mamba): recurrent state only, no KV blocks
+        return CacheGeometry(0, int(module.attrs.get("kv_block_size") or 16), 0, 0, 0)
     if sorted(pools) != sorted([f"k_pool_{i}" for i in range(layers)] + [f"v_pool_{i}" for i in range(layers)]):
         raise CodegenError(f"expected k_pool_l / v_pool_l arguments for layers 0..L-1, got {sorted(pools)}")
     shapes = {(tuple(pools[f"k_pool_{i}"].shape[1:]), tuple(pools[f"v_pool_{i}"].shape[1:]), pools[f"k_pool_{i}"].dtype)
@@ -271,7 +273,8 @@ class _FunctionLowering:
             q, v, g = op.operands[1].type, op.operands[3].type, op.operands[4].type
             if q.dtype != "f32":
                 raise CodegenError(f"the cpu gated_delta_rule_step kernel computes in float32, not {q.dtype}")
-            kernel = delta_rule_step_kernel(int(q.shape[1]), int(q.shape[2]), int(v.shape[2]), g.rank == 3)
+            kernel = delta_rule_step_kernel(int(q.shape[1]), int(q.shape[2]), int(v.shape[2]), g.rank == 3,
+                                            op.attrs.get("delta", True))
         out_type = relax.TensorType(self.dims.shape(op.results[0].type.shape), TVM_DTYPES[op.results[0].type.dtype])
         pool_type = relax.TensorType(self.dims.shape(op.results[1].type.shape), TVM_DTYPES[op.results[1].type.dtype])
         args = list(rest) + [pool]

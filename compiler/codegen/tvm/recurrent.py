@@ -94,10 +94,11 @@ def conv_step_kernel(channels: int, width: int, bias: bool, dtype: str = "float3
     return causal_conv1d_step
 
 
-def delta_rule_step_kernel(heads: int, dk: int, dv: int, per_channel_gate: bool):
+def delta_rule_step_kernel(heads: int, dk: int, dv: int, per_channel_gate: bool, delta: bool = True):
     """PrimFunc (q, k [T, H, dk], v [T, H, dv], g [T, H] or [T, H, dk], beta [T, H], state_slots [B],
     seq_lens [B], query_start [B + 1], pool [NS, H, dk, dv] (in place), out [T, H, dv]), float32."""
     H, DK, DV = heads, dk, dv
+    delta_rule = delta
     L = _lanes(DV)
     f32 = "float32"
     g_shape = (None, H, DK) if per_channel_gate else (None, H)
@@ -130,7 +131,7 @@ def delta_rule_step_kernel(heads: int, dk: int, dv: int, per_channel_gate: bool)
                 slot = slots[s]
                 fresh = lens[s] == n
                 for h in T.parallel(H):
-                    delta = T.alloc_local((DV,), f32)
+                    upd = T.alloc_local((DV,), f32)
                     if fresh:
                         for a in range(DK):
                             for d in T.vectorized(DV):
@@ -139,7 +140,7 @@ def delta_rule_step_kernel(heads: int, dk: int, dv: int, per_channel_gate: bool)
                         i = lo + r
                         # decay, then what the state recalls for k_i
                         for d in T.vectorized(DV):
-                            delta[d] = T.float32(0)
+                            upd[d] = T.float32(0)
                         for a in range(DK):
                             if per_channel_gate:
                                 decay = T.exp(g[i, h, a])
@@ -147,12 +148,13 @@ def delta_rule_step_kernel(heads: int, dk: int, dv: int, per_channel_gate: bool)
                                 decay = T.exp(g[i, h])
                             for d in T.vectorized(DV):
                                 pool[slot, h, a, d] = pool[slot, h, a, d] * decay
-                                delta[d] = delta[d] + k[i, h, a] * pool[slot, h, a, d]
+                                if delta_rule:  # a Python constant
+                                    upd[d] = upd[d] + k[i, h, a] * pool[slot, h, a, d]
                         for d in T.vectorized(DV):
-                            delta[d] = (v[i, h, d] - delta[d]) * beta[i, h]
+                            upd[d] = (v[i, h, d] - upd[d]) * beta[i, h]
                         for a in range(DK):
                             for d in T.vectorized(DV):
-                                pool[slot, h, a, d] = pool[slot, h, a, d] + k[i, h, a] * delta[d]
+                                pool[slot, h, a, d] = pool[slot, h, a, d] + k[i, h, a] * upd[d]
                                 out[i, h, d] = out[i, h, d] + q[i, h, a] * pool[slot, h, a, d]
 
     del g_shape, L
