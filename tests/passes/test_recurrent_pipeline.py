@@ -9,7 +9,7 @@ from tests.frontend.arch_sweep import tiny_model
 from tests.passes.test_pipeline_equivalence import check_each_pass
 
 
-@pytest.mark.parametrize("arch", ["lfm2", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["lfm2", pytest.param("qwen3_next", marks=pytest.mark.slow)])
 def test_pipeline_and_paged_batches_keep_recurrent_models(arch):
     model = tiny_model(arch)
     imp = import_hf_model(model)
