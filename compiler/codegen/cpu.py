@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -76,11 +75,7 @@ class CpuTarget:
                   "weight_order": weight_order(module), "pack": PACK,
                   "states": [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
                              for a in state_pools(module)]}
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=".llmc-", dir=parent)
-        os.chmod(stage, 0o755)
-        try:
+        with artifact.staged(out_dir) as stage:
             os.makedirs(os.path.join(stage, "kernels"))
             library = os.path.join(stage, artifact.STEP_LIBRARY)
             t0 = time.perf_counter()
@@ -144,10 +139,6 @@ class CpuTarget:
                 manifest["state"] = {"pools": layout["states"], "layout": "[slots, *shape] per pool, after the KV "
                                                                            "pools; state_slots [B] after logits_index"}
             artifact.write_manifest(stage, manifest)
-            artifact.publish(stage, out_dir)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
         return timings
 
     @staticmethod

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -83,11 +81,7 @@ class _TritonTarget:
             raise TargetError(f"{self.kind}: {exc}") from None
         log.info("lowered to a launch plan: %d launches of %d distinct kernels (%.1fs)", len(plan.launches),
                  len(plan.kernels), time.perf_counter() - t0)
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=".llmc-", dir=parent)
-        os.chmod(stage, 0o755)
-        try:
+        with artifact.staged(out_dir) as stage:
             src_dir = os.path.join(stage, "kernels", "src")
             plan.write_sources(src_dir)
             t0 = time.perf_counter()
@@ -132,10 +126,6 @@ class _TritonTarget:
                 "tokenizer": tok,
             }
             artifact.write_manifest(stage, manifest)
-            artifact.publish(stage, out_dir)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
         return timings
 
     @staticmethod
