@@ -124,6 +124,13 @@ def _shrink(config) -> None:
         with contextlib.suppress(Exception):
             config.full_attn_idxs = [1]
             config.layer_types = ["conv", "full_attention"]
+    # hybrids placing attention / MoE layers by offset and period (Jamba, Zamba): with two layers,
+    # layer 0 keeps its recurrent mixer and layer 1 gets attention (and experts)
+    for key, value in (("attn_layer_offset", 1), ("attn_layer_period", 2), ("expert_layer_offset", 1),
+                       ("expert_layer_period", 2)):
+        if isinstance(getattr(config, key, None), int):
+            with contextlib.suppress(Exception):
+                setattr(config, key, value)
     # layer-type lists sized for the default depth: keep the first two (one of each kind when present)
     for key in ("layer_types", "mlp_layer_types", "block_types", "layers_block_type"):
         types = getattr(config, key, None)
