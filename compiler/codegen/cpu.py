@@ -57,7 +57,8 @@ class CpuTarget:
 
         from .llvm_cpu import linker, resolve_cpu
 
-        from .tvm.lower import PACK, AttentionOptions, cache_geometry, lower_to_relax, packed_params, weight_order
+        from .tvm.lower import (PACK, AttentionOptions, cache_geometry, lower_to_relax, packed_params, state_pools,
+                                weight_order)
         from .tvm.schedule import schedule_module
 
         cpu = resolve_cpu(options.mcpu)
@@ -71,7 +72,9 @@ class CpuTarget:
         cache_dir = options.cache_dir or _default_cache_dir()
         cached = os.path.join(cache_dir, f"{key}.so")
         layout = {"cache": cache_geometry(module), "packed": sorted(packed_params(module)),
-                  "weight_order": weight_order(module), "pack": PACK}
+                  "weight_order": weight_order(module), "pack": PACK,
+                  "states": [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
+                             for a in state_pools(module)]}
         with artifact.staged(out_dir) as stage:
             os.makedirs(os.path.join(stage, "kernels"))
             library = os.path.join(stage, artifact.STEP_LIBRARY)
@@ -133,6 +136,9 @@ class CpuTarget:
                              "v_layout": "[blocks, block_size, kv_heads, value_dim]"},
                 "tokenizer": tok,
             }
+            if layout.get("states"):  # recurrent state: one slot per running sequence (runtime/engine.py)
+                manifest["state"] = {"pools": layout["states"], "layout": "[slots, *shape] per pool, after the KV "
+                                                                           "pools; state_slots [B] after logits_index"}
             artifact.write_manifest(stage, manifest)
         return timings
 

@@ -376,6 +376,8 @@ def _clamp_index(i, size: Dim, default) -> Dim:
         if isinstance(size, int) and isinstance(i, int):
             return max(0, min(i, size))
         return i
+    if getattr(normalize_dim(i), "is_negative", False):  # -T etc.: counts from the end, as ints do
+        return normalize_dim(size + i)
     return normalize_dim(i)
 
 
@@ -542,6 +544,37 @@ def _scatter_op(imp, node):
     return imp.b.op("scatter", x, idx, imp.as_tensor(src, dtype), axis=axis % x.type.rank)
 
 
+def _strided_slice_scatter(imp, node, x, src, axis, start, end, step):
+    """x[start:end:step] = src along a static axis (interleaved M-RoPE sections): runs of x's
+    untouched entries and single rows of src, concatenated in order."""
+    size = x.type.shape[axis]
+    if not all(isinstance(d, int) for d in (size, start, end, step)) or step < 1:
+        raise ImportError_(f"slice_scatter with step {step} at %{node.name} needs static bounds, got "
+                           f"{start}:{end} of {size}")
+    touched = list(range(start, min(end, size), step))
+    parts, prev = [], 0
+    for k, j in enumerate(touched):
+        if j > prev:
+            parts.append(imp.b.op("slice", x, axis=axis, start=prev, end=j, step=1))
+        parts.append(imp.b.op("slice", src, axis=axis, start=k, end=k + 1, step=1))
+        prev = j + 1
+    if prev < size:
+        parts.append(imp.b.op("slice", x, axis=axis, start=prev, end=size, step=1))
+    return parts[0] if len(parts) == 1 else imp.b.op("concat", *parts, axis=axis)
+
+
+@rule("aten.select_scatter.default")
+def _select_scatter(imp, node):
+    """x with x.select(dim, index) replaced by src: src as a one-row slice, scattered."""
+    x, src, axis, index = imp.args(node, ("self", None), ("src", None), ("dim", 0), ("index", 0))
+    axis %= x.type.rank
+    index = _clamp_index(index, x.type.shape[axis], 0)
+    shape = list(x.type.shape)
+    shape[axis] = 1
+    row = imp.b.op("reshape", imp.as_tensor(src, x.type.dtype), shape=shape)
+    return _strided_slice_scatter(imp, node, x, row, axis, index, index + 1, 1)
+
+
 @rule("aten.slice_scatter.default")
 def _slice_scatter(imp, node):
     """x with x[start:end] along dim replaced by src: the untouched parts concatenated around src."""
@@ -551,7 +584,7 @@ def _slice_scatter(imp, node):
     size = x.type.shape[axis]
     start, end = _clamp_index(start, size, 0), _clamp_index(end, size, size)
     if step != 1:
-        raise ImportError_(f"slice_scatter with step {step} at %{node.name} is not supported")
+        return _strided_slice_scatter(imp, node, x, imp.as_tensor(src, x.type.dtype), axis, start, end, step)
     parts = []
     if start != 0:
         parts.append(imp.b.op("slice", x, axis=axis, start=0, end=start, step=1))

@@ -26,6 +26,7 @@ from tvm import relax, tirx as tir
 from ...ir import Block, Module, Op, Value
 from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, PackedWeight, Scalar
+from .recurrent import conv_step_kernel, delta_rule_step_kernel
 
 STEP_ARGS = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_index")
 
@@ -80,6 +81,8 @@ def cache_geometry(module: Module) -> CacheGeometry:
         raise CodegenError("the model has no attention op; llmc compiles decoder LMs with a KV cache")
     pools = {a.name: a.type for a in fn.args if a.name.startswith(("k_pool_", "v_pool_"))}
     layers = len(pools) // 2
+    if layers == 0 and state_pools(module):  # attention-free (Mamba): recurrent state only, no KV blocks
+        return CacheGeometry(0, int(module.attrs.get("kv_block_size") or 16), 0, 0, 0)
     if sorted(pools) != sorted([f"k_pool_{i}" for i in range(layers)] + [f"v_pool_{i}" for i in range(layers)]):
         raise CodegenError(f"expected k_pool_l / v_pool_l arguments for layers 0..L-1, got {sorted(pools)}")
     shapes = {(tuple(pools[f"k_pool_{i}"].shape[1:]), tuple(pools[f"v_pool_{i}"].shape[1:]), pools[f"k_pool_{i}"].dtype)
@@ -256,6 +259,8 @@ class _FunctionLowering:
             return self.lower_kv_append(operands, op)
         if kind == "paged_attention":
             return self.lower_paged_attention(op, operands)
+        if kind in ("causal_conv1d_step", "gated_delta_rule_step"):
+            return self.lower_state_step(op, operands)
         if op.region is not None:
             return self.lower_region(op, operands)
         if kind not in BUILDERS:
@@ -331,6 +336,36 @@ class _FunctionLowering:
         return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
 
 
+    def lower_state_step(self, op: Op, operands):
+        """A recurrent-state step op: its kernel updates the state pool (operand 0) in place
+        and writes the output into a fresh tensor."""
+        pool, rest = operands[0], operands[1:]
+        if any(isinstance(o, (Scalar, _Packed)) for o in operands):
+            raise CodegenError(f"{op.kind}: an operand is a constant or a packed weight; expected tensors")
+        if op.kind == "causal_conv1d_step":
+            channels, width = (int(d) for d in op.operands[2].type.shape)
+            if width < 2:
+                raise CodegenError(f"causal_conv1d_step: a kernel width of {width} carries no state")
+            kernel = conv_step_kernel(channels, width, len(op.operands) == 7, TVM_DTYPES[op.operands[1].type.dtype])
+        else:
+            q, v, g = op.operands[1].type, op.operands[3].type, op.operands[4].type
+            if q.dtype != "f32":
+                raise CodegenError(f"the cpu gated_delta_rule_step kernel computes in float32, not {q.dtype}")
+            kernel = delta_rule_step_kernel(int(q.shape[1]), int(q.shape[2]), int(v.shape[2]), g.rank == 3,
+                                            op.attrs.get("delta", True))
+        out_type = relax.TensorType(self.dims.shape(op.results[0].type.shape), TVM_DTYPES[op.results[0].type.dtype])
+        pool_type = relax.TensorType(self.dims.shape(op.results[1].type.shape), TVM_DTYPES[op.results[1].type.dtype])
+        args = list(rest) + [pool]
+        call = self.bb.emit(relax.call_tir_inplace(self.bb.add_func(kernel, op.kind), args, [-1, len(args) - 1],
+                                                   [out_type, pool_type]))
+        return [self.bb.emit(relax.TupleGetItem(call, 0)), self.bb.emit(relax.TupleGetItem(call, 1))]
+
+
+def state_pools(module: Module) -> list:
+    """The recurrent-state pools of a paged module (its state_pool_i arguments), in order."""
+    return [a for a in module.functions["forward"].args if a.name.startswith("state_pool_")]
+
+
 @dataclass
 class _Packed:
     expr: relax.Var
@@ -345,12 +380,15 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
     (ints for a static entry point, or TIR vars for a dynamic one)."""
     fn = module.functions["forward"]
     blocks = tir.Var("NB", "int64")
-    dims = DimMap({"T": tokens, "B": rows, "MB": tir.Var("MB", "int64"), "NB": blocks})
-    args = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in fn.args if a.name in STEP_ARGS}
+    dims = DimMap({"T": tokens, "B": rows, "MB": tir.Var("MB", "int64"), "NB": blocks, "NS": tir.Var("NS", "int64")})
+    args = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in fn.args
+            if a.name in STEP_ARGS or a.name == "state_slots"}
     missing = set(STEP_ARGS) - set(args)
     if missing:
         raise CodegenError(f"@forward lacks {sorted(missing)}; run select-logits and paged-kv before codegen")
-    extra = [a.name for a in fn.args if a.name not in STEP_ARGS and not a.name.startswith(("k_pool_", "v_pool_"))]
+    states = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in state_pools(module)}
+    extra = [a.name for a in fn.args if a.name not in args and a.name not in states
+             and not a.name.startswith(("k_pool_", "v_pool_"))]
     if extra:
         raise CodegenError(f"@forward takes arguments {extra} that the runtime does not provide")
     dtype = TVM_DTYPES[geom.dtype]
@@ -367,13 +405,14 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
             shape = [shape[0] // PACK, shape[1], PACK]
         wdtype = t.dtype if backend is None else backend.param_storage(wname)
         weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, TVM_DTYPES[wdtype]))
-    params = [args[n] for n in STEP_ARGS] + list(pools.values()) + list(weights.values())
+    step_names = list(STEP_ARGS) + (["state_slots"] if "state_slots" in args else [])
+    params = [args[n] for n in step_names] + list(pools.values()) + list(states.values()) + list(weights.values())
     with bb.function(name, params, attrs={"global_symbol": name}):
         with bb.dataflow():
             low = _FunctionLowering(bb, module, dims, packed, weights, geom, attention, isinstance(tokens, int), blocks,
                                     backend)
             for a in fn.args:
-                low.env[id(a)] = args[a.name] if a.name in args else pools[a.name]
+                low.env[id(a)] = args[a.name] if a.name in args else pools[a.name] if a.name in pools else states[a.name]
             for op in fn.ops:
                 result = low.lower_op(op)
                 if len(op.results) == 1:
@@ -396,7 +435,10 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
         geom.dtype = backend.kv_dtype
     fn = module.functions["forward"]
     pools_returned = [v.producer.kind if v.producer is not None else "argument" for v in fn.results[1:]]
-    if len(fn.results) != 1 + 2 * geom.layers or any(kind != "kv_append" for kind in pools_returned):
+    n_states = len(state_pools(module))
+    if len(fn.results) != 1 + 2 * geom.layers + n_states or \
+            any(kind != "kv_append" for kind in pools_returned[:2 * geom.layers]) or \
+            any(kind not in ("causal_conv1d_step", "gated_delta_rule_step") for kind in pools_returned[2 * geom.layers:]):
         raise CodegenError("@forward must return the logits followed by the updated KV pools (the paged-kv pass's form)")
     packed = packed_params(module)
     order = weight_order(module)
@@ -404,5 +446,7 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
     lower_function(bb, module, "prefill", geom, packed, order, tir.Var("T", "int64"), tir.Var("B", "int64"), attention,
                    backend)
     lower_function(bb, module, "decode", geom, packed, order, 1, 1, attention, backend)
-    layout = {"cache": geom, "packed": sorted(packed), "weight_order": order, "pack": PACK}
+    states = [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
+              for a in state_pools(module)]
+    layout = {"cache": geom, "packed": sorted(packed), "weight_order": order, "pack": PACK, "states": states}
     return bb.get(), layout
