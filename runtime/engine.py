@@ -252,7 +252,9 @@ class Engine:
                 rows.append(b)
         if not ready:
             return []
-        samples = sample_batch([r.sampler for r in ready], logits[rows], [r.tokens for r in ready],
+        if len(rows) < len(logits):  # (a decode-only step samples every row: no 1.5 MB copy)
+            logits = logits[rows]
+        samples = sample_batch([r.sampler for r in ready], logits, [r.tokens for r in ready],
                                [r.output_ids for r in ready])
         now = time.monotonic()
         outputs = []
