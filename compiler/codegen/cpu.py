@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -60,7 +59,7 @@ class CpuTarget:
 
         from .tvm.intdot import int_dot_isa
         from .tvm.lower import (PACK, AttentionOptions, cache_geometry, intdot_params, lower_to_relax, packed_params,
-                                weight_order)
+                                state_pools, weight_order)
         from .tvm.schedule import schedule_module
 
         cpu = resolve_cpu(options.mcpu)
@@ -75,12 +74,10 @@ class CpuTarget:
         cache_dir = options.cache_dir or _default_cache_dir()
         cached = os.path.join(cache_dir, f"{key}.so")
         layout = {"cache": cache_geometry(module), "packed": sorted(packed_params(module, isa)),
-                  "weight_order": weight_order(module), "pack": PACK, "intdot": intdot_params(module, isa)}
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=".llmc-", dir=parent)
-        os.chmod(stage, 0o755)
-        try:
+                  "weight_order": weight_order(module), "pack": PACK, "intdot": intdot_params(module, isa),
+                  "states": [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
+                             for a in state_pools(module)]}
+        with artifact.staged(out_dir) as stage:
             os.makedirs(os.path.join(stage, "kernels"))
             library = os.path.join(stage, artifact.STEP_LIBRARY)
             t0 = time.perf_counter()
@@ -137,15 +134,15 @@ class CpuTarget:
                 "kv_cache": {"layers": geom.layers, "block_size": geom.block_size, "kv_heads": geom.kv_heads,
                              "head_dim": geom.head_dim, "value_dim": geom.value_dim, "dtype": geom.dtype,
                              "max_model_len": options.max_seq_len, "bytes_per_block": geom.bytes_per_block,
+                             **({"layer_shapes": [list(x) for x in geom.per_layer]} if geom.per_layer else {}),
                              "k_layout": "[blocks, kv_heads, head_dim, block_size]",
                              "v_layout": "[blocks, block_size, kv_heads, value_dim]"},
                 "tokenizer": tok,
             }
+            if layout.get("states"):  # recurrent state: one slot per running sequence (runtime/engine.py)
+                manifest["state"] = {"pools": layout["states"], "layout": "[slots, *shape] per pool, after the KV "
+                                                                           "pools; state_slots [B] after logits_index"}
             artifact.write_manifest(stage, manifest)
-            artifact.publish(stage, out_dir)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
         return timings
 
     @staticmethod

@@ -124,6 +124,13 @@ def _shrink(config) -> None:
         with contextlib.suppress(Exception):
             config.full_attn_idxs = [1]
             config.layer_types = ["conv", "full_attention"]
+    # hybrids placing attention / MoE layers by offset and period (Jamba, Zamba): with two layers,
+    # layer 0 keeps its recurrent mixer and layer 1 gets attention (and experts)
+    for key, value in (("attn_layer_offset", 1), ("attn_layer_period", 2), ("expert_layer_offset", 1),
+                       ("expert_layer_period", 2)):
+        if isinstance(getattr(config, key, None), int):
+            with contextlib.suppress(Exception):
+                setattr(config, key, value)
     # layer-type lists sized for the default depth: keep the first two (one of each kind when present)
     for key in ("layer_types", "mlp_layer_types", "block_types", "layers_block_type"):
         types = getattr(config, key, None)
@@ -137,11 +144,27 @@ def _shrink(config) -> None:
             _shrink(c)
 
 
+def _set(obj, **values):
+    for key, value in values.items():
+        setattr(obj, key, value)
+
+
+# Model types whose default config cannot be built tiny by the generic shrink alone: the few
+# attributes their code needs that the default leaves unset
+RECIPES = {
+    "dots1": lambda c: _set(c, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
+    "gemma3n_text": lambda c: _set(c, num_kv_shared_layers=0, intermediate_size=[96, 96],
+                                   activation_sparsity_pattern=[0.0, 0.0]),
+}
+
+
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type)
     _shrink(config)
+    if model_type in RECIPES:
+        RECIPES[model_type](config)
     if hasattr(config, "tie_word_embeddings"):
         config.tie_word_embeddings = False
     return config
@@ -169,15 +192,35 @@ def tiny_model(model_type: str, seed: int = 0):
     return model
 
 
+# model types whose transformers forward keeps no KV cache: each decode step's reference logits
+# come from the whole prefix instead
+NO_HF_CACHE = {"openai-gpt"}
+
+
+def cache_of(model, out) -> dict:
+    """The keyword that hands ``out``'s cache to the next call: ``past_key_values``, or
+    ``cache`` for models (Mamba) whose forward and outputs name it so."""
+    import inspect
+
+    if "past_key_values" not in inspect.signature(model.forward).parameters and hasattr(out, "cache"):
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
 def hf_reference(model, ids: torch.Tensor, prompt_len: int):
     """transformers' prefill logits [T, V] and the logits of each decode step on its own cache."""
+    if model.config.model_type in NO_HF_CACHE:
+        with torch.no_grad():
+            prefill = model(ids[None, :prompt_len]).logits[0].float()
+            steps = [model(ids[None, :i + 1]).logits[0, -1].float() for i in range(prompt_len, ids.shape[0])]
+        return prefill, steps
     with torch.no_grad():
         out = model(ids[None, :prompt_len], use_cache=True)
         prefill = out.logits[0].float()
-        past, steps = out.past_key_values, []
+        past, steps = cache_of(model, out), []
         for i in range(prompt_len, ids.shape[0]):
-            step = model(ids[None, i:i + 1], past_key_values=past, use_cache=True)
-            past = step.past_key_values
+            step = model(ids[None, i:i + 1], **past, use_cache=True)
+            past = cache_of(model, step)
             steps.append(step.logits[0, -1].float())
     return prefill, steps
 
