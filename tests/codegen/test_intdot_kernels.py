@@ -107,3 +107,29 @@ def test_register_tiles_fit_the_register_file():
     r2, c2 = intdot.tiles(narrow, 3072, decode=False)
     assert 2 * r * c + 2 * c <= 24 and 2 * r2 * c2 + 2 * c2 <= 12 and r * c > r2 * c2
     assert intdot.tiles(wide, 3072, decode=True)[0] == 1
+
+
+@pytest.mark.parametrize("isa", [_case("avx512vnni"), _case("avx2")])
+def test_gated_mlp_epilogue(isa):
+    """glu=True writes silu(x · w) * up (SwiGLU's gate and product in the write-back)."""
+    mcpu, spec = ISAS[isa]
+    m, n, k = 5, 64, 128
+    g = torch.Generator().manual_seed(11)
+    codes = pack_codes(torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32), 4, False)
+    scales = (torch.rand(n, k // 32, generator=g) * 0.05).half()
+    mn = (torch.randn(n, k // 32, generator=g) * 0.2).half()
+    x = torch.randn(m, k, generator=g)
+    up = torch.randn(m, n, generator=g)
+    qf = _compile(intdot.quantize_rows_kernel(k), mcpu)
+    lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, False, True, "float16", False, glu=True), mcpu)
+    bufs = [tvm.runtime.tensor(np.zeros(s, dt)) for s, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
+                                                               ((m, k // 32), np.float32))]
+    qf(tvm.runtime.tensor(x.numpy()), *bufs)
+    L = spec.lanes
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+    lf(*bufs, tvm.runtime.tensor(intdot.repack_codes(codes.numpy(), L)),
+       tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), L)), tvm.runtime.tensor(intdot.repack_groups(mn.numpy(), L)),
+       tvm.runtime.tensor(up.numpy()), y)
+    gate = x @ dequantize(codes, scales, mn, bits=4, group_size=32, signed=False).T
+    want = (torch.nn.functional.silu(gate) * up).numpy()
+    assert np.abs(y.numpy() - want).max() <= 2e-2 * (1 + np.abs(want).max())

@@ -185,9 +185,19 @@ def tiles(isa: IntDotIsa, n: int, decode: bool) -> tuple[int, int]:
     return best
 
 
+def _silu(v):
+    """x * sigmoid(x) with the vectorizing polynomial exp (exp of -|x| only: no overflow)."""
+    from .attention import fast_exp
+
+    e = fast_exp(-tir.abs(v))
+    one = tir.const(1.0, "float32")
+    return v * tir.Select(v >= tir.const(0.0, "float32"), one / (one + e), e / (one + e))
+
+
 def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: bool, has_mins: bool,
-                         scale_dtype: str, decode: bool, threads: int = 2):
-    """y f32 [M, N] = x · w for 4-bit codes in the repacked layout, x given by ``quantize_rows``.
+                         scale_dtype: str, decode: bool, threads: int = 2, glu: bool = False):
+    """y f32 [M, N] = x · w for 4-bit codes in the repacked layout, x given by ``quantize_rows``;
+    ``glu``: y = silu(x · w) * up (the gated MLP's epilogue, ``up`` an extra [M, N] input).
 
     A parallel work item is a tile of R rows x C blocks of L columns; items of one column tile
     are consecutive, so a thread walks down the rows under one weight tile (reused from cache).
@@ -202,18 +212,8 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
     nib = T.int32(0x0F0F0F0F)
     del threads
 
-    @T.prim_func(private=True, check_well_formed=False)
-    def intdot_linear(var_q: T.handle, var_d: T.handle, var_ds: T.handle, var_codes: T.handle,
-                      var_scales: T.handle, var_mins: T.handle, var_y: T.handle):
-        T.func_attr({"tirx.noalias": True, "llmc.kind": "intdot_linear"})
-        m = T.int64()
-        q = T.match_buffer(var_q, (m, k // 4), "int32")
-        d = T.match_buffer(var_d, (m, G), "float32")
-        ds = T.match_buffer(var_ds, (m, G), "float32")
-        codes = T.match_buffer(var_codes, (NB, G, 4 * L), "int32")
-        scales = T.match_buffer(var_scales, (NB, k // group, L), scale_dtype)
-        mins = T.match_buffer(var_mins, (NB, k // group, L), scale_dtype)
-        y = T.match_buffer(var_y, (m, n), "float32")
+    @T.macro
+    def body(q, d, ds, codes, scales, mins, y, up, m):
         row_tiles = (m + R - 1) // R
         for item in T.parallel((NB // C) * row_tiles):
             ct = item // row_tiles
@@ -259,6 +259,42 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
                 if r0 + r < m:
                     for c in T.unroll(C):
                         for l in T.vectorized(L):
-                            y[r0 + r, (ct * C + c) * L + l] = facc[r, c, l]
+                            if glu:
+                                y[r0 + r, (ct * C + c) * L + l] = (_silu(facc[r, c, l])
+                                                                   * up[r0 + r, (ct * C + c) * L + l])
+                            else:
+                                y[r0 + r, (ct * C + c) * L + l] = facc[r, c, l]
+
+    if glu:
+        @T.prim_func(private=True, check_well_formed=False)
+        def intdot_linear_glu(var_q: T.handle, var_d: T.handle, var_ds: T.handle, var_codes: T.handle,
+                              var_scales: T.handle, var_mins: T.handle, var_up: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.noalias": True, "llmc.kind": "intdot_linear"})
+            m = T.int64()
+            q = T.match_buffer(var_q, (m, k // 4), "int32")
+            d = T.match_buffer(var_d, (m, G), "float32")
+            ds = T.match_buffer(var_ds, (m, G), "float32")
+            codes = T.match_buffer(var_codes, (NB, G, 4 * L), "int32")
+            scales = T.match_buffer(var_scales, (NB, k // group, L), scale_dtype)
+            mins = T.match_buffer(var_mins, (NB, k // group, L), scale_dtype)
+            up = T.match_buffer(var_up, (m, n), "float32")
+            y = T.match_buffer(var_y, (m, n), "float32")
+            body(q, d, ds, codes, scales, mins, y, up, m)
+
+        return intdot_linear_glu
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def intdot_linear(var_q: T.handle, var_d: T.handle, var_ds: T.handle, var_codes: T.handle,
+                      var_scales: T.handle, var_mins: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "llmc.kind": "intdot_linear"})
+        m = T.int64()
+        q = T.match_buffer(var_q, (m, k // 4), "int32")
+        d = T.match_buffer(var_d, (m, G), "float32")
+        ds = T.match_buffer(var_ds, (m, G), "float32")
+        codes = T.match_buffer(var_codes, (NB, G, 4 * L), "int32")
+        scales = T.match_buffer(var_scales, (NB, k // group, L), scale_dtype)
+        mins = T.match_buffer(var_mins, (NB, k // group, L), scale_dtype)
+        y = T.match_buffer(var_y, (m, n), "float32")
+        body(q, d, ds, codes, scales, mins, y, y, m)
 
     return intdot_linear

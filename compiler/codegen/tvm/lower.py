@@ -324,9 +324,9 @@ class _FunctionLowering:
         names = [self.param_names.get(id(v)) for v in values[1:]]
         return bool(names) and all(n in self.intdot for n in names)
 
-    def lower_intdot(self, op: Op, operands):
+    def lower_intdot(self, op: Op, operands, up=None):
         """quantize_rows (int8 activation blocks) then the integer-dot linear; x is viewed as
-        [M, K] and the result reshaped back."""
+        [M, K] and the result reshaped back. ``up``: fuse the gated MLP's silu(y) * up."""
         isa = self.attention.intdot
         x = operands[0]
         k, n = int(op.operands[0].type.shape[-1]), int(op.result.type.shape[-1])
@@ -346,9 +346,12 @@ class _FunctionLowering:
         mins = operands[3] if len(operands) == 4 else scales
         sdt = TVM_DTYPES[op.operands[2].type.dtype]
         kernel = intdot_linear_kernel(isa, n, k, op.attrs["group_size"], op.attrs["signed"], len(operands) == 4,
-                                      sdt, self.decode, self.attention.threads)
-        fn = self.bb.add_func(kernel, f"intdot_linear_n{n}_k{k}")
-        y = self.bb.emit(relax.call_tir(fn, parts + [codes, scales, mins], relax.TensorType([m, n], "float32")))
+                                      sdt, self.decode, self.attention.threads, glu=up is not None)
+        fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
+        extra = []
+        if up is not None:
+            extra = [self.bb.emit(relax.op.reshape(up, [m, n])) if len(lead) != 1 else up]
+        y = self.bb.emit(relax.call_tir(fn, parts + [codes, scales, mins] + extra, relax.TensorType([m, n], "float32")))
         if len(lead) != 1:
             y = self.bb.emit(relax.op.reshape(y, lead + [tir.IntImm("int64", n)]))
         return y
@@ -359,8 +362,16 @@ class _FunctionLowering:
         anchor = next((o for o in region.ops if o.kind == "quantized_linear"), None)
         pre = {}
         if anchor is not None and all(inner_names.get(id(v)) in self.intdot for v in anchor.operands[1:]):
-            # the integer kernel computes the anchor; the rest of the region is its epilogue kernel
             by_arg = {id(a): o for a, o in zip(region.args, operands)}
+            rest = [o for o in region.ops if o is not anchor and o.kind != "constant"]
+            if (len(rest) == 1 and rest[0].kind == "glu" and rest[0].attrs["activation"] == "silu"
+                    and rest[0].operands[0] is anchor.result and id(rest[0].operands[1]) in by_arg
+                    and rest[0].operands[1].type.shape == anchor.result.type.shape
+                    and region.results == [rest[0].result] and len(op.results) == 1):
+                # the gated MLP: silu(gate) * up in the integer kernel's write-back
+                return self.lower_intdot(anchor, [by_arg[id(v)] for v in anchor.operands],
+                                         up=by_arg[id(rest[0].operands[1])])
+            # the integer kernel computes the anchor; the rest of the region is its epilogue kernel
             y = self.lower_intdot(anchor, [by_arg[id(v)] for v in anchor.operands])
             pre[id(anchor.result)] = len(operands)
             operands = list(operands) + [y]
