@@ -25,6 +25,7 @@ from tvm import relax, tirx as tir
 
 from ...ir import Block, Module, Op, Value
 from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
+from .intdot import BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, PackedWeight, Scalar
 from .recurrent import conv_step_kernel, delta_rule_step_kernel
 
@@ -104,8 +105,46 @@ def _param_of(v: Value, outer: dict[int, Value]) -> Optional[str]:
     return None
 
 
-def packed_params(module: Module) -> set[str]:
-    """Weights read as the weight of a ``linear`` (they get the packed layout)."""
+def _visit_ops(module: Module, fn) -> None:
+    """``fn(op, outer)`` for every op, regions included (``outer``: region arg -> operand)."""
+    def visit(block: Block, outer: dict[int, Value]):
+        for op in block.ops:
+            fn(op, outer)
+            if op.region is not None:
+                visit(op.region, {id(a): outer.get(id(v), v) for a, v in zip(op.region.args, op.operands)})
+
+    visit(module.functions["forward"].body, {})
+
+
+def intdot_params(module: Module, isa: Optional[IntDotIsa]) -> dict[str, dict]:
+    """Weights of the quantized linears that run on integer dot products (``intdot.py``):
+    name -> {"role": codes|groups, "lanes": L}. A weight another op also reads (a quantized
+    embedding tied to the LM head) keeps the blocked float-path layout."""
+    if isa is None:
+        return {}
+    chosen: dict[str, dict] = {}
+    other: set[str] = set()
+
+    def fn(op: Op, outer):
+        if op.region is not None:  # a fused op's operands are judged by the ops of its region
+            return
+        names = [_param_of(v, outer) for v in op.operands]
+        if op.kind == "quantized_linear" and None not in names[1:]:
+            n, k = op.result.type.shape[-1], op.operands[0].type.shape[-1]
+            if eligible(op.attrs["bits"], op.attrs["group_size"], n, k, isa):
+                chosen[names[1]] = {"role": "codes", "lanes": isa.lanes}
+                for name in names[2:]:
+                    chosen[name] = {"role": "groups", "lanes": isa.lanes}
+                return
+        other.update(n for n in names if n is not None)
+
+    _visit_ops(module, fn)
+    return {name: info for name, info in chosen.items() if name not in other}
+
+
+def packed_params(module: Module, isa: Optional[IntDotIsa] = None) -> set[str]:
+    """Weights read as the weight of a ``linear`` (they get the packed layout), except those
+    the integer kernels read (``intdot_params``)."""
     out: set[str] = set()
 
     def visit(block: Block, outer: dict[int, Value]):
@@ -124,7 +163,7 @@ def packed_params(module: Module) -> set[str]:
                 visit(op.region, {id(a): outer.get(id(v), v) for a, v in zip(op.region.args, op.operands)})
 
     visit(module.functions["forward"].body, {})
-    return out
+    return out - set(intdot_params(module, isa))
 
 
 def weight_order(module: Module) -> list[str]:
@@ -155,6 +194,7 @@ class AttentionOptions:
     threads: int = 2       # parallel width the work items are interleaved for
     lanes: int = 16        # float32 lanes of a vector register
     registers: int = 32    # vector registers
+    intdot: Optional[IntDotIsa] = None  # integer dot products for 4-bit linears (None: float path)
 
 
 class Backend:
@@ -201,6 +241,7 @@ class _FunctionLowering:
     module: Module
     dims: DimMap
     packed: set[str]
+    intdot: dict[str, dict]
     weights: dict[str, relax.Var]
     geom: CacheGeometry
     attention: AttentionOptions
@@ -208,6 +249,8 @@ class _FunctionLowering:
     pool_blocks: Any = None  # the TIR var of the pools' block count
     backend: Optional[Backend] = None
     env: dict[int, Any] = field(default_factory=dict)
+    param_names: dict[int, str] = field(default_factory=dict)  # IR value id -> param it reads
+    quantized: dict[Any, list] = field(default_factory=dict)  # relax activation -> its int8 blocks
 
     def operand(self, v: Value):
         return self.env[id(v)]
@@ -245,6 +288,7 @@ class _FunctionLowering:
         kind = op.kind
         if kind == "param":
             name = op.attrs["name"]
+            self.param_names[id(op.result)] = name
             var = self.weights[name]
             if name in self.packed:
                 n, k = (int(d) for d in self.module.params[name].type.shape)
@@ -263,6 +307,8 @@ class _FunctionLowering:
             return self.lower_state_step(op, operands)
         if op.region is not None:
             return self.lower_region(op, operands)
+        if kind == "quantized_linear" and self.is_intdot(op, op.operands):
+            return self.lower_intdot(op, operands)
         if kind not in BUILDERS:
             raise CodegenError(f"op '{kind}' has no TVM kernel")
         ctx = _KernelCtx(kind, self.dims)
@@ -273,12 +319,70 @@ class _FunctionLowering:
         out_type = op.result.type
         return self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, out_type, ctx), operands, op)
 
+    def is_intdot(self, op: Op, values) -> bool:
+        """Whether this quantized_linear's weights are in the integer-kernel layout."""
+        names = [self.param_names.get(id(v)) for v in values[1:]]
+        return bool(names) and all(n in self.intdot for n in names)
+
+    def lower_intdot(self, op: Op, operands, up=None):
+        """quantize_rows (int8 activation blocks) then the integer-dot linear; x is viewed as
+        [M, K] and the result reshaped back. ``up``: fuse the gated MLP's silu(y) * up."""
+        isa = self.attention.intdot
+        x = operands[0]
+        k, n = int(op.operands[0].type.shape[-1]), int(op.result.type.shape[-1])
+        lead = self.dims.shape(op.result.type.shape[:-1])
+        m = tir.IntImm("int64", 1)
+        for d in lead:
+            m = m * d
+        parts = self.quantized.get(x)  # q, k, v (gate, up) read one x: quantize it once
+        if parts is None:
+            x2 = self.bb.emit(relax.op.reshape(x, [m, k])) if len(lead) != 1 else x
+            qk = self.bb.add_func(quantize_rows_kernel(k, parallel=not self.decode), "quantize_rows")
+            q = self.bb.emit(relax.call_tir(qk, [x2], [relax.TensorType([m, k // 4], "int32"),
+                                                    relax.TensorType([m, k // BLOCK], "float32"),
+                                                    relax.TensorType([m, k // BLOCK], "float32")]))
+            parts = self.quantized[x] = [self.bb.emit(relax.TupleGetItem(q, i)) for i in range(3)]
+        codes, scales = operands[1], operands[2]
+        mins = operands[3] if len(operands) == 4 else scales
+        sdt = TVM_DTYPES[op.operands[2].type.dtype]
+        kernel = intdot_linear_kernel(isa, n, k, op.attrs["group_size"], op.attrs["signed"], len(operands) == 4,
+                                      sdt, self.decode, self.attention.threads, glu=up is not None)
+        fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
+        extra = []
+        if up is not None:
+            extra = [self.bb.emit(relax.op.reshape(up, [m, n])) if len(lead) != 1 else up]
+        y = self.bb.emit(relax.call_tir(fn, parts + [codes, scales, mins] + extra, relax.TensorType([m, n], "float32")))
+        if len(lead) != 1:
+            y = self.bb.emit(relax.op.reshape(y, lead + [tir.IntImm("int64", n)]))
+        return y
+
     def lower_region(self, op: Op, operands):
         region = op.region
+        inner_names = {id(a): self.param_names.get(id(v)) for a, v in zip(region.args, op.operands)}
+        anchor = next((o for o in region.ops if o.kind == "quantized_linear"), None)
+        pre = {}
+        if anchor is not None and all(inner_names.get(id(v)) in self.intdot for v in anchor.operands[1:]):
+            by_arg = {id(a): o for a, o in zip(region.args, operands)}
+            rest = [o for o in region.ops if o is not anchor and o.kind != "constant"]
+            if (len(rest) == 1 and rest[0].kind == "glu" and rest[0].attrs["activation"] == "silu"
+                    and rest[0].operands[0] is anchor.result and id(rest[0].operands[1]) in by_arg
+                    and rest[0].operands[1].type.shape == anchor.result.type.shape
+                    and region.results == [rest[0].result] and len(op.results) == 1):
+                # the gated MLP: silu(gate) * up in the integer kernel's write-back
+                return self.lower_intdot(anchor, [by_arg[id(v)] for v in anchor.operands],
+                                         up=by_arg[id(rest[0].operands[1])])
+            # the integer kernel computes the anchor; the rest of the region is its epilogue kernel
+            y = self.lower_intdot(anchor, [by_arg[id(v)] for v in anchor.operands])
+            pre[id(anchor.result)] = len(operands)
+            operands = list(operands) + [y]
 
         def build(full):
             env = {id(a): v for a, v in zip(region.args, full)}
+            for vid, pos in pre.items():
+                env[vid] = full[pos]
             for inner in region.ops:
+                if id(inner.result) in pre:
+                    continue
                 if inner.kind == "constant":
                     env[id(inner.result)] = Scalar(inner.attrs["value"], inner.attrs["dtype"])
                     continue
@@ -375,7 +479,7 @@ class _Packed:
 
 def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: CacheGeometry,
                    packed: set[str], order: list[str], tokens, rows, attention: AttentionOptions,
-                   backend: Optional[Backend] = None) -> None:
+                   backend: Optional[Backend] = None, intdot: Optional[dict] = None) -> None:
     """Add Relax function ``name`` to ``bb``: the IR's paged @forward with T = tokens and B = rows
     (ints for a static entry point, or TIR vars for a dynamic one)."""
     fn = module.functions["forward"]
@@ -401,16 +505,19 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
     for wname in order:
         t = module.params[wname].type
         shape = [int(d) for d in t.shape]
+        dtype = TVM_DTYPES[t.dtype]
         if wname in packed:
             shape = [shape[0] // PACK, shape[1], PACK]
-        wdtype = t.dtype if backend is None else backend.param_storage(wname)
-        weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, TVM_DTYPES[wdtype]))
+        wdtype = TVM_DTYPES[t.dtype if backend is None else backend.param_storage(wname)]
+        if wname in (intdot or {}):
+            shape, wdtype = intdot_shape(shape, t.dtype, intdot[wname])
+        weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, wdtype))
     step_names = list(STEP_ARGS) + (["state_slots"] if "state_slots" in args else [])
     params = [args[n] for n in step_names] + list(pools.values()) + list(states.values()) + list(weights.values())
     with bb.function(name, params, attrs={"global_symbol": name}):
         with bb.dataflow():
-            low = _FunctionLowering(bb, module, dims, packed, weights, geom, attention, isinstance(tokens, int), blocks,
-                                    backend)
+            low = _FunctionLowering(bb, module, dims, packed, intdot or {}, weights, geom, attention,
+                                    isinstance(tokens, int), blocks, backend)
             for a in fn.args:
                 low.env[id(a)] = args[a.name] if a.name in args else pools[a.name] if a.name in pools else states[a.name]
             for op in fn.ops:
@@ -440,13 +547,24 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
             any(kind != "kv_append" for kind in pools_returned[:2 * geom.layers]) or \
             any(kind not in ("causal_conv1d_step", "gated_delta_rule_step") for kind in pools_returned[2 * geom.layers:]):
         raise CodegenError("@forward must return the logits followed by the updated KV pools (the paged-kv pass's form)")
-    packed = packed_params(module)
+    isa = attention.intdot if backend is None else None  # integer kernels are the cpu's
+    intdot = intdot_params(module, isa)
+    packed = packed_params(module, isa)
     order = weight_order(module)
     bb = relax.BlockBuilder()
     lower_function(bb, module, "prefill", geom, packed, order, tir.Var("T", "int64"), tir.Var("B", "int64"), attention,
-                   backend)
-    lower_function(bb, module, "decode", geom, packed, order, 1, 1, attention, backend)
+                   backend, intdot)
+    lower_function(bb, module, "decode", geom, packed, order, 1, 1, attention, backend, intdot)
     states = [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
               for a in state_pools(module)]
-    layout = {"cache": geom, "packed": sorted(packed), "weight_order": order, "pack": PACK, "states": states}
+    layout = {"cache": geom, "packed": sorted(packed), "weight_order": order, "pack": PACK, "states": states,
+              "intdot": intdot}
     return bb.get(), layout
+
+
+def intdot_shape(shape: list[int], dtype: str, info: dict) -> tuple[list[int], str]:
+    """Stored shape and TVM dtype of a weight in the integer-kernel layout (intdot.py)."""
+    lanes = info["lanes"]
+    if info["role"] == "codes":  # u8 [N, K/2] -> i32 [N/L, K/32, 4L]
+        return [shape[0] // lanes, shape[1] * 2 // BLOCK, 4 * lanes], "int32"
+    return [shape[0] // lanes, shape[1], lanes], TVM_DTYPES[dtype]
