@@ -168,20 +168,26 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _load_engine(artifact: str, **options):
+    """Engine.load with its errors (a missing, corrupt or mismatched artifact, a bad option) as CliError."""
+    from llmc.runtime import ArtifactError, Engine
+
+    try:
+        return Engine.load(artifact, **options)
+    except (ArtifactError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_run(args) -> int:
-    from llmc.runtime import ArtifactError, Engine, SamplingParams
+    from llmc.runtime import SamplingParams
 
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 seed=args.seed, max_tokens=args.max_tokens, skip_special_tokens=False)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    try:
-        # one sequence: a KV pool of one full-length sequence is all `llmc run` needs
-        engine = Engine.load(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1,
-                             without_torch=True)
-    except ArtifactError as exc:
-        raise CliError(str(exc)) from None
+    # one sequence: a KV pool of one full-length sequence is all `llmc run` needs
+    engine = _load_engine(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1, without_torch=True)
     tok = engine.tokenizer
     if tok is None:
         raise CliError(f"{args.artifact} has no tokenizer; compile a model that ships one")
@@ -207,16 +213,11 @@ def cmd_serve(args) -> int:
         from llmc.runtime.server import run_server
     except ImportError as exc:
         raise CliError(f"llmc serve needs the serve extra ({exc.name} is missing): pip install 'llmc[serve]'") from None
-    from llmc.runtime import ArtifactError, Engine
-
     api_key = args.api_key or os.environ.get("LLMC_API_KEY") or None
     t0 = time.perf_counter()
-    try:
-        engine = Engine.load(args.artifact, threads=args.threads, num_blocks=args.kv_cache_blocks,
-                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                             enable_prefix_caching=not args.no_prefix_caching, without_torch=True)
-    except (ArtifactError, ValueError) as exc:
-        raise CliError(str(exc)) from None
+    engine = _load_engine(args.artifact, threads=args.threads, num_blocks=args.kv_cache_blocks,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          enable_prefix_caching=not args.no_prefix_caching, without_torch=True)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
     ex = engine.executor
     print(f"llmc serve: {name} loaded in {time.perf_counter() - t0:.1f}s; {ex.num_blocks} KV blocks of "
@@ -232,12 +233,8 @@ def cmd_verify(args) -> int:
     from llmc.compiler.frontend import ModelSourceError
     from llmc.compiler.frontend.hf import load_hf_model, resolve_source
     from llmc.compiler.verify import DEFAULT_PROMPTS, verify_artifact
-    from llmc.runtime import ArtifactError, Engine
 
-    try:
-        engine = Engine.load(args.artifact, threads=args.threads)
-    except ArtifactError as exc:
-        raise CliError(str(exc)) from None
+    engine = _load_engine(args.artifact, threads=args.threads)
     prompts = DEFAULT_PROMPTS
     if args.prompts:
         try:
@@ -279,7 +276,6 @@ def cmd_verify(args) -> int:
 
 
 def cmd_eval_ppl(args) -> int:
-    from llmc.runtime import ArtifactError, Engine
     from llmc.runtime.perplexity import all_logits, perplexity
 
     try:
@@ -287,10 +283,7 @@ def cmd_eval_ppl(args) -> int:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"cannot read --text {args.text}: {exc}") from None
-    try:
-        engine = Engine.load(args.artifact, threads=args.threads)
-    except ArtifactError as exc:
-        raise CliError(str(exc)) from None
+    engine = _load_engine(args.artifact, threads=args.threads)
     if engine.tokenizer is None:
         raise CliError(f"{args.artifact} has no tokenizer to turn the text into tokens")
     ids = engine.tokenizer.encode(text, add_special_tokens=False)[:args.max_tokens]
@@ -424,9 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "'aarch64' (default: this machine; another architecture needs llmc[cross])")
     c.add_argument("--threads", type=positive_int, help="cpu: threads the kernels are built for (default: all cores)")
     c.add_argument("--arch", help="cuda: sm_80, sm_89 or sm_90 (default sm_90); rocm: gfx90a, gfx942 or gfx1100 "
-                        "(default gfx942). Built ahead of time: no GPU needed")
+                        "(default gfx942); metal: apple-m1 (default), apple-m2, apple-m3, apple-m4 (same kernels). "
+                        "Built ahead of time: no GPU needed")
     c.add_argument("--dtype", choices=("bf16", "f16", "f32"),
-                   help="cuda/rocm: dtype of activations, weights and KV cache (default bf16)")
+                   help="cuda/rocm: dtype of activations, weights and KV cache (default bf16); metal: f16 "
+                        "(default) or f32 storage, fp32 arithmetic")
     c.add_argument("--max-seq-len", type=positive_int, default=2048,
                    help="tokens one sequence may hold, prompt and output (default 2048)")
     c.add_argument("--kv-block-size", type=positive_int,

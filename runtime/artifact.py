@@ -14,9 +14,12 @@ match, with a message that says what to do. Nothing here imports the compiler or
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -80,11 +83,25 @@ def write_manifest(root: str, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=1, sort_keys=True)
 
 
+@contextlib.contextmanager
+def staged(out_dir: str):
+    """A fresh staging directory beside ``out_dir``: published as ``out_dir`` when the block ends,
+    removed when it raises, so a failed compile leaves an existing artifact untouched."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".llmc-", dir=parent)
+    os.chmod(stage, 0o755)
+    try:
+        yield stage
+        publish(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
 def publish(stage: str, out_dir: str) -> None:
     """Move a finished staging directory to ``out_dir``, replacing an older artifact there only
     once the new one is complete (a failed compile never leaves half an artifact)."""
-    import shutil
-
     if os.path.exists(out_dir):
         backup = out_dir.rstrip("/") + ".old"
         shutil.rmtree(backup, ignore_errors=True)

@@ -65,7 +65,8 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 class CpuExecutor:
     """The compiled step of a cpu artifact with its weights and KV pools loaded."""
 
-    def __init__(self, manifest: Manifest, threads: Optional[int] = None, num_blocks: Optional[int] = None):
+    def __init__(self, manifest: Manifest, threads: Optional[int] = None, num_blocks: Optional[int] = None,
+                 num_state_slots: int = 17):
         self.threads = configure_threads(threads)  # before TVM's pool starts (see threads.py)
         import tvm
         from tvm import relax
@@ -102,6 +103,14 @@ class CpuExecutor:
             # until it is used and loads instantly.
             self.pools.append(tvm.runtime.from_dlpack(aligned_zeros(k_shape, dtype)))
             self.pools.append(tvm.runtime.from_dlpack(aligned_zeros(v_shape, dtype)))
+        # recurrent state (hybrid / linear-attention models): one pool per state op, one slot
+        # per running sequence, [slots, *shape]; zeroed like the KV pools
+        self.state_pools = []
+        pools = (manifest.data.get("state") or {}).get("pools") or []
+        self.num_state_slots = int(num_state_slots) if pools else 0
+        for pool in pools:
+            shape = (self.num_state_slots, *[int(d) for d in pool["shape"]])
+            self.state_pools.append(tvm.runtime.from_dlpack(aligned_zeros(shape, TVM_DTYPES[pool["dtype"]])))
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
 
@@ -148,5 +157,12 @@ class CpuExecutor:
         fn = self._decode if decode else self._prefill
         arrays = (batch.input_ids, batch.positions, batch.slot_mapping, batch.block_tables, batch.seq_lens,
                   batch.query_start, batch.logits_index)
+        if self.state_pools:
+            slots = batch.state_slots
+            if slots is None or slots.shape != (batch.num_seqs,) or (slots.size and (
+                    int(slots.min()) < 0 or int(slots.max()) >= self.num_state_slots)):
+                raise ValueError(f"step batch: this model keeps recurrent state and needs state_slots [B] within "
+                                 f"[0, {self.num_state_slots}), got {None if slots is None else slots.tolist()}")
+            arrays = arrays + (slots,)
         args = [tvm.runtime.tensor(np.ascontiguousarray(a, dtype=np.int64), self.device) for a in arrays]
-        return fn(*args, *self.pools, *self.weights).numpy()
+        return fn(*args, *self.pools, *self.state_pools, *self.weights).numpy()

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -58,7 +57,8 @@ class CpuTarget:
 
         from .llvm_cpu import linker, resolve_cpu
 
-        from .tvm.lower import PACK, AttentionOptions, cache_geometry, lower_to_relax, packed_params, weight_order
+        from .tvm.lower import (PACK, AttentionOptions, cache_geometry, lower_to_relax, packed_params, state_pools,
+                                weight_order)
         from .tvm.schedule import schedule_module
 
         cpu = resolve_cpu(options.mcpu)
@@ -72,12 +72,10 @@ class CpuTarget:
         cache_dir = options.cache_dir or _default_cache_dir()
         cached = os.path.join(cache_dir, f"{key}.so")
         layout = {"cache": cache_geometry(module), "packed": sorted(packed_params(module)),
-                  "weight_order": weight_order(module), "pack": PACK}
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=".llmc-", dir=parent)
-        os.chmod(stage, 0o755)
-        try:
+                  "weight_order": weight_order(module), "pack": PACK,
+                  "states": [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
+                             for a in state_pools(module)]}
+        with artifact.staged(out_dir) as stage:
             os.makedirs(os.path.join(stage, "kernels"))
             library = os.path.join(stage, artifact.STEP_LIBRARY)
             t0 = time.perf_counter()
@@ -138,11 +136,10 @@ class CpuTarget:
                              "v_layout": "[blocks, block_size, kv_heads, value_dim]"},
                 "tokenizer": tok,
             }
+            if layout.get("states"):  # recurrent state: one slot per running sequence (runtime/engine.py)
+                manifest["state"] = {"pools": layout["states"], "layout": "[slots, *shape] per pool, after the KV "
+                                                                           "pools; state_slots [B] after logits_index"}
             artifact.write_manifest(stage, manifest)
-            artifact.publish(stage, out_dir)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
         return timings
 
     @staticmethod

@@ -376,6 +376,8 @@ def _clamp_index(i, size: Dim, default) -> Dim:
         if isinstance(size, int) and isinstance(i, int):
             return max(0, min(i, size))
         return i
+    if getattr(normalize_dim(i), "is_negative", False):  # -T etc.: counts from the end, as ints do
+        return normalize_dim(size + i)
     return normalize_dim(i)
 
 
@@ -542,6 +544,37 @@ def _scatter_op(imp, node):
     return imp.b.op("scatter", x, idx, imp.as_tensor(src, dtype), axis=axis % x.type.rank)
 
 
+def _strided_slice_scatter(imp, node, x, src, axis, start, end, step):
+    """x[start:end:step] = src along a static axis (interleaved M-RoPE sections): runs of x's
+    untouched entries and single rows of src, concatenated in order."""
+    size = x.type.shape[axis]
+    if not all(isinstance(d, int) for d in (size, start, end, step)) or step < 1:
+        raise ImportError_(f"slice_scatter with step {step} at %{node.name} needs static bounds, got "
+                           f"{start}:{end} of {size}")
+    touched = list(range(start, min(end, size), step))
+    parts, prev = [], 0
+    for k, j in enumerate(touched):
+        if j > prev:
+            parts.append(imp.b.op("slice", x, axis=axis, start=prev, end=j, step=1))
+        parts.append(imp.b.op("slice", src, axis=axis, start=k, end=k + 1, step=1))
+        prev = j + 1
+    if prev < size:
+        parts.append(imp.b.op("slice", x, axis=axis, start=prev, end=size, step=1))
+    return parts[0] if len(parts) == 1 else imp.b.op("concat", *parts, axis=axis)
+
+
+@rule("aten.select_scatter.default")
+def _select_scatter(imp, node):
+    """x with x.select(dim, index) replaced by src: src as a one-row slice, scattered."""
+    x, src, axis, index = imp.args(node, ("self", None), ("src", None), ("dim", 0), ("index", 0))
+    axis %= x.type.rank
+    index = _clamp_index(index, x.type.shape[axis], 0)
+    shape = list(x.type.shape)
+    shape[axis] = 1
+    row = imp.b.op("reshape", imp.as_tensor(src, x.type.dtype), shape=shape)
+    return _strided_slice_scatter(imp, node, x, row, axis, index, index + 1, 1)
+
+
 @rule("aten.slice_scatter.default")
 def _slice_scatter(imp, node):
     """x with x[start:end] along dim replaced by src: the untouched parts concatenated around src."""
@@ -550,45 +583,8 @@ def _slice_scatter(imp, node):
     axis %= x.type.rank
     size = x.type.shape[axis]
     start, end = _clamp_index(start, size, 0), _clamp_index(end, size, size)
-    src = imp.as_tensor(src, x.type.dtype)
-    if step == 1:
-        return _scatter_contiguous(imp, x, src, axis, start, end)
-    if not (isinstance(size, int) and isinstance(start, int) and isinstance(end, int)):
-        raise ImportError_(f"slice_scatter with step {step} at %{node.name} over a dim of {size} is not supported "
-                           f"(llmc takes strided scatters over static dims)")
-    # x[start:end:step] = src as rows of x (padded to a multiple of step) viewed [..., rows, step, ...]:
-    # rows start//step on, column start % step
-    count = len(range(start, end, step))
-    shape = list(x.type.shape)
-    pad = -size % step
-    if pad:
-        filler = imp.b.op("expand", imp.const(0, x.type.dtype), shape=shape[:axis] + [pad] + shape[axis + 1:])
-        x = imp.b.op("concat", x, filler, axis=axis)
-    split = shape[:axis] + [(size + pad) // step, step] + shape[axis + 1:]
-    xr = imp.b.op("reshape", x, shape=split)
-    col = imp.b.op("slice", xr, axis=axis + 1, start=start % step, end=start % step + 1, step=1)
-    src_r = imp.b.op("reshape", src, shape=shape[:axis] + [count, 1] + shape[axis + 1:])
-    col = _scatter_contiguous(imp, col, src_r, axis, start // step, start // step + count)
-    xr = _scatter_contiguous(imp, xr, col, axis + 1, start % step, start % step + 1)
-    out = imp.b.op("reshape", xr, shape=shape[:axis] + [size + pad] + shape[axis + 1:])
-    return imp.b.op("slice", out, axis=axis, start=0, end=size, step=1) if pad else out
-
-
-@rule("aten.select_scatter.default")
-def _select_scatter(imp, node):
-    """x with x.select(dim, index) replaced by src (src has x's shape without that dim)."""
-    x, src, axis, index = imp.value(node.args[0]), imp.value(node.args[1]), node.args[2], node.args[3]
-    axis %= x.type.rank
-    size = x.type.shape[axis]
-    index = index % size if isinstance(size, int) else index
-    shape = list(x.type.shape)
-    src = imp.b.op("reshape", imp.as_tensor(src, x.type.dtype), shape=shape[:axis] + [1] + shape[axis + 1:])
-    return _scatter_contiguous(imp, x, src, axis, index, index + 1)
-
-
-def _scatter_contiguous(imp, x: Value, src: Value, axis: int, start, end) -> Value:
-    """x with x[start:end] along axis replaced by src: the untouched parts concatenated around it."""
-    size = x.type.shape[axis]
+    if step != 1:
+        return _strided_slice_scatter(imp, node, x, imp.as_tensor(src, x.type.dtype), axis, start, end, step)
     parts = []
     if start != 0:
         parts.append(imp.b.op("slice", x, axis=axis, start=0, end=start, step=1))

@@ -203,6 +203,7 @@ def llmc_attention_enabled(model, attention: str = ATTN_IMPLEMENTATION):
     """Make ``model`` (and its sub-configs) use llmc attention (or the ``attention``
     implementation named) and llmc experts inside the block."""
     from . import experts
+    from .recurrent import recurrent_enabled
 
     register()
     experts.register()
@@ -215,7 +216,8 @@ def llmc_attention_enabled(model, attention: str = ATTN_IMPLEMENTATION):
         for c in configs:
             c._attn_implementation = attention
             c._experts_implementation = experts.EXPERTS_IMPLEMENTATION
-        yield model
+        with recurrent_enabled(model):  # recurrent kernels -> llmc state ops (frontend/recurrent.py)
+            yield model
     finally:
         for c, (attn, exp) in zip(configs, saved):
             c._attn_implementation = attn

@@ -176,14 +176,15 @@ class _WithPositions(torch.nn.Module):
 
 
 def _export(model, ids, pos, T, attention: str):
+    """The export itself; ``pos`` None for a forward given no positions (a recurrent-only model)."""
     from .attention import attention_calls
 
+    kwargs, shapes = {"input_ids": ids}, {"input_ids": {1: T}}
+    if pos is not None:
+        kwargs["position_ids"], shapes["position_ids"] = pos, {1: T}
     with llmc_attention_enabled(model, attention), torch.no_grad():
-        program = torch.export.export(
-            model, (), kwargs={"input_ids": ids, "position_ids": pos},
-            dynamic_shapes={"input_ids": {1: T}, "position_ids": {1: T}},
-            strict=False, prefer_deferred_runtime_asserts_over_guards=True,
-        )
+        program = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=shapes, strict=False,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
         return program, attention_calls()
 
 
@@ -210,7 +211,9 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
         "max_position_embeddings", "n_positions", "max_seq_len")) if isinstance(v, int) and v > 0), 4096)
     name = type(model).__name__
     takes_positions = "position_ids" in _forward_parameters(model)
-    traced = model if takes_positions else _WithPositions(model, _takes_kwargs(model))
+    # an attention-free recurrent model (Mamba) needs no positions: each state op continues its state
+    recurrent_only = not takes_positions and _recurrent_only(model)
+    traced = model if takes_positions or recurrent_only else _WithPositions(model, _takes_kwargs(model))
     vocab = int(text_config.vocab_size)
     ids = torch.arange(example_tokens, dtype=torch.int64)[None] % vocab
     pos = torch.arange(example_tokens, dtype=torch.int64)[None]
@@ -220,18 +223,19 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
     configs = [model.config] + [c for c in {id(text_config): text_config}.values() if c is not model.config]
     saved = [getattr(c, "use_cache", None) for c in configs]
     from .attention import attention_calls
+    from .recurrent import state_calls
 
     try:
         for c in configs:
             c.use_cache = False
         try:
-            program, calls = _export(traced, ids, pos, T, "llmc")
+            program, calls = _export(traced, ids, None if recurrent_only else pos, T, "llmc")
         except (TypeError, AttributeError, RuntimeError) as exc:
             if attention_calls() != 0:
                 raise
             first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             program, calls = None, 0
-        if calls == 0:  # the model computes attention itself: trace its eager attention and recognize it
+        if calls == 0 and state_calls() == 0:  # attention computed by the model: trace it eagerly, recognize it
             try:
                 program, _ = _export(traced, ids, pos, T, "eager")
             except (TypeError, AttributeError, RuntimeError) as exc:
@@ -257,7 +261,7 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
         for c, s in zip(configs, saved):
             c.use_cache = s
     _check_token_asserts(model, program, max_tokens)
-    if calls == 0:
+    if calls == 0 and state_calls() == 0:
         program = functionalize(program)
         n = _identification_tokens(text_config, example_tokens, max_tokens)
         example = {"input_ids": torch.arange(n, dtype=torch.int64)[None] % vocab,
@@ -270,7 +274,7 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
             raise TraceError(f"{name} never calls transformers' attention interface and llmc found no attention "
                              f"of the form softmax(q·k^T) @ v in its trace, so it cannot place its KV-cache "
                              f"boundary")
-    if not takes_positions:
+    if not takes_positions and not recurrent_only:
         _refuse_derived_positions(program, name)
     return functionalize(program)
 
@@ -283,6 +287,18 @@ def _refuse_derived_positions(program, name: str) -> None:
             raise TraceError(f"{name}.forward takes no position_ids and derives token positions itself "
                              f"({node.target} at %{node.name}) outside its attention: decode steps do not start "
                              f"at 0, so llmc cannot run it")
+
+
+def _recurrent_only(model) -> bool:
+    """A model with no attention at all whose sequence mixing is recurrent state (Mamba): its
+    forward needs no positions, as each state op continues from where its state left off."""
+    from .recurrent import recurrent_module_names
+
+    modules = {type(m).__module__ for m in model.modules()}
+    import sys
+
+    return any(recurrent_module_names(sys.modules.get(name)) for name in modules) and not any(
+        "Attention" in type(m).__name__ for m in model.modules())
 
 
 def _check_token_asserts(model, program, max_tokens: int) -> None:

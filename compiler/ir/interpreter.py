@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .core import Block, Function, Module, Op, Value
 from .quant import dequantize
+from .recurrent import StateError, sequence_reference, step_reference
 from .types import Dim, dim_symbols, eval_dim
 
 TORCH_DTYPES = {
@@ -37,6 +38,8 @@ class KVCache:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.written: dict[int, torch.Tensor] = {}
+        # recurrent state per state index: (state, next position) (see ir/recurrent.py)
+        self.states: dict[int, tuple[torch.Tensor, int]] = {}
 
     def _ensure(self, layer: int, needed: int, k: torch.Tensor, v: torch.Tensor) -> None:
         cap = max(self.capacity, needed)
@@ -326,6 +329,28 @@ def _kv_append(xs, a, fr):
 def _paged_attention(xs, a, fr):
     return paged_attention_reference(*xs[:6], a["scale"], a["window"], a["softcap"], xs[6] if len(xs) > 6 else None,
                                      a.get("chunk", 0), a.get("alibi"))
+
+
+@impl("causal_conv1d", "gated_delta_rule")
+def _recurrent(xs, a, fr):
+    kind = fr.op.kind
+    pos_index = 2 if kind == "causal_conv1d" else 5
+    operands = xs[:pos_index] + xs[pos_index + 1:]
+    try:
+        return sequence_reference(kind, operands, xs[pos_index].to(torch.int64), fr.interp.kv_cache.states,
+                                  a["state"], a.get("delta", True))
+    except StateError as exc:
+        raise InterpreterError(str(exc)) from None
+
+
+@impl("causal_conv1d_step", "gated_delta_rule_step")
+def _recurrent_step(xs, a, fr):
+    n = 2 if fr.op.kind == "causal_conv1d_step" else 5
+    operands = xs[1:1 + n] + xs[4 + n:]
+    try:
+        return step_reference(fr.op.kind, xs[0], operands, *xs[1 + n:4 + n], delta=a.get("delta", True))
+    except StateError as exc:
+        raise InterpreterError(str(exc)) from None
 
 
 @impl("rms_norm")

@@ -679,3 +679,6 @@ def _quantized_embedding(types, attrs, ctx):
         raise TypeError(f"quantized_embedding ids must be i64 or i32, got {ids.dtype}")
     _, d = _quant_weight(types[1:], attrs, "quantized_embedding")
     return [TensorType(ids.shape + (d,), "f32")]
+
+
+from . import recurrent as _recurrent  # noqa: E402,F401  (registers the recurrent-state ops)

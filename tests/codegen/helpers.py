@@ -32,11 +32,13 @@ def hf_greedy(model, prompt_ids, new_tokens: int):
                 out = model(torch.tensor([ids]))
             return tokens, prefill_logits.numpy()
         prefill_logits = out.logits[0, -1]
-        past, token, tokens = out.past_key_values, int(out.logits[0, -1].argmax()), []
+        from tests.frontend.arch_sweep import cache_of
+
+        past, token, tokens = cache_of(model, out), int(out.logits[0, -1].argmax()), []
         for _ in range(new_tokens):
             tokens.append(token)
-            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            out = model(torch.tensor([[token]]), **past, use_cache=True)
+            past, token = cache_of(model, out), int(out.logits[0, -1].argmax())
     return tokens, prefill_logits.numpy()
 
 

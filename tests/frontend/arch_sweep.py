@@ -124,6 +124,13 @@ def _shrink(config) -> None:
         with contextlib.suppress(Exception):
             config.full_attn_idxs = [1]
             config.layer_types = ["conv", "full_attention"]
+    # hybrids placing attention / MoE layers by offset and period (Jamba, Zamba): with two layers,
+    # layer 0 keeps its recurrent mixer and layer 1 gets attention (and experts)
+    for key, value in (("attn_layer_offset", 1), ("attn_layer_period", 2), ("expert_layer_offset", 1),
+                       ("expert_layer_period", 2)):
+        if isinstance(getattr(config, key, None), int):
+            with contextlib.suppress(Exception):
+                setattr(config, key, value)
     # layer-type lists sized for the default depth: keep the first two (one of each kind when present)
     for key in ("layer_types", "mlp_layer_types", "block_types", "layers_block_type"):
         types = getattr(config, key, None)
@@ -192,6 +199,16 @@ def tiny_model(model_type: str, seed: int = 0):
 NO_HF_CACHE = {"openai-gpt"}
 
 
+def cache_of(model, out) -> dict:
+    """The keyword that hands ``out``'s cache to the next call: ``past_key_values``, or
+    ``cache`` for models (Mamba) whose forward and outputs name it so."""
+    import inspect
+
+    if "past_key_values" not in inspect.signature(model.forward).parameters and hasattr(out, "cache"):
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
 def hf_reference(model, ids: torch.Tensor, prompt_len: int):
     """transformers' prefill logits [T, V] and the logits of each decode step on its own cache."""
     if model.config.model_type in NO_HF_CACHE:
@@ -202,10 +219,10 @@ def hf_reference(model, ids: torch.Tensor, prompt_len: int):
     with torch.no_grad():
         out = model(ids[None, :prompt_len], use_cache=True)
         prefill = out.logits[0].float()
-        past, steps = out.past_key_values, []
+        past, steps = cache_of(model, out), []
         for i in range(prompt_len, ids.shape[0]):
-            step = model(ids[None, i:i + 1], past_key_values=past, use_cache=True)
-            past = step.past_key_values
+            step = model(ids[None, i:i + 1], **past, use_cache=True)
+            past = cache_of(model, step)
             steps.append(step.logits[0, -1].float())
     return prefill, steps
 

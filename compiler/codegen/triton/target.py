@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -70,17 +68,20 @@ class _TritonTarget:
         dtype = options.dtype or "bf16"
         timings = {}
         t0 = time.perf_counter()
+        stateful = sorted({op.kind for op in module.functions["forward"].ops
+                           if op.kind in ("causal_conv1d", "gated_delta_rule", "causal_conv1d_step",
+                                          "gated_delta_rule_step")})
+        if stateful:
+            raise TargetError(f"{self.kind}: the model keeps recurrent state ({', '.join(stateful)}: short "
+                              f"convolutions / linear-attention scans); the {self.kind} target has no kernels for "
+                              f"these ops yet, compile it for --target cpu")
         try:
             plan = lower_to_plan(module, PlanOptions(arch=arch, dtype=dtype))
         except CodegenError as exc:
             raise TargetError(f"{self.kind}: {exc}") from None
         log.info("lowered to a launch plan: %d launches of %d distinct kernels (%.1fs)", len(plan.launches),
                  len(plan.kernels), time.perf_counter() - t0)
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=".llmc-", dir=parent)
-        os.chmod(stage, 0o755)
-        try:
+        with artifact.staged(out_dir) as stage:
             src_dir = os.path.join(stage, "kernels", "src")
             plan.write_sources(src_dir)
             t0 = time.perf_counter()
@@ -125,10 +126,6 @@ class _TritonTarget:
                 "tokenizer": tok,
             }
             artifact.write_manifest(stage, manifest)
-            artifact.publish(stage, out_dir)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
         return timings
 
     @staticmethod

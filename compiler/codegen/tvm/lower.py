@@ -26,6 +26,7 @@ from tvm import relax, tirx as tir
 from ...ir import Block, Module, Op, Value
 from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, PackedWeight, Scalar
+from .recurrent import conv_step_kernel, delta_rule_step_kernel
 
 STEP_ARGS = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_index")
 
@@ -80,6 +81,8 @@ def cache_geometry(module: Module) -> CacheGeometry:
         raise CodegenError("the model has no attention op; llmc compiles decoder LMs with a KV cache")
     pools = {a.name: a.type for a in fn.args if a.name.startswith(("k_pool_", "v_pool_"))}
     layers = len(pools) // 2
+    if layers == 0 and state_pools(module):  # attention-free (Mamba): recurrent state only, no KV blocks
+        return CacheGeometry(0, int(module.attrs.get("kv_block_size") or 16), 0, 0, 0)
     if sorted(pools) != sorted([f"k_pool_{i}" for i in range(layers)] + [f"v_pool_{i}" for i in range(layers)]):
         raise CodegenError(f"expected k_pool_l / v_pool_l arguments for layers 0..L-1, got {sorted(pools)}")
     shapes = {(tuple(pools[f"k_pool_{i}"].shape[1:]), tuple(pools[f"v_pool_{i}"].shape[1:]), pools[f"k_pool_{i}"].dtype)
@@ -154,6 +157,44 @@ class AttentionOptions:
     registers: int = 32    # vector registers
 
 
+class Backend:
+    """What a GPU target changes in the lowering (the cpu target passes none and keeps the
+    defaults): the dtype each IR value is stored in (kernels widen stored fp16 operands to the
+    IR's fp32 on load and narrow results on store, so arithmetic and accumulation stay fp32),
+    the KV pools' dtype, and its own kv_append / paged_attention kernels."""
+
+    kv_dtype: Optional[str] = None  # IR dtype of the KV pools (None: the IR's)
+
+    def storage(self, value: Value) -> str:
+        return value.type.dtype
+
+    def param_storage(self, name: str) -> str:
+        raise NotImplementedError
+
+    def kv_append_kernel(self, geom: "CacheGeometry", keys: bool):
+        raise NotImplementedError
+
+    def paged_attention_kernel(self, op: Op, geom: "CacheGeometry", decode: bool, dtype: str):
+        raise NotImplementedError
+
+
+def _widen(te_tensor, dtype: str):
+    """An fp32 view of a stored operand (the scheduler inlines it into the loads)."""
+    from tvm import te
+
+    if dtype == te_tensor.dtype:
+        return te_tensor
+    return te.compute(te_tensor.shape, lambda *i: te_tensor[i].astype(dtype), name="widen")
+
+
+def _narrow(te_tensor, dtype: str):
+    from tvm import te
+
+    if dtype == te_tensor.dtype:
+        return te_tensor
+    return te.compute(te_tensor.shape, lambda *i: te_tensor[i].astype(dtype), name="narrow")
+
+
 @dataclass
 class _FunctionLowering:
     bb: relax.BlockBuilder
@@ -165,6 +206,7 @@ class _FunctionLowering:
     attention: AttentionOptions
     decode: bool
     pool_blocks: Any = None  # the TIR var of the pools' block count
+    backend: Optional[Backend] = None
     env: dict[int, Any] = field(default_factory=dict)
 
     def operand(self, v: Value):
@@ -176,17 +218,26 @@ class _FunctionLowering:
             return PackedWeight(te_tensor, value.n, value.k)
         return te_tensor
 
-    def emit_kernel(self, name: str, build, operands: list[Any]):
-        """emit_te over the tensor operands; scalars and packed flags travel by closure."""
+    def emit_kernel(self, name: str, build, operands: list[Any], op: Optional[Op] = None):
+        """emit_te over the tensor operands; scalars and packed flags travel by closure. With a
+        backend, stored operands are widened to the IR's dtypes and results narrowed to theirs."""
         tensor_positions = [i for i, o in enumerate(operands) if not isinstance(o, Scalar)]
         relax_args = [operands[i].expr if isinstance(operands[i], _Packed) else operands[i]
                       for i in tensor_positions]
+        convert = self.backend is not None and op is not None
 
         def te_fn(*te_args):
             full = list(operands)
             for i, te_arg in zip(tensor_positions, te_args):
+                if convert:
+                    te_arg = _widen(te_arg, TVM_DTYPES[op.operands[i].type.dtype])
                 full[i] = self.wrap(operands[i], te_arg)
-            return build(full)
+            out = build(full)
+            if convert:
+                outs = out if isinstance(out, (list, tuple)) else [out]
+                outs = [_narrow(t, TVM_DTYPES[self.backend.storage(r)]) for t, r in zip(outs, op.results)]
+                out = outs if isinstance(out, (list, tuple)) else outs[0]
+            return out
 
         return self.bb.emit_te(te_fn, *relax_args, primfunc_name_hint=name)
 
@@ -208,16 +259,19 @@ class _FunctionLowering:
             return self.lower_kv_append(operands, op)
         if kind == "paged_attention":
             return self.lower_paged_attention(op, operands)
+        if kind in ("causal_conv1d_step", "gated_delta_rule_step"):
+            return self.lower_state_step(op, operands)
         if op.region is not None:
             return self.lower_region(op, operands)
         if kind not in BUILDERS:
             raise CodegenError(f"op '{kind}' has no TVM kernel")
         ctx = _KernelCtx(kind, self.dims)
         if len(op.results) > 1:
-            out = self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, op.results[0].type, ctx), operands)
+            out = self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, op.results[0].type, ctx),
+                                   operands, op)
             return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(op.results))]
         out_type = op.result.type
-        return self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, out_type, ctx), operands)
+        return self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, out_type, ctx), operands, op)
 
     def lower_region(self, op: Op, operands):
         region = op.region
@@ -236,7 +290,7 @@ class _FunctionLowering:
             outs = [env[id(v)] for v in region.results]
             return outs if len(outs) > 1 else outs[0]
 
-        out = self.emit_kernel(op.attrs["name"].rsplit("_", 1)[0], build, operands)
+        out = self.emit_kernel(op.attrs["name"].rsplit("_", 1)[0], build, operands, op)
         if len(op.results) == 1:
             return out
         return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(op.results))]
@@ -251,8 +305,12 @@ class _FunctionLowering:
         g = self.op_geometry(op.operands[0], op.operands[1])
         dtype = TVM_DTYPES[g.dtype]
         blocks = self.pool_blocks
-        kw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.head_dim, g.block_size, True, dtype), "kv_append_k")
-        vw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.value_dim, g.block_size, False, dtype), "kv_append_v")
+        if self.backend is not None:
+            kw = self.bb.add_func(self.backend.kv_append_kernel(g, True), "kv_append_k")
+            vw = self.bb.add_func(self.backend.kv_append_kernel(g, False), "kv_append_v")
+        else:
+            kw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.head_dim, g.block_size, True, dtype), "kv_append_k")
+            vw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.value_dim, g.block_size, False, dtype), "kv_append_v")
         k_pool = self.bb.emit(relax.call_tir_inplace(kw, [k, slots, k_pool], [2],
                                                      relax.TensorType(g.shape(blocks), dtype)))
         v_pool = self.bb.emit(relax.call_tir_inplace(vw, [v, slots, v_pool], [2],
@@ -261,16 +319,51 @@ class _FunctionLowering:
 
     def lower_paged_attention(self, op: Op, operands):
         g, opts = self.op_geometry(op.operands[1], op.operands[2]), self.attention
+        if self.backend is not None:
+            dtype = TVM_DTYPES[self.backend.storage(op.result)]
+            kernel = self.backend.paged_attention_kernel(op, g, self.decode, dtype)
+            out_type = relax.TensorType(self.dims.shape(op.result.type.shape), dtype)
+            return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
         if g.dtype != "f32":
             raise CodegenError(f"the cpu attention kernel reads float32 KV pools, not {g.dtype}")
         hq = int(op.operands[0].type.shape[1])
         rows = 1 if self.decode else tile_rows(hq // g.kv_heads, g.block_size, opts.lanes, opts.registers)
         kernel = paged_attention_kernel(hq, g.kv_heads, g.head_dim, g.value_dim, g.block_size, op.attrs["scale"],
                                         op.attrs["window"], op.attrs["softcap"], rows, opts.threads,
-                                        sinks=len(op.operands) == 7, chunk=op.attrs.get("chunk", 0),
-                                        alibi=op.attrs.get("alibi"))
+                                        sinks=len(op.operands) == 7, lanes=opts.lanes, registers=opts.registers,
+                                        chunk=op.attrs.get("chunk", 0), alibi=op.attrs.get("alibi"))
         out_type = relax.TensorType(self.dims.shape(op.result.type.shape), "float32")
         return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
+
+
+    def lower_state_step(self, op: Op, operands):
+        """A recurrent-state step op: its kernel updates the state pool (operand 0) in place
+        and writes the output into a fresh tensor."""
+        pool, rest = operands[0], operands[1:]
+        if any(isinstance(o, (Scalar, _Packed)) for o in operands):
+            raise CodegenError(f"{op.kind}: an operand is a constant or a packed weight; expected tensors")
+        if op.kind == "causal_conv1d_step":
+            channels, width = (int(d) for d in op.operands[2].type.shape)
+            if width < 2:
+                raise CodegenError(f"causal_conv1d_step: a kernel width of {width} carries no state")
+            kernel = conv_step_kernel(channels, width, len(op.operands) == 7, TVM_DTYPES[op.operands[1].type.dtype])
+        else:
+            q, v, g = op.operands[1].type, op.operands[3].type, op.operands[4].type
+            if q.dtype != "f32":
+                raise CodegenError(f"the cpu gated_delta_rule_step kernel computes in float32, not {q.dtype}")
+            kernel = delta_rule_step_kernel(int(q.shape[1]), int(q.shape[2]), int(v.shape[2]), g.rank == 3,
+                                            op.attrs.get("delta", True))
+        out_type = relax.TensorType(self.dims.shape(op.results[0].type.shape), TVM_DTYPES[op.results[0].type.dtype])
+        pool_type = relax.TensorType(self.dims.shape(op.results[1].type.shape), TVM_DTYPES[op.results[1].type.dtype])
+        args = list(rest) + [pool]
+        call = self.bb.emit(relax.call_tir_inplace(self.bb.add_func(kernel, op.kind), args, [-1, len(args) - 1],
+                                                   [out_type, pool_type]))
+        return [self.bb.emit(relax.TupleGetItem(call, 0)), self.bb.emit(relax.TupleGetItem(call, 1))]
+
+
+def state_pools(module: Module) -> list:
+    """The recurrent-state pools of a paged module (its state_pool_i arguments), in order."""
+    return [a for a in module.functions["forward"].args if a.name.startswith("state_pool_")]
 
 
 @dataclass
@@ -281,17 +374,21 @@ class _Packed:
 
 
 def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: CacheGeometry,
-                   packed: set[str], order: list[str], tokens, rows, attention: AttentionOptions) -> None:
+                   packed: set[str], order: list[str], tokens, rows, attention: AttentionOptions,
+                   backend: Optional[Backend] = None) -> None:
     """Add Relax function ``name`` to ``bb``: the IR's paged @forward with T = tokens and B = rows
     (ints for a static entry point, or TIR vars for a dynamic one)."""
     fn = module.functions["forward"]
     blocks = tir.Var("NB", "int64")
-    dims = DimMap({"T": tokens, "B": rows, "MB": tir.Var("MB", "int64"), "NB": blocks})
-    args = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in fn.args if a.name in STEP_ARGS}
+    dims = DimMap({"T": tokens, "B": rows, "MB": tir.Var("MB", "int64"), "NB": blocks, "NS": tir.Var("NS", "int64")})
+    args = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in fn.args
+            if a.name in STEP_ARGS or a.name == "state_slots"}
     missing = set(STEP_ARGS) - set(args)
     if missing:
         raise CodegenError(f"@forward lacks {sorted(missing)}; run select-logits and paged-kv before codegen")
-    extra = [a.name for a in fn.args if a.name not in STEP_ARGS and not a.name.startswith(("k_pool_", "v_pool_"))]
+    states = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in state_pools(module)}
+    extra = [a.name for a in fn.args if a.name not in args and a.name not in states
+             and not a.name.startswith(("k_pool_", "v_pool_"))]
     if extra:
         raise CodegenError(f"@forward takes arguments {extra} that the runtime does not provide")
     dtype = TVM_DTYPES[geom.dtype]
@@ -306,13 +403,16 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
         shape = [int(d) for d in t.shape]
         if wname in packed:
             shape = [shape[0] // PACK, shape[1], PACK]
-        weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, TVM_DTYPES[t.dtype]))
-    params = [args[n] for n in STEP_ARGS] + list(pools.values()) + list(weights.values())
+        wdtype = t.dtype if backend is None else backend.param_storage(wname)
+        weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, TVM_DTYPES[wdtype]))
+    step_names = list(STEP_ARGS) + (["state_slots"] if "state_slots" in args else [])
+    params = [args[n] for n in step_names] + list(pools.values()) + list(states.values()) + list(weights.values())
     with bb.function(name, params, attrs={"global_symbol": name}):
         with bb.dataflow():
-            low = _FunctionLowering(bb, module, dims, packed, weights, geom, attention, isinstance(tokens, int), blocks)
+            low = _FunctionLowering(bb, module, dims, packed, weights, geom, attention, isinstance(tokens, int), blocks,
+                                    backend)
             for a in fn.args:
-                low.env[id(a)] = args[a.name] if a.name in args else pools[a.name]
+                low.env[id(a)] = args[a.name] if a.name in args else pools[a.name] if a.name in pools else states[a.name]
             for op in fn.ops:
                 result = low.lower_op(op)
                 if len(op.results) == 1:
@@ -325,19 +425,28 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
         bb.emit_func_output(out)
 
 
-def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None) -> tuple[tvm.IRModule, dict]:
+def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
+                   backend: Optional[Backend] = None) -> tuple[tvm.IRModule, dict]:
     """The Relax module with ``prefill`` (dynamic T, B) and ``decode`` (T = B = 1) entry points,
-    and the layout facts the artifact records."""
+    and the layout facts the artifact records. ``backend``: a GPU target's changes (see Backend)."""
     attention = attention or AttentionOptions()
     geom = cache_geometry(module)
+    if backend is not None and backend.kv_dtype:
+        geom.dtype = backend.kv_dtype
     fn = module.functions["forward"]
     pools_returned = [v.producer.kind if v.producer is not None else "argument" for v in fn.results[1:]]
-    if len(fn.results) != 1 + 2 * geom.layers or any(kind != "kv_append" for kind in pools_returned):
+    n_states = len(state_pools(module))
+    if len(fn.results) != 1 + 2 * geom.layers + n_states or \
+            any(kind != "kv_append" for kind in pools_returned[:2 * geom.layers]) or \
+            any(kind not in ("causal_conv1d_step", "gated_delta_rule_step") for kind in pools_returned[2 * geom.layers:]):
         raise CodegenError("@forward must return the logits followed by the updated KV pools (the paged-kv pass's form)")
     packed = packed_params(module)
     order = weight_order(module)
     bb = relax.BlockBuilder()
-    lower_function(bb, module, "prefill", geom, packed, order, tir.Var("T", "int64"), tir.Var("B", "int64"), attention)
-    lower_function(bb, module, "decode", geom, packed, order, 1, 1, attention)
-    layout = {"cache": geom, "packed": sorted(packed), "weight_order": order, "pack": PACK}
+    lower_function(bb, module, "prefill", geom, packed, order, tir.Var("T", "int64"), tir.Var("B", "int64"), attention,
+                   backend)
+    lower_function(bb, module, "decode", geom, packed, order, 1, 1, attention, backend)
+    states = [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
+              for a in state_pools(module)]
+    layout = {"cache": geom, "packed": sorted(packed), "weight_order": order, "pack": PACK, "states": states}
     return bb.get(), layout
