@@ -588,7 +588,7 @@ def _slice_scatter(imp, node):
     parts = []
     if start != 0:
         parts.append(imp.b.op("slice", x, axis=axis, start=0, end=start, step=1))
-    parts.append(imp.as_tensor(src, x.type.dtype))
+    parts.append(src)
     if not dims_equal_(end, size):
         parts.append(imp.b.op("slice", x, axis=axis, start=end, end=size, step=1))
     return parts[0] if len(parts) == 1 else imp.b.op("concat", *parts, axis=axis)

@@ -153,6 +153,8 @@ def _set(obj, **values):
 # attributes their code needs that the default leaves unset
 RECIPES = {
     "dots1": lambda c: _set(c, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
+    "cohere_compass_text": lambda c: _set(c, rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                               for t in ("full_attention", "sliding_attention")}),
     "gemma3n_text": lambda c: _set(c, num_kv_shared_layers=0, intermediate_size=[96, 96],
                                    activation_sparsity_pattern=[0.0, 0.0]),
 }
