@@ -138,10 +138,44 @@ def _shrink(config) -> None:
             kinds = list(dict.fromkeys(types))
             with contextlib.suppress(Exception):
                 setattr(config, key, (kinds + kinds)[:2] if len(kinds) >= 2 else list(types[:2]))
+    _fit_hybrid(config)
     for sub in SUB_CONFIGS:
         c = getattr(config, sub, None)
         if c is not None and hasattr(c, "to_dict"):
             _shrink(c)
+
+
+RECURRENT_KINDS = {"linear_attention", "mamba"}
+
+
+def _fit_hybrid(config) -> None:
+    """Mamba-2 hybrids after shrinking: heads x head dim must again cover the mixer width, and
+    a hybrid whose two layers kept no attention layer gets one (transformers' cache for these
+    models needs an attention layer to report its length)."""
+    expand = getattr(config, "mamba_expand", None) or getattr(config, "expand", None)
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(expand, (int, float)) and isinstance(hidden, int):
+        inner = int(getattr(config, "mamba_d_ssm", None) or expand * hidden)
+        pairs = [("mamba_n_heads", "mamba_d_head"), ("mamba_num_heads", "mamba_head_dim")]
+        if hasattr(config, "n_groups") and (hasattr(config, "state_size") or hasattr(config, "ssm_state_size")):
+            pairs.append(("num_heads", "head_dim"))  # Mamba2Config's own names
+        for heads, dim in pairs:
+            h, d = getattr(config, heads, None), getattr(config, dim, None)
+            if isinstance(h, int) and isinstance(d, int) and h * d != inner and inner % 8 == 0:
+                with contextlib.suppress(Exception):
+                    setattr(config, heads, 8)
+                    setattr(config, dim, inner // 8)
+    kinds = None
+    with contextlib.suppress(Exception):
+        kinds = getattr(config, "layers_block_type", None) or getattr(config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and kinds and getattr(config, "num_attention_heads", None):
+        rest = set(kinds) - RECURRENT_KINDS - {"moe", "mlp"}
+        if not rest and set(kinds) & RECURRENT_KINDS:
+            with contextlib.suppress(Exception):
+                if hasattr(config, "attn_layer_indices") and getattr(config, "attn_layer_indices", None) is None:
+                    config.attn_layer_indices = [1]  # Bamba: layer types follow from these indices
+                else:
+                    config.layer_types = [kinds[0], "full_attention"]
 
 
 def tiny_config(model_type: str):
