@@ -120,6 +120,10 @@ def _shrink(config) -> None:
                 continue
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
+    if hasattr(config, "conv_L_cache") and getattr(config, "layer_types", 0) is None:  # LFM2-MoE: no default list
+        with contextlib.suppress(Exception):
+            config.layer_types = ["conv", "full_attention"]
+            config.num_dense_layers = 1  # layer 1's feed-forward is the MoE
     if isinstance(getattr(config, "full_attn_idxs", None), list):  # LFM2: layer 0 convolution, layer 1 attention
         with contextlib.suppress(Exception):
             config.full_attn_idxs = [1]
