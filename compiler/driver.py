@@ -25,7 +25,7 @@ def resolve_target(name: str):
     return target
 
 
-QUANT_TARGETS = ("cpu",)  # targets with quantized_linear kernels
+QUANT_TARGETS = ("cpu", "metal")  # targets with quantized_linear kernels
 
 
 def default_quant(source: str, target_name: str) -> str:

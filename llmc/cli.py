@@ -417,9 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "'aarch64' (default: this machine; another architecture needs llmc[cross])")
     c.add_argument("--threads", type=positive_int, help="cpu: threads the kernels are built for (default: all cores)")
     c.add_argument("--arch", help="cuda: sm_80, sm_89 or sm_90 (default sm_90); rocm: gfx90a, gfx942 or gfx1100 "
-                        "(default gfx942). Built ahead of time: no GPU needed")
+                        "(default gfx942); metal: apple-m1 (default), apple-m2, apple-m3, apple-m4 (same kernels). "
+                        "Built ahead of time: no GPU needed")
     c.add_argument("--dtype", choices=("bf16", "f16", "f32"),
-                   help="cuda/rocm: dtype of activations, weights and KV cache (default bf16)")
+                   help="cuda/rocm: dtype of activations, weights and KV cache (default bf16); metal: f16 "
+                        "(default) or f32 storage, fp32 arithmetic")
     c.add_argument("--max-seq-len", type=positive_int, default=2048,
                    help="tokens one sequence may hold, prompt and output (default 2048)")
     c.add_argument("--kv-block-size", type=positive_int,

@@ -41,7 +41,11 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self._uncached_free: deque[int] = deque(range(num_blocks))
+        # Free blocks without a hash, taken from the right: the most recently freed first. Their
+        # pages are resident (and maybe cached) already, whereas a never-used block's pages are
+        # still lazily mapped zeros, and first writes to them page-fault (a 512-token prefill
+        # on fresh blocks spent ~3% of its time in kv_append's page faults).
+        self._uncached_free: deque[int] = deque(range(num_blocks - 1, -1, -1))
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # free blocks with a hash, LRU first
         self._by_hash: dict[bytes, int] = {}
         self._hash_of: dict[int, bytes] = {}
@@ -69,7 +73,7 @@ class BlockManager:
     # --- allocation ---------------------------------------------------------------------------
     def _take(self) -> int:
         if self._uncached_free:
-            block = self._uncached_free.popleft()
+            block = self._uncached_free.pop()
         else:
             block, _ = self._cached_free.popitem(last=False)  # evict the least recently used
             del self._by_hash[self._hash_of.pop(block)]

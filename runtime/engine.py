@@ -114,8 +114,15 @@ class Engine:
         (512 MiB) hold, and never fewer than one full-length sequence needs. ``without_torch``
         keeps torch out of the process for a cpu artifact (see executor_cpu.keep_torch_out)."""
         manifest = read_manifest(path, verify_checksums=verify_checksums)
-        gpu = manifest.target.get("kind") in ("cuda", "rocm")
-        if not gpu:
+        kind = manifest.target.get("kind")
+        gpu = kind in ("cuda", "rocm")
+        if kind == "metal":
+            from .executor_metal import metal_problem
+
+            problem = metal_problem(manifest)  # before sizing pools: refuse clearly off a Mac
+            if problem:
+                raise ArtifactError(problem)
+        elif not gpu:
             check_target(manifest, "cpu", cpu_flags() or None)
             if without_torch:
                 from .executor_cpu import keep_torch_out
@@ -132,6 +139,10 @@ class Engine:
             from .executor_cuda import load_gpu_executor
 
             executor = load_gpu_executor(manifest, num_blocks)
+        elif kind == "metal":
+            from .executor_metal import MetalExecutor
+
+            executor = MetalExecutor(manifest, num_blocks)
         else:
             from .executor_cpu import CpuExecutor
 

@@ -91,10 +91,12 @@ class CpuExecutor:
         if self.num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {self.num_blocks}")
         dtype = TVM_DTYPES[geom["dtype"]]
-        k_shape = (self.num_blocks, geom["kv_heads"], geom["head_dim"], self.block_size)
-        v_shape = (self.num_blocks, self.block_size, geom["kv_heads"], geom["value_dim"])
+        # (kv_heads, head_dim, value_dim) per layer: listed when layers differ, else layer 0's for all
+        shapes = geom.get("layer_shapes") or [(geom["kv_heads"], geom["head_dim"], geom["value_dim"])] * geom["layers"]
         self.pools = []
-        for _ in range(geom["layers"]):
+        for heads, head_dim, value_dim in shapes:
+            k_shape = (self.num_blocks, heads, head_dim, self.block_size)
+            v_shape = (self.num_blocks, self.block_size, heads, value_dim)
             # zeroed: masked lanes of a block are multiplied by zero probabilities, which must not
             # meet NaN garbage. Shared with numpy's calloc'ed memory (DLPack, no copy), so pages
             # become resident only when a block is first written: a large pool costs nothing

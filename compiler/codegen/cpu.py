@@ -131,6 +131,7 @@ class CpuTarget:
                 "kv_cache": {"layers": geom.layers, "block_size": geom.block_size, "kv_heads": geom.kv_heads,
                              "head_dim": geom.head_dim, "value_dim": geom.value_dim, "dtype": geom.dtype,
                              "max_model_len": options.max_seq_len, "bytes_per_block": geom.bytes_per_block,
+                             **({"layer_shapes": [list(x) for x in geom.per_layer]} if geom.per_layer else {}),
                              "k_layout": "[blocks, kv_heads, head_dim, block_size]",
                              "v_layout": "[blocks, block_size, kv_heads, value_dim]"},
                 "tokenizer": tok,

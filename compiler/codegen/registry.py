@@ -69,5 +69,6 @@ def _load_builtin() -> None:
         _BUILTIN_LOADED = True
         from . import cpu  # noqa: F401  (registers "cpu")
         from .triton import target  # noqa: F401  (registers "cuda" and "rocm"; imports triton only to compile)
-        for planned in ("metal",):
+        from . import metal  # noqa: F401  (registers "metal")
+        for planned in ():
             TARGETS.setdefault(planned, type(f"{planned.title()}Target", (PlannedTarget,), {"name": planned}))

@@ -261,7 +261,8 @@ def _binary(kind: str, reverse: bool = False):
 
 
 for _aten, _ir in {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow",
-                   "maximum": "maximum", "minimum": "minimum"}.items():
+                   "maximum": "maximum", "minimum": "minimum", "multiply": "mul", "subtract": "sub",
+                   "divide": "div"}.items():
     for _ov in ("Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "default"):
         rule(f"aten.{_aten}.{_ov}")(_binary(_ir))
 rule("aten.rsub.Scalar", "aten.rsub.Tensor")(_binary("sub", reverse=True))
@@ -359,7 +360,7 @@ def _t(imp, node):
     return imp.b.op("permute", x, perm=[1, 0]) if x.type.rank == 2 else x
 
 
-@rule("aten.expand.default")
+@rule("aten.expand.default", "aten.expand_as.default")
 def _expand(imp, node):
     return imp.b.op("expand", imp.value(node.args[0]), shape=list(imp.type_of(node).shape))
 
@@ -401,7 +402,7 @@ def _select(imp, node):
     return imp.b.op("reshape", s, shape=list(imp.type_of(node).shape))
 
 
-@rule("aten.cat.default")
+@rule("aten.cat.default", "aten.concat.default")
 def _cat(imp, node):
     xs, axis = imp.value(node.args[0]), imp.value(node.args[1]) if len(node.args) > 1 else 0
     xs = [x for x in xs if not (x.type.rank == 1 and x.type.shape[0] == 0)]
@@ -440,6 +441,8 @@ def _getitem(imp, node):
 def _attention(imp, node):
     q, k, v, layer, scale, window, softcap = imp.value(list(node.args[:7]))
     sinks = imp.value(node.args[7]) if len(node.args) > 7 else imp.value(node.kwargs.get("sinks"))
+    chunk = int(node.args[8]) if len(node.args) > 8 else int(node.kwargs.get("chunk", 0))
+    alibi = node.args[9] if len(node.args) > 9 else node.kwargs.get("alibi")
     positions = imp.positions
     tok = [positions.type.shape[0]]
 
@@ -451,7 +454,9 @@ def _attention(imp, node):
 
     extra = [] if sinks is None else [imp.as_tensor(sinks, q.type.dtype)]
     out = imp.b.op("attention", flat(q), flat(k), flat(v), positions, *extra, hint=f"attn{layer}",
-                   layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap))
+                   layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap),
+                   **({"chunk": chunk} if chunk else {}),
+                   **({"alibi": [float(x) for x in alibi]} if alibi else {}))
     return imp.b.op("reshape", out, shape=list(imp.type_of(node).shape))
 
 
@@ -620,7 +625,7 @@ def _softplus(imp, node):
     return imp.b.op("div", scaled, imp.const(beta, dtype))
 
 
-@rule("aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default")
+@rule("aten.clamp.default", "aten.clamp.Tensor", "aten.clamp_min.default", "aten.clamp_max.default")
 def _clamp(imp, node):
     name = node.target._schema.name.split("::")[1]
     x = imp.value(node.args[0])
@@ -734,6 +739,17 @@ def _gather_rows(imp, node, table: Value, axis: int, ids: Value) -> Value:
     return out
 
 
+def _constant_indices_wrapped(imp, ids: Value, size) -> Value:
+    """Constant index tensors (lifted from the model code, e.g. ``x[..., [-2], :]``) may count
+    from the end; their negative entries are wrapped once here, at import."""
+    producer = ids.producer
+    name = producer.attrs.get("name") if producer is not None and producer.kind == "param" else None
+    w = imp.weights.get(name) if name is not None else None
+    if w is not None and isinstance(size, int) and bool((w < 0).any()):
+        imp.weights[name] = torch.where(w < 0, w + size, w).contiguous()
+    return ids
+
+
 @rule("aten.index.Tensor")
 def _index(imp, node):
     x, indices = imp.value(node.args[0]), imp.value(node.args[1])
@@ -742,6 +758,7 @@ def _index(imp, node):
         raise ImportError_(f"indexing at %{node.name} ({source_location(node) or 'the model'}) uses "
                            f"{len(given)} index tensors; llmc imports x[ids] with one integer index tensor")
     axis, ids = given[0]
+    ids = _constant_indices_wrapped(imp, ids, x.type.shape[axis])
     if axis != 0 and ids.type.rank != 1:
         raise ImportError_(f"indexing at %{node.name}: a multi-dim index on axis {axis} is not supported")
     return _gather_rows(imp, node, x, axis, ids)
@@ -751,6 +768,24 @@ def _index(imp, node):
 def _index_select(imp, node):
     x, axis, ids = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
     return _gather_rows(imp, node, x, axis % x.type.rank, ids)
+
+
+@rule("aten.arange.default", "aten.arange.start", "aten.arange.start_step")
+def _arange(imp, node):
+    """``arange`` over constant bounds (rotary frequencies computed inside the forward): the
+    values become a constant weight. Bounds that depend on the token count are refused."""
+    bounds = [imp.value(a) for a in node.args]
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+        raise ImportError_(f"arange at %{node.name} ({source_location(node) or 'the model'}) runs to a bound that "
+                           f"depends on the token count: the model derives positions itself; llmc passes them as "
+                           f"an input")
+    val = node.meta["val"]
+    name = f"_const.{node.name}"
+    tensor = torch.arange(*bounds, dtype=val.dtype)
+    if name not in imp.module.params:
+        imp.module.add_param(name, TensorType(tuple(tensor.shape), IR_DTYPES[tensor.dtype]), "constant")
+        imp.weights[name] = tensor
+    return imp.b.op("param", hint=re.sub(r"\W", "_", name), name=name)
 
 
 @rule("aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.new_zeros.default",
@@ -791,6 +826,23 @@ def _topk(imp, node):
         raise ImportError_(f"topk at %{node.name} ({source_location(node) or 'the model'}): llmc's topk takes the "
                            f"largest entries along the last axis (got dim={axis}, largest={largest})")
     return imp.b.op_multi("topk", [x], {"k": int(k)}, hint="topk")
+
+
+@rule("aten.max.dim")
+def _max_dim(imp, node):
+    """(values, indices) of the maximum along the last axis: topk with k = 1 (ties toward the
+    lower index, as torch)."""
+    x = imp.value(node.args[0])
+    axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if axis % x.type.rank != x.type.rank - 1:
+        raise ImportError_(f"max over dim {axis} at %{node.name} ({source_location(node) or 'the model'}): llmc "
+                           f"takes the maximum with its index along the last axis only")
+    values, indices = imp.b.op_multi("topk", [x], {"k": 1}, hint="max")
+    if keepdim:
+        return [values, indices]
+    shape = list(x.type.shape[:-1])
+    return [imp.b.op("reshape", values, shape=shape), imp.b.op("reshape", indices, shape=shape)]
 
 
 @rule("llmc.moe.default")

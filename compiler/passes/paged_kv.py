@@ -104,7 +104,7 @@ class PagedKV(Pass):
             k_new = Value(names.take(f"k_pool_{layer}_new"), k_pool.type)
             v_new = Value(names.take(f"v_pool_{layer}_new"), v_pool.type)
             append = Op("kv_append", [k_pool, v_pool, k, v, step["slot_mapping"]], {}, [k_new, v_new])
-            attrs = {key: op.attrs[key] for key in ("scale", "window", "softcap")}
+            attrs = {key: op.attrs[key] for key in ("scale", "window", "softcap", "chunk", "alibi") if key in op.attrs}
             paged = Op("paged_attention", [q, k_new, v_new, step["block_tables"], step["seq_lens"],
                                            step["query_start"]] + sinks, attrs, list(op.results))
             replacement[id(op)] = [append, paged]

@@ -182,11 +182,27 @@ def _fit_hybrid(config) -> None:
                     config.layer_types = [kinds[0], "full_attention"]
 
 
+def _set(obj, **values):
+    for key, value in values.items():
+        setattr(obj, key, value)
+
+
+# Model types whose default config cannot be built tiny by the generic shrink alone: the few
+# attributes their code needs that the default leaves unset
+RECIPES = {
+    "dots1": lambda c: _set(c, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
+    "gemma3n_text": lambda c: _set(c, num_kv_shared_layers=0, intermediate_size=[96, 96],
+                                   activation_sparsity_pattern=[0.0, 0.0]),
+}
+
+
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type)
     _shrink(config)
+    if model_type in RECIPES:
+        RECIPES[model_type](config)
     if hasattr(config, "tie_word_embeddings"):
         config.tie_word_embeddings = False
     return config
@@ -214,6 +230,11 @@ def tiny_model(model_type: str, seed: int = 0):
     return model
 
 
+# model types whose transformers forward keeps no KV cache: each decode step's reference logits
+# come from the whole prefix instead
+NO_HF_CACHE = {"openai-gpt"}
+
+
 def cache_of(model, out) -> dict:
     """The keyword that hands ``out``'s cache to the next call: ``past_key_values``, or
     ``cache`` for models (Mamba) whose forward and outputs name it so."""
@@ -226,6 +247,11 @@ def cache_of(model, out) -> dict:
 
 def hf_reference(model, ids: torch.Tensor, prompt_len: int):
     """transformers' prefill logits [T, V] and the logits of each decode step on its own cache."""
+    if model.config.model_type in NO_HF_CACHE:
+        with torch.no_grad():
+            prefill = model(ids[None, :prompt_len]).logits[0].float()
+            steps = [model(ids[None, :i + 1]).logits[0, -1].float() for i in range(prompt_len, ids.shape[0])]
+        return prefill, steps
     with torch.no_grad():
         out = model(ids[None, :prompt_len], use_cache=True)
         prefill = out.logits[0].float()

@@ -37,7 +37,9 @@ class CodegenError(NotImplementedError):
 
 @dataclass
 class CacheGeometry:
-    """The KV pools of the paged step: one key and one value pool per layer."""
+    """The KV pools of the paged step: one key and one value pool per layer. ``kv_heads``,
+    ``head_dim`` and ``value_dim`` are layer 0's; ``per_layer`` lists (kv_heads, head_dim,
+    value_dim) of every layer when they differ (models mixing attention shapes, MiMo-V2)."""
 
     layers: int
     block_size: int
@@ -45,6 +47,14 @@ class CacheGeometry:
     head_dim: int
     value_dim: int
     dtype: str = "f32"
+    per_layer: Optional[list] = None
+
+    def layer(self, index: int) -> "CacheGeometry":
+        """The geometry of one layer's pools."""
+        if not self.per_layer:
+            return self
+        h, d, dv = self.per_layer[index]
+        return CacheGeometry(1, self.block_size, h, d, dv, self.dtype)
 
     def shape(self, blocks, value: bool = False) -> list:
         """Keys [blocks, Hkv, D, BS] (transposed in a block: scores vectorize over positions);
@@ -56,7 +66,8 @@ class CacheGeometry:
     @property
     def bytes_per_block(self) -> int:
         itemsize = {"f32": 4, "f16": 2, "bf16": 2}[self.dtype]
-        return self.layers * self.block_size * self.kv_heads * (self.head_dim + self.value_dim) * itemsize
+        shapes = self.per_layer or [(self.kv_heads, self.head_dim, self.value_dim)] * self.layers
+        return sum(self.block_size * h * (d + dv) * itemsize for h, d, dv in shapes)
 
 
 def cache_geometry(module: Module) -> CacheGeometry:
@@ -76,10 +87,13 @@ def cache_geometry(module: Module) -> CacheGeometry:
         raise CodegenError(f"expected k_pool_l / v_pool_l arguments for layers 0..L-1, got {sorted(pools)}")
     shapes = {(tuple(pools[f"k_pool_{i}"].shape[1:]), tuple(pools[f"v_pool_{i}"].shape[1:]), pools[f"k_pool_{i}"].dtype)
               for i in range(layers)}
-    if len(shapes) != 1:
-        raise CodegenError(f"layers with different KV shapes are not supported yet: {shapes}")
-    (kshape, vshape, dtype), = shapes
-    return CacheGeometry(layers, int(kshape[0]), int(kshape[1]), int(kshape[2]), int(vshape[2]), dtype)
+    if len({(k[0], dtype) for k, _, dtype in shapes}) != 1:
+        raise CodegenError(f"layers with different KV block sizes or dtypes are not supported: {shapes}")
+    per_layer = [(int(pools[f"k_pool_{i}"].shape[2]), int(pools[f"k_pool_{i}"].shape[3]),
+                  int(pools[f"v_pool_{i}"].shape[3])) for i in range(layers)]
+    bs, dtype = int(pools["k_pool_0"].shape[1]), pools["k_pool_0"].dtype
+    h, d, dv = per_layer[0]
+    return CacheGeometry(layers, bs, h, d, dv, dtype, per_layer if len(set(per_layer)) > 1 else None)
 
 
 def _param_of(v: Value, outer: dict[int, Value]) -> Optional[str]:
@@ -143,6 +157,44 @@ class AttentionOptions:
     registers: int = 32    # vector registers
 
 
+class Backend:
+    """What a GPU target changes in the lowering (the cpu target passes none and keeps the
+    defaults): the dtype each IR value is stored in (kernels widen stored fp16 operands to the
+    IR's fp32 on load and narrow results on store, so arithmetic and accumulation stay fp32),
+    the KV pools' dtype, and its own kv_append / paged_attention kernels."""
+
+    kv_dtype: Optional[str] = None  # IR dtype of the KV pools (None: the IR's)
+
+    def storage(self, value: Value) -> str:
+        return value.type.dtype
+
+    def param_storage(self, name: str) -> str:
+        raise NotImplementedError
+
+    def kv_append_kernel(self, geom: "CacheGeometry", keys: bool):
+        raise NotImplementedError
+
+    def paged_attention_kernel(self, op: Op, geom: "CacheGeometry", decode: bool, dtype: str):
+        raise NotImplementedError
+
+
+def _widen(te_tensor, dtype: str):
+    """An fp32 view of a stored operand (the scheduler inlines it into the loads)."""
+    from tvm import te
+
+    if dtype == te_tensor.dtype:
+        return te_tensor
+    return te.compute(te_tensor.shape, lambda *i: te_tensor[i].astype(dtype), name="widen")
+
+
+def _narrow(te_tensor, dtype: str):
+    from tvm import te
+
+    if dtype == te_tensor.dtype:
+        return te_tensor
+    return te.compute(te_tensor.shape, lambda *i: te_tensor[i].astype(dtype), name="narrow")
+
+
 @dataclass
 class _FunctionLowering:
     bb: relax.BlockBuilder
@@ -154,6 +206,7 @@ class _FunctionLowering:
     attention: AttentionOptions
     decode: bool
     pool_blocks: Any = None  # the TIR var of the pools' block count
+    backend: Optional[Backend] = None
     env: dict[int, Any] = field(default_factory=dict)
 
     def operand(self, v: Value):
@@ -165,17 +218,26 @@ class _FunctionLowering:
             return PackedWeight(te_tensor, value.n, value.k)
         return te_tensor
 
-    def emit_kernel(self, name: str, build, operands: list[Any]):
-        """emit_te over the tensor operands; scalars and packed flags travel by closure."""
+    def emit_kernel(self, name: str, build, operands: list[Any], op: Optional[Op] = None):
+        """emit_te over the tensor operands; scalars and packed flags travel by closure. With a
+        backend, stored operands are widened to the IR's dtypes and results narrowed to theirs."""
         tensor_positions = [i for i, o in enumerate(operands) if not isinstance(o, Scalar)]
         relax_args = [operands[i].expr if isinstance(operands[i], _Packed) else operands[i]
                       for i in tensor_positions]
+        convert = self.backend is not None and op is not None
 
         def te_fn(*te_args):
             full = list(operands)
             for i, te_arg in zip(tensor_positions, te_args):
+                if convert:
+                    te_arg = _widen(te_arg, TVM_DTYPES[op.operands[i].type.dtype])
                 full[i] = self.wrap(operands[i], te_arg)
-            return build(full)
+            out = build(full)
+            if convert:
+                outs = out if isinstance(out, (list, tuple)) else [out]
+                outs = [_narrow(t, TVM_DTYPES[self.backend.storage(r)]) for t, r in zip(outs, op.results)]
+                out = outs if isinstance(out, (list, tuple)) else outs[0]
+            return out
 
         return self.bb.emit_te(te_fn, *relax_args, primfunc_name_hint=name)
 
@@ -194,7 +256,7 @@ class _FunctionLowering:
         if kind == "reshape" and not isinstance(operands[0], (_Packed, Scalar)):
             return self.bb.emit(relax.op.reshape(operands[0], self.dims.shape(op.attrs["shape"])))
         if kind == "kv_append":
-            return self.lower_kv_append(operands)
+            return self.lower_kv_append(operands, op)
         if kind == "paged_attention":
             return self.lower_paged_attention(op, operands)
         if kind in ("causal_conv1d_step", "gated_delta_rule_step"):
@@ -205,10 +267,11 @@ class _FunctionLowering:
             raise CodegenError(f"op '{kind}' has no TVM kernel")
         ctx = _KernelCtx(kind, self.dims)
         if len(op.results) > 1:
-            out = self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, op.results[0].type, ctx), operands)
+            out = self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, op.results[0].type, ctx),
+                                   operands, op)
             return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(op.results))]
         out_type = op.result.type
-        return self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, out_type, ctx), operands)
+        return self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, out_type, ctx), operands, op)
 
     def lower_region(self, op: Op, operands):
         region = op.region
@@ -227,18 +290,27 @@ class _FunctionLowering:
             outs = [env[id(v)] for v in region.results]
             return outs if len(outs) > 1 else outs[0]
 
-        out = self.emit_kernel(op.attrs["name"].rsplit("_", 1)[0], build, operands)
+        out = self.emit_kernel(op.attrs["name"].rsplit("_", 1)[0], build, operands, op)
         if len(op.results) == 1:
             return out
         return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(op.results))]
 
-    def lower_kv_append(self, operands):
+    def op_geometry(self, k_pool: Value, v_pool: Value) -> CacheGeometry:
+        """The pool geometry of the layer whose IR pools ([NB, BS, Hkv, D]) an op reads."""
+        _, _, h, d = (int(x) if isinstance(x, int) else x for x in k_pool.type.shape)
+        return CacheGeometry(1, self.geom.block_size, int(h), int(d), int(v_pool.type.shape[3]), self.geom.dtype)
+
+    def lower_kv_append(self, operands, op: Op):
         k_pool, v_pool, k, v, slots = operands
-        g = self.geom
+        g = self.op_geometry(op.operands[0], op.operands[1])
         dtype = TVM_DTYPES[g.dtype]
         blocks = self.pool_blocks
-        kw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.head_dim, g.block_size, True, dtype), "kv_append_k")
-        vw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.value_dim, g.block_size, False, dtype), "kv_append_v")
+        if self.backend is not None:
+            kw = self.bb.add_func(self.backend.kv_append_kernel(g, True), "kv_append_k")
+            vw = self.bb.add_func(self.backend.kv_append_kernel(g, False), "kv_append_v")
+        else:
+            kw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.head_dim, g.block_size, True, dtype), "kv_append_k")
+            vw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.value_dim, g.block_size, False, dtype), "kv_append_v")
         k_pool = self.bb.emit(relax.call_tir_inplace(kw, [k, slots, k_pool], [2],
                                                      relax.TensorType(g.shape(blocks), dtype)))
         v_pool = self.bb.emit(relax.call_tir_inplace(vw, [v, slots, v_pool], [2],
@@ -246,14 +318,20 @@ class _FunctionLowering:
         return [k_pool, v_pool]
 
     def lower_paged_attention(self, op: Op, operands):
-        g, opts = self.geom, self.attention
+        g, opts = self.op_geometry(op.operands[1], op.operands[2]), self.attention
+        if self.backend is not None:
+            dtype = TVM_DTYPES[self.backend.storage(op.result)]
+            kernel = self.backend.paged_attention_kernel(op, g, self.decode, dtype)
+            out_type = relax.TensorType(self.dims.shape(op.result.type.shape), dtype)
+            return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
         if g.dtype != "f32":
             raise CodegenError(f"the cpu attention kernel reads float32 KV pools, not {g.dtype}")
         hq = int(op.operands[0].type.shape[1])
         rows = 1 if self.decode else tile_rows(hq // g.kv_heads, g.block_size, opts.lanes, opts.registers)
         kernel = paged_attention_kernel(hq, g.kv_heads, g.head_dim, g.value_dim, g.block_size, op.attrs["scale"],
                                         op.attrs["window"], op.attrs["softcap"], rows, opts.threads,
-                                        sinks=len(op.operands) == 7)
+                                        sinks=len(op.operands) == 7, lanes=opts.lanes, registers=opts.registers,
+                                        chunk=op.attrs.get("chunk", 0), alibi=op.attrs.get("alibi"))
         out_type = relax.TensorType(self.dims.shape(op.result.type.shape), "float32")
         return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
 
@@ -296,7 +374,8 @@ class _Packed:
 
 
 def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: CacheGeometry,
-                   packed: set[str], order: list[str], tokens, rows, attention: AttentionOptions) -> None:
+                   packed: set[str], order: list[str], tokens, rows, attention: AttentionOptions,
+                   backend: Optional[Backend] = None) -> None:
     """Add Relax function ``name`` to ``bb``: the IR's paged @forward with T = tokens and B = rows
     (ints for a static entry point, or TIR vars for a dynamic one)."""
     fn = module.functions["forward"]
@@ -315,20 +394,23 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
     dtype = TVM_DTYPES[geom.dtype]
     pools = {}
     for layer in range(geom.layers):
-        pools[f"k_pool_{layer}"] = relax.Var(f"k_pool_{layer}", relax.TensorType(geom.shape(blocks), dtype))
-        pools[f"v_pool_{layer}"] = relax.Var(f"v_pool_{layer}", relax.TensorType(geom.shape(blocks, True), dtype))
+        lg = geom.layer(layer)
+        pools[f"k_pool_{layer}"] = relax.Var(f"k_pool_{layer}", relax.TensorType(lg.shape(blocks), dtype))
+        pools[f"v_pool_{layer}"] = relax.Var(f"v_pool_{layer}", relax.TensorType(lg.shape(blocks, True), dtype))
     weights = {}
     for wname in order:
         t = module.params[wname].type
         shape = [int(d) for d in t.shape]
         if wname in packed:
             shape = [shape[0] // PACK, shape[1], PACK]
-        weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, TVM_DTYPES[t.dtype]))
+        wdtype = t.dtype if backend is None else backend.param_storage(wname)
+        weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, TVM_DTYPES[wdtype]))
     step_names = list(STEP_ARGS) + (["state_slots"] if "state_slots" in args else [])
     params = [args[n] for n in step_names] + list(pools.values()) + list(states.values()) + list(weights.values())
     with bb.function(name, params, attrs={"global_symbol": name}):
         with bb.dataflow():
-            low = _FunctionLowering(bb, module, dims, packed, weights, geom, attention, isinstance(tokens, int), blocks)
+            low = _FunctionLowering(bb, module, dims, packed, weights, geom, attention, isinstance(tokens, int), blocks,
+                                    backend)
             for a in fn.args:
                 low.env[id(a)] = args[a.name] if a.name in args else pools[a.name] if a.name in pools else states[a.name]
             for op in fn.ops:
@@ -343,11 +425,14 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
         bb.emit_func_output(out)
 
 
-def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None) -> tuple[tvm.IRModule, dict]:
+def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
+                   backend: Optional[Backend] = None) -> tuple[tvm.IRModule, dict]:
     """The Relax module with ``prefill`` (dynamic T, B) and ``decode`` (T = B = 1) entry points,
-    and the layout facts the artifact records."""
+    and the layout facts the artifact records. ``backend``: a GPU target's changes (see Backend)."""
     attention = attention or AttentionOptions()
     geom = cache_geometry(module)
+    if backend is not None and backend.kv_dtype:
+        geom.dtype = backend.kv_dtype
     fn = module.functions["forward"]
     pools_returned = [v.producer.kind if v.producer is not None else "argument" for v in fn.results[1:]]
     n_states = len(state_pools(module))
@@ -358,8 +443,9 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None)
     packed = packed_params(module)
     order = weight_order(module)
     bb = relax.BlockBuilder()
-    lower_function(bb, module, "prefill", geom, packed, order, tir.Var("T", "int64"), tir.Var("B", "int64"), attention)
-    lower_function(bb, module, "decode", geom, packed, order, 1, 1, attention)
+    lower_function(bb, module, "prefill", geom, packed, order, tir.Var("T", "int64"), tir.Var("B", "int64"), attention,
+                   backend)
+    lower_function(bb, module, "decode", geom, packed, order, 1, 1, attention, backend)
     states = [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
               for a in state_pools(module)]
     layout = {"cache": geom, "packed": sorted(packed), "weight_order": order, "pack": PACK, "states": states}

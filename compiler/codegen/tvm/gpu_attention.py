@@ -1,0 +1,241 @@
+"""GPU kernels over the paged KV pools (metal target): ``kv_append`` and ``paged_attention``.
+
+Same pools, layouts and calling convention as the cpu kernels of ``attention.py`` (keys
+``[blocks, kv_heads, head_dim, block_size]``, values ``[blocks, block_size, kv_heads,
+value_dim]``), written as hand-bound TIR for a GPU:
+
+- ``kv_append``: one threadgroup per token, threads over (head, dim); a negative slot writes
+  nothing.
+- ``paged_attention``: one threadgroup per (tile of ``rows`` query rows of one sequence, KV
+  head); one thread per (query row, query head of that KV head's group), so the group's heads
+  share every key and value load through the cache (GQA). Each thread walks its sequence's
+  block table from the first block its sliding window still sees to the block of its own
+  position (nothing above the causal diagonal), scores a whole block into registers, and keeps
+  an online softmax (running max, sum and output in registers, rescaled once per block).
+  Softcap, sliding window and attention sinks are the cpu kernel's. Storage may be fp16; every
+  load is widened and scores, sums and the output accumulate in fp32.
+
+The threads share nothing (no threadgroup memory, no barriers), so ``gpu=False`` builds the
+very same per-thread body inside serial loops, which LLVM runs on the CPU: that is how its
+numerics are checked on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx as tir
+from tvm.script import tirx as T
+
+from .attention import NEG
+
+KV_THREADS = 256  # threads per token of a kv_append
+
+
+def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype: str = "float16",
+                     gpu: bool = True):
+    """In-place write of this step's keys or values into their slots: a threadgroup per token,
+    threads over (head, dim). ``gpu=False``: the same body in serial loops (CPU checks)."""
+    H, BS = kv_heads, block_size
+    HD = H * dim
+    TX = min(KV_THREADS, HD)
+    OUTER = (HD + TX - 1) // TX
+
+    @T.macro
+    def write(x, slots, pool, nb, i, tx):
+        for eo in range(T.int64(OUTER)):
+            if eo * TX + tx < HD and slots[i] >= T.int64(0) and slots[i] < nb * BS:
+                if keys:  # a Python constant: the parser keeps only the taken branch
+                    pool[slots[i] // BS, (eo * TX + tx) // dim, (eo * TX + tx) % dim, slots[i] % BS] = \
+                        x[i, (eo * TX + tx) // dim, (eo * TX + tx) % dim]
+                else:
+                    pool[slots[i] // BS, slots[i] % BS, (eo * TX + tx) // dim, (eo * TX + tx) % dim] = \
+                        x[i, (eo * TX + tx) // dim, (eo * TX + tx) % dim]
+
+    pool_shape = (lambda nb: (nb, H, dim, BS)) if keys else (lambda nb: (nb, BS, H, dim))
+
+    if gpu:
+        @T.prim_func(private=True, check_well_formed=False)
+        def kv_append(var_x: T.handle, var_slots: T.handle, var_pool: T.handle):
+            T.func_attr({"tirx.noalias": True, "llmc.kind": "kv_append"})
+            t = T.int64()
+            nb = T.int64()
+            x = T.match_buffer(var_x, (t, H, dim), dtype)
+            slots = T.match_buffer(var_slots, (t,), "int64")
+            pool = T.match_buffer(var_pool, pool_shape(nb), dtype)
+            for i in T.thread_binding(t, thread="blockIdx.x"):
+                for tx in T.thread_binding(T.int64(TX), thread="threadIdx.x"):
+                    write(x, slots, pool, nb, i, tx)
+
+        return kv_append
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kv_append_serial(var_x: T.handle, var_slots: T.handle, var_pool: T.handle):
+        T.func_attr({"tirx.noalias": True, "llmc.kind": "kv_append"})
+        t = T.int64()
+        nb = T.int64()
+        x = T.match_buffer(var_x, (t, H, dim), dtype)
+        slots = T.match_buffer(var_slots, (t,), "int64")
+        pool = T.match_buffer(var_pool, pool_shape(nb), dtype)
+        for i in range(t):
+            for tx in range(T.int64(TX)):
+                write(x, slots, pool, nb, i, tx)
+
+    return kv_append_serial
+
+
+def attention_rows(group: int, decode: bool) -> int:
+    """Query rows per threadgroup: one for decode; else enough rows for ~64 threads."""
+    if decode:
+        return 1
+    return max(1, min(32, 64 // group))
+
+
+def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
+                           softcap: float, rows: int, sinks: bool = False, dtype: str = "float16",
+                           sink_dtype: str = "float32", out_dtype: str = None, gpu: bool = True) -> tir.PrimFunc:
+    """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
+    query_start [B + 1], [sinks [hq],] out [T, hq, dv])``; q, pools in ``dtype``, the output in
+    ``out_dtype`` (default ``dtype``), fp32 arithmetic."""
+    G, BS, R = hq // hkv, block_size, rows
+    NT = R * G
+    scale, softcap = float(scale), float(softcap)
+    out_dtype = out_dtype or dtype
+    f32, i64 = "float32", "int64"
+
+    def allowed(j, p):
+        if window > 0:
+            return tir.all(j <= p, p - j < window)
+        return j <= p
+
+    def first_block(position):
+        if window > 0:
+            return tir.max(position - (window - 1), tir.const(0, i64)) // BS
+        return tir.const(0, i64)
+
+    def capped(s):
+        if softcap > 0:
+            return tir.const(softcap, f32) * tir.tanh(s * tir.const(scale / softcap, f32))
+        return s * tir.const(scale, f32)
+
+    def widen(e):
+        return e.astype(f32) if dtype != f32 else e
+
+    @T.macro
+    def work(q, kp, vp, tables, lens, starts, out, sk, t, b, item, tid):
+        if True:
+            if True:
+                found = T.alloc_local((3,), i64)  # sequence, its first tile, tiles so far
+                qv = T.alloc_local((d,), f32)
+                s = T.alloc_local((BS,), f32)
+                acc = T.alloc_local((dv,), f32)
+                stat = T.alloc_local((4,), f32)  # running max, running sum, block max, block sum
+                if item == T.int64(0):  # rows no sequence owns (T beyond query_start[B]) are zero
+                    for z in range(((t - starts[b]) * hq * dv + NT - 1) // NT):
+                        if tid < T.int64(NT) and z * NT + tid < (t - starts[b]) * hq * dv:
+                            out[starts[b] + (z * NT + tid) // (hq * dv), (z * NT + tid) // dv % hq,
+                                (z * NT + tid) % dv] = T.Cast(out_dtype, T.float32(0))
+                hk = item % hkv
+                tile_index = item // hkv
+                found[0] = T.int64(-1)
+                found[2] = T.int64(0)
+                for sq in range(b):
+                    if found[0] < T.int64(0):
+                        n_tiles = (starts[sq + 1] - starts[sq] + R - 1) // R
+                        if tile_index < found[2] + n_tiles:
+                            found[0] = sq
+                            found[1] = found[2]
+                        found[2] = found[2] + n_tiles
+                r = tid // G
+                g = tid % G
+                h = hk * G + g
+                if found[0] >= T.int64(0):
+                    seq = found[0]
+                    n = starts[seq + 1] - starts[seq]
+                    first_row = (tile_index - found[1]) * R + r
+                    if first_row < n:
+                        row = starts[seq] + first_row
+                        p = lens[seq] - n + first_row
+                        for kd in range(d):
+                            qv[kd] = widen(q[row, h, kd])
+                        for e in range(dv):
+                            acc[e] = T.float32(0)
+                        if sinks:  # a Python constant: the parser keeps only the taken branch
+                            stat[0] = T.Cast(f32, sk[h])
+                            stat[1] = T.float32(1)
+                        else:
+                            stat[0] = T.float32(NEG)
+                            stat[1] = T.float32(0)
+                        for kb in range(first_block(p), p // BS + 1):
+                            page = tables[seq, kb]
+                            stat[2] = stat[0]
+                            for jj in range(BS):
+                                s[jj] = T.float32(0)
+                                for kd in range(d):
+                                    s[jj] = s[jj] + qv[kd] * widen(kp[page, hk, kd, jj])
+                                s[jj] = T.if_then_else(allowed(kb * BS + jj, p), capped(s[jj]), T.float32(NEG))
+                                stat[2] = T.max(stat[2], s[jj])
+                            stat[3] = T.float32(0)
+                            for jj in range(BS):
+                                s[jj] = T.if_then_else(s[jj] > T.float32(NEG), T.exp(s[jj] - stat[2]), T.float32(0))
+                                stat[3] = stat[3] + s[jj]
+                            rescale = T.exp(stat[0] - stat[2])
+                            stat[1] = stat[1] * rescale + stat[3]
+                            stat[0] = stat[2]
+                            for e in range(dv):
+                                acc[e] = acc[e] * rescale
+                            for jj in range(BS):
+                                for e in range(dv):
+                                    acc[e] = acc[e] + s[jj] * widen(vp[page, jj, hk, e])
+                        for e in range(dv):
+                            out[row, h, e] = T.Cast(out_dtype, acc[e] / stat[1])
+
+    @T.macro
+    def body(q, kp, vp, tables, lens, starts, out, sk, t, b):
+        if gpu:  # a Python constant: the parser keeps only the taken branch
+            for item in T.thread_binding(((t + R - 1) // R + b) * hkv, thread="blockIdx.x"):
+                for tid in T.thread_binding(T.int64(NT), thread="threadIdx.x"):
+                    work(q, kp, vp, tables, lens, starts, out, sk, t, b, item, tid)
+        else:
+            for item in range(((t + R - 1) // R + b) * hkv):
+                for tid in range(T.int64(NT)):
+                    work(q, kp, vp, tables, lens, starts, out, sk, t, b, item, tid)
+
+    if sinks:
+        @T.prim_func(private=True, check_well_formed=False)
+        def paged_attention_sinks(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_tables: T.handle,
+                                  var_lens: T.handle, var_starts: T.handle, var_sinks: T.handle,
+                                  var_out: T.handle):
+            T.func_attr({"tirx.noalias": True, "llmc.kind": "paged_attention"})
+            t = T.int64()
+            nb = T.int64()
+            b = T.int64()
+            mb = T.int64()
+            q = T.match_buffer(var_q, (t, hq, d), dtype)
+            kp = T.match_buffer(var_k, (nb, hkv, d, BS), dtype)
+            vp = T.match_buffer(var_v, (nb, BS, hkv, dv), dtype)
+            tables = T.match_buffer(var_tables, (b, mb), i64)
+            lens = T.match_buffer(var_lens, (b,), i64)
+            starts = T.match_buffer(var_starts, (b + 1,), i64)
+            sk = T.match_buffer(var_sinks, (hq,), sink_dtype)
+            out = T.match_buffer(var_out, (t, hq, dv), out_dtype)
+            body(q, kp, vp, tables, lens, starts, out, sk, t, b)
+
+        return paged_attention_sinks
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def paged_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_tables: T.handle,
+                        var_lens: T.handle, var_starts: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "llmc.kind": "paged_attention"})
+        t = T.int64()
+        nb = T.int64()
+        b = T.int64()
+        mb = T.int64()
+        q = T.match_buffer(var_q, (t, hq, d), dtype)
+        kp = T.match_buffer(var_k, (nb, hkv, d, BS), dtype)
+        vp = T.match_buffer(var_v, (nb, BS, hkv, dv), dtype)
+        tables = T.match_buffer(var_tables, (b, mb), i64)
+        lens = T.match_buffer(var_lens, (b,), i64)
+        starts = T.match_buffer(var_starts, (b + 1,), i64)
+        out = T.match_buffer(var_out, (t, hq, dv), out_dtype)
+        body(q, kp, vp, tables, lens, starts, out, None, t, b)
+
+    return paged_attention
