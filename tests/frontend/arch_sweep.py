@@ -189,7 +189,21 @@ def _set(obj, **values):
 
 # Model types whose default config cannot be built tiny by the generic shrink alone: the few
 # attributes their code needs that the default leaves unset
+def _rederive(config) -> None:
+    """Recompute the attributes a config derives from its sizes at construction (Zamba's
+    attention width, Mamba head dim, hybrid layer ids) from the shrunk sizes."""
+    fresh = type(config)(**{k: v for k, v in config.to_dict().items()
+                            if k not in ("model_type", "transformers_version", "architectures", "attention_hidden_size",
+                                         "attention_head_dim", "mamba_headdim", "hybrid_layer_ids", "kv_channels",
+                                         "num_query_groups")})
+    for key, value in vars(fresh).items():
+        with contextlib.suppress(Exception):
+            setattr(config, key, value)
+
+
 RECIPES = {
+    "zamba": _rederive,
+    "zamba2": _rederive,
     "dots1": lambda c: _set(c, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
     "gemma3n_text": lambda c: _set(c, num_kv_shared_layers=0, intermediate_size=[96, 96],
                                    activation_sparsity_pattern=[0.0, 0.0]),
