@@ -402,7 +402,7 @@ def _select(imp, node):
     return imp.b.op("reshape", s, shape=list(imp.type_of(node).shape))
 
 
-@rule("aten.cat.default", "aten.concat.default")
+@rule("aten.cat.default", "aten.concat.default", "aten.concatenate.default")
 def _cat(imp, node):
     xs, axis = imp.value(node.args[0]), imp.value(node.args[1]) if len(node.args) > 1 else 0
     xs = [x for x in xs if not (x.type.rank == 1 and x.type.shape[0] == 0)]
