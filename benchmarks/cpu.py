@@ -489,8 +489,16 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5, help="repetitions per measurement (default 5)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 repetition, prompts 32/64, 16 decode tokens")
-    p.add_argument("--artifact", default=DEFAULT_ARTIFACT,
-                   help=f"llmc artifact directory (default {DEFAULT_ARTIFACT})")
+    p.add_argument("--artifact", action="append", default=None,
+                   help=f"llmc artifact directory; repeat for several llmc rows, e.g. a host build and an "
+                        f"--mcpu x86-64-v3 build (default {DEFAULT_ARTIFACT})")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="run hf, llamacpp and each llmc artifact in a process of its own (default; llama.cpp "
+                        "then spins as at its best without stealing the others' cores, and each engine's "
+                        "peak RSS is its own); --no-isolate runs them in this process")
+    p.add_argument("--profile", action="store_true",
+                   help="also print and record a per-kernel profile of each llmc artifact's 512-token "
+                        "prefill and decode step (benchmarks/kernel_profile.py)")
     p.add_argument("--json", default=None,
                    help="where to write the results (default benchmarks/results/cpu.json, "
                         "cpu-quick.json with --quick)")
@@ -528,6 +536,43 @@ def parse_args(argv):
     if args.threads < 1 or args.repeats < 1:
         p.error("--threads and --repeats must be at least 1")
     return args
+
+
+def llmc_label(artifact):
+    """``llmc <quant> [int8-dot] <mcpu>`` from an artifact's manifest (int8-dot: the quantized
+    linears run on integer dot products with int8 activations)."""
+    try:
+        with open(os.path.join(artifact, "manifest.json")) as f:
+            m = json.load(f)
+        layouts = {w.get("layout", "") for w in m["plan"]["weights"].values()}
+        kernels = " int8-dot" if any(lay.startswith("intdot") for lay in layouts) else ""
+        return f"llmc {m['model'].get('quant', 'none')}{kernels} {m['target'].get('mcpu', '?')}"
+    except (OSError, ValueError, KeyError):
+        return f"llmc {os.path.basename(artifact.rstrip('/'))}"
+
+
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def profiles(args, artifacts, threads):
+    """Per-kernel profiles of each llmc artifact (benchmarks/kernel_profile.py, own process)."""
+    if not args.profile:
+        return None
+    out = {}
+    for art in artifacts:
+        if not os.path.isdir(art):
+            continue
+        tmp = os.path.join(os.path.dirname(os.path.abspath(args.json)), f".profile-{os.getpid()}.json")
+        r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_profile.py"), art,
+                            "--threads", str(threads), "--json", tmp], capture_output=True, text=True)
+        print(f"\nper-kernel profile of {llmc_label(art)} ({art}):")
+        print(r.stdout or r.stderr[-2000:])
+        if r.returncode == 0 and os.path.exists(tmp):
+            with open(tmp) as f:
+                out[art] = {"label": llmc_label(art), "profile": json.load(f), "text": r.stdout}
+            os.remove(tmp)
+    return out
 
 
 def resolve_artifact(path):
@@ -575,10 +620,46 @@ def main(argv=None):
     # ---- load and warm up
     engines, status, load_info = [], {}, {}
     hf_model = None
+    artifacts = args.artifact or [DEFAULT_ARTIFACT]
+    wanted = []
     for name in args.engine_list:
+        if name == "llmc":  # one row per artifact: llmc, llmc-2, ...
+            wanted += [("llmc" if i == 0 else f"llmc-{i + 1}", "llmc", a) for i, a in enumerate(artifacts)]
+        else:
+            wanted.append((name, name, artifacts[0]))
+    for name, kind, art in wanted:
         t0 = time.perf_counter()
         try:
-            if name == "hf":
+            if kind in ("llmc", "llmc-run"):
+                artifact = resolve_artifact(art)
+                if not os.path.isdir(artifact):
+                    print(f"llmc: artifact {art} not found; build it with:\n"
+                          f"    {BUILD_HINT}\n  (or pass --artifact DIR); skipping llmc")
+                    raise EngineUnavailable(f"no artifact ({BUILD_HINT})")
+                if kind == "llmc":
+                    ENGINE_LABELS[name] = llmc_label(artifact)
+                    if name not in ENGINE_ORDER:
+                        ENGINE_ORDER.insert(ENGINE_ORDER.index("llmc-run"), name)
+            if args.isolate and kind in ("hf", "llamacpp", "llmc"):
+                from engine_process import ProcessEngine
+
+                env = dict(os.environ)
+                # llama.cpp at its best: libgomp's default spinning (it has the cores to itself
+                # while it runs); torch keeps the benchmark's policy
+                env["LLMC_BENCH_OMP_WAIT_POLICY"] = "unset" if kind == "llamacpp" else args.omp_wait_policy
+                if kind == "llamacpp":
+                    try:
+                        import importlib.util
+
+                        if importlib.util.find_spec("llama_cpp") is None:
+                            raise ImportError
+                    except ImportError as exc:
+                        raise EngineUnavailable(LLAMACPP_MISSING) from exc
+                spec = {"kind": kind, "threads": t, "n_ctx": n_ctx,
+                        "artifact": resolve_artifact(art) if kind == "llmc" else None}
+                eng = ProcessEngine(name, spec, env)
+                made = [eng]
+            elif kind == "hf":
                 eng = HFEngine(src, t)
                 hf_model = eng.model
                 made = [eng]
@@ -586,20 +667,15 @@ def main(argv=None):
                     made.append(HFKeep1Engine(src, t, hf_model))
                 except EngineUnavailable as exc:
                     status["hf-keep1"] = str(exc)
-            elif name == "llamacpp":
+            elif kind == "llamacpp":
                 made = [LlamaCppEngine(src, t, n_ctx)]
-            else:
-                artifact = resolve_artifact(args.artifact)
-                if not os.path.isdir(artifact):
-                    print(f"llmc: artifact {args.artifact} not found; build it with:\n"
-                          f"    {BUILD_HINT}\n  (or pass --artifact DIR); skipping llmc")
-                    raise EngineUnavailable(f"no artifact ({BUILD_HINT})")
-                if name == "llmc-run":
-                    from llmc_processes import LlmcRunProcesses
+            elif kind == "llmc-run":
+                from llmc_processes import LlmcRunProcesses
 
-                    made = [LlmcRunProcesses(artifact, t, make_detokenizer(src))]
-                else:
-                    made = [LlmcEngine(artifact, t)]
+                made = [LlmcRunProcesses(resolve_artifact(art), t, make_detokenizer(src))]
+            else:
+                made = [LlmcEngine(resolve_artifact(art), t)]
+                made[0].name = name
         except EngineUnavailable as exc:
             status[name] = str(exc)
             print(f"{name}: {exc}")
@@ -613,6 +689,10 @@ def main(argv=None):
         for eng in made:
             status[eng.name] = "ok"
             load_info[eng.name] = {"load_s": load_s, "config": eng.config}
+            if kind == "llmc":
+                load_info[eng.name]["artifact_bytes"] = dir_bytes(resolve_artifact(art))
+            if kind == "llamacpp":
+                load_info[eng.name]["artifact_bytes"] = os.path.getsize(gguf_path)
             engines.append(eng)
         print(f"{name}: loaded in {load_s:.1f} s")
 
@@ -637,6 +717,9 @@ def main(argv=None):
         load_info[eng.name]["warmup_s"] = time.perf_counter() - t0
         print(f"{eng.name}: warmed up in {time.perf_counter() - t0:.1f} s")
     engines.sort(key=lambda e: ENGINE_ORDER.index(e.name))
+    for e in engines:  # the tasks ran once in warm-up: peak memory of a loaded, used engine
+        if hasattr(e, "peak_rss_mb"):
+            load_info[e.name]["peak_rss_mb"] = round(e.peak_rss_mb(), 1)
 
     # ---- measure: rounds, engines interleaved per task, order rotated per round
     runs = {e.name: {task["name"]: [] for task in tasks if engine_supports(e, task)} for e in engines}
@@ -680,8 +763,9 @@ def main(argv=None):
 
     # ---- summarize
     summary = {e: {task: summarize(r) for task, r in per.items()} for e, per in runs.items()}
-    ratio_pairs = [("llmc/hf", "llmc", "hf"), ("llmc/hf-keep1", "llmc", "hf-keep1"),
-                   ("llmc/llamacpp", "llmc", "llamacpp"), ("llmc run/llmc", "llmc-run", "llmc")]
+    llmcs = [e for e in ENGINE_ORDER if e == "llmc" or e.startswith("llmc-") and e != "llmc-run"]
+    ratio_pairs = [(f"{x}/{d}", x, d) for x in llmcs for d in ("hf", "hf-keep1", "llamacpp")]
+    ratio_pairs.append(("llmc run/llmc", "llmc-run", "llmc"))
     ratios = {}
     for key, num, den in ratio_pairs:
         if num not in summary or den not in summary:
@@ -698,8 +782,9 @@ def main(argv=None):
     shown = [e for e in ENGINE_ORDER if e in status]
     if "llamacpp" not in shown and "llamacpp" in args.engine_list:
         shown.append("llamacpp")
-    ratio_cols = [("llmc/hf", "llmc/HF"), ("llmc/hf-keep1", "llmc/HF keep1"),
-                  ("llmc/llamacpp", "llmc/llama.cpp"), ("llmc run/llmc", "llmc run/llmc")]
+    short = {"hf": "HF", "hf-keep1": "HF keep1", "llamacpp": "llama.cpp"}
+    ratio_cols = [(f"{x}/{d}", f"{x}/{short[d]}") for x in llmcs for d in ("hf", "hf-keep1", "llamacpp")]
+    ratio_cols.append(("llmc run/llmc", "llmc run/llmc"))
     ratio_cols = [(k, label) for k, label in ratio_cols if k in ratios]
     cols = ["tok/s"] + [ENGINE_LABELS[e] for e in shown] + [label for _, label in ratio_cols]
     rows, kept_rows = [], []
@@ -735,6 +820,15 @@ def main(argv=None):
           f"'!' = every repetition was disturbed, median of all of them shown")
     print("HF = logits for every prompt row (as users run it); HF keep1 = logits_to_keep=1; "
           "ratios > 1: llmc faster")
+    for e in shown:
+        info = load_info.get(e, {})
+        extra = []
+        if "artifact_bytes" in info:
+            extra.append(f"artifact {info['artifact_bytes'] / 1e6:.1f} MB")
+        if "peak_rss_mb" in info:
+            extra.append(f"peak RSS {info['peak_rss_mb']:.0f} MB (own process, after warm-up)")
+        if extra:
+            print(f"{ENGINE_LABELS[e]}: {', '.join(extra)}")
     if "hf" in greedy:
         for e, gen in greedy.items():
             if e == "hf":
@@ -766,6 +860,7 @@ def main(argv=None):
         "results": {e: {task: {**(summary[e][task] or {}), "measurements": runs[e][task]}
                         for task in runs[e]} for e in runs},
         "ratios": ratios,
+        "profiles": profiles(args, [resolve_artifact(a) for a in (args.artifact or [DEFAULT_ARTIFACT])], t),
         "greedy_tokens": greedy,
         "measure_s": measure_s,
     }

@@ -73,6 +73,19 @@ class Engine:
         self.manifest = manifest
         self.executor = executor
         self.tokenizer = tokenizer
+        # recurrent state (hybrid / linear-attention models): one state slot per running
+        # sequence, the last one for the direct sequence. A slot holds the state after a
+        # sequence's last computed token only, so cached prefix blocks cannot resume it: prefix
+        # caching is off for these models (preemption recomputes from the start, which the
+        # kernels treat as a fresh sequence).
+        self.num_state_slots = int(getattr(executor, "num_state_slots", 0) or 0)
+        if self.num_state_slots:
+            enable_prefix_caching = False
+            if max_num_seqs > self.num_state_slots - 1:
+                raise ValueError(f"max_num_seqs {max_num_seqs} exceeds the {self.num_state_slots - 1} recurrent state "
+                                 f"slots the executor holds; load it with more state slots")
+        self._free_slots = list(range(max(0, self.num_state_slots - 1)))
+        self._slot_of: dict[str, int] = {}
         self.blocks = BlockManager(executor.num_blocks, executor.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.max_model_len = min(executor.max_model_len, executor.num_blocks * executor.block_size)
@@ -119,6 +132,8 @@ class Engine:
             geom = manifest.kv_cache
             one_seq = -(-int(geom["max_model_len"]) // int(geom["block_size"]))
             budget = (kv_cache_bytes or DEFAULT_KV_CACHE_BYTES) // max(1, int(geom["bytes_per_block"]))
+            if int(geom["bytes_per_block"]) == 0:  # no KV cache at all (attention-free recurrent models)
+                budget = one_seq * (kwargs.get("max_num_seqs", 16) + 1)
             num_blocks = max(one_seq, budget)
         if gpu:
             from .executor_cuda import load_gpu_executor
@@ -131,7 +146,7 @@ class Engine:
         else:
             from .executor_cpu import CpuExecutor
 
-            executor = CpuExecutor(manifest, threads, num_blocks)
+            executor = CpuExecutor(manifest, threads, num_blocks, num_state_slots=kwargs.get("max_num_seqs", 16) + 1)
         tok = manifest.data.get("tokenizer")
         tokenizer = None
         if tok:
@@ -201,14 +216,31 @@ class Engine:
             lens.append(start + n)
             tables[b, :table.size] = table
         query_start = np.asarray(starts, dtype=np.int64)
+        state = np.asarray([self._state_slot(req) for req, _ in chunks], dtype=np.int64) \
+            if self.num_state_slots else None
         return StepBatch(np.concatenate(ids), np.concatenate(positions), np.concatenate(slots), tables,
-                         np.asarray(lens, dtype=np.int64), query_start, query_start[1:] - 1)
+                         np.asarray(lens, dtype=np.int64), query_start, query_start[1:] - 1, state)
+
+    def _state_slot(self, req: Request) -> int:
+        slot = self._slot_of.get(req.request_id)
+        if slot is None:
+            if not self._free_slots:
+                raise RuntimeError("no free recurrent state slot (more running sequences than slots)")
+            slot = self._slot_of[req.request_id] = self._free_slots.pop()
+        return slot
+
+    def _release_slot(self, req: Request) -> None:
+        slot = self._slot_of.pop(req.request_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
 
     def iterate(self) -> list[RequestOutput]:
         """Run one scheduled step; returns what each request that moved gained."""
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
+        for victim in sched.preempted:  # recomputed from its first token later: a fresh slot then
+            self._release_slot(victim)
         logits = self.executor.step(self.build_batch(sched.chunks))
         self.steps += 1
         ready, rows = [], []
@@ -220,7 +252,9 @@ class Engine:
                 rows.append(b)
         if not ready:
             return []
-        samples = sample_batch([r.sampler for r in ready], logits[rows], [r.tokens for r in ready],
+        if len(rows) < len(logits):  # (a decode-only step samples every row: no 1.5 MB copy)
+            logits = logits[rows]
+        samples = sample_batch([r.sampler for r in ready], logits, [r.tokens for r in ready],
                                [r.output_ids for r in ready])
         now = time.monotonic()
         outputs = []
@@ -268,6 +302,7 @@ class Engine:
 
     def _finish(self, req: Request, reason: str) -> RequestOutput:
         self.scheduler.finish(req, reason)
+        self._release_slot(req)
         self.requests.pop(req.request_id, None)
         text = self._texts.pop(req.request_id, None)
         out = RequestOutput(req.request_id, text=text.finish() if text is not None else "", finished=True,
@@ -328,10 +363,11 @@ class Engine:
         table = np.asarray(self._direct.table, dtype=np.int64)
         positions = np.arange(self.position, end, dtype=np.int64)
         batch = StepBatch(ids, positions, table[positions // bs] * bs + positions % bs, table[None, :],
-                          np.array([end]), np.array([0, ids.size]), np.array([ids.size - 1]))
+                          np.array([end]), np.array([0, ids.size]), np.array([ids.size - 1]),
+                          np.array([self.num_state_slots - 1]) if self.num_state_slots else None)
         logits = self.executor.step(batch)
         self.position = end
-        return logits[0]
+        return np.array(logits[0])  # a copy: the executor may return a view of its output
 
 
 __all__ = ["ArtifactError", "Engine", "EngineMetrics", "GenerationStats", "RequestOutput"]

@@ -62,10 +62,25 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return buf[offset:offset + nbytes]
 
 
+def pack_int64(arrays) -> list:
+    """Copies of ``arrays`` as int64, each starting ALIGN-byte aligned inside one buffer."""
+    step = ALIGN // 8
+    sizes = [int(np.size(a)) for a in arrays]
+    buf = aligned_empty(8 * sum(-(-max(n, 1) // step) * step for n in sizes)).view(np.int64)
+    out, at = [], 0
+    for a, n in zip(arrays, sizes):
+        view = buf[at:at + n].reshape(np.shape(a))
+        view[...] = a
+        out.append(view)
+        at += -(-max(n, 1) // step) * step
+    return out
+
+
 class CpuExecutor:
     """The compiled step of a cpu artifact with its weights and KV pools loaded."""
 
-    def __init__(self, manifest: Manifest, threads: Optional[int] = None, num_blocks: Optional[int] = None):
+    def __init__(self, manifest: Manifest, threads: Optional[int] = None, num_blocks: Optional[int] = None,
+                 num_state_slots: int = 17):
         self.threads = configure_threads(threads)  # before TVM's pool starts (see threads.py)
         import tvm
         from tvm import relax
@@ -90,16 +105,26 @@ class CpuExecutor:
         if self.num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {self.num_blocks}")
         dtype = TVM_DTYPES[geom["dtype"]]
-        k_shape = (self.num_blocks, geom["kv_heads"], geom["head_dim"], self.block_size)
-        v_shape = (self.num_blocks, self.block_size, geom["kv_heads"], geom["value_dim"])
+        # (kv_heads, head_dim, value_dim) per layer: listed when layers differ, else layer 0's for all
+        shapes = geom.get("layer_shapes") or [(geom["kv_heads"], geom["head_dim"], geom["value_dim"])] * geom["layers"]
         self.pools = []
-        for _ in range(geom["layers"]):
+        for heads, head_dim, value_dim in shapes:
+            k_shape = (self.num_blocks, heads, head_dim, self.block_size)
+            v_shape = (self.num_blocks, self.block_size, heads, value_dim)
             # zeroed: masked lanes of a block are multiplied by zero probabilities, which must not
             # meet NaN garbage. Shared with numpy's calloc'ed memory (DLPack, no copy), so pages
             # become resident only when a block is first written: a large pool costs nothing
             # until it is used and loads instantly.
             self.pools.append(tvm.runtime.from_dlpack(aligned_zeros(k_shape, dtype)))
             self.pools.append(tvm.runtime.from_dlpack(aligned_zeros(v_shape, dtype)))
+        # recurrent state (hybrid / linear-attention models): one pool per state op, one slot
+        # per running sequence, [slots, *shape]; zeroed like the KV pools
+        self.state_pools = []
+        pools = (manifest.data.get("state") or {}).get("pools") or []
+        self.num_state_slots = int(num_state_slots) if pools else 0
+        for pool in pools:
+            shape = (self.num_state_slots, *[int(d) for d in pool["shape"]])
+            self.state_pools.append(tvm.runtime.from_dlpack(aligned_zeros(shape, TVM_DTYPES[pool["dtype"]])))
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
 
@@ -146,5 +171,15 @@ class CpuExecutor:
         fn = self._decode if decode else self._prefill
         arrays = (batch.input_ids, batch.positions, batch.slot_mapping, batch.block_tables, batch.seq_lens,
                   batch.query_start, batch.logits_index)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a, dtype=np.int64), self.device) for a in arrays]
-        return fn(*args, *self.pools, *self.weights).numpy()
+        if self.state_pools:
+            slots = batch.state_slots
+            if slots is None or slots.shape != (batch.num_seqs,) or (slots.size and (
+                    int(slots.min()) < 0 or int(slots.max()) >= self.num_state_slots)):
+                raise ValueError(f"step batch: this model keeps recurrent state and needs state_slots [B] within "
+                                 f"[0, {self.num_state_slots}), got {None if slots is None else slots.tolist()}")
+            arrays = arrays + (slots,)
+        # The int64 inputs share one aligned buffer that TVM borrows (DLPack, ~1 us each) instead
+        # of a copy each into a TVM-allocated tensor (~40 us each); the logits come back as a
+        # numpy view of the VM's output (it stays alive while the view does), not a copy.
+        args = [tvm.runtime.from_dlpack(a) for a in pack_int64(arrays)]
+        return np.from_dlpack(fn(*args, *self.pools, *self.state_pools, *self.weights))

@@ -11,7 +11,7 @@ which sequence holds which block is the runtime's business alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 
@@ -27,6 +27,9 @@ class StepBatch:
     query_start [B + 1]: sequence b's tokens are rows query_start[b] .. query_start[b+1]-1 of T,
         the last tokens of the sequence (so row i of b sits at position seq_lens[b] - n_b + i).
     logits_index [B]: the row of T whose logits the step returns for sequence b.
+    state_slots [B]: for models with recurrent state (a manifest "state" entry), the state slot
+        each sequence owns while it runs; a sequence whose first token is in this step starts
+        its slot from zeros (the kernels see seq_lens[b] == n_b), so slots need no clearing.
     """
 
     input_ids: np.ndarray
@@ -36,6 +39,7 @@ class StepBatch:
     seq_lens: np.ndarray
     query_start: np.ndarray
     logits_index: np.ndarray
+    state_slots: Optional[np.ndarray] = None
 
     @property
     def num_tokens(self) -> int:

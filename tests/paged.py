@@ -19,7 +19,7 @@ StepFn = Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]
 
 def pool_args(module: Module) -> list:
     fn = module.functions["forward"]
-    return [a for a in fn.args if a.name.startswith(("k_pool_", "v_pool_"))]
+    return [a for a in fn.args if a.name.startswith(("k_pool_", "v_pool_", "state_pool_"))]
 
 
 class PagedBatcher:
@@ -32,6 +32,8 @@ class PagedBatcher:
             shape = [num_blocks] + [int(d) for d in a.type.shape[1:]]
             self.pools[a.name] = torch.zeros(shape, dtype=torch.float32)
         self.block_size = int(pool_args(module)[0].type.shape[1])
+        self.num_blocks = num_blocks
+        self.state_slots: dict[object, int] = {}  # recurrent state slot per sequence (num_blocks slots)
         self.generator = torch.Generator().manual_seed(seed)
         self.free = torch.randperm(num_blocks, generator=self.generator).tolist()
         self.tables: dict[object, list[int]] = {}
@@ -63,7 +65,9 @@ class PagedBatcher:
             tables[b, :len(self.tables[seq])] = torch.tensor(self.tables[seq])
         out = dict(input_ids=torch.cat(ids), positions=torch.cat(positions), slot_mapping=torch.cat(slots),
                    block_tables=tables, seq_lens=torch.tensor(lens), query_start=torch.tensor(starts),
-                   logits_index=torch.tensor(rows))
+                   logits_index=torch.tensor(rows),
+                   state_slots=torch.tensor([self.state_slots.setdefault(seq, (7 * len(self.state_slots) + 3) % self.num_blocks)
+                                             for seq, _ in chunks]))
         names = {a.name for a in self.module.functions["forward"].args}
         out = {k: v for k, v in out.items() if k in names}
         out.update(self.pools)

@@ -57,7 +57,9 @@ class CpuTarget:
 
         from .llvm_cpu import linker, resolve_cpu
 
-        from .tvm.lower import PACK, AttentionOptions, cache_geometry, lower_to_relax, packed_params, weight_order
+        from .tvm.intdot import int_dot_isa
+        from .tvm.lower import (PACK, AttentionOptions, cache_geometry, intdot_params, lower_to_relax, packed_params,
+                                state_pools, weight_order)
         from .tvm.schedule import schedule_module
 
         cpu = resolve_cpu(options.mcpu)
@@ -66,12 +68,15 @@ class CpuTarget:
         target = cpu.tvm_target(threads)
         link = linker(cpu)  # before any work: a missing cross linker fails fast
         timings = {}
-        attention = AttentionOptions(threads, cpu.vector_lanes, cpu.vector_registers)
-        key = self._cache_key(module, f"{cpu.triple}/{mcpu}", threads, tvm.__version__)
+        isa = None if os.environ.get("LLMC_NO_INTDOT") else int_dot_isa(cpu.arch, cpu.required_flags)
+        attention = AttentionOptions(threads, cpu.vector_lanes, cpu.vector_registers, isa)
+        key = self._cache_key(module, f"{cpu.triple}/{mcpu}/{isa.name if isa else 'float'}", threads, tvm.__version__)
         cache_dir = options.cache_dir or _default_cache_dir()
         cached = os.path.join(cache_dir, f"{key}.so")
-        layout = {"cache": cache_geometry(module), "packed": sorted(packed_params(module)),
-                  "weight_order": weight_order(module), "pack": PACK}
+        layout = {"cache": cache_geometry(module), "packed": sorted(packed_params(module, isa)),
+                  "weight_order": weight_order(module), "pack": PACK, "intdot": intdot_params(module, isa),
+                  "states": [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
+                             for a in state_pools(module)]}
         with artifact.staged(out_dir) as stage:
             os.makedirs(os.path.join(stage, "kernels"))
             library = os.path.join(stage, artifact.STEP_LIBRARY)
@@ -86,6 +91,7 @@ class CpuTarget:
                 progress.info("compiling kernels with LLVM for %s (%s)", mcpu, cpu.triple)
                 relax_mod, lowered_layout = lower_to_relax(module, attention)
                 assert lowered_layout["weight_order"] == layout["weight_order"]
+                assert lowered_layout["intdot"] == layout["intdot"]
                 kernels = sorted(g.name_hint for g, f in relax_mod.functions.items()
                                  if isinstance(f, tvm.tirx.PrimFunc))
                 log.info("lowered to TVM Relax: %d kernels (%.1fs)", len(kernels), time.perf_counter() - t0)
@@ -128,10 +134,14 @@ class CpuTarget:
                 "kv_cache": {"layers": geom.layers, "block_size": geom.block_size, "kv_heads": geom.kv_heads,
                              "head_dim": geom.head_dim, "value_dim": geom.value_dim, "dtype": geom.dtype,
                              "max_model_len": options.max_seq_len, "bytes_per_block": geom.bytes_per_block,
+                             **({"layer_shapes": [list(x) for x in geom.per_layer]} if geom.per_layer else {}),
                              "k_layout": "[blocks, kv_heads, head_dim, block_size]",
                              "v_layout": "[blocks, block_size, kv_heads, value_dim]"},
                 "tokenizer": tok,
             }
+            if layout.get("states"):  # recurrent state: one slot per running sequence (runtime/engine.py)
+                manifest["state"] = {"pools": layout["states"], "layout": "[slots, *shape] per pool, after the KV "
+                                                                           "pools; state_slots [B] after logits_index"}
             artifact.write_manifest(stage, manifest)
         return timings
 
@@ -149,14 +159,14 @@ class CpuTarget:
     def _cache_key(module: Module, mcpu: str, threads: int, tvm_version: str) -> str:
         """Content hash of what determines the kernels: the IR (weights excluded), the options,
         and the code generator's own source."""
-        from .tvm import attention, kernels, lower, schedule
+        from .tvm import attention, intdot, kernels, lower, schedule
 
         h = hashlib.sha256()
         text = print_module(module)
         text = "\n".join(line for line in text.splitlines() if "config = " not in line)
         h.update(text.encode())
         h.update(json.dumps([mcpu, threads, tvm_version]).encode())
-        for mod in (attention, kernels, lower, schedule):
+        for mod in (attention, intdot, kernels, lower, schedule):
             with open(mod.__file__, "rb") as f:
                 h.update(f.read())
         return h.hexdigest()[:32]
@@ -167,16 +177,23 @@ class CpuTarget:
 
         from llmc.runtime import artifact
 
+        from .tvm.intdot import repack_codes, repack_groups
+
         packed, pack = set(layout["packed"]), layout["pack"]
+        intdot = layout.get("intdot", {})
         arrays, layouts = {}, {}
         for name in layout["weight_order"]:
             w = weights[name]
             array = w.detach().cpu().numpy() if hasattr(w, "detach") else np.asarray(w)
+            kind = "plain"
             if name in packed:
-                array = pack_weight(array, pack)
+                array, kind = pack_weight(array, pack), f"packed{pack}"
+            elif name in intdot:
+                info = intdot[name]
+                repack = repack_codes if info["role"] == "codes" else repack_groups
+                array, kind = repack(array, info["lanes"]), f"intdot{info['lanes']}-{info['role']}"
             arrays[name] = array.copy(order="C")  # (ascontiguousarray would turn 0-d into 1-d)
-            layouts[name] = {"shape": list(array.shape), "dtype": str(array.dtype),
-                             "layout": f"packed{pack}" if name in packed else "plain",
+            layouts[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "layout": kind,
                              "origin": module.params[name].origin}
         save_file(arrays, os.path.join(stage, artifact.WEIGHTS))
         return layouts

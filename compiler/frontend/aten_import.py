@@ -261,7 +261,8 @@ def _binary(kind: str, reverse: bool = False):
 
 
 for _aten, _ir in {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow",
-                   "maximum": "maximum", "minimum": "minimum"}.items():
+                   "maximum": "maximum", "minimum": "minimum", "multiply": "mul", "subtract": "sub",
+                   "divide": "div"}.items():
     for _ov in ("Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "default"):
         rule(f"aten.{_aten}.{_ov}")(_binary(_ir))
 rule("aten.rsub.Scalar", "aten.rsub.Tensor")(_binary("sub", reverse=True))
@@ -359,7 +360,7 @@ def _t(imp, node):
     return imp.b.op("permute", x, perm=[1, 0]) if x.type.rank == 2 else x
 
 
-@rule("aten.expand.default")
+@rule("aten.expand.default", "aten.expand_as.default")
 def _expand(imp, node):
     return imp.b.op("expand", imp.value(node.args[0]), shape=list(imp.type_of(node).shape))
 
@@ -375,6 +376,8 @@ def _clamp_index(i, size: Dim, default) -> Dim:
         if isinstance(size, int) and isinstance(i, int):
             return max(0, min(i, size))
         return i
+    if getattr(normalize_dim(i), "is_negative", False):  # -T etc.: counts from the end, as ints do
+        return normalize_dim(size + i)
     return normalize_dim(i)
 
 
@@ -399,7 +402,7 @@ def _select(imp, node):
     return imp.b.op("reshape", s, shape=list(imp.type_of(node).shape))
 
 
-@rule("aten.cat.default")
+@rule("aten.cat.default", "aten.concat.default", "aten.concatenate.default")
 def _cat(imp, node):
     xs, axis = imp.value(node.args[0]), imp.value(node.args[1]) if len(node.args) > 1 else 0
     xs = [x for x in xs if not (x.type.rank == 1 and x.type.shape[0] == 0)]
@@ -438,6 +441,8 @@ def _getitem(imp, node):
 def _attention(imp, node):
     q, k, v, layer, scale, window, softcap = imp.value(list(node.args[:7]))
     sinks = imp.value(node.args[7]) if len(node.args) > 7 else imp.value(node.kwargs.get("sinks"))
+    chunk = int(node.args[8]) if len(node.args) > 8 else int(node.kwargs.get("chunk", 0))
+    alibi = node.args[9] if len(node.args) > 9 else node.kwargs.get("alibi")
     positions = imp.positions
     tok = [positions.type.shape[0]]
 
@@ -449,7 +454,9 @@ def _attention(imp, node):
 
     extra = [] if sinks is None else [imp.as_tensor(sinks, q.type.dtype)]
     out = imp.b.op("attention", flat(q), flat(k), flat(v), positions, *extra, hint=f"attn{layer}",
-                   layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap))
+                   layer=int(layer), scale=float(scale), window=int(window), softcap=float(softcap),
+                   **({"chunk": chunk} if chunk else {}),
+                   **({"alibi": [float(x) for x in alibi]} if alibi else {}))
     return imp.b.op("reshape", out, shape=list(imp.type_of(node).shape))
 
 
@@ -537,6 +544,37 @@ def _scatter_op(imp, node):
     return imp.b.op("scatter", x, idx, imp.as_tensor(src, dtype), axis=axis % x.type.rank)
 
 
+def _strided_slice_scatter(imp, node, x, src, axis, start, end, step):
+    """x[start:end:step] = src along a static axis (interleaved M-RoPE sections): runs of x's
+    untouched entries and single rows of src, concatenated in order."""
+    size = x.type.shape[axis]
+    if not all(isinstance(d, int) for d in (size, start, end, step)) or step < 1:
+        raise ImportError_(f"slice_scatter with step {step} at %{node.name} needs static bounds, got "
+                           f"{start}:{end} of {size}")
+    touched = list(range(start, min(end, size), step))
+    parts, prev = [], 0
+    for k, j in enumerate(touched):
+        if j > prev:
+            parts.append(imp.b.op("slice", x, axis=axis, start=prev, end=j, step=1))
+        parts.append(imp.b.op("slice", src, axis=axis, start=k, end=k + 1, step=1))
+        prev = j + 1
+    if prev < size:
+        parts.append(imp.b.op("slice", x, axis=axis, start=prev, end=size, step=1))
+    return parts[0] if len(parts) == 1 else imp.b.op("concat", *parts, axis=axis)
+
+
+@rule("aten.select_scatter.default")
+def _select_scatter(imp, node):
+    """x with x.select(dim, index) replaced by src: src as a one-row slice, scattered."""
+    x, src, axis, index = imp.args(node, ("self", None), ("src", None), ("dim", 0), ("index", 0))
+    axis %= x.type.rank
+    index = _clamp_index(index, x.type.shape[axis], 0)
+    shape = list(x.type.shape)
+    shape[axis] = 1
+    row = imp.b.op("reshape", imp.as_tensor(src, x.type.dtype), shape=shape)
+    return _strided_slice_scatter(imp, node, x, row, axis, index, index + 1, 1)
+
+
 @rule("aten.slice_scatter.default")
 def _slice_scatter(imp, node):
     """x with x[start:end] along dim replaced by src: the untouched parts concatenated around src."""
@@ -546,11 +584,11 @@ def _slice_scatter(imp, node):
     size = x.type.shape[axis]
     start, end = _clamp_index(start, size, 0), _clamp_index(end, size, size)
     if step != 1:
-        raise ImportError_(f"slice_scatter with step {step} at %{node.name} is not supported")
+        return _strided_slice_scatter(imp, node, x, imp.as_tensor(src, x.type.dtype), axis, start, end, step)
     parts = []
     if start != 0:
         parts.append(imp.b.op("slice", x, axis=axis, start=0, end=start, step=1))
-    parts.append(imp.as_tensor(src, x.type.dtype))
+    parts.append(src)
     if not dims_equal_(end, size):
         parts.append(imp.b.op("slice", x, axis=axis, start=end, end=size, step=1))
     return parts[0] if len(parts) == 1 else imp.b.op("concat", *parts, axis=axis)
@@ -587,7 +625,7 @@ def _softplus(imp, node):
     return imp.b.op("div", scaled, imp.const(beta, dtype))
 
 
-@rule("aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default")
+@rule("aten.clamp.default", "aten.clamp.Tensor", "aten.clamp_min.default", "aten.clamp_max.default")
 def _clamp(imp, node):
     name = node.target._schema.name.split("::")[1]
     x = imp.value(node.args[0])
@@ -701,6 +739,17 @@ def _gather_rows(imp, node, table: Value, axis: int, ids: Value) -> Value:
     return out
 
 
+def _constant_indices_wrapped(imp, ids: Value, size) -> Value:
+    """Constant index tensors (lifted from the model code, e.g. ``x[..., [-2], :]``) may count
+    from the end; their negative entries are wrapped once here, at import."""
+    producer = ids.producer
+    name = producer.attrs.get("name") if producer is not None and producer.kind == "param" else None
+    w = imp.weights.get(name) if name is not None else None
+    if w is not None and isinstance(size, int) and bool((w < 0).any()):
+        imp.weights[name] = torch.where(w < 0, w + size, w).contiguous()
+    return ids
+
+
 @rule("aten.index.Tensor")
 def _index(imp, node):
     x, indices = imp.value(node.args[0]), imp.value(node.args[1])
@@ -709,6 +758,7 @@ def _index(imp, node):
         raise ImportError_(f"indexing at %{node.name} ({source_location(node) or 'the model'}) uses "
                            f"{len(given)} index tensors; llmc imports x[ids] with one integer index tensor")
     axis, ids = given[0]
+    ids = _constant_indices_wrapped(imp, ids, x.type.shape[axis])
     if axis != 0 and ids.type.rank != 1:
         raise ImportError_(f"indexing at %{node.name}: a multi-dim index on axis {axis} is not supported")
     return _gather_rows(imp, node, x, axis, ids)
@@ -718,6 +768,24 @@ def _index(imp, node):
 def _index_select(imp, node):
     x, axis, ids = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
     return _gather_rows(imp, node, x, axis % x.type.rank, ids)
+
+
+@rule("aten.arange.default", "aten.arange.start", "aten.arange.start_step")
+def _arange(imp, node):
+    """``arange`` over constant bounds (rotary frequencies computed inside the forward): the
+    values become a constant weight. Bounds that depend on the token count are refused."""
+    bounds = [imp.value(a) for a in node.args]
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+        raise ImportError_(f"arange at %{node.name} ({source_location(node) or 'the model'}) runs to a bound that "
+                           f"depends on the token count: the model derives positions itself; llmc passes them as "
+                           f"an input")
+    val = node.meta["val"]
+    name = f"_const.{node.name}"
+    tensor = torch.arange(*bounds, dtype=val.dtype)
+    if name not in imp.module.params:
+        imp.module.add_param(name, TensorType(tuple(tensor.shape), IR_DTYPES[tensor.dtype]), "constant")
+        imp.weights[name] = tensor
+    return imp.b.op("param", hint=re.sub(r"\W", "_", name), name=name)
 
 
 @rule("aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.new_zeros.default",
@@ -758,6 +826,23 @@ def _topk(imp, node):
         raise ImportError_(f"topk at %{node.name} ({source_location(node) or 'the model'}): llmc's topk takes the "
                            f"largest entries along the last axis (got dim={axis}, largest={largest})")
     return imp.b.op_multi("topk", [x], {"k": int(k)}, hint="topk")
+
+
+@rule("aten.max.dim")
+def _max_dim(imp, node):
+    """(values, indices) of the maximum along the last axis: topk with k = 1 (ties toward the
+    lower index, as torch)."""
+    x = imp.value(node.args[0])
+    axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if axis % x.type.rank != x.type.rank - 1:
+        raise ImportError_(f"max over dim {axis} at %{node.name} ({source_location(node) or 'the model'}): llmc "
+                           f"takes the maximum with its index along the last axis only")
+    values, indices = imp.b.op_multi("topk", [x], {"k": 1}, hint="max")
+    if keepdim:
+        return [values, indices]
+    shape = list(x.type.shape[:-1])
+    return [imp.b.op("reshape", values, shape=shape), imp.b.op("reshape", indices, shape=shape)]
 
 
 @rule("llmc.moe.default")

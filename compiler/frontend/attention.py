@@ -2,8 +2,8 @@
 
 transformers lets a program register its own attention implementation and mask builder.
 Ours calls ``torch.ops.llmc.attention``, so ``torch.export`` keeps one opaque node per layer
-carrying q, k, v (after RoPE), the layer index, scale, sliding window and softcap, and no mask
-arithmetic at all. The importer turns that node into the IR's ``attention`` op.
+carrying q, k, v (after RoPE), the layer index, scale, sliding window, softcap, sinks and
+chunk size, and no mask arithmetic at all. The importer turns that node into the IR's ``attention`` op.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ ATTN_IMPLEMENTATION = "llmc"
 
 @torch.library.custom_op("llmc::attention", mutates_args=())
 def llmc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float,
-                   window: int, softcap: float, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   window: int, softcap: float, sinks: Optional[torch.Tensor] = None,
+                   chunk: int = 0, alibi: Optional[list[float]] = None) -> torch.Tensor:
     """Causal attention without a cache, [B, Hq, T, D] x [B, Hkv, T, D] -> [B, T, Hq, Dv].
 
     Eager meaning for a trace of one prompt from position 0; the IR's ``attention`` op
@@ -32,9 +33,13 @@ def llmc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     i = torch.arange(t)
+    if alibi:  # ALiBi: slope_h * (key position - query position)
+        scores = scores + torch.tensor(alibi).reshape(1, -1, 1, 1) * (i[None, :] - i[:, None]).float()
     allowed = i[None, :] <= i[:, None]
     if window > 0:
         allowed &= (i[:, None] - i[None, :]) < window
+    if chunk > 0:
+        allowed &= (i[:, None] // chunk) == (i[None, :] // chunk)
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is not None:  # one extra logit per head in each softmax's denominator
         sink = sinks.float().reshape(1, -1, 1, 1).expand(b, hq, t, 1)
@@ -46,7 +51,7 @@ def llmc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
 
 
 @llmc_attention.register_fake
-def _attention_fake(q, k, v, layer, scale, window, softcap, sinks=None):
+def _attention_fake(q, k, v, layer, scale, window, softcap, sinks=None, chunk=0, alibi=None):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]))
 
 
@@ -60,6 +65,17 @@ _IGNORED_KWARGS = {"position_ids", "cache_position", "output_attentions", "use_c
 
 class AttentionArgumentError(ValueError):
     """The model asks its attention function for something llmc's attention op does not do."""
+
+
+class MaskSpec:
+    """What the mask builder hands the model instead of a mask tensor when the mask is not
+    plain causal: the model passes it through to its attention function, which turns it into
+    attention op attributes. A sliding window here is the one the model's mask applies; it
+    wins over the ``sliding_window`` argument (which some models set only for flash kernels,
+    and others not at all while their mask has one)."""
+
+    def __init__(self, chunk: int = 0, window: int = 0):
+        self.chunk, self.window = chunk, window
 
 
 class _TraceState:
@@ -88,12 +104,15 @@ def _attention_interface(module, query, key, value, attention_mask, scaling=None
             f"{type(module).__name__} passes {', '.join(sorted(unknown))} to its attention function; llmc's "
             f"attention op has no such argument (it takes q, k, v, scale, sliding window and softcap), so the "
             f"model is refused rather than computed without it")
+    chunk, mask_window = 0, 0
+    if isinstance(attention_mask, MaskSpec):
+        chunk, mask_window, attention_mask = attention_mask.chunk, attention_mask.window, None
     if attention_mask is not None:
         raise AttentionArgumentError(
             f"{type(module).__name__} builds its own attention mask instead of transformers' mask interface; "
             f"llmc's attention op applies the causal (and window) mask itself and cannot take an arbitrary mask")
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    window = kwargs.get("sliding_window") or 0
+    window = mask_window or kwargs.get("sliding_window") or 0
     softcap = kwargs.get("softcap") or 0.0
     # Each call gets the cache of its own index, in call order: for ordinary models that is
     # layer_idx; a layer that attends twice (differential attention) or an attention module
@@ -101,7 +120,7 @@ def _attention_interface(module, query, key, value, attention_mask, scaling=None
     layer = _TraceState.calls
     _TraceState.calls += 1
     out = torch.ops.llmc.attention(query, key, value, int(layer), scale, int(window), float(softcap),
-                                   None if sinks is None else sinks.to(query.dtype))
+                                   None if sinks is None else sinks.to(query.dtype), int(chunk))
     return out, None
 
 
@@ -124,6 +143,8 @@ def _mask_parts(fn, seen=None) -> list[tuple[str, object]]:
     cells = dict(zip(getattr(getattr(fn, "__code__", None), "co_freevars", ()), getattr(fn, "__closure__", None) or ()))
     if outer == "sliding_window_overlay" and "sliding_window" in cells:
         parts = [(outer, cells["sliding_window"].cell_contents)]
+    if outer == "chunked_overlay" and "chunk_size" in cells:
+        parts = [(outer, cells["chunk_size"].cell_contents)]
     for cell in cells.values():
         try:
             value = cell.cell_contents
@@ -135,20 +156,30 @@ def _mask_parts(fn, seen=None) -> list[tuple[str, object]]:
     return parts
 
 
+# Multimodal blocks (images attending to themselves bidirectionally): transformers ORs this
+# overlay onto the causal mask and it unmasks only tokens whose block id is >= 0, which come from
+# token-type inputs (image tokens). llmc's step takes text token ids only, for which every block
+# id is -1, so the overlay adds nothing and the mask is the causal one.
+_TEXT_ONLY_NOOPS = {"blockwise_overlay", "maybe_pad_block_sequence_ids"}
+
+
 def _no_mask(*args, **kwargs):
-    """The mask builder: no mask tensor at all (the attention op masks by itself), after
-    checking that the mask asked for is one the op reproduces: causal, or causal within a
-    sliding window. Anything else (chunked, blockwise, bidirectional) is refused by name
-    rather than dropped."""
-    for name, _window in _mask_parts(kwargs.get("mask_function")):
-        # a sliding window need not reach this layer's attention call: models build one mask per
-        # layer type they might have; a window a layer uses but does not pass shows as a parity
-        # failure in the registry sweep (its windows are shorter than the prompt)
-        if name != "sliding_window_overlay" and name not in _CAUSAL_PARTS:
+    """The mask builder: no mask tensor (the attention op masks by itself) or a ``MaskSpec``
+    (chunked attention), after checking that the mask asked for is one the op reproduces:
+    causal, optionally within a sliding window or a chunk. Anything else (bidirectional, a
+    model's own mask function) is refused by name rather than dropped."""
+    chunk = window = 0
+    for name, value in _mask_parts(kwargs.get("mask_function")):
+        # models build one mask per layer type; each layer's attention call gets its own
+        if name == "chunked_overlay" and isinstance(value, int) and value > 0:
+            chunk = value
+        elif name == "sliding_window_overlay" and isinstance(value, int) and value > 0:
+            window = value
+        elif name != "sliding_window_overlay" and name not in _CAUSAL_PARTS and name not in _TEXT_ONLY_NOOPS:
             raise AttentionArgumentError(f"the model asks for a {name.replace('_', ' ')} attention mask; llmc's "
-                                         f"attention op is causal, optionally within a sliding window, and has no "
-                                         f"such mask")
-    return None
+                                         f"attention op is causal, optionally within a sliding window or a chunk, "
+                                         f"and has no such mask")
+    return MaskSpec(chunk, window) if chunk or window else None
 
 
 
@@ -168,9 +199,11 @@ def register() -> None:
 
 
 @contextlib.contextmanager
-def llmc_attention_enabled(model):
-    """Make ``model`` (and its sub-configs) use llmc attention and llmc experts inside the block."""
+def llmc_attention_enabled(model, attention: str = ATTN_IMPLEMENTATION):
+    """Make ``model`` (and its sub-configs) use llmc attention (or the ``attention``
+    implementation named) and llmc experts inside the block."""
     from . import experts
+    from .recurrent import recurrent_enabled
 
     register()
     experts.register()
@@ -181,9 +214,10 @@ def llmc_attention_enabled(model):
     saved = [(c._attn_implementation, getattr(c, "_experts_implementation", None)) for c in configs]
     try:
         for c in configs:
-            c._attn_implementation = ATTN_IMPLEMENTATION
+            c._attn_implementation = attention
             c._experts_implementation = experts.EXPERTS_IMPLEMENTATION
-        yield model
+        with recurrent_enabled(model):  # recurrent kernels -> llmc state ops (frontend/recurrent.py)
+            yield model
     finally:
         for c, (attn, exp) in zip(configs, saved):
             c._attn_implementation = attn

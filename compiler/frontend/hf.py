@@ -145,10 +145,55 @@ class TraceError(ValueError):
     """A model llmc cannot trace; the message names the construct and why."""
 
 
+def _takes_kwargs(model) -> bool:
+    import inspect
+
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+
+
 def _forward_parameters(model) -> set[str]:
     import inspect
 
     return set(inspect.signature(model.forward).parameters)
+
+
+class _WithPositions(torch.nn.Module):
+    """A forward without ``position_ids`` (ALiBi models: Bloom, MPT) given one: the trace
+    needs the step's positions as an input; they reach the attention op only, and the
+    recognized attention (``self_attention``) is what uses them. Any other use of positions
+    the model derives itself is refused after the trace (``_derives_positions``)."""
+
+    def __init__(self, model, through_kwargs: bool):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.through_kwargs = through_kwargs
+
+    def forward(self, input_ids, position_ids):
+        if self.through_kwargs:  # a forward taking **kwargs hands them down to its language model
+            return self.model(input_ids=input_ids, position_ids=position_ids)
+        return self.model(input_ids=input_ids)
+
+
+def _export(model, ids, pos, T, attention: str):
+    """The export itself; ``pos`` None for a forward given no positions (a recurrent-only model)."""
+    from .attention import attention_calls
+
+    kwargs, shapes = {"input_ids": ids}, {"input_ids": {1: T}}
+    if pos is not None:
+        kwargs["position_ids"], shapes["position_ids"] = pos, {1: T}
+    with llmc_attention_enabled(model, attention), torch.no_grad():
+        program = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=shapes, strict=False,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+        return program, attention_calls()
+
+
+def _identification_tokens(text_config, example_tokens: int, max_tokens: int) -> int:
+    """Tokens of the example that self-computed attention is identified on: longer than any
+    window or chunk the config names, so the mask's shape shows in full."""
+    spans = [v for k, v in text_config.to_dict().items()
+             if isinstance(v, int) and not isinstance(v, bool) and any(w in k for w in ("window", "chunk", "local"))]
+    return min(max_tokens, max([2 * example_tokens] + [v + 2 for v in spans if v > 0]))
 
 
 def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
@@ -156,16 +201,19 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
 
     Only ``input_ids`` and ``position_ids`` are passed (``use_cache`` is switched off on the
     config for the trace), so forwards that take extra arguments through ``**kwargs`` trace
-    alike. A forward without ``position_ids`` cannot be given the positions of a decode step
-    and is refused."""
+    alike. A model that never calls transformers' attention interface is traced again with
+    its eager attention, and its own attention arithmetic is recognized and replaced by the
+    attention op (``self_attention``); a forward without ``position_ids`` is given one."""
+    from . import self_attention
+
     text_config = model.config.get_text_config()
-    max_tokens = max_tokens or int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
-    params = _forward_parameters(model)
-    if "position_ids" not in params:
-        raise TraceError(
-            f"{type(model).__name__}.forward takes no position_ids: llmc passes every step's token positions "
-            f"through it (decode steps do not start at 0), and this model derives positions itself "
-            f"(ALiBi or a recurrent state); it is not supported")
+    max_tokens = max_tokens or next((int(v) for v in (getattr(text_config, k, None) for k in (
+        "max_position_embeddings", "n_positions", "max_seq_len")) if isinstance(v, int) and v > 0), 4096)
+    name = type(model).__name__
+    takes_positions = "position_ids" in _forward_parameters(model)
+    # an attention-free recurrent model (Mamba) needs no positions: each state op continues its state
+    recurrent_only = not takes_positions and _recurrent_only(model)
+    traced = model if takes_positions or recurrent_only else _WithPositions(model, _takes_kwargs(model))
     vocab = int(text_config.vocab_size)
     ids = torch.arange(example_tokens, dtype=torch.int64)[None] % vocab
     pos = torch.arange(example_tokens, dtype=torch.int64)[None]
@@ -175,46 +223,82 @@ def trace(model, example_tokens: int = 8, max_tokens: Optional[int] = None):
     configs = [model.config] + [c for c in {id(text_config): text_config}.values() if c is not model.config]
     saved = [getattr(c, "use_cache", None) for c in configs]
     from .attention import attention_calls
+    from .recurrent import state_calls
 
     try:
         for c in configs:
             c.use_cache = False
-        with llmc_attention_enabled(model), torch.no_grad():
-            program = torch.export.export(
-                model, (), kwargs={"input_ids": ids, "position_ids": pos},
-                dynamic_shapes={"input_ids": {1: T}, "position_ids": {1: T}},
-                strict=False, prefer_deferred_runtime_asserts_over_guards=True,
-            )
-            calls = attention_calls()
+        try:
+            program, calls = _export(traced, ids, None if recurrent_only else pos, T, "llmc")
+        except (TypeError, AttributeError, RuntimeError) as exc:
+            if attention_calls() != 0:
+                raise
+            first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            program, calls = None, 0
+        if calls == 0 and state_calls() == 0:  # attention computed by the model: trace it eagerly, recognize it
+            try:
+                program, _ = _export(traced, ids, pos, T, "eager")
+            except (TypeError, AttributeError, RuntimeError) as exc:
+                raise TraceError(f"{name} computes attention itself instead of calling transformers' attention "
+                                 f"interface, and its eager trace stopped at: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     except torch._dynamo.exc.UserError as exc:
         if "Specializations unexpectedly required" in str(exc):
             kinds = sorted({str(k) for k in (getattr(text_config, "layer_types", None) or [])}
                            - {"full_attention", "sliding_attention"})
             raise TraceError(
-                f"{type(model).__name__}'s code fixes the token count to the example's ({example_tokens}) "
+                f"{name}'s code fixes the token count to the example's ({example_tokens}) "
                 f"(a chunked or recurrent computation over the sequence"
                 f"{', layer types ' + ', '.join(kinds) if kinds else ''}), so one trace cannot serve every "
                 f"step length") from None
         if "Constraints violated" in str(exc):
             raise TraceError(
-                f"{type(model).__name__} specializes on the token count (the model code branches on it, e.g. "
+                f"{name} specializes on the token count (the model code branches on it, e.g. "
                 f"comparing it with a window or chunk size), so one trace cannot serve every step length: "
                 f"{_first_guard(exc)}") from None
-        raise
-    except (TypeError, AttributeError, RuntimeError) as exc:
-        if attention_calls() == 0:
-            raise TraceError(f"{type(model).__name__} computes attention itself instead of calling transformers' "
-                             f"attention interface, so llmc cannot place its KV-cache boundary (the trace stopped "
-                             f"at: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         raise
     finally:
         for c, s in zip(configs, saved):
             c.use_cache = s
     _check_token_asserts(model, program, max_tokens)
-    if calls == 0:
-        raise TraceError(f"{type(model).__name__} never calls transformers' attention interface (it computes "
-                         f"attention itself), so llmc cannot place its KV-cache boundary")
+    if calls == 0 and state_calls() == 0:
+        program = functionalize(program)
+        n = _identification_tokens(text_config, example_tokens, max_tokens)
+        example = {"input_ids": torch.arange(n, dtype=torch.int64)[None] % vocab,
+                   "position_ids": torch.arange(n, dtype=torch.int64)[None]}
+        try:
+            found = self_attention.recognize(program, example, name)
+        except self_attention.SelfAttentionError as exc:
+            raise TraceError(str(exc)) from None
+        if found == 0:
+            raise TraceError(f"{name} never calls transformers' attention interface and llmc found no attention "
+                             f"of the form softmax(q·k^T) @ v in its trace, so it cannot place its KV-cache "
+                             f"boundary")
+    if not takes_positions and not recurrent_only:
+        _refuse_derived_positions(program, name)
     return functionalize(program)
+
+
+def _refuse_derived_positions(program, name: str) -> None:
+    """A forward without ``position_ids`` must not derive positions from the token count
+    anywhere but in the attention llmc replaced: a decode step does not start at 0."""
+    for node in program.graph.nodes:
+        if node.op == "call_function" and "arange" in str(node.target):
+            raise TraceError(f"{name}.forward takes no position_ids and derives token positions itself "
+                             f"({node.target} at %{node.name}) outside its attention: decode steps do not start "
+                             f"at 0, so llmc cannot run it")
+
+
+def _recurrent_only(model) -> bool:
+    """A model with no attention at all whose sequence mixing is recurrent state (Mamba): its
+    forward needs no positions, as each state op continues from where its state left off."""
+    from .recurrent import recurrent_module_names
+
+    modules = {type(m).__module__ for m in model.modules()}
+    import sys
+
+    return any(recurrent_module_names(sys.modules.get(name)) for name in modules) and not any(
+        "Attention" in type(m).__name__ for m in model.modules())
 
 
 def _check_token_asserts(model, program, max_tokens: int) -> None:
@@ -232,7 +316,13 @@ def _check_token_asserts(model, program, max_tokens: int) -> None:
             continue
         symbols = sorted(getattr(expr, "free_symbols", ()), key=str)
         if len(symbols) != 1:
-            raise TraceError(f"{type(model).__name__}'s code asserts {expr} on more than the token count")
+            data = [str(x) for x in symbols if str(x).startswith("u")]
+            where = node.meta.get("stack_trace", "").strip().splitlines()
+            raise TraceError(f"{type(model).__name__}'s code asserts {expr} on more than the token count"
+                             + (f": {', '.join(data)} are sizes that depend on the data (a split by per-expert "
+                                f"token counts, nonzero or masked_select), which llmc's ops do not have"
+                                if data else "")
+                             + (f" ({where[-1].strip()})" if where else ""))
         f = sympy.lambdify(symbols, expr, "math")
         bad = next((t for t in range(1, max_tokens + 1) if not bool(f(t))), None)
         if bad is not None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .core import Block, Function, Module, Op, Value
 from .quant import dequantize
+from .recurrent import StateError, sequence_reference, step_reference
 from .types import Dim, dim_symbols, eval_dim
 
 TORCH_DTYPES = {
@@ -37,6 +38,8 @@ class KVCache:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.written: dict[int, torch.Tensor] = {}
+        # recurrent state per state index: (state, next position) (see ir/recurrent.py)
+        self.states: dict[int, tuple[torch.Tensor, int]] = {}
 
     def _ensure(self, layer: int, needed: int, k: torch.Tensor, v: torch.Tensor) -> None:
         cap = max(self.capacity, needed)
@@ -70,17 +73,33 @@ def _softmax_with_sinks(scores: torch.Tensor, sinks) -> torch.Tensor:
     return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
 
 
+def visible(positions: torch.Tensor, j: torch.Tensor, window: int, chunk: int = 0) -> torch.Tensor:
+    """[T, S] bool: key position j visible to a query at each position (causal, within the
+    window when window > 0, within the query's chunk when chunk > 0)."""
+    allowed = j[None, :] <= positions[:, None]
+    if window > 0:
+        allowed &= (positions[:, None] - j[None, :]) < window
+    if chunk > 0:
+        allowed &= (j[None, :] // chunk) == (positions[:, None] // chunk)
+    return allowed
+
+
+def _with_alibi(scores: torch.Tensor, alibi, positions: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """[H, T, S] scores plus slope_h * (j - p) (ALiBi), or as they are without slopes."""
+    if not alibi:
+        return scores
+    rel = (j[None, :] - positions[:, None]).float()
+    return scores + torch.tensor(alibi, dtype=torch.float32)[:, None, None] * rel[None]
+
+
 def attention_reference(q, k, v, positions, cache: KVCache, layer: int, scale: float,
-                        window: int, softcap: float, sinks=None) -> torch.Tensor:
+                        window: int, softcap: float, sinks=None, chunk: int = 0, alibi=None) -> torch.Tensor:
     """The meaning of the ``attention`` op (see its docstring in ops.py)."""
     positions = positions.to(torch.int64)
     cache.write(layer, positions, k, v)
     n_ctx = int(positions.max()) + 1
     keys, values = cache.keys[layer][:n_ctx], cache.values[layer][:n_ctx]
-    j = torch.arange(n_ctx)
-    allowed = j[None, :] <= positions[:, None]
-    if window > 0:
-        allowed &= (positions[:, None] - j[None, :]) < window
+    allowed = visible(positions, torch.arange(n_ctx), window, chunk)
     missing = allowed & ~cache.written[layer][:n_ctx][None, :]
     if bool(missing.any()):
         t, pos = [int(x) for x in missing.nonzero()[0]]
@@ -93,6 +112,7 @@ def attention_reference(q, k, v, positions, cache: KVCache, layer: int, scale: f
     scores = torch.einsum("thd,shd->hts", q.float(), keys.float()) * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
+    scores = _with_alibi(scores, alibi, positions, torch.arange(n_ctx))
     scores = scores.masked_fill(~allowed[None], float("-inf"))
     probs = _softmax_with_sinks(scores, sinks)
     out = torch.einsum("hts,shd->thd", probs, values.float())
@@ -114,7 +134,7 @@ def kv_append_reference(k_pool, v_pool, k, v, slot_mapping):
 
 
 def paged_attention_reference(q, k_pool, v_pool, block_tables, seq_lens, query_start, scale: float,
-                              window: int, softcap: float, sinks=None) -> torch.Tensor:
+                              window: int, softcap: float, sinks=None, chunk: int = 0, alibi=None) -> torch.Tensor:
     """The meaning of ``paged_attention`` (see its docstring in ops.py): each sequence's
     queries attend causally over the keys its block table points to."""
     block_size = k_pool.shape[1]
@@ -139,16 +159,14 @@ def paged_attention_reference(q, k_pool, v_pool, block_tables, seq_lens, query_s
         keys = k_pool[blocks].flatten(0, 1)[:ctx]      # [ctx, Hkv, D]
         values = v_pool[blocks].flatten(0, 1)[:ctx]    # [ctx, Hkv, Dv]
         positions = torch.arange(ctx - n, ctx)
-        j = torch.arange(ctx)
-        allowed = j[None, :] <= positions[:, None]
-        if window > 0:
-            allowed &= (positions[:, None] - j[None, :]) < window
+        allowed = visible(positions, torch.arange(ctx), window, chunk)
         group = q.shape[1] // keys.shape[1]
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
         scores = torch.einsum("thd,shd->hts", q[begin:end].float(), keys.float()) * scale
         if softcap > 0:
             scores = softcap * torch.tanh(scores / softcap)
+        scores = _with_alibi(scores, alibi, positions, torch.arange(ctx))
         scores = scores.masked_fill(~allowed[None], float("-inf"))
         out[begin:end] = torch.einsum("hts,shd->thd", _softmax_with_sinks(scores, sinks), values.float()).to(q.dtype)
     return out
@@ -298,7 +316,8 @@ def _param(xs, a, fr):
 def _attention(xs, a, fr):
     q, k, v, pos = xs[:4]
     return attention_reference(q, k, v, pos, fr.interp.kv_cache, a["layer"], a["scale"],
-                               a["window"], a["softcap"], xs[4] if len(xs) > 4 else None)
+                               a["window"], a["softcap"], xs[4] if len(xs) > 4 else None, a.get("chunk", 0),
+                               a.get("alibi"))
 
 
 @impl("kv_append")
@@ -308,7 +327,30 @@ def _kv_append(xs, a, fr):
 
 @impl("paged_attention")
 def _paged_attention(xs, a, fr):
-    return paged_attention_reference(*xs[:6], a["scale"], a["window"], a["softcap"], xs[6] if len(xs) > 6 else None)
+    return paged_attention_reference(*xs[:6], a["scale"], a["window"], a["softcap"], xs[6] if len(xs) > 6 else None,
+                                     a.get("chunk", 0), a.get("alibi"))
+
+
+@impl("causal_conv1d", "gated_delta_rule")
+def _recurrent(xs, a, fr):
+    kind = fr.op.kind
+    pos_index = 2 if kind == "causal_conv1d" else 5
+    operands = xs[:pos_index] + xs[pos_index + 1:]
+    try:
+        return sequence_reference(kind, operands, xs[pos_index].to(torch.int64), fr.interp.kv_cache.states,
+                                  a["state"], a.get("delta", True))
+    except StateError as exc:
+        raise InterpreterError(str(exc)) from None
+
+
+@impl("causal_conv1d_step", "gated_delta_rule_step")
+def _recurrent_step(xs, a, fr):
+    n = 2 if fr.op.kind == "causal_conv1d_step" else 5
+    operands = xs[1:1 + n] + xs[4 + n:]
+    try:
+        return step_reference(fr.op.kind, xs[0], operands, *xs[1 + n:4 + n], delta=a.get("delta", True))
+    except StateError as exc:
+        raise InterpreterError(str(exc)) from None
 
 
 @impl("rms_norm")

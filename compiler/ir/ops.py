@@ -15,7 +15,7 @@ import sympy
 
 from .types import DTYPES, TensorType, dims_equal, normalize_dim, product
 
-AttrKind = str  # int | float | str | bool | ints | dims | dim | dtype | float_or_none
+AttrKind = str  # int | float | str | bool | ints | floats | dims | dim | dtype | float_or_none
 InferFn = Callable[[list[TensorType], dict[str, Any], Any], list[TensorType]]
 
 
@@ -69,6 +69,8 @@ def check_attr(kind: AttrKind, value: Any) -> bool:
         return is_dim(value)
     if kind == "dims":
         return isinstance(value, list) and all(is_dim(v) for v in value)
+    if kind == "floats":
+        return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     if kind == "dtype":
         return value in DTYPES
     raise ValueError(f"unknown attribute kind {kind!r}")
@@ -372,8 +374,15 @@ def _check_sinks(types, q, hq, what):
             raise TypeError(f"{what} sinks must be {q.dtype}[{hq}] (one logit per query head), got {sinks}")
 
 
+def _check_alibi(attrs, hq, what):
+    alibi = attrs.get("alibi")
+    if alibi is not None and isinstance(hq, int) and len(alibi) != hq:
+        raise TypeError(f"{what} alibi must hold one slope per query head ({hq}), got {len(alibi)}")
+
+
 @register_op("attention", min_operands=4, has_effects=True,
-             attrs={"layer": "int", "scale": "float", "window": "int", "softcap": "float"})
+             attrs={"layer": "int", "scale": "float", "window": "int", "softcap": "float"},
+             optional_attrs={"chunk": "int", "alibi": "floats"})
 def _attention(types, attrs, ctx):
     """Causal attention of this step's tokens over the layer's KV cache.
 
@@ -383,7 +392,10 @@ def _attention(types, attrs, ctx):
     scaled by ``scale`` and, when softcap > 0, passed through softcap·tanh(x/softcap).
     This op is the KV-cache boundary that paged-KV lowering rewrites. An optional fifth
     operand, sinks [Hq], adds one logit per query head to each softmax's denominator
-    (attention sinks: probability mass that attends to nothing).
+    (attention sinks: probability mass that attends to nothing). With ``chunk`` > 0 (chunked
+    attention, Llama 4), a query at p also needs j // chunk == p // chunk: it sees only the
+    keys of its own chunk. With ``alibi`` (one slope per query head), the logit of query p
+    and key j gains slope_h * (j - p) after scaling and soft-capping (ALiBi: Bloom, MPT).
     """
     q, k, v, pos = types[:4]
     _check_sinks(types[4:], q, q.shape[1] if q.rank == 3 else None, "attention")
@@ -401,8 +413,9 @@ def _attention(types, attrs, ctx):
         raise TypeError(f"query heads {hq} are not a multiple of KV heads {hkv}")
     if not dims_equal(q.shape[2], k.shape[2]):
         raise TypeError(f"q and k head dims differ: {q} vs {k}")
-    if attrs["window"] < 0 or attrs["softcap"] < 0:
-        raise TypeError("attention window and softcap must be >= 0 (0 = off)")
+    if attrs["window"] < 0 or attrs["softcap"] < 0 or attrs.get("chunk", 0) < 0:
+        raise TypeError("attention window, softcap and chunk must be >= 0 (0 = off)")
+    _check_alibi(attrs, hq, "attention")
     return [TensorType((q.shape[0], hq, v.shape[2]), _same_dtype([q, k, v]))]
 
 
@@ -450,7 +463,8 @@ def _kv_append(types, attrs, ctx):
 
 
 @register_op("paged_attention", min_operands=6,
-             attrs={"scale": "float", "window": "int", "softcap": "float"})
+             attrs={"scale": "float", "window": "int", "softcap": "float"},
+             optional_attrs={"chunk": "int", "alibi": "floats"})
 def _paged_attention(types, attrs, ctx):
     """Causal attention of a batch's queries over each sequence's blocks of the KV pools.
 
@@ -461,7 +475,9 @@ def _paged_attention(types, attrs, ctx):
     Key position j of sequence b lives in block block_tables[b, j // BS] at offset j % BS. A
     query at position p attends to j <= p (and p - j < window when window > 0), logits scaled
     by ``scale`` and soft-capped when softcap > 0. Rows no sequence owns come out zero. An
-    optional seventh operand, sinks [Hq], joins each softmax's denominator (see attention)."""
+    optional seventh operand, sinks [Hq], joins each softmax's denominator, ``chunk`` > 0
+    keeps each query within its chunk of positions and ``alibi`` adds per-head linear position
+    biases (see attention)."""
     q, k_pool, v_pool, tables, seq_lens, query_start = types[:6]
     _check_sinks(types[6:], q, q.shape[1] if q.rank == 3 else None, "paged_attention")
     _check_pools(k_pool, v_pool)
@@ -482,8 +498,9 @@ def _paged_attention(types, attrs, ctx):
         raise TypeError(f"query heads {hq} are not a multiple of KV heads {hkv}")
     if q.dtype != k_pool.dtype:
         raise TypeError(f"paged_attention: q is {q.dtype} but the pools are {k_pool.dtype}")
-    if attrs["window"] < 0 or attrs["softcap"] < 0:
-        raise TypeError("paged_attention window and softcap must be >= 0 (0 = off)")
+    if attrs["window"] < 0 or attrs["softcap"] < 0 or attrs.get("chunk", 0) < 0:
+        raise TypeError("paged_attention window, softcap and chunk must be >= 0 (0 = off)")
+    _check_alibi(attrs, hq, "paged_attention")
     return [TensorType((q.shape[0], hq, v_pool.shape[3]), q.dtype)]
 
 
@@ -662,3 +679,6 @@ def _quantized_embedding(types, attrs, ctx):
         raise TypeError(f"quantized_embedding ids must be i64 or i32, got {ids.dtype}")
     _, d = _quant_weight(types[1:], attrs, "quantized_embedding")
     return [TensorType(ids.shape + (d,), "f32")]
+
+
+from . import recurrent as _recurrent  # noqa: E402,F401  (registers the recurrent-state ops)

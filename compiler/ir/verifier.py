@@ -114,6 +114,8 @@ def _check_pool_updates(block: Block, where: str) -> list[str]:
         if op.kind == "kv_append":
             for v in op.operands[:2]:
                 consumed[id(v)] = f"`{_describe(op)}`"
+        if op.kind in ("causal_conv1d_step", "gated_delta_rule_step"):  # state pools, likewise
+            consumed[id(op.operands[0])] = f"`{_describe(op)}`"
     for v in block.results:
         if id(v) in consumed:
             problems.append(f"{where}: returns %{v.name}, a KV pool that {consumed[id(v)]} already updated")

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from ..ir import Module, Op, TensorType, Value, symbol
 from ..ir.builder import NameAllocator
+from ..ir.recurrent import STEP_OPS, state_shape
 from .base import Pass
 from .registry import register_pass
 
 DEFAULT_BLOCK_SIZE = 16
-STEP_ARGS = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_index")
+STEP_ARGS = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_index",
+             "state_slots")
 
 
 class PagedKVError(ValueError):
@@ -53,7 +55,8 @@ class PagedKV(Pass):
             raise PagedKVError("paged-kv: an attention op sits inside a fused region; run paged-kv before fusion "
                                "passes that could capture it")
         attention = [op for op in fn.ops if op.kind == "attention"]
-        if not attention:
+        stateful = [op for op in fn.ops if op.kind in STEP_OPS]
+        if not attention and not stateful:
             return module
         layers = sorted(op.attrs["layer"] for op in attention)
         if layers != list(range(len(layers))):
@@ -101,17 +104,38 @@ class PagedKV(Pass):
             k_new = Value(names.take(f"k_pool_{layer}_new"), k_pool.type)
             v_new = Value(names.take(f"v_pool_{layer}_new"), v_pool.type)
             append = Op("kv_append", [k_pool, v_pool, k, v, step["slot_mapping"]], {}, [k_new, v_new])
-            attrs = {key: op.attrs[key] for key in ("scale", "window", "softcap")}
+            attrs = {key: op.attrs[key] for key in ("scale", "window", "softcap", "chunk", "alibi") if key in op.attrs}
             paged = Op("paged_attention", [q, k_new, v_new, step["block_tables"], step["seq_lens"],
                                            step["query_start"]] + sinks, attrs, list(op.results))
             replacement[id(op)] = [append, paged]
             updated += [k_new, v_new]
+
+        states, updated_states = [], []
+        if stateful:
+            step["state_slots"] = new_arg("state_slots", [seqs])
+            slots_symbol = symbol("NS")
+            for op in stateful:
+                index = op.attrs["state"]
+                shape, dtype = state_shape(op)
+                pool = new_arg(f"state_pool_{index}", [slots_symbol, *shape], dtype)
+                new_pool = Value(names.take(f"state_pool_{index}_new"), pool.type)
+                if op.kind == "causal_conv1d":
+                    x, w, _positions = op.operands[:3]
+                    inputs, extra = [x, w], list(op.operands[3:])
+                else:
+                    inputs, extra = list(op.operands[:5]), []
+                stepped = Op(STEP_OPS[op.kind], [pool, *inputs, step["state_slots"], step["seq_lens"],
+                                                  step["query_start"], *extra],
+                             {k: v for k, v in op.attrs.items() if k != "state"}, [op.results[0], new_pool])
+                replacement[id(op)] = [stepped]
+                states.append(pool)
+                updated_states.append(new_pool)
 
         new_ops = []
         for op in fn.ops:
             new_ops.extend(replacement.get(id(op), [op]))
         fn.body.ops = new_ops
         others = [a for a in fn.args if a.name not in STEP_ARGS]  # kept, after the step's own
-        fn.body.args[:] = [step[name] for name in STEP_ARGS if name in step] + others + pools
-        fn.body.results = list(fn.body.results) + updated
+        fn.body.args[:] = [step[name] for name in STEP_ARGS if name in step] + others + pools + states
+        fn.body.results = list(fn.body.results) + updated + updated_states
         return module

@@ -19,15 +19,26 @@ def compile_cpu(imported: ImportedModel, out_dir, tokenizer=None, max_seq_len: i
 
 def hf_greedy(model, prompt_ids, new_tokens: int):
     """Greedy continuation by transformers (fp32, its own KV cache), exactly ``new_tokens`` long,
-    plus the prefill logits of the last prompt token."""
+    plus the prefill logits of the last prompt token. A model whose forward keeps no cache
+    (GPT-1) runs each step over the whole prefix."""
     with torch.no_grad():
         out = model(torch.tensor([prompt_ids]), use_cache=True)
+        if getattr(out, "past_key_values", None) is None:
+            ids, tokens = list(prompt_ids), []
+            prefill_logits = out.logits[0, -1]
+            for _ in range(new_tokens):
+                tokens.append(int(out.logits[0, -1].argmax()))
+                ids.append(tokens[-1])
+                out = model(torch.tensor([ids]))
+            return tokens, prefill_logits.numpy()
         prefill_logits = out.logits[0, -1]
-        past, token, tokens = out.past_key_values, int(out.logits[0, -1].argmax()), []
+        from tests.frontend.arch_sweep import cache_of
+
+        past, token, tokens = cache_of(model, out), int(out.logits[0, -1].argmax()), []
         for _ in range(new_tokens):
             tokens.append(token)
-            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            out = model(torch.tensor([[token]]), **past, use_cache=True)
+            past, token = cache_of(model, out), int(out.logits[0, -1].argmax())
     return tokens, prefill_logits.numpy()
 
 

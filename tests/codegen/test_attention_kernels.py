@@ -19,7 +19,11 @@ CONFIGS = {  # hq, hkv, d, dv, window, softcap, block size
     "gqa4-window40-softcap": (8, 2, 32, 32, 40, 30.0, 16),
     "mqa-dv8": (6, 1, 16, 8, 0, 0.0, 32),
     "gqa-window6-sinks": (8, 2, 16, 16, 6, 0.0, 16),  # attention sinks (GPT-OSS style)
+    "gqa-chunk12": (8, 2, 16, 16, 0, 0.0, 16),  # chunked attention (Llama 4), chunks not block-aligned
+    "gqa-alibi": (8, 2, 16, 16, 0, 0.0, 16),  # ALiBi slopes (Bloom / MPT)
 }
+CHUNK = {"gqa-chunk12": 12}
+ALIBI = {"gqa-alibi": [2.0 ** -(i + 1) for i in range(8)]}
 HISTORY = (0, 37, 70, 5)   # tokens each sequence already cached
 NEW = (45, 29, 1, 1)        # tokens each sequence adds in the batch
 ROWS = 4
@@ -59,7 +63,10 @@ def test_paged_kernels_match_reference(name):
     lens = torch.tensor([h + n for h, n in zip(HISTORY, NEW)])
     want_k, want_v = kv_append_reference(k_pool, v_pool, k, v, slot_mapping)
     sinks = torch.randn(hq, generator=g) * 3 if "sinks" in name else None
-    want = paged_attention_reference(q, want_k, want_v, tables, lens, starts, scale, window, softcap, sinks).numpy()
+    chunk = CHUNK.get(name, 0)
+    alibi = ALIBI.get(name)
+    want = paged_attention_reference(q, want_k, want_v, tables, lens, starts, scale, window, softcap, sinks,
+                                     chunk, alibi).numpy()
 
     kp, vp = (tvm.runtime.tensor(a) for a in to_cpu_layouts(k_pool, v_pool))
     _compile(kv_append_kernel(hkv, d, bs, keys=True))(tvm.runtime.tensor(k.numpy()), tvm.runtime.tensor(slot_mapping.numpy()), kp)
@@ -68,7 +75,7 @@ def test_paged_kernels_match_reference(name):
     assert np.array_equal(kp.numpy(), got_k) and np.array_equal(vp.numpy(), got_v)
 
     kernel = _compile(paged_attention_kernel(hq, hkv, d, dv, bs, scale, window, softcap, ROWS, threads=2,
-                                             sinks=sinks is not None))
+                                             sinks=sinks is not None, chunk=chunk, alibi=alibi))
     out = tvm.runtime.tensor(np.full((t, hq, dv), np.nan, np.float32))
     extra = [] if sinks is None else [tvm.runtime.tensor(sinks.numpy())]
     kernel(tvm.runtime.tensor(q.numpy()), kp, vp, *(tvm.runtime.tensor(a.numpy()) for a in (tables, lens, starts)),

@@ -28,8 +28,15 @@ def fake_quantized(model, scheme):
     return model
 
 
-@pytest.mark.parametrize("name", ["q4_g32", pytest.param("q8a_g32", marks=pytest.mark.slow)])
-def test_quantized_tiny_llama_matches_fake_quantized_hf(name, tmp_path):
+@pytest.mark.parametrize("name,kernels", [("q4_g32", "intdot"), pytest.param("q4_g32", "float", marks=pytest.mark.slow),
+                                          pytest.param("q8a_g32", "float", marks=pytest.mark.slow)])
+def test_quantized_tiny_llama_matches_fake_quantized_hf(name, kernels, tmp_path, monkeypatch):
+    """float kernels: logits within 1e-3 and greedy tokens equal. Integer kernels (the default
+    on x86 with AVX2 or better: 4-bit linears on int8 activation blocks) carry the activation
+    quantization error (~1% of the logits' scale), so they are held to that instead; greedy
+    equality is left to SmolLM2 (a random tiny model's logits are near-ties)."""
+    if kernels == "float":
+        monkeypatch.setenv("LLMC_NO_INTDOT", "1")
     model = tiny_model("llama")
     compile_cpu(import_hf_model(model), tmp_path / "a", max_seq_len=128, cache_dir=tmp_path / "cache", quant=name)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
@@ -37,6 +44,13 @@ def test_quantized_tiny_llama_matches_fake_quantized_hf(name, tmp_path):
     text = json.dumps(manifest)
     assert "gate_proj.weight.codes" in text and "q_proj.weight.scales" in text  # fused linears too
     assert "float32" not in json.dumps(manifest["plan"]["weights"]["model.layers.0.mlp.down_proj.weight.codes"])
+    layouts = {w["layout"] for w in manifest["plan"]["weights"].values()}
+    from llmc.compiler.codegen.llvm_cpu import resolve_cpu
+    from llmc.compiler.codegen.tvm.intdot import int_dot_isa
+
+    intdot = kernels == "intdot" and int_dot_isa(resolve_cpu(None).arch, resolve_cpu(None).required_flags) is not None
+    assert any(lay.startswith("intdot") for lay in layouts) == intdot
+    tol = 2e-2 if intdot else 1e-3
     engine = Engine.load(str(tmp_path / "a"))
     reference = fake_quantized(model, parse_scheme(name))
     g = torch.Generator().manual_seed(5)
@@ -44,11 +58,11 @@ def test_quantized_tiny_llama_matches_fake_quantized_hf(name, tmp_path):
         prompt = torch.randint(3, model.config.vocab_size, (length,), generator=g).tolist()
         want, want_logits = hf_greedy(reference, prompt, 24)
         got, got_logits = llmc_greedy(engine, prompt, 24)
-        assert np.abs(got_logits - want_logits).max() <= 1e-3
-        assert got == want
+        assert np.abs(got_logits - want_logits).max() <= tol * (1 + np.abs(want_logits).max())
+        assert got == want or intdot
     # every position's logits from one step (what eval-ppl uses) equal HF's full-sequence logits
     ids = torch.randint(3, model.config.vocab_size, (45,), generator=g)
     with torch.no_grad():
         want_all = reference(ids[None]).logits[0].numpy()
     got_all = all_logits(engine.executor, ids.numpy())
-    assert got_all.shape == want_all.shape and np.abs(got_all - want_all).max() <= 1e-3
+    assert got_all.shape == want_all.shape and np.abs(got_all - want_all).max() <= tol * (1 + np.abs(want_all).max())

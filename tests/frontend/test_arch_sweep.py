@@ -12,7 +12,9 @@ from tests.frontend.arch_sweep import load_expectations, registry, sweep_one
 
 EXPECTED = load_expectations()
 # one model type per mechanism the frontend has to get right; all must be recorded as passing
-FAST_SUBSET = ["llama", "gpt2", "gpt_neox", "phi", "olmo", "cohere", "mixtral", "qwen2_moe", "olmoe", "gptj", "gpt_oss"]
+FAST_SUBSET = ["llama", "gpt2", "gpt_neox", "phi", "olmo", "cohere", "mixtral", "qwen2_moe", "olmoe", "gptj", "gpt_oss",
+               "gpt_neo", "bloom", "llama4_text",  # self-computed attention, ALiBi, chunked attention
+               "lfm2", "falcon_mamba"]  # recurrent state: a short convolution; a selective scan without attention
 
 
 def _check(model_type: str, strict: bool):

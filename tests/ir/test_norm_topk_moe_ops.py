@@ -148,3 +148,4 @@ def test_attention_sinks_join_the_softmax_denominator():
     torch.testing.assert_close(got, torch.einsum("hqk,khd->qhd", weights, vv), atol=1e-5, rtol=1e-5)
     with pytest.raises(Exception, match="sinks must be"):
         verify(parse_module(text.replace("%s: f32[4]", "%s: f32[3]")))
+

@@ -482,6 +482,9 @@ class _Lowering:
         self.env[id(op.results[1])] = self.alias(op.results[1], vp)
 
     def lower_attention(self, op: Op) -> None:
+        if len(op.operands) > 6:
+            raise CodegenError("the Triton attention kernels take no attention sinks (paged_attention's seventh "
+                               "operand); compile this model for cpu")
         q, k_pool, v_pool, tables, seq_lens, qstart = op.operands
         _, hq, d = q.type.shape
         _, bs, hkv, _ = k_pool.type.shape
@@ -489,6 +492,12 @@ class _Lowering:
         if bs < 16 or bs & (bs - 1):
             raise CodegenError(f"the Triton attention kernels need a KV block size that is a power of two >= 16, "
                                f"got {bs}; compile with --kv-block-size 16 (the GPU default)")
+        if op.attrs.get("alibi"):
+            raise CodegenError("the Triton attention kernels have no ALiBi position biases (paged_attention alibi, "
+                               "Bloom/MPT-style models); compile this model for cpu")
+        if op.attrs.get("chunk", 0):
+            raise CodegenError(f"the Triton attention kernels have no chunked attention (paged_attention chunk="
+                               f"{op.attrs['chunk']}, Llama 4's local layers); compile this model for cpu")
         group = hq // hkv
         gp = _pow2(group)
         a = op.attrs

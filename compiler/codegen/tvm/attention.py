@@ -82,13 +82,15 @@ def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype
 
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
                            softcap: float, rows: int, threads: int, sinks: bool = False, lanes: int = 16,
-                           registers: int = 32) -> tir.PrimFunc:
+                           registers: int = 32, chunk: int = 0, alibi=None) -> tir.PrimFunc:
     """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
     query_start [B + 1], [sinks [hq],] out [T, hq, dv])`` for float32 pools of ``block_size``
     positions per block, with tiles of ``rows`` query rows; ``threads`` is the parallel width
     the work items are interleaved for (each thread gets an even share of early and late
     tiles). With ``sinks``, each row's online softmax starts from its head's sink logit
-    (running max = sink, running sum = 1) instead of from nothing."""
+    (running max = sink, running sum = 1) instead of from nothing. With ``chunk`` > 0 a query
+    at p sees only keys j >= (p // chunk) * chunk (its own chunk; chunked attention). With
+    ``alibi`` (one slope per query head) each logit gains slope_h * (j - p)."""
     G, BS, R = hq // hkv, block_size, rows
     scale, softcap = float(scale), float(softcap)
     i64 = "int64"
@@ -96,7 +98,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
     LW = math.gcd(BS, lanes)  # lanes of the running softmax denominators
     TREE = BS >= 2 and BS & (BS - 1) == 0 and BS <= 512  # power of two: the block max as a halving tree
 
-    def chunk(nr):  # P.V output columns per pass: nr x G x chunk / lanes accumulators fit the registers
+    def pv_columns(nr):  # P.V output columns per pass: nr x G x chunk / lanes accumulators fit the registers
         if dv % lanes:
             return dv
         k = max(1, min(dv // lanes, (registers * 3 // 4) // (nr * G)))
@@ -105,19 +107,36 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         return k * lanes
 
     def allowed(j, p):  # key position j visible to a query at position p (float-free, no ==)
+        conds = [j <= p]
         if window > 0:
-            return tir.all(j <= p, p - j < window)
-        return j <= p
+            conds.append(p - j < window)
+        if chunk > 0:  # same chunk as the query (given j <= p)
+            conds.append(j >= tir.floordiv(p, chunk) * chunk)
+        return tir.all(*conds) if len(conds) > 1 else conds[0]
 
-    def first_block(lowest_position):  # the first key block a sliding window still sees
+    def first_block(lowest_position):  # the first key block a sliding window / chunk still sees
+        first = tir.const(0, i64)
         if window > 0:
-            return tir.max(lowest_position - (window - 1), tir.const(0, i64)) // BS
-        return tir.const(0, i64)
+            first = tir.max(lowest_position - (window - 1), first)
+        if chunk > 0:
+            first = tir.max(tir.floordiv(lowest_position, chunk) * chunk, first)
+        return first // BS
 
     def capped(s):
         if softcap > 0:
             return tir.const(softcap, "float32") * tir.tanh(s * tir.const(scale / softcap, "float32"))
         return s * tir.const(scale, "float32")
+
+    slopes = [float(x) for x in (alibi or [])]
+
+    def biased(x, head, distance):  # ALiBi: slope_h * (j - p), the slope picked by a select chain
+        if not slopes:
+            return x
+        head = tir.Cast("int64", head)
+        slope = tir.const(slopes[-1], "float32")
+        for h in reversed(range(len(slopes) - 1)):
+            slope = tir.Select(head == tir.const(h, "int64"), tir.const(slopes[h], "float32"), slope)
+        return x + slope * tir.Cast("float32", distance)
 
     @T.macro
     def tile(q, kp, vp, tables, out, seq, row, p0, hk, nr, sk):
@@ -150,7 +169,9 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                             s[r, g, jj] = s[r, g, jj] + q[row + r, hk * G + g, kd] * kp[page, hk, kd, jj]
             for r, g in T.grid(nr, G):
                 for jj in T.vectorized(BS):
-                    s[r, g, jj] = T.if_then_else(allowed(kb * BS + jj, p0 + r), capped(s[r, g, jj]), T.float32(NEG))
+                    s[r, g, jj] = T.if_then_else(allowed(kb * BS + jj, p0 + r),
+                                                 biased(capped(s[r, g, jj]), hk * G + g, kb * BS + jj - (p0 + r)),
+                                                 T.float32(NEG))
                 # the block's max as a tree of halving vector maxes (no serial chain of BS scalar maxes)
                 if TREE:  # a Python constant: the parser keeps only the taken branch
                     for jj in T.vectorized(BS // 2):
@@ -197,13 +218,13 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                 for e in T.vectorized(dv):
                     acc[r, g, e] = acc[r, g, e] * rescale
             # P.V register-tiled: EW output columns of every row stay in registers over the block's keys
-            for ec in T.unroll(dv // chunk(nr)):
+            for ec in T.unroll(dv // pv_columns(nr)):
                 for jj in range(BS):
                     for r in T.unroll(nr):
                         for g in T.unroll(G):
-                            for e in T.vectorized(chunk(nr)):
-                                acc[r, g, ec * chunk(nr) + e] = (acc[r, g, ec * chunk(nr) + e]
-                                                                  + p[r, g, jj] * vp[page, jj, hk, ec * chunk(nr) + e])
+                            for e in T.vectorized(pv_columns(nr)):
+                                acc[r, g, ec * pv_columns(nr) + e] = (acc[r, g, ec * pv_columns(nr) + e]
+                                                                  + p[r, g, jj] * vp[page, jj, hk, ec * pv_columns(nr) + e])
         for r, g in T.grid(nr, G):
             total = T.alloc_local((1,), "float32")
             total[0] = T.float32(0)
@@ -218,10 +239,10 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
             out[starts[b] + i, h, e] = T.float32(0)
         # Each sequence's rows split into tiles of R; (t + R - 1) // R + b bounds their count.
         items = ((t + R - 1) // R + b) * hkv
-        chunk = (items + threads - 1) // threads
-        for item in T.parallel(chunk * threads):
+        per_thread = (items + threads - 1) // threads
+        for item in T.parallel(per_thread * threads):
             found = T.alloc_local((3,), "int64")  # sequence, first tile of that sequence, tiles so far
-            idx = item % chunk * threads + item // chunk  # thread k takes items k, k + threads, ...
+            idx = item % per_thread * threads + item // per_thread  # thread k takes items k, k + threads, ...
             hk = idx % hkv
             tile_index = idx // hkv
             found[0] = T.int64(-1)

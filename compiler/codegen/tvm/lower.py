@@ -25,7 +25,9 @@ from tvm import relax, tirx as tir
 
 from ...ir import Block, Module, Op, Value
 from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
+from .intdot import BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, PackedWeight, Scalar
+from .recurrent import conv_step_kernel, delta_rule_step_kernel
 
 STEP_ARGS = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_index")
 
@@ -36,7 +38,9 @@ class CodegenError(NotImplementedError):
 
 @dataclass
 class CacheGeometry:
-    """The KV pools of the paged step: one key and one value pool per layer."""
+    """The KV pools of the paged step: one key and one value pool per layer. ``kv_heads``,
+    ``head_dim`` and ``value_dim`` are layer 0's; ``per_layer`` lists (kv_heads, head_dim,
+    value_dim) of every layer when they differ (models mixing attention shapes, MiMo-V2)."""
 
     layers: int
     block_size: int
@@ -44,6 +48,14 @@ class CacheGeometry:
     head_dim: int
     value_dim: int
     dtype: str = "f32"
+    per_layer: Optional[list] = None
+
+    def layer(self, index: int) -> "CacheGeometry":
+        """The geometry of one layer's pools."""
+        if not self.per_layer:
+            return self
+        h, d, dv = self.per_layer[index]
+        return CacheGeometry(1, self.block_size, h, d, dv, self.dtype)
 
     def shape(self, blocks, value: bool = False) -> list:
         """Keys [blocks, Hkv, D, BS] (transposed in a block: scores vectorize over positions);
@@ -55,7 +67,8 @@ class CacheGeometry:
     @property
     def bytes_per_block(self) -> int:
         itemsize = {"f32": 4, "f16": 2, "bf16": 2}[self.dtype]
-        return self.layers * self.block_size * self.kv_heads * (self.head_dim + self.value_dim) * itemsize
+        shapes = self.per_layer or [(self.kv_heads, self.head_dim, self.value_dim)] * self.layers
+        return sum(self.block_size * h * (d + dv) * itemsize for h, d, dv in shapes)
 
 
 def cache_geometry(module: Module) -> CacheGeometry:
@@ -69,14 +82,19 @@ def cache_geometry(module: Module) -> CacheGeometry:
         raise CodegenError("the model has no attention op; llmc compiles decoder LMs with a KV cache")
     pools = {a.name: a.type for a in fn.args if a.name.startswith(("k_pool_", "v_pool_"))}
     layers = len(pools) // 2
+    if layers == 0 and state_pools(module):  # attention-free (Mamba): recurrent state only, no KV blocks
+        return CacheGeometry(0, int(module.attrs.get("kv_block_size") or 16), 0, 0, 0)
     if sorted(pools) != sorted([f"k_pool_{i}" for i in range(layers)] + [f"v_pool_{i}" for i in range(layers)]):
         raise CodegenError(f"expected k_pool_l / v_pool_l arguments for layers 0..L-1, got {sorted(pools)}")
     shapes = {(tuple(pools[f"k_pool_{i}"].shape[1:]), tuple(pools[f"v_pool_{i}"].shape[1:]), pools[f"k_pool_{i}"].dtype)
               for i in range(layers)}
-    if len(shapes) != 1:
-        raise CodegenError(f"layers with different KV shapes are not supported yet: {shapes}")
-    (kshape, vshape, dtype), = shapes
-    return CacheGeometry(layers, int(kshape[0]), int(kshape[1]), int(kshape[2]), int(vshape[2]), dtype)
+    if len({(k[0], dtype) for k, _, dtype in shapes}) != 1:
+        raise CodegenError(f"layers with different KV block sizes or dtypes are not supported: {shapes}")
+    per_layer = [(int(pools[f"k_pool_{i}"].shape[2]), int(pools[f"k_pool_{i}"].shape[3]),
+                  int(pools[f"v_pool_{i}"].shape[3])) for i in range(layers)]
+    bs, dtype = int(pools["k_pool_0"].shape[1]), pools["k_pool_0"].dtype
+    h, d, dv = per_layer[0]
+    return CacheGeometry(layers, bs, h, d, dv, dtype, per_layer if len(set(per_layer)) > 1 else None)
 
 
 def _param_of(v: Value, outer: dict[int, Value]) -> Optional[str]:
@@ -87,8 +105,46 @@ def _param_of(v: Value, outer: dict[int, Value]) -> Optional[str]:
     return None
 
 
-def packed_params(module: Module) -> set[str]:
-    """Weights read as the weight of a ``linear`` (they get the packed layout)."""
+def _visit_ops(module: Module, fn) -> None:
+    """``fn(op, outer)`` for every op, regions included (``outer``: region arg -> operand)."""
+    def visit(block: Block, outer: dict[int, Value]):
+        for op in block.ops:
+            fn(op, outer)
+            if op.region is not None:
+                visit(op.region, {id(a): outer.get(id(v), v) for a, v in zip(op.region.args, op.operands)})
+
+    visit(module.functions["forward"].body, {})
+
+
+def intdot_params(module: Module, isa: Optional[IntDotIsa]) -> dict[str, dict]:
+    """Weights of the quantized linears that run on integer dot products (``intdot.py``):
+    name -> {"role": codes|groups, "lanes": L}. A weight another op also reads (a quantized
+    embedding tied to the LM head) keeps the blocked float-path layout."""
+    if isa is None:
+        return {}
+    chosen: dict[str, dict] = {}
+    other: set[str] = set()
+
+    def fn(op: Op, outer):
+        if op.region is not None:  # a fused op's operands are judged by the ops of its region
+            return
+        names = [_param_of(v, outer) for v in op.operands]
+        if op.kind == "quantized_linear" and None not in names[1:]:
+            n, k = op.result.type.shape[-1], op.operands[0].type.shape[-1]
+            if eligible(op.attrs["bits"], op.attrs["group_size"], n, k, isa):
+                chosen[names[1]] = {"role": "codes", "lanes": isa.lanes}
+                for name in names[2:]:
+                    chosen[name] = {"role": "groups", "lanes": isa.lanes}
+                return
+        other.update(n for n in names if n is not None)
+
+    _visit_ops(module, fn)
+    return {name: info for name, info in chosen.items() if name not in other}
+
+
+def packed_params(module: Module, isa: Optional[IntDotIsa] = None) -> set[str]:
+    """Weights read as the weight of a ``linear`` (they get the packed layout), except those
+    the integer kernels read (``intdot_params``)."""
     out: set[str] = set()
 
     def visit(block: Block, outer: dict[int, Value]):
@@ -107,7 +163,7 @@ def packed_params(module: Module) -> set[str]:
                 visit(op.region, {id(a): outer.get(id(v), v) for a, v in zip(op.region.args, op.operands)})
 
     visit(module.functions["forward"].body, {})
-    return out
+    return out - set(intdot_params(module, isa))
 
 
 def weight_order(module: Module) -> list[str]:
@@ -138,6 +194,7 @@ class AttentionOptions:
     threads: int = 2       # parallel width the work items are interleaved for
     lanes: int = 16        # float32 lanes of a vector register
     registers: int = 32    # vector registers
+    intdot: Optional[IntDotIsa] = None  # integer dot products for 4-bit linears (None: float path)
 
 
 class Backend:
@@ -184,6 +241,7 @@ class _FunctionLowering:
     module: Module
     dims: DimMap
     packed: set[str]
+    intdot: dict[str, dict]
     weights: dict[str, relax.Var]
     geom: CacheGeometry
     attention: AttentionOptions
@@ -191,6 +249,8 @@ class _FunctionLowering:
     pool_blocks: Any = None  # the TIR var of the pools' block count
     backend: Optional[Backend] = None
     env: dict[int, Any] = field(default_factory=dict)
+    param_names: dict[int, str] = field(default_factory=dict)  # IR value id -> param it reads
+    quantized: dict[Any, list] = field(default_factory=dict)  # relax activation -> its int8 blocks
 
     def operand(self, v: Value):
         return self.env[id(v)]
@@ -228,6 +288,7 @@ class _FunctionLowering:
         kind = op.kind
         if kind == "param":
             name = op.attrs["name"]
+            self.param_names[id(op.result)] = name
             var = self.weights[name]
             if name in self.packed:
                 n, k = (int(d) for d in self.module.params[name].type.shape)
@@ -239,11 +300,15 @@ class _FunctionLowering:
         if kind == "reshape" and not isinstance(operands[0], (_Packed, Scalar)):
             return self.bb.emit(relax.op.reshape(operands[0], self.dims.shape(op.attrs["shape"])))
         if kind == "kv_append":
-            return self.lower_kv_append(operands)
+            return self.lower_kv_append(operands, op)
         if kind == "paged_attention":
             return self.lower_paged_attention(op, operands)
+        if kind in ("causal_conv1d_step", "gated_delta_rule_step"):
+            return self.lower_state_step(op, operands)
         if op.region is not None:
             return self.lower_region(op, operands)
+        if kind == "quantized_linear" and self.is_intdot(op, op.operands):
+            return self.lower_intdot(op, operands)
         if kind not in BUILDERS:
             raise CodegenError(f"op '{kind}' has no TVM kernel")
         ctx = _KernelCtx(kind, self.dims)
@@ -254,12 +319,70 @@ class _FunctionLowering:
         out_type = op.result.type
         return self.emit_kernel(kind, lambda full: BUILDERS[kind](full, op.attrs, out_type, ctx), operands, op)
 
+    def is_intdot(self, op: Op, values) -> bool:
+        """Whether this quantized_linear's weights are in the integer-kernel layout."""
+        names = [self.param_names.get(id(v)) for v in values[1:]]
+        return bool(names) and all(n in self.intdot for n in names)
+
+    def lower_intdot(self, op: Op, operands, up=None):
+        """quantize_rows (int8 activation blocks) then the integer-dot linear; x is viewed as
+        [M, K] and the result reshaped back. ``up``: fuse the gated MLP's silu(y) * up."""
+        isa = self.attention.intdot
+        x = operands[0]
+        k, n = int(op.operands[0].type.shape[-1]), int(op.result.type.shape[-1])
+        lead = self.dims.shape(op.result.type.shape[:-1])
+        m = tir.IntImm("int64", 1)
+        for d in lead:
+            m = m * d
+        parts = self.quantized.get(x)  # q, k, v (gate, up) read one x: quantize it once
+        if parts is None:
+            x2 = self.bb.emit(relax.op.reshape(x, [m, k])) if len(lead) != 1 else x
+            qk = self.bb.add_func(quantize_rows_kernel(k, parallel=not self.decode), "quantize_rows")
+            q = self.bb.emit(relax.call_tir(qk, [x2], [relax.TensorType([m, k // 4], "int32"),
+                                                    relax.TensorType([m, k // BLOCK], "float32"),
+                                                    relax.TensorType([m, k // BLOCK], "float32")]))
+            parts = self.quantized[x] = [self.bb.emit(relax.TupleGetItem(q, i)) for i in range(3)]
+        codes, scales = operands[1], operands[2]
+        mins = operands[3] if len(operands) == 4 else scales
+        sdt = TVM_DTYPES[op.operands[2].type.dtype]
+        kernel = intdot_linear_kernel(isa, n, k, op.attrs["group_size"], op.attrs["signed"], len(operands) == 4,
+                                      sdt, self.decode, self.attention.threads, glu=up is not None)
+        fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
+        extra = []
+        if up is not None:
+            extra = [self.bb.emit(relax.op.reshape(up, [m, n])) if len(lead) != 1 else up]
+        y = self.bb.emit(relax.call_tir(fn, parts + [codes, scales, mins] + extra, relax.TensorType([m, n], "float32")))
+        if len(lead) != 1:
+            y = self.bb.emit(relax.op.reshape(y, lead + [tir.IntImm("int64", n)]))
+        return y
+
     def lower_region(self, op: Op, operands):
         region = op.region
+        inner_names = {id(a): self.param_names.get(id(v)) for a, v in zip(region.args, op.operands)}
+        anchor = next((o for o in region.ops if o.kind == "quantized_linear"), None)
+        pre = {}
+        if anchor is not None and all(inner_names.get(id(v)) in self.intdot for v in anchor.operands[1:]):
+            by_arg = {id(a): o for a, o in zip(region.args, operands)}
+            rest = [o for o in region.ops if o is not anchor and o.kind != "constant"]
+            if (len(rest) == 1 and rest[0].kind == "glu" and rest[0].attrs["activation"] == "silu"
+                    and rest[0].operands[0] is anchor.result and id(rest[0].operands[1]) in by_arg
+                    and rest[0].operands[1].type.shape == anchor.result.type.shape
+                    and region.results == [rest[0].result] and len(op.results) == 1):
+                # the gated MLP: silu(gate) * up in the integer kernel's write-back
+                return self.lower_intdot(anchor, [by_arg[id(v)] for v in anchor.operands],
+                                         up=by_arg[id(rest[0].operands[1])])
+            # the integer kernel computes the anchor; the rest of the region is its epilogue kernel
+            y = self.lower_intdot(anchor, [by_arg[id(v)] for v in anchor.operands])
+            pre[id(anchor.result)] = len(operands)
+            operands = list(operands) + [y]
 
         def build(full):
             env = {id(a): v for a, v in zip(region.args, full)}
+            for vid, pos in pre.items():
+                env[vid] = full[pos]
             for inner in region.ops:
+                if id(inner.result) in pre:
+                    continue
                 if inner.kind == "constant":
                     env[id(inner.result)] = Scalar(inner.attrs["value"], inner.attrs["dtype"])
                     continue
@@ -276,9 +399,14 @@ class _FunctionLowering:
             return out
         return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(op.results))]
 
-    def lower_kv_append(self, operands):
+    def op_geometry(self, k_pool: Value, v_pool: Value) -> CacheGeometry:
+        """The pool geometry of the layer whose IR pools ([NB, BS, Hkv, D]) an op reads."""
+        _, _, h, d = (int(x) if isinstance(x, int) else x for x in k_pool.type.shape)
+        return CacheGeometry(1, self.geom.block_size, int(h), int(d), int(v_pool.type.shape[3]), self.geom.dtype)
+
+    def lower_kv_append(self, operands, op: Op):
         k_pool, v_pool, k, v, slots = operands
-        g = self.geom
+        g = self.op_geometry(op.operands[0], op.operands[1])
         dtype = TVM_DTYPES[g.dtype]
         blocks = self.pool_blocks
         if self.backend is not None:
@@ -294,7 +422,7 @@ class _FunctionLowering:
         return [k_pool, v_pool]
 
     def lower_paged_attention(self, op: Op, operands):
-        g, opts = self.geom, self.attention
+        g, opts = self.op_geometry(op.operands[1], op.operands[2]), self.attention
         if self.backend is not None:
             dtype = TVM_DTYPES[self.backend.storage(op.result)]
             kernel = self.backend.paged_attention_kernel(op, g, self.decode, dtype)
@@ -306,9 +434,40 @@ class _FunctionLowering:
         rows = 1 if self.decode else tile_rows(hq // g.kv_heads, g.block_size, opts.lanes, opts.registers)
         kernel = paged_attention_kernel(hq, g.kv_heads, g.head_dim, g.value_dim, g.block_size, op.attrs["scale"],
                                         op.attrs["window"], op.attrs["softcap"], rows, opts.threads,
-                                        sinks=len(op.operands) == 7, lanes=opts.lanes, registers=opts.registers)
+                                        sinks=len(op.operands) == 7, lanes=opts.lanes, registers=opts.registers,
+                                        chunk=op.attrs.get("chunk", 0), alibi=op.attrs.get("alibi"))
         out_type = relax.TensorType(self.dims.shape(op.result.type.shape), "float32")
         return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
+
+
+    def lower_state_step(self, op: Op, operands):
+        """A recurrent-state step op: its kernel updates the state pool (operand 0) in place
+        and writes the output into a fresh tensor."""
+        pool, rest = operands[0], operands[1:]
+        if any(isinstance(o, (Scalar, _Packed)) for o in operands):
+            raise CodegenError(f"{op.kind}: an operand is a constant or a packed weight; expected tensors")
+        if op.kind == "causal_conv1d_step":
+            channels, width = (int(d) for d in op.operands[2].type.shape)
+            if width < 2:
+                raise CodegenError(f"causal_conv1d_step: a kernel width of {width} carries no state")
+            kernel = conv_step_kernel(channels, width, len(op.operands) == 7, TVM_DTYPES[op.operands[1].type.dtype])
+        else:
+            q, v, g = op.operands[1].type, op.operands[3].type, op.operands[4].type
+            if q.dtype != "f32":
+                raise CodegenError(f"the cpu gated_delta_rule_step kernel computes in float32, not {q.dtype}")
+            kernel = delta_rule_step_kernel(int(q.shape[1]), int(q.shape[2]), int(v.shape[2]), g.rank == 3,
+                                            op.attrs.get("delta", True))
+        out_type = relax.TensorType(self.dims.shape(op.results[0].type.shape), TVM_DTYPES[op.results[0].type.dtype])
+        pool_type = relax.TensorType(self.dims.shape(op.results[1].type.shape), TVM_DTYPES[op.results[1].type.dtype])
+        args = list(rest) + [pool]
+        call = self.bb.emit(relax.call_tir_inplace(self.bb.add_func(kernel, op.kind), args, [-1, len(args) - 1],
+                                                   [out_type, pool_type]))
+        return [self.bb.emit(relax.TupleGetItem(call, 0)), self.bb.emit(relax.TupleGetItem(call, 1))]
+
+
+def state_pools(module: Module) -> list:
+    """The recurrent-state pools of a paged module (its state_pool_i arguments), in order."""
+    return [a for a in module.functions["forward"].args if a.name.startswith("state_pool_")]
 
 
 @dataclass
@@ -320,39 +479,47 @@ class _Packed:
 
 def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: CacheGeometry,
                    packed: set[str], order: list[str], tokens, rows, attention: AttentionOptions,
-                   backend: Optional[Backend] = None) -> None:
+                   backend: Optional[Backend] = None, intdot: Optional[dict] = None) -> None:
     """Add Relax function ``name`` to ``bb``: the IR's paged @forward with T = tokens and B = rows
     (ints for a static entry point, or TIR vars for a dynamic one)."""
     fn = module.functions["forward"]
     blocks = tir.Var("NB", "int64")
-    dims = DimMap({"T": tokens, "B": rows, "MB": tir.Var("MB", "int64"), "NB": blocks})
-    args = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in fn.args if a.name in STEP_ARGS}
+    dims = DimMap({"T": tokens, "B": rows, "MB": tir.Var("MB", "int64"), "NB": blocks, "NS": tir.Var("NS", "int64")})
+    args = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in fn.args
+            if a.name in STEP_ARGS or a.name == "state_slots"}
     missing = set(STEP_ARGS) - set(args)
     if missing:
         raise CodegenError(f"@forward lacks {sorted(missing)}; run select-logits and paged-kv before codegen")
-    extra = [a.name for a in fn.args if a.name not in STEP_ARGS and not a.name.startswith(("k_pool_", "v_pool_"))]
+    states = {a.name: relax.Var(a.name, _relax_type(a.type, dims)) for a in state_pools(module)}
+    extra = [a.name for a in fn.args if a.name not in args and a.name not in states
+             and not a.name.startswith(("k_pool_", "v_pool_"))]
     if extra:
         raise CodegenError(f"@forward takes arguments {extra} that the runtime does not provide")
     dtype = TVM_DTYPES[geom.dtype]
     pools = {}
     for layer in range(geom.layers):
-        pools[f"k_pool_{layer}"] = relax.Var(f"k_pool_{layer}", relax.TensorType(geom.shape(blocks), dtype))
-        pools[f"v_pool_{layer}"] = relax.Var(f"v_pool_{layer}", relax.TensorType(geom.shape(blocks, True), dtype))
+        lg = geom.layer(layer)
+        pools[f"k_pool_{layer}"] = relax.Var(f"k_pool_{layer}", relax.TensorType(lg.shape(blocks), dtype))
+        pools[f"v_pool_{layer}"] = relax.Var(f"v_pool_{layer}", relax.TensorType(lg.shape(blocks, True), dtype))
     weights = {}
     for wname in order:
         t = module.params[wname].type
         shape = [int(d) for d in t.shape]
+        dtype = TVM_DTYPES[t.dtype]
         if wname in packed:
             shape = [shape[0] // PACK, shape[1], PACK]
-        wdtype = t.dtype if backend is None else backend.param_storage(wname)
-        weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, TVM_DTYPES[wdtype]))
-    params = [args[n] for n in STEP_ARGS] + list(pools.values()) + list(weights.values())
+        wdtype = TVM_DTYPES[t.dtype if backend is None else backend.param_storage(wname)]
+        if wname in (intdot or {}):
+            shape, wdtype = intdot_shape(shape, t.dtype, intdot[wname])
+        weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, wdtype))
+    step_names = list(STEP_ARGS) + (["state_slots"] if "state_slots" in args else [])
+    params = [args[n] for n in step_names] + list(pools.values()) + list(states.values()) + list(weights.values())
     with bb.function(name, params, attrs={"global_symbol": name}):
         with bb.dataflow():
-            low = _FunctionLowering(bb, module, dims, packed, weights, geom, attention, isinstance(tokens, int), blocks,
-                                    backend)
+            low = _FunctionLowering(bb, module, dims, packed, intdot or {}, weights, geom, attention,
+                                    isinstance(tokens, int), blocks, backend)
             for a in fn.args:
-                low.env[id(a)] = args[a.name] if a.name in args else pools[a.name]
+                low.env[id(a)] = args[a.name] if a.name in args else pools[a.name] if a.name in pools else states[a.name]
             for op in fn.ops:
                 result = low.lower_op(op)
                 if len(op.results) == 1:
@@ -375,13 +542,29 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
         geom.dtype = backend.kv_dtype
     fn = module.functions["forward"]
     pools_returned = [v.producer.kind if v.producer is not None else "argument" for v in fn.results[1:]]
-    if len(fn.results) != 1 + 2 * geom.layers or any(kind != "kv_append" for kind in pools_returned):
+    n_states = len(state_pools(module))
+    if len(fn.results) != 1 + 2 * geom.layers + n_states or \
+            any(kind != "kv_append" for kind in pools_returned[:2 * geom.layers]) or \
+            any(kind not in ("causal_conv1d_step", "gated_delta_rule_step") for kind in pools_returned[2 * geom.layers:]):
         raise CodegenError("@forward must return the logits followed by the updated KV pools (the paged-kv pass's form)")
-    packed = packed_params(module)
+    isa = attention.intdot if backend is None else None  # integer kernels are the cpu's
+    intdot = intdot_params(module, isa)
+    packed = packed_params(module, isa)
     order = weight_order(module)
     bb = relax.BlockBuilder()
     lower_function(bb, module, "prefill", geom, packed, order, tir.Var("T", "int64"), tir.Var("B", "int64"), attention,
-                   backend)
-    lower_function(bb, module, "decode", geom, packed, order, 1, 1, attention, backend)
-    layout = {"cache": geom, "packed": sorted(packed), "weight_order": order, "pack": PACK}
+                   backend, intdot)
+    lower_function(bb, module, "decode", geom, packed, order, 1, 1, attention, backend, intdot)
+    states = [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
+              for a in state_pools(module)]
+    layout = {"cache": geom, "packed": sorted(packed), "weight_order": order, "pack": PACK, "states": states,
+              "intdot": intdot}
     return bb.get(), layout
+
+
+def intdot_shape(shape: list[int], dtype: str, info: dict) -> tuple[list[int], str]:
+    """Stored shape and TVM dtype of a weight in the integer-kernel layout (intdot.py)."""
+    lanes = info["lanes"]
+    if info["role"] == "codes":  # u8 [N, K/2] -> i32 [N/L, K/32, 4L]
+        return [shape[0] // lanes, shape[1] * 2 // BLOCK, 4 * lanes], "int32"
+    return [shape[0] // lanes, shape[1], lanes], TVM_DTYPES[dtype]

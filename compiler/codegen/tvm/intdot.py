@@ -1,0 +1,300 @@
+"""Quantized linears as integer dot products: int8 activations times 4-bit weight codes.
+
+Why: dequantizing every 4-bit code to float costs ~6 instructions per 16 weights before the
+FMA (the float path of ``kernels.dequantized``); an integer dot product instruction multiplies
+64 (AVX-512 VNNI ``vpdpbusd``) or 32 (AVX2 ``vpmaddubsw``) unsigned codes by signed int8
+activations and sums them in one or two instructions. The activations are quantized at run
+time per row and per block of 32 (``d = max|x| / 127``, ``q = round(x / d)``, the scheme of
+llama.cpp's Q8 activation blocks), which is what lets the weights stay integers:
+
+    y[r, n] = sum_g  s[n, g] * (d[r, g] * dot_g(u, q) - off * d[r, g] * sum_g(q)) + m[n, g] * d[r, g] * sum_g(q)
+
+with ``u`` the stored unsigned code (``code + 8`` for signed 4-bit: ``off = 8``), ``s`` the
+scale and ``m`` the min of the group (0 without mins). Every 32-block of activations meets one
+weight group (group sizes 32, 64, 128 all hold whole blocks).
+
+Weight layout (``repack_codes``), per block of L output columns (L = i32 lanes of a vector:
+16 on AVX-512, 8 on AVX2) and per 32-block g of K: 4 chunks of 4L bytes; byte ``4c + i`` of
+chunk j holds column c's code ``32g + 4j + i`` in its low nibble and ``32g + 16 + 4j + i`` in
+its high nibble. One vector load gives L columns x 8 codes: the low nibbles meet the 4
+activations of k-quad j broadcast to every lane, the high nibbles those of k-quad j + 4.
+Scales and mins keep their dtype in the ``[N/L, K/group, L]`` blocked layout.
+
+Chosen per CPU (``int_dot_isa``): AVX-512 VNNI, else AVX-512BW or AVX2 (``vpmaddubsw`` into
+int16, exact here: 8 products of a 4-bit code and an int8 sum to at most 8 * 2 * 15 * 127 <
+2^15, then one ``vpmaddwd`` per group); other CPUs (AArch64 for now) keep the float path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from tvm import tirx as tir
+from tvm.script import tirx as T
+
+BLOCK = 32  # activations quantized per block of 32 along K
+
+
+@dataclass(frozen=True)
+class IntDotIsa:
+    """How this CPU multiplies u8 x s8 into int32 lanes."""
+
+    name: str        # "avx512vnni", "avx512bw" or "avx2"
+    lanes: int       # int32 lanes per vector = output columns per weight block
+    registers: int   # vector registers (decides the register tile)
+
+    @property
+    def bits(self) -> int:
+        return self.lanes * 32
+
+
+def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
+    """The integer dot product the target's features allow (None: keep the float kernels)."""
+    flags = set(flags)
+    if arch != "x86_64":
+        return None
+    if {"avx512_vnni", "avx512bw"} <= flags:
+        return IntDotIsa("avx512vnni", 16, 32)
+    if "avx512bw" in flags:
+        return IntDotIsa("avx512bw", 16, 32)
+    if "avx2" in flags:
+        return IntDotIsa("avx2", 8, 16)
+    return None
+
+
+def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
+    """Whether a quantized_linear of this layout and shape runs on the integer kernels."""
+    return (isa is not None and bits == 4 and group % BLOCK == 0 and isinstance(n, int) and isinstance(k, int)
+            and n % isa.lanes == 0 and k % group == 0)
+
+
+# ------------------------------------------------------------------------------ weight layout
+
+def repack_codes(codes: np.ndarray, lanes: int) -> np.ndarray:
+    """llmc's 4-bit codes ``[N, K/2]`` (element 2j low nibble of byte j) → ``[N/L, K/32, 4L]``
+    int32 (each int32 lane holds one column's 4 bytes of a chunk, little-endian)."""
+    n, half = codes.shape
+    k = half * 2
+    u = np.empty((n, k), np.uint8)
+    u[:, 0::2] = codes & 0x0F
+    u[:, 1::2] = codes >> 4
+    # [N/L, L, G, 2 halves, 4 chunks, 4 bytes] -> [N/L, G, chunk, L, byte], half 0 low, half 1 high
+    v = u.reshape(n // lanes, lanes, k // BLOCK, 2, 4, 4)
+    lo, hi = v[:, :, :, 0], v[:, :, :, 1]
+    packed = (lo | (hi << 4)).transpose(0, 2, 3, 1, 4)  # [N/L, G, chunk, L, 4]
+    return np.ascontiguousarray(packed.reshape(n // lanes, k // BLOCK, 16 * lanes)).view(np.int32)
+
+
+def repack_groups(scales: np.ndarray, lanes: int) -> np.ndarray:
+    """Per-group scales or mins ``[N, G]`` → ``[N/L, G, L]``."""
+    n, g = scales.shape
+    return np.ascontiguousarray(scales.reshape(n // lanes, lanes, g).transpose(0, 2, 1))
+
+
+def code_at(codes, n, k, lanes: int):
+    """The stored (unsigned) 4-bit code of column n, element k, as a TIR expression of the
+    repacked layout (for the embedding gather of a table the LM head shares)."""
+    g, r = k // BLOCK, k % BLOCK
+    half, j, i = r // 16, (r % 16) // 4, r % 4
+    byte = codes[n // lanes, g, j * 4 * lanes + (n % lanes) * 4 + i]
+    return (byte >> (half * 4).astype(byte.dtype)) & tir.const(15, byte.dtype)
+
+
+# ------------------------------------------------------------------------------ kernels
+
+def quantize_rows_kernel(k: int, parallel: bool = True):
+    """x f32 [M, K] → (q: int8 x4 packed in i32 [M, K/4], d: f32 [M, K/32], ds: d * sum(q)).
+    ``parallel=False`` for decode: one row is cheaper than waking the thread pool."""
+    G = k // BLOCK
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def quantize_rows(var_x: T.handle, var_q: T.handle, var_d: T.handle, var_ds: T.handle):
+        T.func_attr({"tirx.noalias": True, "llmc.kind": "quantize_rows"})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), "float32")
+        q = T.match_buffer(var_q, (m, k // 4), "int32")
+        d = T.match_buffer(var_d, (m, G), "float32")
+        ds = T.match_buffer(var_ds, (m, G), "float32")
+        with T.sblock("root"):  # RewriteDataflowReshape inspects one-input kernels' root block
+            for r in (T.parallel(m) if parallel else T.serial(m)):
+                for g in range(G):
+                    amax = T.alloc_local((1,), "float32")
+                    qs = T.alloc_local((BLOCK,), "int32")
+                    amax[0] = T.float32(0)
+                    for i in range(BLOCK):
+                        amax[0] = T.max(amax[0], T.abs(x[r, g * BLOCK + i]))
+                    scale = amax[0] / T.float32(127)
+                    inv = T.Select(amax[0] > T.float32(0), T.float32(127) / T.max(amax[0], T.float32(1e-30)),
+                                   T.float32(0))
+                    for i in T.vectorized(BLOCK):
+                        qs[i] = T.Cast("int32", T.round(x[r, g * BLOCK + i] * inv))
+                    total = T.alloc_local((1,), "int32")
+                    total[0] = 0
+                    for i in range(BLOCK):
+                        total[0] = total[0] + qs[i]
+                    for i in T.vectorized(BLOCK // 4):
+                        q[r, g * 8 + i] = ((qs[4 * i] & 255) | T.shift_left(qs[4 * i + 1] & 255, 8)
+                                           | T.shift_left(qs[4 * i + 2] & 255, 16) | T.shift_left(qs[4 * i + 3], 24))
+                    d[r, g] = scale
+                    ds[r, g] = scale * T.Cast("float32", total[0])
+
+    return quantize_rows
+
+
+def _dot_update(isa: IntDotIsa, acc, codes_i32, act_i32):
+    """acc (int32 lanes; int16 pairs for the pmaddubsw ISAs) += codes (u8) x act (s8)."""
+    L = isa.lanes
+    c8 = T.reinterpret(f"int8x{4 * L}", codes_i32)
+    a8 = T.reinterpret(f"int8x{4 * L}", act_i32)
+    if isa.name == "avx512vnni":
+        return T.call_llvm_pure_intrin(f"int32x{L}", "llvm.x86.avx512.vpdpbusd.512", acc, c8, a8)
+    name = "llvm.x86.avx512.pmaddubs.w.512" if L == 16 else "llvm.x86.avx2.pmadd.ub.sw"
+    return acc + T.call_llvm_pure_intrin(f"int16x{2 * L}", name, c8, a8)
+
+
+def _finish_dot(isa: IntDotIsa, acc):
+    """int32 lanes of a group's dot product from the accumulator form of ``_dot_update``."""
+    L = isa.lanes
+    if isa.name == "avx512vnni":
+        return acc
+    name = "llvm.x86.avx512.pmaddw.d.512" if L == 16 else "llvm.x86.avx2.pmadd.wd"
+    return T.call_llvm_pure_intrin(f"int32x{L}", name, acc, T.broadcast(T.int16(1), 2 * L))
+
+
+def tiles(isa: IntDotIsa, n: int, decode: bool) -> tuple[int, int]:
+    """(rows, column blocks) of a register tile, from the register count: each (row, block)
+    needs an integer and a float accumulator, each block two code vectors; a quarter of the
+    registers stay for broadcasts and scales. Decode (one row) widens the tile instead, so each
+    activation broadcast feeds more columns."""
+    blocks = n // isa.lanes
+    budget = isa.registers * 3 // 4
+    if decode:
+        for c in (4, 2, 1):
+            if blocks % c == 0 and blocks // c >= 4 and 2 * c + 2 * c <= budget:
+                return 1, c
+        return 1, 1
+    best = (1, 1)
+    for c in (2, 1):
+        if blocks % c:
+            continue
+        for r in (4, 3, 2, 1):
+            if 2 * r * c + 2 * c <= budget and r * c > best[0] * best[1]:
+                best = (r, c)
+    return best
+
+
+def _silu(v):
+    """x * sigmoid(x) with the vectorizing polynomial exp (exp of -|x| only: no overflow)."""
+    from .attention import fast_exp
+
+    e = fast_exp(-tir.abs(v))
+    one = tir.const(1.0, "float32")
+    return v * tir.Select(v >= tir.const(0.0, "float32"), one / (one + e), e / (one + e))
+
+
+def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: bool, has_mins: bool,
+                         scale_dtype: str, decode: bool, threads: int = 2, glu: bool = False):
+    """y f32 [M, N] = x · w for 4-bit codes in the repacked layout, x given by ``quantize_rows``;
+    ``glu``: y = silu(x · w) * up (the gated MLP's epilogue, ``up`` an extra [M, N] input).
+
+    A parallel work item is a tile of R rows x C blocks of L columns; items of one column tile
+    are consecutive, so a thread walks down the rows under one weight tile (reused from cache).
+    Rows past M re-read the last row and are not written."""
+    L = isa.lanes
+    R, C = tiles(isa, n, decode)
+    G, NB, GS = k // BLOCK, n // L, group // BLOCK
+    off = 8.0 if signed else 0.0
+    vnni = isa.name == "avx512vnni"
+    acc_t = "int32" if vnni else "int16"
+    acc_lanes = L if vnni else 2 * L
+    nib = T.int32(0x0F0F0F0F)
+    del threads
+
+    @T.macro
+    def body(q, d, ds, codes, scales, mins, y, up, m):
+        row_tiles = (m + R - 1) // R
+        for item in T.parallel((NB // C) * row_tiles):
+            ct = item // row_tiles
+            r0 = item % row_tiles * R
+            facc = T.alloc_local((R, C, L), "float32")
+            iacc = T.alloc_local((R, C, acc_lanes), acc_t)
+            for r, c in T.grid(R, C):
+                for l in T.vectorized(L):
+                    facc[r, c, l] = T.float32(0)
+            for g in range(G):
+                for r, c in T.grid(R, C):
+                    for l in T.vectorized(acc_lanes):
+                        iacc[r, c, l] = T.Cast(acc_t, 0)
+                for j in T.unroll(4):
+                    for c in T.unroll(C):
+                        v = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
+                        lo = v & T.broadcast(nib, L)
+                        hi = T.shift_right(v, T.broadcast(T.int32(4), L)) & T.broadcast(nib, L)
+                        for r in T.unroll(R):
+                            row = T.min(r0 + r, m - 1)
+                            a_lo = T.broadcast(q[row, g * 8 + j], L)
+                            a_hi = T.broadcast(q[row, g * 8 + 4 + j], L)
+                            iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
+                                isa, _dot_update(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], lo, a_lo), hi, a_hi)
+                for c in T.unroll(C):
+                    s = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
+                    for r in T.unroll(R):
+                        row = T.min(r0 + r, m - 1)
+                        dot = T.Cast(f"float32x{L}", _finish_dot(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)]))
+                        dg = T.broadcast(d[row, g], L)
+                        dsg = T.broadcast(ds[row, g], L)
+                        if off != 0.0:
+                            t = dot * dg - T.broadcast(T.float32(off), L) * dsg
+                        else:
+                            t = dot * dg
+                        if has_mins:
+                            facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
+                                                           + T.Cast(f"float32x{L}", mins[ct * C + c, g // GS,
+                                                                                         T.ramp(0, 1, L)]) * dsg)
+                        else:
+                            facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s * t
+            for r in T.unroll(R):
+                if r0 + r < m:
+                    for c in T.unroll(C):
+                        for l in T.vectorized(L):
+                            if glu:
+                                y[r0 + r, (ct * C + c) * L + l] = (_silu(facc[r, c, l])
+                                                                   * up[r0 + r, (ct * C + c) * L + l])
+                            else:
+                                y[r0 + r, (ct * C + c) * L + l] = facc[r, c, l]
+
+    if glu:
+        @T.prim_func(private=True, check_well_formed=False)
+        def intdot_linear_glu(var_q: T.handle, var_d: T.handle, var_ds: T.handle, var_codes: T.handle,
+                              var_scales: T.handle, var_mins: T.handle, var_up: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.noalias": True, "llmc.kind": "intdot_linear"})
+            m = T.int64()
+            q = T.match_buffer(var_q, (m, k // 4), "int32")
+            d = T.match_buffer(var_d, (m, G), "float32")
+            ds = T.match_buffer(var_ds, (m, G), "float32")
+            codes = T.match_buffer(var_codes, (NB, G, 4 * L), "int32")
+            scales = T.match_buffer(var_scales, (NB, k // group, L), scale_dtype)
+            mins = T.match_buffer(var_mins, (NB, k // group, L), scale_dtype)
+            up = T.match_buffer(var_up, (m, n), "float32")
+            y = T.match_buffer(var_y, (m, n), "float32")
+            body(q, d, ds, codes, scales, mins, y, up, m)
+
+        return intdot_linear_glu
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def intdot_linear(var_q: T.handle, var_d: T.handle, var_ds: T.handle, var_codes: T.handle,
+                      var_scales: T.handle, var_mins: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "llmc.kind": "intdot_linear"})
+        m = T.int64()
+        q = T.match_buffer(var_q, (m, k // 4), "int32")
+        d = T.match_buffer(var_d, (m, G), "float32")
+        ds = T.match_buffer(var_ds, (m, G), "float32")
+        codes = T.match_buffer(var_codes, (NB, G, 4 * L), "int32")
+        scales = T.match_buffer(var_scales, (NB, k // group, L), scale_dtype)
+        mins = T.match_buffer(var_mins, (NB, k // group, L), scale_dtype)
+        y = T.match_buffer(var_y, (m, n), "float32")
+        body(q, d, ds, codes, scales, mins, y, y, m)
+
+    return intdot_linear

@@ -1,0 +1,135 @@
+"""The integer-dot-product quantized linear (compiler/codegen/tvm/intdot.py) on fresh random
+inputs, for every ISA variant it has (AVX-512 VNNI, AVX-512BW, AVX2 = x86-64-v3): the int8
+activation blocks equal a numpy quantization, the kernel equals the exact integer scheme
+(dequantized weights times dequantized activations) to float rounding, and the float
+reference within the activation-quantization error."""
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from llmc.compiler.codegen.llvm_cpu import resolve_cpu
+from llmc.compiler.codegen.tvm import intdot
+from llmc.compiler.ir.quant import code_range, dequantize, pack_codes
+from llmc.runtime.cpu_features import host_mcpu
+
+ISAS = {"avx512vnni": ("znver4", intdot.IntDotIsa("avx512vnni", 16, 32)),
+        "avx512bw": ("skylake-avx512", intdot.IntDotIsa("avx512bw", 16, 32)),
+        "avx2": ("x86-64-v3", intdot.IntDotIsa("avx2", 8, 16))}
+HOST_FLAGS = set(open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split())
+NEEDS = {"avx512vnni": {"avx512_vnni", "avx512bw"}, "avx512bw": {"avx512bw"}, "avx2": {"avx2"}}
+
+
+def _case(isa, *rest, slow=False):
+    marks = [pytest.mark.skipif(not NEEDS[isa] <= HOST_FLAGS, reason=f"host lacks {isa}")]
+    return pytest.param(isa, *rest, marks=marks + ([pytest.mark.slow] if slow else []))
+
+
+def _compile(func, mcpu):
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()["main"]
+
+
+def run(isa_name, m, n, k, group, signed, mins, decode, seed=0):
+    mcpu, isa = ISAS[isa_name]
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = code_range(4, signed)
+    codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), 4, signed)
+    scales = (torch.rand(n, k // group, generator=g) * 0.02).half()
+    mn = (torch.randn(n, k // group, generator=g) * 0.05).half() if mins else None
+    x = torch.randn(m, k, generator=g)
+    x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
+    qf = _compile(intdot.quantize_rows_kernel(k), mcpu)
+    lf = _compile(intdot.intdot_linear_kernel(isa, n, k, group, signed, mins, "float16", decode), mcpu)
+    q = tvm.runtime.tensor(np.zeros((m, k // 4), np.int32))
+    d = tvm.runtime.tensor(np.zeros((m, k // 32), np.float32))
+    ds = tvm.runtime.tensor(np.zeros((m, k // 32), np.float32))
+    qf(tvm.runtime.tensor(x.numpy()), q, d, ds)
+    xb = x.numpy().reshape(m, k // 32, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    qq = np.round(xb * np.where(amax > 0, 127 / np.maximum(amax, 1e-30), 0)).astype(np.int32)
+    assert np.array_equal(q.numpy().view(np.int8).reshape(m, k // 32, 32), qq.astype(np.int8))
+    np.testing.assert_allclose(d.numpy(), amax[..., 0] / 127, rtol=1e-6)
+    L = isa.lanes
+    s = tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), L))
+    args = [q, d, ds, tvm.runtime.tensor(intdot.repack_codes(codes.numpy(), L)), s,
+            tvm.runtime.tensor(intdot.repack_groups(mn.numpy(), L)) if mins else s]
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+    lf(*args, y)
+    w = dequantize(codes, scales, mn, bits=4, group_size=group, signed=signed).numpy()
+    exact = (qq * (amax / 127)).reshape(m, k) @ w.T
+    floats = x.numpy() @ w.T
+    return y.numpy(), exact, floats
+
+
+CASES = [(isa, (32, False, True)) for isa in ISAS] + [("avx2", (128, True, False))]
+SLOW = [(isa, layout) for isa in ISAS for layout in [(32, True, False), (64, False, True), (128, True, False)]
+        if (isa, layout) not in CASES]
+
+
+@pytest.mark.parametrize("isa,layout", [_case(i, lay) for i, lay in CASES] + [_case(i, lay, slow=True) for i, lay in SLOW])
+def test_gemv_and_gemm_equal_the_integer_scheme(isa, layout):
+    group, signed, mins = layout
+    for m, decode in ((1, True), (13, False)):
+        got, exact, floats = run(isa, m, 64, 256, group, signed, mins, decode, seed=group + m)
+        scale = 1 + np.abs(exact).max()
+        assert np.abs(got - exact).max() <= 1e-5 * scale
+        # activation quantization: |x - q d| <= d / 2 per element, relative ~ 1/254 of a block's max
+        assert np.abs(got - floats).max() <= 2e-2 * scale
+
+
+def test_repack_codes_round_trips_through_code_at():
+    """The layout's documented meaning (code_at) reads back every code."""
+    g = torch.Generator().manual_seed(3)
+    raw = torch.randint(0, 16, (32, 64), generator=g, dtype=torch.int32)
+    packed = intdot.repack_codes(pack_codes(raw, 4, False).numpy(), 16).view(np.uint8).reshape(2, 2, 256)
+    for n, k in [(0, 0), (5, 1), (17, 16), (31, 63), (9, 35), (16, 47)]:
+        g_, r = k // 32, k % 32
+        byte = packed[n // 16, g_, (r % 16) // 4 * 64 + (n % 16) * 4 + r % 4]
+        assert (byte >> (4 * (r // 16))) & 15 == raw[n, k]
+
+
+def test_isa_chosen_from_the_target_features():
+    assert intdot.int_dot_isa("x86_64", resolve_cpu("znver4").required_flags).name == "avx512vnni"
+    assert intdot.int_dot_isa("x86_64", resolve_cpu("skylake-avx512").required_flags).name == "avx512bw"
+    assert intdot.int_dot_isa("x86_64", resolve_cpu("x86-64-v3").required_flags).name == "avx2"
+    assert intdot.int_dot_isa("x86_64", resolve_cpu("x86-64").required_flags) is None  # SSE only: float path
+    assert intdot.int_dot_isa("aarch64", ["asimd", "asimddp"]) is None
+    host = intdot.int_dot_isa("x86_64", resolve_cpu(host_mcpu()).required_flags)
+    assert host is None or host.name in ISAS
+
+
+def test_register_tiles_fit_the_register_file():
+    """AVX2's 16 registers get a smaller prefill tile than AVX-512's 32; decode widens instead."""
+    wide, narrow = ISAS["avx512vnni"][1], ISAS["avx2"][1]
+    r, c = intdot.tiles(wide, 3072, decode=False)
+    r2, c2 = intdot.tiles(narrow, 3072, decode=False)
+    assert 2 * r * c + 2 * c <= 24 and 2 * r2 * c2 + 2 * c2 <= 12 and r * c > r2 * c2
+    assert intdot.tiles(wide, 3072, decode=True)[0] == 1
+
+
+@pytest.mark.parametrize("isa", [_case("avx512vnni"), _case("avx2")])
+def test_gated_mlp_epilogue(isa):
+    """glu=True writes silu(x · w) * up (SwiGLU's gate and product in the write-back)."""
+    mcpu, spec = ISAS[isa]
+    m, n, k = 5, 64, 128
+    g = torch.Generator().manual_seed(11)
+    codes = pack_codes(torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32), 4, False)
+    scales = (torch.rand(n, k // 32, generator=g) * 0.05).half()
+    mn = (torch.randn(n, k // 32, generator=g) * 0.2).half()
+    x = torch.randn(m, k, generator=g)
+    up = torch.randn(m, n, generator=g)
+    qf = _compile(intdot.quantize_rows_kernel(k), mcpu)
+    lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, False, True, "float16", False, glu=True), mcpu)
+    bufs = [tvm.runtime.tensor(np.zeros(s, dt)) for s, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
+                                                               ((m, k // 32), np.float32))]
+    qf(tvm.runtime.tensor(x.numpy()), *bufs)
+    L = spec.lanes
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+    lf(*bufs, tvm.runtime.tensor(intdot.repack_codes(codes.numpy(), L)),
+       tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), L)), tvm.runtime.tensor(intdot.repack_groups(mn.numpy(), L)),
+       tvm.runtime.tensor(up.numpy()), y)
+    gate = x @ dequantize(codes, scales, mn, bits=4, group_size=32, signed=False).T
+    want = (torch.nn.functional.silu(gate) * up).numpy()
+    assert np.abs(y.numpy() - want).max() <= 2e-2 * (1 + np.abs(want).max())
