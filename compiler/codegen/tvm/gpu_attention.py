@@ -7,17 +7,20 @@ value_dim]``), written as hand-bound TIR for a GPU:
 - ``kv_append``: one threadgroup per token, threads over (head, dim); a negative slot writes
   nothing.
 - ``paged_attention``: one threadgroup per (tile of ``rows`` query rows of one sequence, KV
-  head); one thread per (query row, query head of that KV head's group), so the group's heads
-  share every key and value load through the cache (GQA). Each thread walks its sequence's
+  head); threads per (query row, query head of that KV head's group), so the group's heads
+  share every key and value load through the cache (GQA). A thread walks its sequence's
   block table from the first block its sliding window still sees to the block of its own
   position (nothing above the causal diagonal), scores a whole block into registers, and keeps
   an online softmax (running max, sum and output in registers, rescaled once per block).
-  Softcap, sliding window and attention sinks are the cpu kernel's. Storage may be fp16; every
-  load is widened and scores, sums and the output accumulate in fp32.
+  With one row per tile (decode) the row's blocks are dealt round-robin to ``lanes`` threads
+  and a second phase merges their partial softmaxes from threadgroup memory. Softcap, sliding
+  window and attention sinks are the cpu kernel's. Storage may be fp16; every load is widened
+  and scores, sums and the output accumulate in fp32.
 
-The threads share nothing (no threadgroup memory, no barriers), so ``gpu=False`` builds the
-very same per-thread body inside serial loops, which LLVM runs on the CPU: that is how its
-numerics are checked on a machine without a GPU.
+The only communication is between the two phases, which are two loops over the same threads
+(TVM inserts the barrier), so ``gpu=False`` builds the very same per-thread bodies inside
+serial loops, phase after phase, which LLVM runs on the CPU: that is how the numerics are
+checked on a machine without a GPU.
 """
 
 from __future__ import annotations
