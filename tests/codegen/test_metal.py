@@ -11,6 +11,7 @@
 """
 
 import json
+import re
 import subprocess
 import sys
 
@@ -278,7 +279,15 @@ def test_smollm2_metal_artifact(tmp_path):
     run = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", "smollm2", "--target", "cpu", "--mcpu",
                           "neoverse-n1", "-o", str(cpu)], capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads((cpu / "manifest.json").read_text())["kernels"] == manifest["kernels"]
+    # the same steps: every op kind the cpu plan calls, and nothing else (metal may specialize
+    # one more variant: its decode attention kernel splits keys over lanes, a different
+    # PrimFunc from the prefill one, where the cpu target's two coincide for SmolLM2)
+    def steps(kernels):
+        return sorted({re.sub(r"\d+$", "", k) for k in kernels})
+
+    cpu_kernels = json.loads((cpu / "manifest.json").read_text())["kernels"]
+    assert steps(cpu_kernels) == steps(manifest["kernels"])
+    assert set(cpu_kernels) <= set(manifest["kernels"]) and len(manifest["kernels"]) - len(cpu_kernels) <= 1
 
 
 @pytest.mark.slow
