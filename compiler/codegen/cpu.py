@@ -177,7 +177,7 @@ class CpuTarget:
 
         from llmc.runtime import artifact
 
-        from .tvm.intdot import repack_codes, repack_groups
+        from .tvm.intdot import repack_codes, repack_codes8, repack_groups
 
         packed, pack = set(layout["packed"]), layout["pack"]
         intdot = layout.get("intdot", {})
@@ -190,8 +190,13 @@ class CpuTarget:
                 array, kind = pack_weight(array, pack), f"packed{pack}"
             elif name in intdot:
                 info = intdot[name]
-                repack = repack_codes if info["role"] == "codes" else repack_groups
-                array, kind = repack(array, info["lanes"]), f"intdot{info['lanes']}-{info['role']}"
+                if info["role"] == "groups":
+                    array = repack_groups(array, info["lanes"])
+                elif info["bits"] == 4:
+                    array = repack_codes(array, info["lanes"])
+                else:
+                    array = repack_codes8(array, info["lanes"], info["signed"])
+                kind = f"intdot{info['lanes']}-{info['role']}"
             arrays[name] = array.copy(order="C")  # (ascontiguousarray would turn 0-d into 1-d)
             layouts[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "layout": kind,
                              "origin": module.params[name].origin}
