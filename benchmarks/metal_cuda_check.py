@@ -12,10 +12,12 @@ does not travel to the lent GPU machine:
     # on the GPU machine (nvcc + CuPy, no TVM): compile each source, launch it, compare
     python benchmarks/metal_cuda_check.py run --bundle build/metal_cuda
 
-Covered: the decode entry point's kernels (static shapes) that lower to exactly one device
-kernel (GEMV, RMSNorm and other reductions, elementwise, rope, embedding); kernels with
-symbolic shapes (prefill GEMM, attention) or several device kernels are listed as skipped in
-the bundle's index. Exit status 1 if any kernel differs beyond its tolerance.
+Covered: the decode entry point's kernels (GEMV with its epilogue, RMSNorm and other
+reductions, elementwise, rope, embedding), the same step lowered for a static 40 tokens of 3
+sequences (its linears take the shared-memory tiled GEMM), and the paged-attention kernel on
+a mixed batch with and without window/softcap/sinks. Kernels that lower to several device
+kernels are listed as skipped in the bundle's index. Exit status 1 if any kernel differs
+beyond its tolerance.
 """
 
 from __future__ import annotations
@@ -61,13 +63,14 @@ def emit(out_dir: str, dtype: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(0)
     index = {"kernels": [], "skipped": {}}
-    for gvar, func in relax_mod.functions.items():
-        name = gvar.name_hint
-        if not isinstance(func, tvm.tirx.PrimFunc) or name not in decode_only or "llmc.kind" in (func.attrs or {}):
+    work = [(g.name_hint, f, True) for g, f in relax_mod.functions.items() if g.name_hint in decode_only]
+    work += [("prefill40_" + g.name_hint, f, False) for g, f in _static_prefill(module, dtype).functions.items()]
+    for name, func, decode in work:
+        if not isinstance(func, tvm.tirx.PrimFunc) or "llmc.kind" in (func.attrs or {}):
             continue
         try:
             buffers = _buffers(func)
-            scheduled = schedule_gpu_primfunc(func, True, target, name)
+            scheduled = schedule_gpu_primfunc(func, decode, target, name)
             lowered = lower_for_verification(scheduled, target)
         except Exception as exc:
             index["skipped"][name] = f"{type(exc).__name__}: {exc}"[:200]
@@ -105,11 +108,89 @@ def emit(out_dir: str, dtype: str) -> None:
             f.write(source)
         np.savez(os.path.join(out_dir, f"{name}.inputs.npz"), **inputs)
         np.savez(os.path.join(out_dir, f"{name}.expected.npz"), **expected)
-        index["kernels"].append({"name": name, "function": kname, "grid": grid, "block": block, "args": params,
-                                 "outputs": [buffers[-1][0]], "dtype": dtype})
+        index["kernels"].append({"name": name, "function": kname, "grid": grid, "block": block,
+                                 "args": [{"buffer": p} for p in params], "outputs": [buffers[-1][0]],
+                                 "dtype": dtype})
+    _attention_cases(out_dir, dtype, target, index)
     with open(os.path.join(out_dir, "index.json"), "w") as f:
         json.dump(index, f, indent=1)
     print(f"wrote {len(index['kernels'])} kernels to {out_dir} ({len(index['skipped'])} skipped)")
+
+
+def _static_prefill(module, dtype: str):
+    """The step lowered for a static 40 tokens of 3 sequences: its linears take the tiled GEMM
+    schedule (more than GEMV_MAX_ROWS rows) with static shapes, so they can be launched here."""
+    from tvm import relax
+
+    from llmc.compiler.codegen.metal import _storage_backend
+    from llmc.compiler.codegen.tvm.lower import AttentionOptions, cache_geometry, lower_function, packed_params, \
+        weight_order
+
+    geom = cache_geometry(module)
+    geom.dtype = dtype
+    bb = relax.BlockBuilder()
+    lower_function(bb, module, "prefill40", geom, packed_params(module), weight_order(module), 40, 3,
+                   AttentionOptions(), _storage_backend(module, dtype))
+    return bb.get()
+
+
+def _attention_cases(out_dir: str, dtype: str, target, index: dict) -> None:
+    """The GPU paged-attention kernel on a mixed batch (a chunk after cached tokens, a decode
+    token, a whole prompt; shuffled blocks), with and without window/softcap/sinks; expected:
+    the same kernel body in serial loops on the CPU."""
+    import tvm
+
+    from llmc.compiler.codegen.tvm.gpu_attention import paged_attention_kernel
+
+    tdtype = {"f16": "float16", "f32": "float32"}[dtype]
+    hq, hkv, d, dv, bs, nb, rows = 6, 2, 16, 8, 4, 24, 2
+    for case, (window, softcap, sinks) in enumerate([(0, 0.0, False), (5, 30.0, True)]):
+        rng = np.random.default_rng(case)
+        lens, starts = np.array([11, 1, 6]), np.array([0, 4, 5, 11])
+        perm = rng.permutation(nb)
+        tables = np.zeros((3, 4), dtype=np.int64)
+        used = 0
+        for b, length in enumerate(lens):
+            k = -(-length // bs)
+            tables[b, :k] = perm[used:used + k]
+            used += k
+        t = int(starts[-1]) + 2
+        inputs = {"q": rng.standard_normal((t, hq, d)).astype(tdtype),
+                  "kp": rng.standard_normal((nb, hkv, d, bs)).astype(tdtype),
+                  "vp": rng.standard_normal((nb, bs, hkv, dv)).astype(tdtype),
+                  "tables": tables, "lens": lens.astype(np.int64), "starts": starts.astype(np.int64)}
+        order = ["q", "kp", "vp", "tables", "lens", "starts"]
+        if sinks:
+            inputs["sk"] = rng.standard_normal(hq).astype(np.float32)
+            order.append("sk")
+        inputs["out"] = np.full((t, hq, dv), 7.0, tdtype)
+        order.append("out")
+        name = f"paged_attention_case{case}"
+        serial = paged_attention_kernel(hq, hkv, d, dv, bs, 0.25, window, softcap, rows, sinks, tdtype, "float32",
+                                        tdtype, gpu=False).with_attr("global_symbol", "main")
+        cpu = tvm.compile(serial, target=tvm.target.Target({"kind": "llvm"}))
+        tensors = {k: tvm.runtime.tensor(v) for k, v in inputs.items()}
+        cpu["main"](*[tensors[k] for k in order])
+        gpu = paged_attention_kernel(hq, hkv, d, dv, bs, 0.25, window, softcap, rows, sinks, tdtype, "float32",
+                                     tdtype).with_attr("global_symbol", "main")
+        cuda = tvm.compile(gpu, target=target)
+        source = [m for m in _walk(cuda.mod) if m.kind == "cuda"][0].inspect_source()
+        with open(os.path.join(out_dir, f"{name}.cu"), "w") as f:
+            f.write(source)
+        np.savez(os.path.join(out_dir, f"{name}.inputs.npz"), **inputs)
+        np.savez(os.path.join(out_dir, f"{name}.expected.npz"), out=tensors["out"].numpy())
+        scalars = {"b": 3, "mb": 4, "t": t, "nb": nb}
+        from llmc.compiler.codegen.tvm.gpu_schedule import lower_for_verification
+
+        device = [f for g, f in lower_for_verification(gpu, target).functions.items()
+                  if int((f.attrs or {}).get("calling_conv", 0)) == 2][0]
+        args = []
+        for p in device.params:  # the device kernel's own parameter order
+            pname = str(p.name)
+            args.append({"buffer": pname[:-4]} if pname.endswith("_ptr") else {"scalar": scalars[pname], "dtype": "int64"})
+        g = hq // hkv
+        index["kernels"].append({"name": name, "function": "main_kernel", "grid": [((t + rows - 1) // rows + 3) * hkv, 1, 1],
+                                 "block": [rows * g, 1, 1], "args": args, "outputs": ["out"], "dtype": dtype})
 
 
 def _walk(mod):
@@ -132,7 +213,8 @@ def run(bundle: str) -> int:
         inputs = dict(np.load(os.path.join(bundle, f"{k['name']}.inputs.npz")))
         expected = dict(np.load(os.path.join(bundle, f"{k['name']}.expected.npz")))
         device = {name: cp.asarray(a) for name, a in inputs.items()}
-        kernel(tuple(k["grid"]), tuple(k["block"]), tuple(device[a] for a in k["args"]))
+        args = tuple(device[a["buffer"]] if "buffer" in a else np.int64(a["scalar"]) for a in k["args"])
+        kernel(tuple(k["grid"]), tuple(k["block"]), args)
         cp.cuda.Device().synchronize()
         tol = 2e-2 if k["dtype"] == "f16" else 1e-4
         for out in k["outputs"]:

@@ -96,6 +96,21 @@ class AsyncEngine:
             except RuntimeError:  # the loop is closed
                 pass
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """One step's outputs, handed to each event loop in one wake-up (not one per request:
+        each ``call_soon_threadsafe`` writes the loop's self-pipe and costs the loop a turn)."""
+        by_loop: dict = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                loop, queue = stream
+                by_loop.setdefault(loop, []).append((queue, out))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, pairs)
+            except RuntimeError:  # the loop is closed
+                pass
+
     def _apply_commands(self) -> None:
         while self._commands:
             command = self._commands.popleft()
@@ -126,11 +141,15 @@ class AsyncEngine:
                     self._deliver(rid, RuntimeError(f"the engine step failed: {exc}"))
                 continue
             self.iterations += 1
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_all(outputs)
         for rid in list(self.engine.requests):
             self.engine.abort(rid)
             self._deliver(rid, EngineDeadError("the server shut down before the request finished"))
+
+
+def _put_all(pairs) -> None:
+    for queue, item in pairs:
+        queue.put_nowait(item)
 
 
 __all__ = ["AsyncEngine", "EngineDeadError"]

@@ -252,7 +252,9 @@ class Engine:
                 rows.append(b)
         if not ready:
             return []
-        samples = sample_batch([r.sampler for r in ready], logits[rows], [r.tokens for r in ready],
+        if len(rows) < len(logits):  # (a decode-only step samples every row: no 1.5 MB copy)
+            logits = logits[rows]
+        samples = sample_batch([r.sampler for r in ready], logits, [r.tokens for r in ready],
                                [r.output_ids for r in ready])
         now = time.monotonic()
         outputs = []
@@ -365,7 +367,7 @@ class Engine:
                           np.array([self.num_state_slots - 1]) if self.num_state_slots else None)
         logits = self.executor.step(batch)
         self.position = end
-        return logits[0]
+        return np.array(logits[0])  # a copy: the executor may return a view of its output
 
 
 __all__ = ["ArtifactError", "Engine", "EngineMetrics", "GenerationStats", "RequestOutput"]

@@ -216,7 +216,8 @@ def sample_batch(samplers: Sequence[Sampler], logits: np.ndarray, previous: Sequ
     plain = [b for b, s in enumerate(samplers)
              if s.params.greedy and not s.params.penalized and s.params.logprobs is None]
     if plain:
-        for b, token in zip(plain, np.argmax(logits[plain], axis=1).tolist()):
+        rows = logits if len(plain) == len(logits) else logits[plain]  # no copy when every row is plain
+        for b, token in zip(plain, np.argmax(rows, axis=1).tolist()):
             results[b] = Sample(int(token))
     for b, s in enumerate(samplers):
         if results[b] is None:

@@ -22,8 +22,11 @@ the Mac when the library loads), ``kernels/step.metal`` (the same MSL, readable)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -256,36 +259,38 @@ class MetalTarget:
 
         from llmc.runtime import artifact
 
+        from ..cache import cache_root, caching_disabled
         from .cpu import CpuTarget
-        from .tvm.gpu_schedule import GpuScheduleError, schedule_gpu_module
+        from .tvm.kernels import PACK
+        from .tvm.lower import cache_geometry, packed_params, weight_order
 
         self.check(options)
         arch, dtype = self._arch(options), self._dtype(options)
         target = metal_target(arch)
         link = linker()
         timings = {}
+        backend = _storage_backend(module, dtype)
+        geom = cache_geometry(module)
+        geom.dtype = dtype
+        layout = {"cache": geom, "packed": sorted(packed_params(module)), "weight_order": weight_order(module),
+                  "pack": PACK}
+        key = self._cache_key(module, arch, dtype, tvm.__version__)
+        cached = os.path.join(options.cache_dir or os.path.join(cache_root(), "kernels"), f"metal-{key}")
+        use_cache = not caching_disabled()
         with artifact.staged(out_dir) as stage:  # published only when complete
             os.makedirs(os.path.join(stage, "kernels"))
             t0 = time.perf_counter()
-            progress.info("compiling kernels for Metal (%s, %s activations)", arch, dtype)
-            relax_mod, layout, backend = lower_for_metal(module, dtype)
-            kernels = sorted(g.name_hint for g, f in relax_mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
-            try:
-                scheduled = schedule_gpu_module(relax_mod, target)
-            except GpuScheduleError as exc:
-                raise TargetError(f"metal: {exc}") from None
-            executable = tvm.compile(scheduled, target=target, relax_pipeline=relax_pipeline(target))
-            source = metal_source(executable)
-            functions = kernel_functions(kernels, source)
-            missing = [k for k, fs in functions.items() if not fs]
-            if missing:
-                raise TargetError(f"metal: no MSL kernel was emitted for {', '.join(missing)}")
-            with open(os.path.join(stage, SOURCE), "w") as f:
-                f.write(source)
-            executable.export_library(os.path.join(stage, LIBRARY), fcompile=link)
+            if use_cache and all(os.path.exists(cached + ext) for ext in (".dylib", ".metal", ".json")):
+                shutil.copyfile(cached + ".dylib", os.path.join(stage, LIBRARY))
+                shutil.copyfile(cached + ".metal", os.path.join(stage, SOURCE))
+                with open(cached + ".json") as f:
+                    kernels, functions = json.load(f)
+                log.info("kernel cache hit: %s", cached)
+            else:
+                kernels, functions = self._build(module, dtype, target, link, layout, stage)
+                if use_cache:
+                    self._store(cached, stage, kernels, functions)
             timings["kernels"] = time.perf_counter() - t0
-            log.info("compiled %d kernels (%d MSL functions) for Metal and linked %s (%.1fs)", len(kernels),
-                     len(msl_functions(source)), LIBRARY, timings["kernels"])
 
             t0 = time.perf_counter()
             progress.info("writing weights")
@@ -328,6 +333,63 @@ class MetalTarget:
             }
             artifact.write_manifest(stage, manifest)
         return timings
+
+    @staticmethod
+    def _build(module: Module, dtype: str, target, link, layout: dict, stage: str):
+        """Lower, schedule, compile to MSL + host code and link the dylib into ``stage``."""
+        import tvm
+
+        from .tvm.gpu_schedule import GpuScheduleError, schedule_gpu_module
+
+        t0 = time.perf_counter()
+        progress.info("compiling kernels for Metal (%s, %s activations)", target.host.attrs.get("mcpu"), dtype)
+        relax_mod, lowered_layout, _ = lower_for_metal(module, dtype)
+        assert lowered_layout["weight_order"] == layout["weight_order"]
+        kernels = sorted(g.name_hint for g, f in relax_mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+        try:
+            scheduled = schedule_gpu_module(relax_mod, target)
+        except GpuScheduleError as exc:
+            raise TargetError(f"metal: {exc}") from None
+        executable = tvm.compile(scheduled, target=target, relax_pipeline=relax_pipeline(target))
+        source = metal_source(executable)
+        functions = kernel_functions(kernels, source)
+        missing = [k for k, fs in functions.items() if not fs]
+        if missing:
+            raise TargetError(f"metal: no MSL kernel was emitted for {', '.join(missing)}")
+        with open(os.path.join(stage, SOURCE), "w") as f:
+            f.write(source)
+        executable.export_library(os.path.join(stage, LIBRARY), fcompile=link)
+        log.info("compiled %d kernels (%d MSL functions) for Metal and linked %s (%.1fs)", len(kernels),
+                 len(msl_functions(source)), LIBRARY, time.perf_counter() - t0)
+        return kernels, functions
+
+    @staticmethod
+    def _store(cached: str, stage: str, kernels: list, functions: dict) -> None:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = f"{cached}.{os.getpid()}.tmp"
+        shutil.copyfile(os.path.join(stage, LIBRARY), tmp + ".dylib")
+        shutil.copyfile(os.path.join(stage, SOURCE), tmp + ".metal")
+        with open(tmp + ".json", "w") as f:
+            json.dump([kernels, functions], f)
+        for ext in (".metal", ".json", ".dylib"):  # the dylib last: its presence means complete
+            os.replace(tmp + ext, cached + ext)
+
+    @staticmethod
+    def _cache_key(module: Module, arch: str, dtype: str, tvm_version: str) -> str:
+        """Content hash of what determines the kernels: the IR (weights and config excluded), the
+        options, and the code generator's own source."""
+        from ..ir import print_module
+        from . import metal
+        from .tvm import gpu_attention, gpu_schedule, kernels, lower
+
+        h = hashlib.sha256()
+        text = "\n".join(line for line in print_module(module).splitlines() if "config = " not in line)
+        h.update(text.encode())
+        h.update(json.dumps(["metal", arch, dtype, tvm_version]).encode())
+        for mod in (metal, gpu_attention, gpu_schedule, kernels, lower):
+            with open(mod.__file__, "rb") as f:
+                h.update(f.read())
+        return h.hexdigest()[:32]
 
 
 def macho_header(path: str) -> Optional[dict]:

@@ -402,7 +402,7 @@ def _select(imp, node):
     return imp.b.op("reshape", s, shape=list(imp.type_of(node).shape))
 
 
-@rule("aten.cat.default", "aten.concat.default")
+@rule("aten.cat.default", "aten.concat.default", "aten.concatenate.default")
 def _cat(imp, node):
     xs, axis = imp.value(node.args[0]), imp.value(node.args[1]) if len(node.args) > 1 else 0
     xs = [x for x in xs if not (x.type.rank == 1 and x.type.shape[0] == 0)]
@@ -588,7 +588,7 @@ def _slice_scatter(imp, node):
     parts = []
     if start != 0:
         parts.append(imp.b.op("slice", x, axis=axis, start=0, end=start, step=1))
-    parts.append(imp.as_tensor(src, x.type.dtype))
+    parts.append(src)
     if not dims_equal_(end, size):
         parts.append(imp.b.op("slice", x, axis=axis, start=end, end=size, step=1))
     return parts[0] if len(parts) == 1 else imp.b.op("concat", *parts, axis=axis)

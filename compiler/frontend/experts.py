@@ -80,9 +80,14 @@ _ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gel
                 "FastGELUActivation": "gelu_tanh", "ReLU": "relu", "ReLUActivation": "relu"}
 
 
+_FUNCTIONS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}  # plain torch functions (F.silu, ...)
+
+
 def _activation(module) -> str:
     act = getattr(module, "act_fn", None)
     name = type(act).__name__
+    if name in ("function", "builtin_function_or_method") and getattr(act, "__name__", "") in _FUNCTIONS:
+        return _FUNCTIONS[act.__name__]
     if name == "GELUActivation" and getattr(act, "act", None) is not None and \
             getattr(act.act, "__name__", "") == "gelu_tanh":
         return "gelu_tanh"

@@ -316,7 +316,13 @@ def _check_token_asserts(model, program, max_tokens: int) -> None:
             continue
         symbols = sorted(getattr(expr, "free_symbols", ()), key=str)
         if len(symbols) != 1:
-            raise TraceError(f"{type(model).__name__}'s code asserts {expr} on more than the token count")
+            data = [str(x) for x in symbols if str(x).startswith("u")]
+            where = node.meta.get("stack_trace", "").strip().splitlines()
+            raise TraceError(f"{type(model).__name__}'s code asserts {expr} on more than the token count"
+                             + (f": {', '.join(data)} are sizes that depend on the data (a split by per-expert "
+                                f"token counts, nonzero or masked_select), which llmc's ops do not have"
+                                if data else "")
+                             + (f" ({where[-1].strip()})" if where else ""))
         f = sympy.lambdify(symbols, expr, "math")
         bad = next((t for t in range(1, max_tokens + 1) if not bool(f(t))), None)
         if bad is not None:

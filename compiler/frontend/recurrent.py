@@ -183,6 +183,30 @@ def _ssd_chunk_scan_fn(hidden_states, dt, A, B, C, chunk_size=None, D=None, z=No
     return y[None].to(hidden_states.dtype)
 
 
+def _lightning_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """MiniMax's lightning attention (block-wise linear attention with a per-head decay
+    exp(-slope)) in its recurrent form: S <- exp(-slope) S + k v^T, o = q S, as gated linear
+    attention with a constant scalar gate, then the module's own norm, output gate and
+    projection."""
+    batch, tokens, _ = hidden_states.shape
+    if batch != 1:
+        raise RecurrentError(f"lightning attention over a batch of {batch}; llmc traces one sequence")
+    heads, dim = self.num_attention_heads, self.head_dim
+    qkv = self.act_fn(self.qkv_proj(hidden_states)).reshape(batch, tokens, heads, 3 * dim)
+    q, k, v = torch.split(qkv, dim, dim=3)
+    gate = (-self.slope_rate.reshape(1, heads).float()).expand(tokens, heads)
+    out = torch.ops.llmc.gated_linear_attention(q[0].float(), k[0].float(), v[0].float(), gate,
+                                                torch.ones_like(gate), _next_state())
+    out = self.norm(out.reshape(batch, tokens, heads * dim).to(hidden_states.dtype))
+    out = torch.sigmoid(self.output_gate(hidden_states)) * out
+    return self.out_proj(out), None
+
+
+def _is_lightning(module) -> bool:
+    return type(module).__name__.endswith("LightningAttention") and all(
+        hasattr(module, a) for a in ("slope_rate", "qkv_proj", "output_gate", "out_proj", "norm", "act_fn"))
+
+
 _SCAN_NAMES = {"mamba_selective_scan": _selective_scan_fn, "mamba2_chunk_scan": _ssd_chunk_scan_fn}
 _CONV_NAMES = ("causal_conv1d_fn",)
 _RULE_NAMES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "chunk_gated_delta_rule",
@@ -193,7 +217,7 @@ _RULE_NAMES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule
 def recurrent_enabled(model):
     """Point the recurrent kernel functions of ``model``'s modeling modules at llmc's state ops."""
     modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
-    saved = []
+    saved, swapped = [], []
     _State.calls = 0
     try:
         for mod in modules:
@@ -207,10 +231,16 @@ def recurrent_enabled(model):
                     else:
                         new = _conv_fn if name in _CONV_NAMES else _delta_rule_fn(vars(mod).get("l2norm"))
                     setattr(mod, name, new)
+        for m in model.modules():  # module-level swaps (recurrent forms of block-wise scans)
+            if _is_lightning(m):
+                m.forward = _lightning_forward.__get__(m)
+                swapped.append(m)
         yield model
     finally:
         for mod, name, old in saved:
             setattr(mod, name, old)
+        for m in swapped:
+            del m.forward
 
 
 def recurrent_module_names(mod) -> list[str]:

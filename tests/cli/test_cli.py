@@ -91,9 +91,9 @@ def test_unknown_pass_and_level_are_clear_errors(tmp_path):
     assert out.returncode == 2 and "--pass-after needs" in out.stderr
 
 
-def test_planned_target_says_so(tmp_path):
-    out = llmc("compile", "smollm2", "--target", "metal", "-o", str(tmp_path / "never"))
-    assert out.returncode == 2 and "target 'metal' has no code generator in this build yet" in out.stderr
+def test_unknown_metal_arch_fails_before_the_import(tmp_path):
+    out = llmc("compile", "smollm2", "--target", "metal", "--arch", "sm_90", "-o", str(tmp_path / "never"))
+    assert out.returncode == 2 and "use one of apple-m1, apple-m2, apple-m3, apple-m4" in out.stderr
     assert not os.path.exists(tmp_path / "never")
 
 

@@ -19,9 +19,18 @@ def compile_cpu(imported: ImportedModel, out_dir, tokenizer=None, max_seq_len: i
 
 def hf_greedy(model, prompt_ids, new_tokens: int):
     """Greedy continuation by transformers (fp32, its own KV cache), exactly ``new_tokens`` long,
-    plus the prefill logits of the last prompt token."""
+    plus the prefill logits of the last prompt token. A model whose forward keeps no cache
+    (GPT-1) runs each step over the whole prefix."""
     with torch.no_grad():
         out = model(torch.tensor([prompt_ids]), use_cache=True)
+        if getattr(out, "past_key_values", None) is None:
+            ids, tokens = list(prompt_ids), []
+            prefill_logits = out.logits[0, -1]
+            for _ in range(new_tokens):
+                tokens.append(int(out.logits[0, -1].argmax()))
+                ids.append(tokens[-1])
+                out = model(torch.tensor([ids]))
+            return tokens, prefill_logits.numpy()
         prefill_logits = out.logits[0, -1]
         from tests.frontend.arch_sweep import cache_of
 

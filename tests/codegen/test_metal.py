@@ -56,12 +56,20 @@ def llama():
     return model, import_hf_model(model)
 
 
-def test_tiny_llama_metal_artifact_is_a_macho_dylib_with_msl_for_every_kernel(llama, tmp_path):
+def test_tiny_llama_metal_artifact_is_a_macho_dylib_with_msl_for_every_kernel(llama, tmp_path, caplog):
     _, imported = llama
     copy = _copy(imported)
     out = tmp_path / "metal"
-    compile_artifact(copy, None, "metal", str(out), CompileOptions(max_seq_len=64))
+    compile_artifact(copy, None, "metal", str(out), CompileOptions(max_seq_len=64, cache_dir=str(tmp_path / "c")))
     manifest = json.loads((out / "manifest.json").read_text())
+    # a second build of the same model takes the kernels from the cache, identical
+    with caplog.at_level("INFO", logger="llmc.codegen"):
+        compile_artifact(_copy(imported), None, "metal", str(tmp_path / "again"),
+                         CompileOptions(max_seq_len=64, cache_dir=str(tmp_path / "c")))
+    assert "kernel cache hit" in caplog.text
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert again["files"]["kernels/step.dylib"] == manifest["files"]["kernels/step.dylib"]
+    assert again["plan"]["msl_functions"] == manifest["plan"]["msl_functions"]
     target = manifest["target"]
     assert (target["kind"], target["arch"], target["min_macos"]) == ("metal", "apple-m1", "13.0")
     assert manifest["dtypes"]["activations"] == "f16" and manifest["kv_cache"]["dtype"] == "f16"
@@ -259,13 +267,46 @@ def test_smollm2_metal_artifact(tmp_path):
                           str(out)], capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["target"]["kind"] == "metal" and manifest["model"]["quant"] == "none"
+    assert manifest["target"]["kind"] == "metal" and manifest["model"]["quant"] == "gguf"  # Q4_1/Q8_0 kept
     assert macho_header(str(out / "kernels" / "step.dylib"))["cputype"] == CPU_TYPE_ARM64
     names = set(msl_functions((out / "kernels" / "step.metal").read_text()))
     assert all(set(manifest["plan"]["msl_functions"][k]) <= names and manifest["plan"]["msl_functions"][k]
                for k in manifest["kernels"])
     cpu = tmp_path / "smollm2-cpu"
-    run = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", "smollm2", "--target", "cpu", "--quant",
-                          "none", "-o", str(cpu)], capture_output=True, text=True, timeout=1800)
+    run = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", "smollm2", "--target", "cpu", "-o", str(cpu)],
+                         capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((cpu / "manifest.json").read_text())["kernels"] == manifest["kernels"]
+
+
+@pytest.mark.slow
+def test_quantized_kernels_schedule_and_verify_for_metal(llama, tmp_path):
+    """quantized_linear / quantized_embedding (codes dequantized in registers) on metal."""
+    _, imported = llama
+    copy = _copy(imported)
+    compile_artifact(copy, None, "metal", str(tmp_path / "q4"), CompileOptions(max_seq_len=64), quant="q4a_g32")
+    manifest = json.loads((tmp_path / "q4" / "manifest.json").read_text())
+    assert any(k.startswith("quantized_linear") for k in manifest["kernels"])
+    relax_mod, _, _ = lower_for_metal(copy.module, "f16")
+    target = metal_target()
+    for gvar, func in schedule_gpu_module(relax_mod, target).functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            assert verify_gpu_kernel(func, target) >= 1, gvar.name_hint
+
+
+@pytest.mark.slow
+def test_cuda_check_bundle_is_emitted(tmp_path):
+    """benchmarks/metal_cuda_check.py emit: the scheduled kernels as CUDA C with launch shapes,
+    inputs and the CPU reference (its `run` half needs an NVIDIA GPU and CuPy)."""
+    out = tmp_path / "bundle"
+    run = subprocess.run([sys.executable, "benchmarks/metal_cuda_check.py", "emit", "--out", str(out)],
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    index = json.loads((out / "index.json").read_text())
+    names = [k["name"] for k in index["kernels"]]
+    assert len(names) >= 30 and "paged_attention_case1" in names
+    assert any(n.startswith("prefill40_") and "linear" in n for n in names)  # tiled GEMMs
+    for k in index["kernels"]:
+        source = (out / f"{k['name']}.cu").read_text()
+        assert f"{k['function']}(" in source and "__global__" in source
+        assert np.prod(k["block"]) <= 1024

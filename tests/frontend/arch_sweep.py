@@ -120,6 +120,10 @@ def _shrink(config) -> None:
                 continue
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
+    if hasattr(config, "conv_L_cache") and getattr(config, "layer_types", 0) is None:  # LFM2-MoE: no default list
+        with contextlib.suppress(Exception):
+            config.layer_types = ["conv", "full_attention"]
+            config.num_dense_layers = 1  # layer 1's feed-forward is the MoE
     if isinstance(getattr(config, "full_attn_idxs", None), list):  # LFM2: layer 0 convolution, layer 1 attention
         with contextlib.suppress(Exception):
             config.full_attn_idxs = [1]
@@ -138,10 +142,44 @@ def _shrink(config) -> None:
             kinds = list(dict.fromkeys(types))
             with contextlib.suppress(Exception):
                 setattr(config, key, (kinds + kinds)[:2] if len(kinds) >= 2 else list(types[:2]))
+    _fit_hybrid(config)
     for sub in SUB_CONFIGS:
         c = getattr(config, sub, None)
         if c is not None and hasattr(c, "to_dict"):
             _shrink(c)
+
+
+RECURRENT_KINDS = {"linear_attention", "mamba"}
+
+
+def _fit_hybrid(config) -> None:
+    """Mamba-2 hybrids after shrinking: heads x head dim must again cover the mixer width, and
+    a hybrid whose two layers kept no attention layer gets one (transformers' cache for these
+    models needs an attention layer to report its length)."""
+    expand = getattr(config, "mamba_expand", None) or getattr(config, "expand", None)
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(expand, (int, float)) and isinstance(hidden, int):
+        inner = int(getattr(config, "mamba_d_ssm", None) or expand * hidden)
+        pairs = [("mamba_n_heads", "mamba_d_head"), ("mamba_num_heads", "mamba_head_dim")]
+        if hasattr(config, "n_groups") and (hasattr(config, "state_size") or hasattr(config, "ssm_state_size")):
+            pairs.append(("num_heads", "head_dim"))  # Mamba2Config's own names
+        for heads, dim in pairs:
+            h, d = getattr(config, heads, None), getattr(config, dim, None)
+            if isinstance(h, int) and isinstance(d, int) and h * d != inner and inner % 8 == 0:
+                with contextlib.suppress(Exception):
+                    setattr(config, heads, 8)
+                    setattr(config, dim, inner // 8)
+    kinds = None
+    with contextlib.suppress(Exception):
+        kinds = getattr(config, "layers_block_type", None) or getattr(config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and kinds and getattr(config, "num_attention_heads", None):
+        rest = set(kinds) - RECURRENT_KINDS - {"moe", "mlp"}
+        if not rest and set(kinds) & RECURRENT_KINDS:
+            with contextlib.suppress(Exception):
+                if hasattr(config, "attn_layer_indices") and getattr(config, "attn_layer_indices", None) is None:
+                    config.attn_layer_indices = [1]  # Bamba: layer types follow from these indices
+                else:
+                    config.layer_types = [kinds[0], "full_attention"]
 
 
 def _set(obj, **values):
@@ -151,8 +189,24 @@ def _set(obj, **values):
 
 # Model types whose default config cannot be built tiny by the generic shrink alone: the few
 # attributes their code needs that the default leaves unset
+def _rederive(config) -> None:
+    """Recompute the attributes a config derives from its sizes at construction (Zamba's
+    attention width, Mamba head dim, hybrid layer ids) from the shrunk sizes."""
+    fresh = type(config)(**{k: v for k, v in config.to_dict().items()
+                            if k not in ("model_type", "transformers_version", "architectures", "attention_hidden_size",
+                                         "attention_head_dim", "mamba_headdim", "hybrid_layer_ids", "kv_channels",
+                                         "num_query_groups")})
+    for key, value in vars(fresh).items():
+        with contextlib.suppress(Exception):
+            setattr(config, key, value)
+
+
 RECIPES = {
+    "zamba": _rederive,
+    "zamba2": _rederive,
     "dots1": lambda c: _set(c, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
+    "cohere_compass_text": lambda c: _set(c, rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                               for t in ("full_attention", "sliding_attention")}),
     "gemma3n_text": lambda c: _set(c, num_kv_shared_layers=0, intermediate_size=[96, 96],
                                    activation_sparsity_pattern=[0.0, 0.0]),
 }

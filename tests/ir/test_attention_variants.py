@@ -100,3 +100,15 @@ def test_paged_kv_carries_chunk_and_alibi(attrs):
     weights = {"wq": torch.randn(16, 32, generator=g), "wk": torch.randn(16, 16, generator=g),
                "wo": torch.randn(32, 16, generator=g)}
     check_mixed_batches(before, module, weights, vocab=16, atol=1e-4)
+
+
+@pytest.mark.parametrize("attrs,name", [("chunk = 5", "chunked attention"), ("alibi = [0.5, 0.25, 0.125, 0.0625]", "ALiBi")])
+def test_triton_plan_refuses_attention_variants_by_name(attrs, name):
+    """The cuda/rocm kernels have neither: the plan says so instead of dropping the attribute."""
+    pytest.importorskip("triton")
+    from llmc.compiler.codegen.triton.emit import CodegenError
+    from llmc.compiler.codegen.triton.plan import PlanOptions, lower_to_plan
+
+    module = PagedKV(block_size=16).run(parse_module(_step_module(attrs)))
+    with pytest.raises(CodegenError, match=name):
+        lower_to_plan(module, PlanOptions(arch="sm_80", dtype="f32"), step=False)

@@ -5,7 +5,8 @@ used by the metal target. The cpu schedules of ``schedule.py`` are untouched.
   kernel reads them): decode rows (a static row count of at most 4) get a GEMV schedule, one
   thread per output column (consecutive threads read consecutive columns of the packed
   ``[N/32, K, 32]`` weight, so every step over K is one coalesced read), the sum over K split
-  across ``threadIdx.y`` lanes (rfactor, then a cross-thread reduction); prefill rows get a
+  across ``threadIdx.y`` lanes (rfactor, then a cross-thread reduction into threadgroup
+  memory, from which the epilogue stores the tile in the same kernel); prefill rows get a
   shared-memory tiled GEMM (BM x BN output tile per threadgroup, BK-deep slabs of the
   activations and weights staged in threadgroup memory by all threads, a VM x VN register tile
   per thread). dlight's ``gpu.Matmul`` is not used: it crashes for Metal at M >= 16.
@@ -110,12 +111,15 @@ def _epilogues_into(sch: Schedule, block, write) -> None:
 
 def schedule_gemv(sch: Schedule, block) -> None:
     """Decode rows: one thread per (row, output column), the K sum split over threadIdx.y lanes
-    (rfactor) and combined by a cross-thread reduction; epilogues run as their own small kernel."""
+    (rfactor) and combined by a cross-thread reduction into threadgroup memory, from which the
+    epilogue (glu, residual add, the fp16 store) writes the tile in the same kernel (TVM puts
+    the barrier between them). An epilogue that does not fit stays a kernel of its own."""
     loops = sch.get_loops(block)
     *lead, n, k = loops
     m = sch.fuse(*lead) if len(lead) > 1 else (lead[0] if lead else sch.add_unit_loop(block))
     n_ext = _extent(sch, n)
     cols = GEMV_COLUMNS if n_ext is None or n_ext >= GEMV_COLUMNS else 32
+    consumers = list(sch.get_consumers(block))
     no, nx = sch.split(n, [None, cols])
     ko, ky = sch.split(k, [None, GEMV_SPLIT_K])
     sch.reorder(m, no, nx, ky, ko)
@@ -127,8 +131,44 @@ def schedule_gemv(sch: Schedule, block) -> None:
     sch.bind(ky_, "threadIdx.y")
     sch.set_scope(rf, 0, "local")
     sch.reverse_compute_at(block, nx_, preserve_unit_loops=True)
-    sch.bind(sch.get_loops(block)[-1], "threadIdx.y")  # the sum over the lanes
+    # the sum over the lanes: its loop (extent GEMV_SPLIT_K; the unit loops of the reduced
+    # block's spatial axes follow it) on threadIdx.y, so TVM lowers it to a cross-thread
+    # reduction instead of one thread reading the other lanes' registers
+    inner = sch.get_loops(block)[3:]
+    lanes = [lp for lp in inner if _extent(sch, lp) == GEMV_SPLIT_K]
+    if len(lanes) != 1:
+        raise ValueError("the GEMV's lane reduction loop was not found")
+    others = [lp for lp in inner if _extent(sch, lp) != GEMV_SPLIT_K]
+    if others:  # a cross-thread reduction's loop must be the innermost
+        sch.reorder(*others, lanes[0])
+    sch.bind(lanes[0], "threadIdx.y")
     sch.decompose_reduction(rf, ko_)
+    if len(consumers) == 1:
+        _epilogue_in_gemv(sch, block, consumers[0], cols)
+
+
+def _epilogue_in_gemv(sch: Schedule, block, consumer, cols: int) -> bool:
+    """The single consumer of a GEMV's result computed per threadgroup tile from threadgroup
+    memory (tried on a copy first: a consumer that does not read the tile elementwise keeps
+    its own kernel)."""
+    def apply(s: Schedule) -> None:
+        s.set_scope(block, 0, "shared")
+        tile_loop = s.get_loops(block)[1]  # blockIdx.y (rows), blockIdx.x (column tiles), ...
+        s.reverse_compute_at(consumer, tile_loop, preserve_unit_loops=True)
+        inner = s.get_loops(consumer)[2:]
+        spatial = [lp for lp in inner if _extent(s, lp) != 1] or inner[-1:]
+        fused = s.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        if _extent(s, fused) != cols:
+            raise ValueError("the epilogue does not cover one tile of columns")
+        s.bind(fused, "threadIdx.x")
+
+    trial = sch.copy()
+    try:
+        apply(trial)
+    except Exception:
+        return False
+    apply(sch)
+    return True
 
 
 def schedule_gemm(sch: Schedule, block) -> None:
@@ -170,7 +210,9 @@ def _stage_in_shared(sch: Schedule, block, index: int, ko, ty: int, tx: int) -> 
     try:
         shared = trial.cache_read(block, index, "shared")
         trial.compute_at(shared, ko)
-        if any(not isinstance(d, tir.IntImm) for d in trial.get(shared).writes[0].buffer.shape):
+        written = trial.get(shared).writes[0]
+        buffer = written.source if hasattr(written, "source") else written.buffer  # 0.27: TensorRegion
+        if any(not isinstance(d, tir.IntImm) for d in buffer.shape):
             return False
         fused = trial.fuse(*trial.get_loops(shared)[5:])  # below mo, no, my, nx, ko
         _, fy, fx = trial.split(fused, [None, ty, tx])
