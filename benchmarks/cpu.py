@@ -554,7 +554,8 @@ def llmc_label(artifact):
             m = json.load(f)
         layouts = {w.get("layout", "") for w in m["plan"]["weights"].values()}
         kernels = " int8-dot" if any(lay.startswith("intdot") for lay in layouts) else ""
-        return f"llmc {m['model'].get('quant', 'none')}{kernels} {m['target'].get('mcpu', '?')}"
+        cpu = m["target"].get("mcpu", "?") + "".join(m["target"].get("mattr", []))
+        return f"llmc {m['model'].get('quant', 'none')}{kernels} {cpu}"
     except (OSError, ValueError, KeyError):
         return f"llmc {os.path.basename(artifact.rstrip('/'))}"
 

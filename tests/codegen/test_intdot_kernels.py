@@ -98,6 +98,10 @@ def test_isa_chosen_from_the_target_features():
     assert intdot.int_dot_isa("aarch64", ["asimd", "asimddp"]) is None
     host = intdot.int_dot_isa("x86_64", resolve_cpu(host_mcpu()).required_flags)
     assert host is None or host.name in ISAS
+    # a host build adds the VNNI the x86-64 levels leave out (x86-64-v4 has none)
+    built = resolve_cpu(None)
+    if {"avx512_vnni", "avx512f"} <= HOST_FLAGS:
+        assert "+avx512vnni" in built.mattr and intdot.int_dot_isa(built.arch, built.required_flags).name == "avx512vnni"
 
 
 def test_register_tiles_fit_the_register_file():
