@@ -18,6 +18,14 @@ medians, ratios only between engines measured in this run.
 
     python benchmarks/cpu.py                           # all engines, 5 repetitions
     python benchmarks/cpu.py --engines hf,llamacpp --quick
+
+Issue 10's comparison in one command (each engine in a process of its own: llama.cpp spinning
+as at its best, HF fp32 eager, llmc's host build and its x86-64-v3 build of the Q4_1 GGUF;
+artifact sizes, peak RSS and the per-kernel profiles of both llmc builds):
+
+    llmc compile smollm2 -o out/smollm2-q41 && llmc compile smollm2 --mcpu x86-64-v3 -o out/smollm2-q41-v3
+    python benchmarks/cpu.py --engines hf,llamacpp,llmc --artifact out/smollm2-q41 \
+        --artifact out/smollm2-q41-v3 --repeats 3 --profile
 """
 
 import os
@@ -546,7 +554,8 @@ def llmc_label(artifact):
             m = json.load(f)
         layouts = {w.get("layout", "") for w in m["plan"]["weights"].values()}
         kernels = " int8-dot" if any(lay.startswith("intdot") for lay in layouts) else ""
-        return f"llmc {m['model'].get('quant', 'none')}{kernels} {m['target'].get('mcpu', '?')}"
+        cpu = m["target"].get("mcpu", "?") + "".join(m["target"].get("mattr", []))
+        return f"llmc {m['model'].get('quant', 'none')}{kernels} {cpu}"
     except (OSError, ValueError, KeyError):
         return f"llmc {os.path.basename(artifact.rstrip('/'))}"
 

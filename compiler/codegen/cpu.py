@@ -70,7 +70,7 @@ class CpuTarget:
         timings = {}
         isa = None if os.environ.get("LLMC_NO_INTDOT") else int_dot_isa(cpu.arch, cpu.required_flags)
         attention = AttentionOptions(threads, cpu.vector_lanes, cpu.vector_registers, isa)
-        key = self._cache_key(module, f"{cpu.triple}/{mcpu}/{isa.name if isa else 'float'}", threads, tvm.__version__)
+        key = self._cache_key(module, f"{cpu.triple}/{cpu.name}/{isa.name if isa else 'float'}", threads, tvm.__version__)
         cache_dir = options.cache_dir or _default_cache_dir()
         cached = os.path.join(cache_dir, f"{key}.so")
         layout = {"cache": cache_geometry(module), "packed": sorted(packed_params(module, isa)),
@@ -116,7 +116,7 @@ class CpuTarget:
             manifest = {
                 "llmc_version": metadata.get("llmc_version"),
                 "model": {k: v for k, v in metadata.items() if k != "llmc_version"},
-                "target": {"kind": "cpu", "mcpu": mcpu, "arch": cpu.arch, "triple": cpu.triple, "threads": threads,
+                "target": {"kind": "cpu", "mcpu": mcpu, "mattr": list(cpu.mattr), "arch": cpu.arch, "triple": cpu.triple, "threads": threads,
                            "required_cpu_features": cpu.required_flags, "tvm_version": tvm.__version__},
                 "dtypes": {"activations": "f32", "weights": sorted({w["dtype"] for w in layouts.values()})},
                 "kernels": kernels,
@@ -177,7 +177,7 @@ class CpuTarget:
 
         from llmc.runtime import artifact
 
-        from .tvm.intdot import repack_codes, repack_groups
+        from .tvm.intdot import repack_codes, repack_codes8, repack_groups
 
         packed, pack = set(layout["packed"]), layout["pack"]
         intdot = layout.get("intdot", {})
@@ -190,8 +190,13 @@ class CpuTarget:
                 array, kind = pack_weight(array, pack), f"packed{pack}"
             elif name in intdot:
                 info = intdot[name]
-                repack = repack_codes if info["role"] == "codes" else repack_groups
-                array, kind = repack(array, info["lanes"]), f"intdot{info['lanes']}-{info['role']}"
+                if info["role"] == "groups":
+                    array = repack_groups(array, info["lanes"])
+                elif info["bits"] == 4:
+                    array = repack_codes(array, info["lanes"])
+                else:
+                    array = repack_codes8(array, info["lanes"], info["signed"])
+                kind = f"intdot{info['lanes']}-{info['role']}"
             arrays[name] = array.copy(order="C")  # (ascontiguousarray would turn 0-d into 1-d)
             layouts[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "layout": kind,
                              "origin": module.params[name].origin}

@@ -40,6 +40,7 @@ class LlvmCpu:
     arch: str           # x86_64 or aarch64
     triple: str
     required_flags: list[str]  # /proc/cpuinfo flags the code may use
+    mattr: tuple = ()  # LLVM features beyond the mcpu's (the host's VNNI on top of x86-64-v4)
 
     @property
     def cross(self) -> bool:
@@ -64,7 +65,15 @@ class LlvmCpu:
     def tvm_target(self, threads: int):
         import tvm
 
-        return tvm.target.Target({"kind": "llvm", "mtriple": self.triple, "mcpu": self.mcpu, "num-cores": threads})
+        spec = {"kind": "llvm", "mtriple": self.triple, "mcpu": self.mcpu, "num-cores": threads}
+        if self.mattr:
+            spec["mattr"] = list(self.mattr)
+        return tvm.target.Target(spec)
+
+    @property
+    def name(self) -> str:
+        """mcpu plus any extra features, e.g. ``x86-64-v4+avx512vnni``."""
+        return self.mcpu + "".join(self.mattr)
 
 
 def resolve_cpu(mcpu: Optional[str]) -> LlvmCpu:
@@ -88,6 +97,13 @@ def resolve_cpu(mcpu: Optional[str]) -> LlvmCpu:
     if arch not in TRIPLES:
         raise TargetError(f"the cpu target builds for x86-64 and AArch64; this machine is {arch}")
     cpu = LlvmCpu(name, arch, TRIPLES[arch], [])
+    if mcpu is None and arch == "x86_64":
+        # the x86-64 levels leave out the integer dot products the quantized kernels use
+        from llmc.runtime.cpu_features import cpu_flags
+
+        host = cpu_flags()
+        cpu.mattr = tuple(f"+{feature}" for feature, flag in (("avx512vnni", "avx512_vnni"), ("avxvnni", "avx_vnni"))
+                          if flag in host and (feature != "avx512vnni" or "avx512f" in host))
     features = set(codegen.llvm_get_cpu_features(cpu.tvm_target(1)))
     cpu.required_flags = sorted(flag for feature, flag in CPUINFO_FLAGS[arch].items() if feature in features)
     return cpu

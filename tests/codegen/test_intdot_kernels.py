@@ -98,6 +98,10 @@ def test_isa_chosen_from_the_target_features():
     assert intdot.int_dot_isa("aarch64", ["asimd", "asimddp"]) is None
     host = intdot.int_dot_isa("x86_64", resolve_cpu(host_mcpu()).required_flags)
     assert host is None or host.name in ISAS
+    # a host build adds the VNNI the x86-64 levels leave out (x86-64-v4 has none)
+    built = resolve_cpu(None)
+    if {"avx512_vnni", "avx512f"} <= HOST_FLAGS:
+        assert "+avx512vnni" in built.mattr and intdot.int_dot_isa(built.arch, built.required_flags).name == "avx512vnni"
 
 
 def test_register_tiles_fit_the_register_file():
@@ -133,3 +137,45 @@ def test_gated_mlp_epilogue(isa):
     gate = x @ dequantize(codes, scales, mn, bits=4, group_size=32, signed=False).T
     want = (torch.nn.functional.silu(gate) * up).numpy()
     assert np.abs(y.numpy() - want).max() <= 2e-2 * (1 + np.abs(want).max())
+
+
+@pytest.mark.skipif(not NEEDS["avx512vnni"] <= HOST_FLAGS, reason="host lacks avx512vnni")
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_codes_on_vnni(signed):
+    """Q8_0-style 8-bit codes (the LM head of a 4-bit file) on vpdpbusd: stored +128 if signed."""
+    mcpu, spec = ISAS["avx512vnni"]
+    m, n, k = 3, 64, 128
+    g = torch.Generator().manual_seed(13)
+    lo, hi = code_range(8, signed)
+    codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), 8, signed)
+    scales = (torch.rand(n, k // 32, generator=g) * 0.01).half()
+    x = torch.randn(m, k, generator=g)
+    qf = _compile(intdot.quantize_rows_kernel(k), mcpu)
+    lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, signed, False, "float16", False, bits=8), mcpu)
+    bufs = [tvm.runtime.tensor(np.zeros(s, dt)) for s, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
+                                                               ((m, k // 32), np.float32))]
+    qf(tvm.runtime.tensor(x.numpy()), *bufs)
+    s = tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), 16))
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+    lf(*bufs, tvm.runtime.tensor(intdot.repack_codes8(codes.numpy(), 16, signed)), s, s, y)
+    want = (x @ dequantize(codes, scales, None, bits=8, group_size=32, signed=signed).T).numpy()
+    assert np.abs(y.numpy() - want).max() <= 2e-2 * (1 + np.abs(want).max())
+
+
+@pytest.mark.parametrize("bits,signed", [(4, False), (4, True), (8, True)])
+def test_code_at_reads_the_repacked_layout(bits, signed):
+    """The embedding gather of a table tied to an integer-kernel LM head reads every code back."""
+    from tvm import te
+
+    n, k, lanes = 32, 64, 16
+    lo, hi = code_range(bits, signed)
+    raw = torch.randint(lo, hi + 1, (n, k), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+    stored = pack_codes(raw, bits, signed).numpy()
+    packed = intdot.repack_codes(stored, lanes) if bits == 4 else intdot.repack_codes8(stored, lanes, signed)
+    t = te.placeholder(packed.shape, "int32", name="codes")
+    out = te.compute((n, k), lambda i, j: intdot.code_at(t, i.astype("int64"), j.astype("int64"), lanes, bits))
+    f = tvm.compile(tvm.IRModule({"main": te.create_prim_func([t, out]).with_attr("global_symbol", "main")}),
+                    target="llvm").jit()["main"]
+    y = tvm.runtime.tensor(np.zeros((n, k), np.int32))
+    f(tvm.runtime.tensor(packed), y)
+    assert np.array_equal(y.numpy(), raw.numpy() + intdot.code_offset(bits, signed))

@@ -65,9 +65,17 @@ def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
 
 
 def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
-    """Whether a quantized_linear of this layout and shape runs on the integer kernels."""
-    return (isa is not None and bits == 4 and group % BLOCK == 0 and isinstance(n, int) and isinstance(k, int)
+    """Whether a quantized_linear of this layout and shape runs on the integer kernels: 4-bit
+    codes everywhere; 8-bit only with VNNI (``vpmaddubsw`` would saturate int16 on codes up
+    to 255, ``vpdpbusd`` sums into int32)."""
+    ok_bits = bits == 4 or (bits == 8 and isa is not None and isa.name == "avx512vnni")
+    return (isa is not None and ok_bits and group % BLOCK == 0 and isinstance(n, int) and isinstance(k, int)
             and n % isa.lanes == 0 and k % group == 0)
+
+
+def code_offset(bits: int, signed: bool) -> int:
+    """What the stored unsigned code exceeds the signed code by (0 for unsigned codes)."""
+    return (1 << (bits - 1)) if signed else 0
 
 
 # ------------------------------------------------------------------------------ weight layout
@@ -87,19 +95,35 @@ def repack_codes(codes: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(packed.reshape(n // lanes, k // BLOCK, 16 * lanes)).view(np.int32)
 
 
+def repack_codes8(codes: np.ndarray, lanes: int, signed: bool) -> np.ndarray:
+    """8-bit codes ``[N, K]`` → ``[N/L, K/32, 8L]`` int32: chunk j (0..7) of a 32-block holds,
+    in lane c, column c's codes ``32g + 4j .. 32g + 4j + 3`` as unsigned bytes (+128 if signed)."""
+    n, k = codes.shape
+    u = (codes.astype(np.int16) + 128).astype(np.uint8) if signed else codes.astype(np.uint8)
+    v = u.reshape(n // lanes, lanes, k // BLOCK, 8, 4).transpose(0, 2, 3, 1, 4)  # [N/L, G, chunk, L, 4]
+    return np.ascontiguousarray(v.reshape(n // lanes, k // BLOCK, 32 * lanes)).view(np.int32)
+
+
 def repack_groups(scales: np.ndarray, lanes: int) -> np.ndarray:
     """Per-group scales or mins ``[N, G]`` → ``[N/L, G, L]``."""
     n, g = scales.shape
     return np.ascontiguousarray(scales.reshape(n // lanes, lanes, g).transpose(0, 2, 1))
 
 
-def code_at(codes, n, k, lanes: int):
-    """The stored (unsigned) 4-bit code of column n, element k, as a TIR expression of the
-    repacked layout (for the embedding gather of a table the LM head shares)."""
+def code_at(codes, n, k, lanes: int, bits: int):
+    """The stored (unsigned) code of column n, element k, as a TIR expression of the repacked
+    int32 layout (for the embedding gather of a table the LM head shares)."""
     g, r = k // BLOCK, k % BLOCK
-    half, j, i = r // 16, (r % 16) // 4, r % 4
-    byte = codes[n // lanes, g, j * 4 * lanes + (n % lanes) * 4 + i]
-    return (byte >> (half * 4).astype(byte.dtype)) & tir.const(15, byte.dtype)
+    if bits == 4:
+        half, j, i = r // 16, (r % 16) // 4, r % 4
+        word = codes[n // lanes, g, j * lanes + n % lanes]
+        shift = i * 8 + half * 4
+        mask = 15
+    else:
+        j, i = r // 4, r % 4
+        word = codes[n // lanes, g, j * lanes + n % lanes]
+        shift, mask = i * 8, 255
+    return (word >> shift.astype("int32")) & tir.const(mask, "int32")
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -195,7 +219,7 @@ def _silu(v):
 
 
 def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: bool, has_mins: bool,
-                         scale_dtype: str, decode: bool, threads: int = 2, glu: bool = False):
+                         scale_dtype: str, decode: bool, threads: int = 2, glu: bool = False, bits: int = 4):
     """y f32 [M, N] = x · w for 4-bit codes in the repacked layout, x given by ``quantize_rows``;
     ``glu``: y = silu(x · w) * up (the gated MLP's epilogue, ``up`` an extra [M, N] input).
 
@@ -205,7 +229,8 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
     L = isa.lanes
     R, C = tiles(isa, n, decode)
     G, NB, GS = k // BLOCK, n // L, group // BLOCK
-    off = 8.0 if signed else 0.0
+    off = float(code_offset(bits, signed))
+    W = bits * L  # int32 words of codes per column block and 32-block
     vnni = isa.name == "avx512vnni"
     acc_t = "int32" if vnni else "int16"
     acc_lanes = L if vnni else 2 * L
@@ -227,17 +252,26 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
                 for r, c in T.grid(R, C):
                     for l in T.vectorized(acc_lanes):
                         iacc[r, c, l] = T.Cast(acc_t, 0)
-                for j in T.unroll(4):
-                    for c in T.unroll(C):
-                        v = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
-                        lo = v & T.broadcast(nib, L)
-                        hi = T.shift_right(v, T.broadcast(T.int32(4), L)) & T.broadcast(nib, L)
-                        for r in T.unroll(R):
-                            row = T.min(r0 + r, m - 1)
-                            a_lo = T.broadcast(q[row, g * 8 + j], L)
-                            a_hi = T.broadcast(q[row, g * 8 + 4 + j], L)
-                            iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
-                                isa, _dot_update(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], lo, a_lo), hi, a_hi)
+                if bits == 4:
+                    for j in T.unroll(4):
+                        for c in T.unroll(C):
+                            v = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
+                            lo = v & T.broadcast(nib, L)
+                            hi = T.shift_right(v, T.broadcast(T.int32(4), L)) & T.broadcast(nib, L)
+                            for r in T.unroll(R):
+                                row = T.min(r0 + r, m - 1)
+                                a_lo = T.broadcast(q[row, g * 8 + j], L)
+                                a_hi = T.broadcast(q[row, g * 8 + 4 + j], L)
+                                iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
+                                    isa, _dot_update(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], lo, a_lo), hi, a_hi)
+                else:
+                    for j in T.unroll(8):
+                        for c in T.unroll(C):
+                            v8 = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
+                            for r in T.unroll(R):
+                                row = T.min(r0 + r, m - 1)
+                                iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
+                                    isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], v8, T.broadcast(q[row, g * 8 + j], L))
                 for c in T.unroll(C):
                     s = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
                     for r in T.unroll(R):
@@ -274,7 +308,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
             q = T.match_buffer(var_q, (m, k // 4), "int32")
             d = T.match_buffer(var_d, (m, G), "float32")
             ds = T.match_buffer(var_ds, (m, G), "float32")
-            codes = T.match_buffer(var_codes, (NB, G, 4 * L), "int32")
+            codes = T.match_buffer(var_codes, (NB, G, W), "int32")
             scales = T.match_buffer(var_scales, (NB, k // group, L), scale_dtype)
             mins = T.match_buffer(var_mins, (NB, k // group, L), scale_dtype)
             up = T.match_buffer(var_up, (m, n), "float32")
@@ -291,7 +325,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
         q = T.match_buffer(var_q, (m, k // 4), "int32")
         d = T.match_buffer(var_d, (m, G), "float32")
         ds = T.match_buffer(var_ds, (m, G), "float32")
-        codes = T.match_buffer(var_codes, (NB, G, 4 * L), "int32")
+        codes = T.match_buffer(var_codes, (NB, G, W), "int32")
         scales = T.match_buffer(var_scales, (NB, k // group, L), scale_dtype)
         mins = T.match_buffer(var_mins, (NB, k // group, L), scale_dtype)
         y = T.match_buffer(var_y, (m, n), "float32")

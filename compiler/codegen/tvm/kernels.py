@@ -42,7 +42,26 @@ class PackedWeight:
         return self.tensor[n // PACK, k, n % PACK]
 
 
-Operand = Union[te.Tensor, Scalar, PackedWeight]
+@dataclass
+class IntDotWeight:
+    """A quantized weight in the integer kernels' layout (``intdot.py``): codes ``[N/L, G, bits*L]``
+    int32 or per-group scales/mins ``[N/L, groups, L]``; read here by the float kernels that
+    share it (the embedding gather of a table tied to the LM head)."""
+
+    tensor: te.Tensor
+    lanes: int
+    bits: int
+
+    def at(self, n, c):  # scales / mins
+        return self.tensor[n // self.lanes, c, n % self.lanes]
+
+    def code(self, n, k):  # stored unsigned code
+        from .intdot import code_at
+
+        return code_at(self.tensor, n, k, self.lanes, self.bits)
+
+
+Operand = Union[te.Tensor, Scalar, PackedWeight, IntDotWeight]
 
 
 class DimMap:
@@ -463,7 +482,7 @@ def _linear_of(x, weight, packed: bool, shape, prefix: str = "linear"):
 
 
 def _element(t):
-    return (lambda n, c: t.at(n, c)) if isinstance(t, PackedWeight) else (lambda n, c: t[n, c])
+    return (lambda n, c: t.at(n, c)) if isinstance(t, (PackedWeight, IntDotWeight)) else (lambda n, c: t[n, c])
 
 
 def dequantized(codes, scales, mins, bits: int, group: int, signed: bool, dtype: str = "float32"):
@@ -473,7 +492,11 @@ def dequantized(codes, scales, mins, bits: int, group: int, signed: bool, dtype:
     min_at = _element(mins) if mins is not None else None
 
     def w(n, k):
-        if bits == 4:
+        if isinstance(codes, IntDotWeight):  # stored unsigned, offset by half the range if signed
+            q = codes.code(n, k).astype(dtype)
+            if signed:
+                q = q - tir.const(1 << (bits - 1), dtype)
+        elif bits == 4:
             byte = code_at(n, k // 2)
             shift = (k % 2 * 4).astype(byte.dtype)
             q = ((byte >> shift) & tir.const(15, byte.dtype)).astype(dtype)
@@ -500,7 +523,10 @@ def _quantized_linear(ops, attrs, out, ctx):
 def _quantized_embedding(ops, attrs, out, ctx):
     ids, codes, scales = ops[0], ops[1], ops[2]
     mins = ops[3] if len(ops) == 4 else None
-    rows = codes.n if isinstance(codes, PackedWeight) else codes.shape[0]
+    if isinstance(codes, IntDotWeight):
+        rows = int(codes.tensor.shape[0]) * codes.lanes
+    else:
+        rows = codes.n if isinstance(codes, PackedWeight) else codes.shape[0]
     weight = dequantized(codes, scales, mins, attrs["bits"], attrs["group_size"], attrs["signed"])
     last = tir.IntImm("int64", int(rows) - 1) if isinstance(rows, int) else rows - 1
 

@@ -26,7 +26,7 @@ from tvm import relax, tirx as tir
 from ...ir import Block, Module, Op, Value
 from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
 from .intdot import BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel
-from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, PackedWeight, Scalar
+from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, IntDotWeight, PackedWeight, Scalar
 from .recurrent import conv_step_kernel, delta_rule_step_kernel
 
 STEP_ARGS = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_index")
@@ -132,10 +132,13 @@ def intdot_params(module: Module, isa: Optional[IntDotIsa]) -> dict[str, dict]:
         if op.kind == "quantized_linear" and None not in names[1:]:
             n, k = op.result.type.shape[-1], op.operands[0].type.shape[-1]
             if eligible(op.attrs["bits"], op.attrs["group_size"], n, k, isa):
-                chosen[names[1]] = {"role": "codes", "lanes": isa.lanes}
+                info = {"lanes": isa.lanes, "bits": op.attrs["bits"], "signed": op.attrs["signed"]}
+                chosen[names[1]] = {"role": "codes", **info}
                 for name in names[2:]:
-                    chosen[name] = {"role": "groups", "lanes": isa.lanes}
+                    chosen[name] = {"role": "groups", **info}
                 return
+        if op.kind == "quantized_embedding":  # a gather reads any layout (IntDotWeight)
+            return
         other.update(n for n in names if n is not None)
 
     _visit_ops(module, fn)
@@ -257,6 +260,8 @@ class _FunctionLowering:
 
     def wrap(self, value, te_tensor):
         """A TE placeholder for a relax value, as the kernel builders expect it."""
+        if isinstance(value, _IntDot):
+            return IntDotWeight(te_tensor, value.info["lanes"], value.info["bits"])
         if isinstance(value, _Packed):
             return PackedWeight(te_tensor, value.n, value.k)
         return te_tensor
@@ -293,6 +298,9 @@ class _FunctionLowering:
             if name in self.packed:
                 n, k = (int(d) for d in self.module.params[name].type.shape)
                 return _Packed(var, n, k)
+            if name in self.intdot:
+                n, k = (int(d) for d in self.module.params[name].type.shape)
+                return _IntDot(var, n, k, self.intdot[name])
             return var
         if kind == "constant":
             return Scalar(op.attrs["value"], op.attrs["dtype"])
@@ -342,11 +350,12 @@ class _FunctionLowering:
                                                     relax.TensorType([m, k // BLOCK], "float32"),
                                                     relax.TensorType([m, k // BLOCK], "float32")]))
             parts = self.quantized[x] = [self.bb.emit(relax.TupleGetItem(q, i)) for i in range(3)]
-        codes, scales = operands[1], operands[2]
-        mins = operands[3] if len(operands) == 4 else scales
+        codes, scales = operands[1].expr, operands[2].expr
+        mins = operands[3].expr if len(operands) == 4 else scales
         sdt = TVM_DTYPES[op.operands[2].type.dtype]
         kernel = intdot_linear_kernel(isa, n, k, op.attrs["group_size"], op.attrs["signed"], len(operands) == 4,
-                                      sdt, self.decode, self.attention.threads, glu=up is not None)
+                                      sdt, self.decode, self.attention.threads, glu=up is not None,
+                                      bits=op.attrs["bits"])
         fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
         extra = []
         if up is not None:
@@ -477,6 +486,11 @@ class _Packed:
     k: int
 
 
+@dataclass
+class _IntDot(_Packed):
+    info: dict = None
+
+
 def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: CacheGeometry,
                    packed: set[str], order: list[str], tokens, rows, attention: AttentionOptions,
                    backend: Optional[Backend] = None, intdot: Optional[dict] = None) -> None:
@@ -565,6 +579,7 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
 def intdot_shape(shape: list[int], dtype: str, info: dict) -> tuple[list[int], str]:
     """Stored shape and TVM dtype of a weight in the integer-kernel layout (intdot.py)."""
     lanes = info["lanes"]
-    if info["role"] == "codes":  # u8 [N, K/2] -> i32 [N/L, K/32, 4L]
-        return [shape[0] // lanes, shape[1] * 2 // BLOCK, 4 * lanes], "int32"
+    if info["role"] == "codes":  # [N, K*bits/8] bytes -> i32 [N/L, K/32, bits*L]
+        k = shape[1] * 8 // info["bits"]
+        return [shape[0] // lanes, k // BLOCK, info["bits"] * lanes], "int32"
     return [shape[0] // lanes, shape[1], lanes], TVM_DTYPES[dtype]
