@@ -104,6 +104,8 @@ def find_sites(graph) -> list[Site]:
         val = node.meta.get("val")
         if val is None or dim not in (-1, val.dim() - 1) or val.dim() < 3:
             continue
+        if not isinstance(val.shape[-1], torch.SymInt):  # over keys, which grow with the tokens (not experts)
+            continue
         scores = _back_to_scores(node.args[0])
         found = _forward_to_output(node)
         if scores is None or found is None:
