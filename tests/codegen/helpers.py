@@ -20,10 +20,21 @@ def compile_cpu(imported: ImportedModel, out_dir, tokenizer=None, max_seq_len: i
 def hf_greedy(model, prompt_ids, new_tokens: int):
     """Greedy continuation by transformers (fp32, its own KV cache), exactly ``new_tokens`` long,
     plus the prefill logits of the last prompt token."""
+    from tests.frontend.arch_sweep import NO_HF_CACHE, cache_of
+
+    if model.config.model_type in NO_HF_CACHE:  # no usable cache: the whole sequence each step
+        with torch.no_grad():
+            ids = list(prompt_ids)
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            prefill_logits, tokens = logits, []
+            for _ in range(new_tokens):
+                tokens.append(int(logits.argmax()))
+                ids.append(tokens[-1])
+                logits = model(torch.tensor([ids])).logits[0, -1]
+        return tokens, prefill_logits.numpy()
     with torch.no_grad():
         out = model(torch.tensor([prompt_ids]), use_cache=True)
         prefill_logits = out.logits[0, -1]
-        from tests.frontend.arch_sweep import cache_of
 
         past, token, tokens = cache_of(model, out), int(out.logits[0, -1].argmax()), []
         for _ in range(new_tokens):
