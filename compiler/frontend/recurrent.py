@@ -202,6 +202,35 @@ def _lightning_forward(self, hidden_states, position_embeddings=None, attention_
     return self.out_proj(out), None
 
 
+def _griffin_block_forward(self, input_states, position_ids=None, attention_mask=None, use_cache=True, **kwargs):
+    """Griffin's recurrent block (RecurrentGemma): its short convolution through the state op,
+    then the module's own RG-LRU gates, whose diagonal recurrence h <- a h + x runs as gated
+    linear attention with one head per channel (see _rg_lru_scan)."""
+    if input_states.shape[0] != 1:
+        raise RecurrentError(f"a recurrent block over a batch of {input_states.shape[0]}; llmc traces one sequence")
+    y = self.act_fn(self.linear_y(input_states))
+    x = self.linear_x(input_states)
+    w = self.conv_1d.weight
+    x = torch.ops.llmc.causal_conv1d(x[0].to(w.dtype), w[:, 0, :], self.conv_1d.bias, _next_state())
+    x = self.rg_lru(x[None].to(input_states.dtype), position_ids)
+    return self.linear_out(x * y), None
+
+
+def _rg_lru_scan(self, hidden_states, recurrent_gate, reset, recurrent_states=None, acc_dtype=torch.float32):
+    """RG-LRU's linear scan h_t = a_t h_{t-1} + x_t for one sequence. The reset at position 0
+    needs nothing: the state op starts every sequence from zeros there."""
+    x = hidden_states[0].to(acc_dtype)                     # [T, W]
+    g = torch.log(recurrent_gate[0].to(acc_dtype))[:, :, None]
+    one = torch.ones_like(g)
+    out = torch.ops.llmc.gated_linear_attention(one, one, x[:, :, None], g, torch.ones_like(x), _next_state())
+    return out[:, :, 0][None].to(hidden_states.dtype), None
+
+
+def _is_griffin(module) -> bool:
+    return all(hasattr(module, a) for a in ("linear_x", "linear_y", "linear_out", "conv_1d", "rg_lru")) and \
+        hasattr(module.rg_lru, "_rnn_scan")
+
+
 def _is_lightning(module) -> bool:
     return type(module).__name__.endswith("LightningAttention") and all(
         hasattr(module, a) for a in ("slope_rate", "qkv_proj", "output_gate", "out_proj", "norm", "act_fn"))
@@ -217,7 +246,7 @@ _RULE_NAMES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule
 def recurrent_enabled(model):
     """Point the recurrent kernel functions of ``model``'s modeling modules at llmc's state ops."""
     modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
-    saved, swapped = [], []
+    saved, swapped, rnn = [], [], []
     _State.calls = 0
     try:
         for mod in modules:
@@ -235,12 +264,19 @@ def recurrent_enabled(model):
             if _is_lightning(m):
                 m.forward = _lightning_forward.__get__(m)
                 swapped.append(m)
+            elif _is_griffin(m):
+                m.forward = _griffin_block_forward.__get__(m)
+                m.rg_lru._rnn_scan = _rg_lru_scan.__get__(m.rg_lru)
+                swapped += [m]
+                rnn.append(m.rg_lru)
         yield model
     finally:
         for mod, name, old in saved:
             setattr(mod, name, old)
         for m in swapped:
             del m.forward
+        for m in rnn:
+            del m._rnn_scan
 
 
 def recurrent_module_names(mod) -> list[str]:

@@ -19,20 +19,27 @@ def compile_cpu(imported: ImportedModel, out_dir, tokenizer=None, max_seq_len: i
 
 def hf_greedy(model, prompt_ids, new_tokens: int):
     """Greedy continuation by transformers (fp32, its own KV cache), exactly ``new_tokens`` long,
-    plus the prefill logits of the last prompt token. A model whose forward keeps no cache
-    (GPT-1) runs each step over the whole prefix."""
+    plus the prefill logits of the last prompt token. A model whose forward keeps no usable
+    cache (GPT-1; recurrent models whose state lives in their modules) runs each step over the
+    whole prefix."""
+    from tests.frontend.arch_sweep import NO_HF_CACHE, cache_of
+
+    def recomputed(first_logits):
+        ids, tokens, logits = list(prompt_ids), [], first_logits
+        for _ in range(new_tokens):
+            tokens.append(int(logits.argmax()))
+            ids.append(tokens[-1])
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        return tokens, first_logits.numpy()
+
+    if model.config.model_type in NO_HF_CACHE:
+        with torch.no_grad():
+            return recomputed(model(torch.tensor([prompt_ids])).logits[0, -1])
     with torch.no_grad():
         out = model(torch.tensor([prompt_ids]), use_cache=True)
         if getattr(out, "past_key_values", None) is None:
-            ids, tokens = list(prompt_ids), []
-            prefill_logits = out.logits[0, -1]
-            for _ in range(new_tokens):
-                tokens.append(int(out.logits[0, -1].argmax()))
-                ids.append(tokens[-1])
-                out = model(torch.tensor([ids]))
-            return tokens, prefill_logits.numpy()
+            return recomputed(out.logits[0, -1])
         prefill_logits = out.logits[0, -1]
-        from tests.frontend.arch_sweep import cache_of
 
         past, token, tokens = cache_of(model, out), int(out.logits[0, -1].argmax()), []
         for _ in range(new_tokens):

@@ -248,7 +248,7 @@ def tiny_model(model_type: str, seed: int = 0):
 
 # model types whose transformers forward keeps no KV cache: each decode step's reference logits
 # come from the whole prefix instead
-NO_HF_CACHE = {"openai-gpt"}
+NO_HF_CACHE = {"openai-gpt", "recurrent_gemma"}  # recurrent_gemma keeps its state in its modules
 
 
 def cache_of(model, out) -> dict:

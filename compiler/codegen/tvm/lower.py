@@ -533,7 +533,7 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
             low = _FunctionLowering(bb, module, dims, packed, intdot or {}, weights, geom, attention,
                                     isinstance(tokens, int), blocks, backend)
             for a in fn.args:
-                low.env[id(a)] = args[a.name] if a.name in args else pools[a.name] if a.name in pools else states[a.name]
+                low.env[id(a)] = {**args, **pools, **states}[a.name]
             for op in fn.ops:
                 result = low.lower_op(op)
                 if len(op.results) == 1:
@@ -557,9 +557,9 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
     fn = module.functions["forward"]
     pools_returned = [v.producer.kind if v.producer is not None else "argument" for v in fn.results[1:]]
     n_states = len(state_pools(module))
-    if len(fn.results) != 1 + 2 * geom.layers + n_states or \
-            any(kind != "kv_append" for kind in pools_returned[:2 * geom.layers]) or \
-            any(kind not in ("causal_conv1d_step", "gated_delta_rule_step") for kind in pools_returned[2 * geom.layers:]):
+    kv_returned, states_returned = pools_returned[:2 * geom.layers], pools_returned[2 * geom.layers:]
+    if len(fn.results) != 1 + 2 * geom.layers + n_states or any(kind != "kv_append" for kind in kv_returned) or \
+            any(kind not in ("causal_conv1d_step", "gated_delta_rule_step") for kind in states_returned):
         raise CodegenError("@forward must return the logits followed by the updated KV pools (the paged-kv pass's form)")
     isa = attention.intdot if backend is None else None  # integer kernels are the cpu's
     intdot = intdot_params(module, isa)

@@ -133,3 +133,16 @@ def test_bf16_artifact_is_refused_on_the_interpreter(gpu_artifact):
 
     with pytest.raises(ArtifactError, match="--dtype f16"):
         TritonExecutor.from_manifest(read_manifest(gpu_artifact("rocm", "gfx942")), interpret=True)
+
+
+def test_recurrent_state_models_are_refused_by_name(tmp_path):
+    """The cuda/rocm targets have no kernels for the recurrent-state ops yet: a clear refusal
+    that names them, and nothing written."""
+    from llmc.compiler.codegen import TargetError, get_target
+    from tests.frontend.arch_sweep import tiny_model as sweep_model
+
+    imported = import_hf_model(sweep_model("lfm2"))
+    with pytest.raises(TargetError, match="recurrent state .*causal_conv1d.*--target cpu"):
+        get_target("cuda").compile(imported.module, imported.weights, str(tmp_path / "art"),
+                                   CompileOptions(arch="sm_90", max_seq_len=128), {})
+    assert not os.path.exists(tmp_path / "art")
