@@ -178,6 +178,28 @@ def _dot_update(isa: IntDotIsa, acc, codes_i32, act_i32):
     return acc + T.call_llvm_pure_intrin(f"int16x{2 * L}", name, c8, a8)
 
 
+def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row):
+    """One (row, column block, 32-block) integer dot product as a single expression: the
+    accumulator chain lives in registers only (no accumulator array that LLVM zeroes with
+    memset and reloads from the stack every group)."""
+    L = isa.lanes
+    acc_t, acc_lanes = ("int32", L) if isa.name == "avx512vnni" else ("int16", 2 * L)
+    acc = tir.Broadcast(tir.const(0, acc_t), acc_lanes)
+    if bits == 4:
+        nib = tir.Broadcast(tir.const(0x0F0F0F0F, "int32"), L)
+        four = tir.Broadcast(tir.const(4, "int32"), L)
+        for j in range(4):
+            v = tir.BufferLoad(codes, [block, g, tir.Ramp(tir.const(j * L, "int64"), tir.const(1, "int64"), L)])
+            lo, hi = v & nib, tir.shift_right(v, four) & nib
+            acc = _dot_update(isa, acc, lo, tir.Broadcast(q[row, g * 8 + j], L))
+            acc = _dot_update(isa, acc, hi, tir.Broadcast(q[row, g * 8 + 4 + j], L))
+    else:
+        for j in range(8):
+            v = tir.BufferLoad(codes, [block, g, tir.Ramp(tir.const(j * L, "int64"), tir.const(1, "int64"), L)])
+            acc = _dot_update(isa, acc, v, tir.Broadcast(q[row, g * 8 + j], L))
+    return acc
+
+
 def _finish_dot(isa: IntDotIsa, acc):
     """int32 lanes of a group's dot product from the accumulator form of ``_dot_update``."""
     L = isa.lanes
@@ -188,34 +210,28 @@ def _finish_dot(isa: IntDotIsa, acc):
 
 
 def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int]:
-    """(rows, column blocks) of a register tile, from the register count: each (row, block)
-    needs an integer and a float accumulator, each block its code vectors (two for 4-bit codes,
-    the low and high nibbles; one for 8-bit). Decode (one row) widens the tile instead, so each
-    activation broadcast feeds more columns.
+    """(rows, column blocks) of a register tile. Each (row, block) keeps a float accumulator
+    across the K loop; a group's integer dot product is one expression (``_group_dot``) whose
+    chain lives in registers, and each block needs its code vectors (8 unpacked nibble
+    vectors for 4-bit codes, one at a time for 8-bit). Decode (one row) widens the tile
+    instead, so each activation broadcast feeds more columns.
 
-    VNNI (``vpdpbusd`` accumulates in place, no temporaries) takes all but two registers: 4 x 3
-    for 4-bit codes, 2 x 6 for 8-bit ones. Against the 4 x 2 tile of a 3/4 register budget that
-    is 10-14% less CPU time per call at M = 4..64 (batched decode, prefill) and 15% on the 8-bit
-    LM head at M = 8 (benchmarks/step_profile.py's shapes, thread CPU time, interleaved A/B).
-    On ties 4-bit prefers rows (fewer nibble unpacks per MAC), 8-bit columns (the code vector
-    is a plain load; more columns per activation broadcast)."""
+    VNNI, measured on Zen 4 (thread CPU time, interleaved A/B, benchmarks/step_profile.py's
+    shapes): 8 x 2 blocks for 4-bit codes at M >= 8 is 15-24% less time per call than the 4 x 2
+    tile with an accumulator array (M = 8..64); 2 x 6 for 8-bit codes (the LM head) 15% at
+    M = 8. Fewer rows than 8 take ``small_tiles``. Other ISAs keep the 3/4-register budget."""
     blocks = n // isa.lanes
+    budget = isa.registers * 3 // 4
     if decode:
-        budget = isa.registers * 3 // 4
         for c in (4, 2, 1):
             if blocks % c == 0 and blocks // c >= 4 and 2 * c + 2 * c <= budget:
                 return 1, c
         return 1, 1
     if isa.name == "avx512vnni":
-        budget, code_regs = isa.registers - 2, (2 if bits == 4 else 1)
-        best, key = (1, 1), (1, 1)
-        for c in (6, 4, 3, 2, 1):
-            for r in (4, 3, 2, 1):
-                k = (r * c, r if bits == 4 else c)
-                if blocks % c == 0 and 2 * r * c + code_regs * c <= budget and k > key:
-                    best, key = (r, c), k
-        return best
-    budget = isa.registers * 3 // 4
+        for r, c in (((8, 2), (4, 2), (4, 1)) if bits == 4 else ((2, 6), (2, 4), (2, 2), (2, 1))):
+            if blocks % c == 0:
+                return r, c
+        return 1, 1
     best = (1, 1)
     for c in (2, 1):
         if blocks % c:
@@ -224,6 +240,16 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
             if 2 * r * c + 2 * c <= budget and r * c > best[0] * best[1]:
                 best = (r, c)
     return best
+
+
+def small_tiles(isa: IntDotIsa, n: int, bits: int, rows: int) -> Optional[tuple[int, int]]:
+    """The tile for M < ``rows`` (2-7 decode tokens in a batch), or None when the big tile is
+    small already: half-empty 8-row tiles would recompute their clamped rows (an 8 x 2 tile at
+    M = 4 costs 1.6x the 4 x 2 one)."""
+    if rows <= 4:
+        return None
+    blocks = n // isa.lanes
+    return (4, 2) if blocks % 2 == 0 else (4, 1)
 
 
 def _silu(v):
@@ -246,76 +272,67 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
     Rows past M re-read the last row and are not written."""
     L = isa.lanes
     R, C = tile or tiles(isa, n, decode, bits)  # ``tile``: an explicit (rows, blocks), for measuring
+    small_tile = None if tile or decode else small_tiles(isa, n, bits, R)
     G, NB, GS = k // BLOCK, n // L, group // BLOCK
     off = float(code_offset(bits, signed))
     W = bits * L  # int32 words of codes per column block and 32-block
-    vnni = isa.name == "avx512vnni"
-    acc_t = "int32" if vnni else "int16"
-    acc_lanes = L if vnni else 2 * L
-    nib = T.int32(0x0F0F0F0F)
     del threads
 
-    @T.macro
-    def body(q, d, ds, codes, scales, mins, y, up, m):
-        row_tiles = (m + R - 1) // R
-        for item in T.parallel((NB // C) * row_tiles):
-            ct = item // row_tiles
-            r0 = item % row_tiles * R
-            facc = T.alloc_local((R, C, L), "float32")
-            iacc = T.alloc_local((R, C, acc_lanes), acc_t)
-            for r, c in T.grid(R, C):
-                for l in T.vectorized(L):
-                    facc[r, c, l] = T.float32(0)
-            for g in range(G):
+    def make_body(R: int, C: int):
+        @T.macro
+        def body(q, d, ds, codes, scales, mins, y, up, m):
+            row_tiles = (m + R - 1) // R
+            for item in T.parallel((NB // C) * row_tiles):
+                ct = item // row_tiles
+                r0 = item % row_tiles * R
+                facc = T.alloc_local((R, C, L), "float32")
                 for r, c in T.grid(R, C):
-                    for l in T.vectorized(acc_lanes):
-                        iacc[r, c, l] = T.Cast(acc_t, 0)
-                if bits == 4:
-                    for j in T.unroll(4):
-                        for c in T.unroll(C):
-                            v = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
-                            lo = v & T.broadcast(nib, L)
-                            hi = T.shift_right(v, T.broadcast(T.int32(4), L)) & T.broadcast(nib, L)
-                            for r in T.unroll(R):
-                                row = T.min(r0 + r, m - 1)
-                                a_lo = T.broadcast(q[row, g * 8 + j], L)
-                                a_hi = T.broadcast(q[row, g * 8 + 4 + j], L)
-                                iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
-                                    isa, _dot_update(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], lo, a_lo), hi, a_hi)
-                else:
-                    for j in T.unroll(8):
-                        for c in T.unroll(C):
-                            v8 = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
-                            for r in T.unroll(R):
-                                row = T.min(r0 + r, m - 1)
-                                iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
-                                    isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], v8, T.broadcast(q[row, g * 8 + j], L))
-                for c in T.unroll(C):
-                    s = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
-                    for r in T.unroll(R):
-                        row = T.min(r0 + r, m - 1)
-                        dot = T.Cast(f"float32x{L}", _finish_dot(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)]))
-                        dg = T.broadcast(d[row, g], L)
-                        dsg = T.broadcast(ds[row, g], L)
-                        if off != 0.0:
-                            t = dot * dg - T.broadcast(T.float32(off), L) * dsg
-                        else:
-                            t = dot * dg
-                        if has_mins:
-                            facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
-                                                           + T.Cast(f"float32x{L}", mins[ct * C + c, g // GS,
-                                                                                         T.ramp(0, 1, L)]) * dsg)
-                        else:
-                            facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s * t
-            for r in T.unroll(R):
-                if r0 + r < m:
+                    for l in T.vectorized(L):
+                        facc[r, c, l] = T.float32(0)
+                for g in range(G):
                     for c in T.unroll(C):
-                        for l in T.vectorized(L):
-                            if glu:
-                                y[r0 + r, (ct * C + c) * L + l] = (_silu(facc[r, c, l])
-                                                                   * up[r0 + r, (ct * C + c) * L + l])
+                        s = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
+                        for r in T.unroll(R):
+                            row = T.min(r0 + r, m - 1)
+                            dot = T.Cast(f"float32x{L}", _finish_dot(isa, _group_dot(isa, bits, codes, q, ct * C + c, g, row)))
+                            dg = T.broadcast(d[row, g], L)
+                            dsg = T.broadcast(ds[row, g], L)
+                            if off != 0.0:
+                                t = dot * dg - T.broadcast(T.float32(off), L) * dsg
                             else:
-                                y[r0 + r, (ct * C + c) * L + l] = facc[r, c, l]
+                                t = dot * dg
+                            if has_mins:
+                                facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
+                                                               + T.Cast(f"float32x{L}", mins[ct * C + c, g // GS,
+                                                                                             T.ramp(0, 1, L)]) * dsg)
+                            else:
+                                facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s * t
+                for r in T.unroll(R):
+                    if r0 + r < m:
+                        for c in T.unroll(C):
+                            for l in T.vectorized(L):
+                                if glu:
+                                    y[r0 + r, (ct * C + c) * L + l] = (_silu(facc[r, c, l])
+                                                                       * up[r0 + r, (ct * C + c) * L + l])
+                                else:
+                                    y[r0 + r, (ct * C + c) * L + l] = facc[r, c, l]
+
+        return body
+
+    body = make_body(R, C)
+    # fewer rows than a big tile holds (a batch of 2-7 decode tokens): the smaller tile, so no
+    # half-empty 8-row tile recomputes clamped rows
+    small = make_body(*small_tile) if small_tile is not None else None
+
+    @T.macro
+    def run(q, d, ds, codes, scales, mins, y, up, m):
+        if small is None:
+            body(q, d, ds, codes, scales, mins, y, up, m)
+        else:
+            if m >= R:
+                body(q, d, ds, codes, scales, mins, y, up, m)
+            else:
+                small(q, d, ds, codes, scales, mins, y, up, m)
 
     if glu:
         @T.prim_func(private=True, check_well_formed=False)
@@ -331,7 +348,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
             mins = T.match_buffer(var_mins, (NB, k // group, L), scale_dtype)
             up = T.match_buffer(var_up, (m, n), "float32")
             y = T.match_buffer(var_y, (m, n), "float32")
-            body(q, d, ds, codes, scales, mins, y, up, m)
+            run(q, d, ds, codes, scales, mins, y, up, m)
 
         return intdot_linear_glu
 
@@ -347,6 +364,6 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
         scales = T.match_buffer(var_scales, (NB, k // group, L), scale_dtype)
         mins = T.match_buffer(var_mins, (NB, k // group, L), scale_dtype)
         y = T.match_buffer(var_y, (m, n), "float32")
-        body(q, d, ds, codes, scales, mins, y, y, m)
+        run(q, d, ds, codes, scales, mins, y, y, m)
 
     return intdot_linear
