@@ -450,8 +450,12 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump([asdict(o) for o in outcomes], f, indent=1)
     if args.update_expectations:
+        old = load_expectations()
+        if not args.cpu:  # an interpreter-only run keeps the recorded cpu outcomes of what still passes
+            for o in outcomes:
+                if o.status == "pass" and old.get(o.model_type, {}).get("cpu"):
+                    o.cpu, o.cpu_reason = old[o.model_type]["cpu"], old[o.model_type].get("cpu_reason", "")
         if args.only:
-            old = load_expectations()
             merged = {mt: Outcome(mt, **e) for mt, e in old.items()}
             merged.update({o.model_type: o for o in outcomes})
             outcomes = list(merged.values())
