@@ -172,7 +172,10 @@ def _fit_hybrid(config) -> None:
     kinds = None
     with contextlib.suppress(Exception):
         kinds = getattr(config, "layers_block_type", None) or getattr(config, "layer_types", None)
-    if isinstance(kinds, (list, tuple)) and kinds and getattr(config, "num_attention_heads", None):
+    heads = None
+    with contextlib.suppress(Exception):  # heterogeneous (per-layer) configs refuse the global read
+        heads = getattr(config, "num_attention_heads", None)
+    if isinstance(kinds, (list, tuple)) and kinds and heads:
         rest = set(kinds) - RECURRENT_KINDS - {"moe", "mlp"}
         if not rest and set(kinds) & RECURRENT_KINDS:
             with contextlib.suppress(Exception):
