@@ -144,25 +144,24 @@ def quantize_rows_kernel(k: int, parallel: bool = True):
         with T.sblock("root"):  # RewriteDataflowReshape inspects one-input kernels' root block
             for r in (T.parallel(m) if parallel else T.serial(m)):
                 for g in range(G):
-                    amax = T.alloc_local((1,), "float32")
+                    # the block's max |x| and code sum as vector reductions (llvm.vector.reduce.*),
+                    # not chains of 32 scalar steps. |x| as integer bits (sign cleared) orders like
+                    # the floats, and an integer max reduces in vector registers, where a float
+                    # max (NaN rules, no fast-math) stays a scalar chain.
+                    bits = T.reinterpret(f"int32x{BLOCK}", x[r, T.ramp(g * BLOCK, 1, BLOCK)]) & T.broadcast(
+                        T.int32(0x7FFFFFFF), BLOCK)
+                    amax = T.reinterpret("float32", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.smax", bits))
+                    scale = amax / T.float32(127)
+                    inv = T.Select(amax > T.float32(0), T.float32(127) / T.max(amax, T.float32(1e-30)), T.float32(0))
                     qs = T.alloc_local((BLOCK,), "int32")
-                    amax[0] = T.float32(0)
-                    for i in range(BLOCK):
-                        amax[0] = T.max(amax[0], T.abs(x[r, g * BLOCK + i]))
-                    scale = amax[0] / T.float32(127)
-                    inv = T.Select(amax[0] > T.float32(0), T.float32(127) / T.max(amax[0], T.float32(1e-30)),
-                                   T.float32(0))
                     for i in T.vectorized(BLOCK):
                         qs[i] = T.Cast("int32", T.round(x[r, g * BLOCK + i] * inv))
-                    total = T.alloc_local((1,), "int32")
-                    total[0] = 0
-                    for i in range(BLOCK):
-                        total[0] = total[0] + qs[i]
+                    total = T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", qs[T.ramp(0, 1, BLOCK)])
                     for i in T.vectorized(BLOCK // 4):
                         q[r, g * 8 + i] = ((qs[4 * i] & 255) | T.shift_left(qs[4 * i + 1] & 255, 8)
                                            | T.shift_left(qs[4 * i + 2] & 255, 16) | T.shift_left(qs[4 * i + 3], 24))
                     d[r, g] = scale
-                    ds[r, g] = scale * T.Cast("float32", total[0])
+                    ds[r, g] = scale * T.Cast("float32", total)
 
     return quantize_rows
 
