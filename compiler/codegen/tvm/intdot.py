@@ -217,8 +217,9 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
 
     VNNI, measured on Zen 4 (thread CPU time, interleaved A/B, benchmarks/step_profile.py's
     shapes): 8 x 2 blocks for 4-bit codes at M >= 8 is 15-24% less time per call than the 4 x 2
-    tile with an accumulator array (M = 8..64); 2 x 6 for 8-bit codes (the LM head) 15% at
-    M = 8. Fewer rows than 8 take ``small_tiles``. Other ISAs keep the 3/4-register budget."""
+    tile with an accumulator array (M = 8..64); 2 x 8 for 8-bit codes (the LM head): 15% at
+    M = 8 against 4 x 2, and 2-7% against 2 x 6 at M = 4..64. Fewer rows than 8 take
+    ``small_tiles``. Other ISAs keep the 3/4-register budget."""
     blocks = n // isa.lanes
     budget = isa.registers * 3 // 4
     if decode:
@@ -227,7 +228,7 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
                 return 1, c
         return 1, 1
     if isa.name == "avx512vnni":
-        for r, c in (((8, 2), (4, 2), (4, 1)) if bits == 4 else ((2, 6), (2, 4), (2, 2), (2, 1))):
+        for r, c in (((8, 2), (4, 2), (4, 1)) if bits == 4 else ((2, 8), (2, 6), (2, 4), (2, 2), (2, 1))):
             if blocks % c == 0:
                 return r, c
         return 1, 1
@@ -293,7 +294,8 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
                         s = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
                         for r in T.unroll(R):
                             row = T.min(r0 + r, m - 1)
-                            dot = T.Cast(f"float32x{L}", _finish_dot(isa, _group_dot(isa, bits, codes, q, ct * C + c, g, row)))
+                            dot = T.Cast(f"float32x{L}",
+                                         _finish_dot(isa, _group_dot(isa, bits, codes, q, ct * C + c, g, row)))
                             dg = T.broadcast(d[row, g], L)
                             dsg = T.broadcast(ds[row, g], L)
                             if off != 0.0:
