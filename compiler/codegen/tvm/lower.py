@@ -203,15 +203,16 @@ def _intdot_layout(op: Op, x: Value, intdot: dict, outer: dict) -> Optional[tupl
             op.operands[2].type.dtype, tuple(op.result.type.shape[:-1]))
 
 
-def fusion_plan(fn, intdot: dict) -> tuple[dict[int, Op], dict[int, list[Op]]]:
+def fusion_plan(fn, intdot: dict, gate_up: bool = True) -> tuple[dict[int, Op], dict[int, list[Op]]]:
     """Which integer-kernel linears of @forward run fused: ``up`` (id of the plain linear whose
     only reader is a gated-MLP region over the same activation -> that region: one kernel
-    computes silu(x · gate) * (x · up)), and ``groups`` (id of each of exactly three plain
-    linears of one activation, attention's q/k/v -> the three, in program order)."""
+    computes silu(x · gate) * (x · up); only with ``gate_up``), and ``groups`` (id of each of
+    exactly three plain linears of one activation, attention's q/k/v -> the three, in program
+    order)."""
     users = fn.body.users()
     results = {id(v) for v in fn.results}
     up: dict[int, Op] = {}
-    for op in fn.ops:
+    for op in (fn.ops if gate_up else []):
         parts = gated_mlp(op)
         if parts is None:
             continue
@@ -655,7 +656,9 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
             low = _FunctionLowering(bb, module, dims, packed, intdot or {}, weights, geom, attention,
                                     isinstance(tokens, int), blocks, backend)
             if intdot and not os.environ.get("LLMC_NO_FUSED_LINEARS"):
-                low.fused_up, low.groups = fusion_plan(fn, intdot)
+                # gate/up fused in decode only: its two-weight tile has half the rows of the
+                # single-weight prefill tile (the register budget), so prefill keeps two kernels
+                low.fused_up, low.groups = fusion_plan(fn, intdot, gate_up=isinstance(tokens, int))
             for a in fn.args:
                 low.env[id(a)] = {**args, **pools, **states}[a.name]
             for op in fn.ops:
