@@ -50,9 +50,6 @@ def test_quantized_tiny_llama_matches_fake_quantized_hf(name, kernels, tmp_path,
 
     intdot = kernels == "intdot" and int_dot_isa(resolve_cpu(None).arch, resolve_cpu(None).required_flags) is not None
     assert any(lay.startswith("intdot") for lay in layouts) == intdot
-    if intdot:  # decode runs q/k/v as one kernel and gate/up as another (lower.fusion_plan)
-        assert any(k.startswith("intdot_linear3") for k in manifest["kernels"])
-        assert any(k.startswith("intdot_gate_up") for k in manifest["kernels"])
     tol = 2e-2 if intdot else 1e-3
     engine = Engine.load(str(tmp_path / "a"))
     reference = fake_quantized(model, parse_scheme(name))

@@ -71,8 +71,9 @@ SLOW = [(isa, layout) for isa in ISAS for layout in [(32, True, False), (64, Fal
 @pytest.mark.parametrize("isa,layout", [_case(i, lay) for i, lay in CASES] + [_case(i, lay, slow=True) for i, lay in SLOW])
 def test_gemv_and_gemm_equal_the_integer_scheme(isa, layout):
     group, signed, mins = layout
-    for m, decode in ((1, True), (13, False)):
-        got, exact, floats = run(isa, m, 64, 256, group, signed, mins, decode, seed=group + m)
+    # n = 512: the widest decode tile (8 blocks on AVX-512, 4 on AVX2); n = 64: the narrowest
+    for m, n, decode in ((1, 512, True), (1, 64, True), (13, 64, False)):
+        got, exact, floats = run(isa, m, n, 256, group, signed, mins, decode, seed=group + m + n)
         scale = 1 + np.abs(exact).max()
         assert np.abs(got - exact).max() <= 1e-5 * scale
         # activation quantization: |x - q d| <= d / 2 per element, relative ~ 1/254 of a block's max
@@ -111,11 +112,12 @@ def test_register_tiles_fit_the_register_file():
     r2, c2 = intdot.tiles(narrow, 3072, decode=False)
     assert 2 * r * c + 2 * c <= 24 and 2 * r2 * c2 + 2 * c2 <= 12 and r * c > r2 * c2
     assert intdot.tiles(wide, 3072, decode=True)[0] == 1
-    # decode: an item count that splits evenly over the threads (36 blocks: not 9 items of 4)
-    _, c = intdot.tiles(wide, 576, decode=True, threads=2)
-    assert (576 // 16 // c) % 2 == 0 and 576 // 16 // c >= 4
-    # the fused gate/up tile reads two weights: half the register budget each
-    assert 4 * intdot.tiles(narrow, 1536, decode=True, weights=2)[1] <= 6
+    # decode: as wide as the registers hold (two accumulators a block + 6 shared), >= 4 items
+    assert intdot.tiles(wide, 1536, decode=True) == (1, 8) and intdot.tiles(narrow, 1536, decode=True) == (1, 4)
+    for spec in (wide, narrow):
+        for n in (192, 576, 1536, 49152):
+            _, c = intdot.tiles(spec, n, decode=True)
+            assert 2 * c + 6 <= spec.registers and (n // spec.lanes) % c == 0 and n // spec.lanes // c >= 4
 
 
 @pytest.mark.parametrize("isa", [_case("avx512vnni"), _case("avx2")])
@@ -185,65 +187,3 @@ def test_code_at_reads_the_repacked_layout(bits, signed):
     f(tvm.runtime.tensor(packed), y)
     assert np.array_equal(y.numpy(), raw.numpy() + intdot.code_offset(bits, signed))
 
-
-def _weights(g, n, k, signed=False, mins=True, L=16):
-    lo, hi = code_range(4, signed)
-    codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), 4, signed)
-    scales = (torch.rand(n, k // 32, generator=g) * 0.05).half()
-    mn = (torch.randn(n, k // 32, generator=g) * 0.2).half() if mins else None
-    s = tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), L))
-    tensors = [tvm.runtime.tensor(intdot.repack_codes(codes.numpy(), L)), s,
-               tvm.runtime.tensor(intdot.repack_groups(mn.numpy(), L)) if mins else s]
-    return tensors, dequantize(codes, scales, mn, bits=4, group_size=32, signed=signed).numpy()
-
-
-def _quantized_x(mcpu, m, k, g):
-    x = torch.randn(m, k, generator=g)
-    bufs = [tvm.runtime.tensor(np.zeros(s, dt)) for s, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
-                                                               ((m, k // 32), np.float32))]
-    _compile(intdot.quantize_rows_kernel(k), mcpu)(tvm.runtime.tensor(x.numpy()), *bufs)
-    return bufs
-
-
-@pytest.mark.parametrize("isa", [_case("avx512vnni"), _case("avx2")])
-def test_fused_gate_up_equals_the_two_kernels(isa):
-    """intdot_gate_up: silu(x · gate) * (x · up) in one kernel equals the single-weight kernels'
-    results combined (same integer scheme, same sums), in decode and prefill tiles."""
-    mcpu, spec = ISAS[isa]
-    n, k = 64, 128
-    for m, decode in ((1, True), (7, False)):
-        g = torch.Generator().manual_seed(17 + m)
-        gate, _ = _weights(g, n, k, L=spec.lanes)
-        up, _ = _weights(g, n, k, L=spec.lanes)
-        bufs = _quantized_x(mcpu, m, k, g)
-        single = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, False, True, "float16", decode), mcpu)
-        ys = []
-        for w in (gate, up):
-            ys.append(tvm.runtime.tensor(np.full((m, n), np.nan, np.float32)))
-            single(*bufs, *w, ys[-1])
-        fused = _compile(intdot.intdot_gate_up_kernel(spec, n, k, 32, False, True, "float16", decode), mcpu)
-        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-        fused(*bufs, *gate, *up, y)
-        want = (torch.nn.functional.silu(torch.from_numpy(ys[0].numpy())) * torch.from_numpy(ys[1].numpy())).numpy()
-        assert np.abs(y.numpy() - want).max() <= 1e-5 * (1 + np.abs(want).max())
-
-
-@pytest.mark.parametrize("isa", [_case("avx512vnni"), _case("avx2")])
-def test_fused_qkv_equals_three_kernels(isa):
-    """intdot_linear3: three weights of different widths (q, k, v) over one activation in one
-    kernel write what three single-weight kernels write, rows past a tile included."""
-    mcpu, spec = ISAS[isa]
-    k, ns = 128, (96, 32, 32) if spec.lanes == 16 else (48, 16, 16)
-    ns = tuple(n * 2 for n in ns)
-    for m, decode in ((1, True), (6, False)):
-        g = torch.Generator().manual_seed(29 + m)
-        ws = [_weights(g, n, k, signed=True, mins=False, L=spec.lanes) for n in ns]
-        bufs = _quantized_x(mcpu, m, k, g)
-        fused = _compile(intdot.intdot_linear3_kernel(spec, ns, k, 32, True, False, "float16", decode), mcpu)
-        ys = [tvm.runtime.tensor(np.full((m, n), np.nan, np.float32)) for n in ns]
-        fused(*bufs, *[t for w, _ in ws for t in w], *ys)
-        for (w, dense), n, y in zip(ws, ns, ys):
-            single = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, True, False, "float16", decode), mcpu)
-            want = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-            single(*bufs, *w, want)
-            assert np.abs(y.numpy() - want.numpy()).max() <= 1e-6 * (1 + np.abs(want.numpy()).max())

@@ -17,7 +17,6 @@ are stored packed ([N/PACK, K, PACK]); the manifest records every weight's layou
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,8 +25,7 @@ from tvm import relax, tirx as tir
 
 from ...ir import Block, Module, Op, Value
 from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
-from .intdot import (BLOCK, IntDotIsa, eligible, intdot_gate_up_kernel, intdot_linear3_kernel, intdot_linear_kernel,
-                     quantize_rows_kernel)
+from .intdot import BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, IntDotWeight, PackedWeight, Scalar
 from .recurrent import conv_step_kernel, delta_rule_step_kernel
 
@@ -177,64 +175,6 @@ def weight_order(module: Module) -> list[str]:
     return [name for name in module.params if name in used]
 
 
-def gated_mlp(op: Op) -> Optional[tuple[Op, Value]]:
-    """(the quantized_linear, the outer value of ``up``) of a fused region computing
-    glu(x · w, up) with silu, the gated MLP the integer kernels fuse; None for other regions."""
-    region = op.region
-    if region is None or len(op.results) != 1:
-        return None
-    anchor = next((o for o in region.ops if o.kind == "quantized_linear"), None)
-    if anchor is None:
-        return None
-    by_arg = {id(a): v for a, v in zip(region.args, op.operands)}
-    rest = [o for o in region.ops if o is not anchor and o.kind != "constant"]
-    if (len(rest) == 1 and rest[0].kind == "glu" and rest[0].attrs["activation"] == "silu"
-            and rest[0].operands[0] is anchor.result and id(rest[0].operands[1]) in by_arg
-            and rest[0].operands[1].type.shape == anchor.result.type.shape and region.results == [rest[0].result]):
-        return anchor, by_arg[id(rest[0].operands[1])]
-    return None
-
-
-def _intdot_layout(op: Op, x: Value, intdot: dict, outer: dict) -> Optional[tuple]:
-    """What must agree for quantized linears to share one integer kernel (None: not on one)."""
-    if op.kind != "quantized_linear" or any(_param_of(v, outer) not in intdot for v in op.operands[1:]):
-        return None
-    return (id(x), op.attrs["bits"], op.attrs["group_size"], op.attrs["signed"], len(op.operands),
-            op.operands[2].type.dtype, tuple(op.result.type.shape[:-1]))
-
-
-def fusion_plan(fn, intdot: dict, gate_up: bool = True) -> tuple[dict[int, Op], dict[int, list[Op]]]:
-    """Which integer-kernel linears of @forward run fused: ``up`` (id of the plain linear whose
-    only reader is a gated-MLP region over the same activation -> that region: one kernel
-    computes silu(x · gate) * (x · up); only with ``gate_up``), and ``groups`` (id of each of
-    exactly three plain linears of one activation, attention's q/k/v -> the three, in program
-    order)."""
-    users = fn.body.users()
-    results = {id(v) for v in fn.results}
-    up: dict[int, Op] = {}
-    for op in (fn.ops if gate_up else []):
-        parts = gated_mlp(op)
-        if parts is None:
-            continue
-        anchor, up_value = parts
-        inner = {id(a): v for a, v in zip(op.region.args, op.operands)}
-        producer = up_value.producer
-        gate_key = _intdot_layout(anchor, inner.get(id(anchor.operands[0]), anchor.operands[0]), intdot, inner)
-        if (producer is None or producer.region is not None or gate_key is None or id(up_value) in results
-                or len(users.get(up_value, [])) != 1):
-            continue
-        if _intdot_layout(producer, producer.operands[0], intdot, {}) == gate_key:
-            up[id(producer)] = op
-    by_key: dict[tuple, list[Op]] = {}
-    for op in fn.ops:
-        if op.region is None and id(op) not in up:
-            key = _intdot_layout(op, op.operands[0] if op.operands else None, intdot, {})
-            if key is not None:
-                by_key.setdefault(key, []).append(op)
-    groups = {id(o): ops for ops in by_key.values() if len(ops) == 3 for o in ops}
-    return up, groups
-
-
 def _relax_type(t, dims: DimMap):
     return relax.TensorType(dims.shape(t.shape), TVM_DTYPES[t.dtype])
 
@@ -314,18 +254,8 @@ class _FunctionLowering:
     env: dict[int, Any] = field(default_factory=dict)
     param_names: dict[int, str] = field(default_factory=dict)  # IR value id -> param it reads
     quantized: dict[Any, list] = field(default_factory=dict)  # relax activation -> its int8 blocks
-    fused_up: dict[int, Op] = field(default_factory=dict)  # fusion_plan's
-    groups: dict[int, list] = field(default_factory=dict)  # fusion_plan's
-    done: dict[int, Any] = field(default_factory=dict)  # IR value id -> relax value a fused kernel computed
 
     def operand(self, v: Value):
-        return self.env[id(v)]
-
-    def weight_operand(self, v: Value):
-        """A param operand of a linear a fused kernel computes ahead of its place in program
-        order: its param op may not have been lowered yet (lowering a param is idempotent)."""
-        if id(v) not in self.env and v.producer is not None and v.producer.kind == "param":
-            self.env[id(v)] = self.lower_op(v.producer)
         return self.env[id(v)]
 
     def wrap(self, value, te_tensor):
@@ -385,10 +315,6 @@ class _FunctionLowering:
             return self.lower_state_step(op, operands)
         if op.region is not None:
             return self.lower_region(op, operands)
-        if kind == "quantized_linear" and id(op) in self.fused_up:
-            return _Deferred(op)  # computed by its gated MLP's kernel
-        if kind == "quantized_linear" and id(op) in self.groups:
-            return self.lower_intdot3(op)
         if kind == "quantized_linear" and self.is_intdot(op, op.operands):
             return self.lower_intdot(op, operands)
         if kind not in BUILDERS:
@@ -406,13 +332,17 @@ class _FunctionLowering:
         names = [self.param_names.get(id(v)) for v in values[1:]]
         return bool(names) and all(n in self.intdot for n in names)
 
-    def activation_blocks(self, x, lead, k: int):
-        """quantize_rows of activation x viewed as [M, K], once per x (q, k, v and gate, up
-        share it): [q, d, ds] and M."""
+    def lower_intdot(self, op: Op, operands, up=None):
+        """quantize_rows (int8 activation blocks) then the integer-dot linear; x is viewed as
+        [M, K] and the result reshaped back. ``up``: fuse the gated MLP's silu(y) * up."""
+        isa = self.attention.intdot
+        x = operands[0]
+        k, n = int(op.operands[0].type.shape[-1]), int(op.result.type.shape[-1])
+        lead = self.dims.shape(op.result.type.shape[:-1])
         m = tir.IntImm("int64", 1)
         for d in lead:
             m = m * d
-        parts = self.quantized.get(x)
+        parts = self.quantized.get(x)  # q, k, v (gate, up) read one x: quantize it once
         if parts is None:
             x2 = self.bb.emit(relax.op.reshape(x, [m, k])) if len(lead) != 1 else x
             qk = self.bb.add_func(quantize_rows_kernel(k, parallel=not self.decode), "quantize_rows")
@@ -420,64 +350,20 @@ class _FunctionLowering:
                                                     relax.TensorType([m, k // BLOCK], "float32"),
                                                     relax.TensorType([m, k // BLOCK], "float32")]))
             parts = self.quantized[x] = [self.bb.emit(relax.TupleGetItem(q, i)) for i in range(3)]
-        return parts, m
-
-    def weight_exprs(self, operands) -> list:
-        """codes, scales, mins (the scales again where there are none) of a quantized linear."""
         codes, scales = operands[1].expr, operands[2].expr
-        return [codes, scales, operands[3].expr if len(operands) == 4 else scales]
-
-    def lower_intdot(self, op: Op, operands, up=None):
-        """quantize_rows (int8 activation blocks) then the integer-dot linear; x is viewed as
-        [M, K] and the result reshaped back. ``up``: fuse the gated MLP's silu(y) * up (a
-        _Deferred up: its linear runs in the same kernel)."""
-        isa = self.attention.intdot
-        x = operands[0]
-        k, n = int(op.operands[0].type.shape[-1]), int(op.result.type.shape[-1])
-        lead = self.dims.shape(op.result.type.shape[:-1])
-        parts, m = self.activation_blocks(x, lead, k)
+        mins = operands[3].expr if len(operands) == 4 else scales
         sdt = TVM_DTYPES[op.operands[2].type.dtype]
-        args = dict(group=op.attrs["group_size"], signed=op.attrs["signed"], has_mins=len(operands) == 4,
-                    scale_dtype=sdt, decode=self.decode, bits=op.attrs["bits"], threads=self.attention.threads)
+        kernel = intdot_linear_kernel(isa, n, k, op.attrs["group_size"], op.attrs["signed"], len(operands) == 4,
+                                      sdt, self.decode, self.attention.threads, glu=up is not None,
+                                      bits=op.attrs["bits"])
+        fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
         extra = []
-        if isinstance(up, _Deferred):
-            up_operands = [self.weight_operand(v) for v in up.op.operands]
-            fn = self.bb.add_func(intdot_gate_up_kernel(isa, n, k, **args), f"intdot_gate_up_n{n}_k{k}")
-            extra = self.weight_exprs(up_operands)
-        else:
-            kernel = intdot_linear_kernel(isa, n, k, glu=up is not None, **args)
-            fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
-            if up is not None:
-                extra = [self.bb.emit(relax.op.reshape(up, [m, n])) if len(lead) != 1 else up]
-        y = self.bb.emit(relax.call_tir(fn, parts + self.weight_exprs(operands) + extra,
-                                        relax.TensorType([m, n], "float32")))
+        if up is not None:
+            extra = [self.bb.emit(relax.op.reshape(up, [m, n])) if len(lead) != 1 else up]
+        y = self.bb.emit(relax.call_tir(fn, parts + [codes, scales, mins] + extra, relax.TensorType([m, n], "float32")))
         if len(lead) != 1:
             y = self.bb.emit(relax.op.reshape(y, lead + [tir.IntImm("int64", n)]))
         return y
-
-    def lower_intdot3(self, op: Op):
-        """Three linears of one activation (q, k, v) in one kernel; the first of them to be
-        lowered computes all three, the others take their results."""
-        if id(op.result) in self.done:
-            return self.done.pop(id(op.result))
-        ops = self.groups[id(op)]
-        isa = self.attention.intdot
-        k = int(op.operands[0].type.shape[-1])
-        ns = tuple(int(o.result.type.shape[-1]) for o in ops)
-        lead = self.dims.shape(op.result.type.shape[:-1])
-        parts, m = self.activation_blocks(self.operand(op.operands[0]), lead, k)
-        kernel = intdot_linear3_kernel(isa, ns, k, op.attrs["group_size"], op.attrs["signed"], len(op.operands) == 4,
-                                       TVM_DTYPES[op.operands[2].type.dtype], self.decode, bits=op.attrs["bits"],
-                                       threads=self.attention.threads)
-        fn = self.bb.add_func(kernel, f"intdot_linear3_n{'_'.join(map(str, ns))}_k{k}")
-        weights = [e for o in ops for e in self.weight_exprs([self.weight_operand(v) for v in o.operands])]
-        out = self.bb.emit(relax.call_tir(fn, parts + weights, [relax.TensorType([m, n], "float32") for n in ns]))
-        for i, (o, n) in enumerate(zip(ops, ns)):
-            y = self.bb.emit(relax.TupleGetItem(out, i))
-            if len(lead) != 1:
-                y = self.bb.emit(relax.op.reshape(y, lead + [tir.IntImm("int64", n)]))
-            self.done[id(o.result)] = y
-        return self.done.pop(id(op.result))
 
     def lower_region(self, op: Op, operands):
         region = op.region
@@ -486,10 +372,12 @@ class _FunctionLowering:
         pre = {}
         if anchor is not None and all(inner_names.get(id(v)) in self.intdot for v in anchor.operands[1:]):
             by_arg = {id(a): o for a, o in zip(region.args, operands)}
-            if gated_mlp(op) is not None:
-                # the gated MLP: silu(gate) * up in the integer kernel's write-back (up's linear
-                # in the same kernel where fusion_plan chose so: up is then a _Deferred)
-                rest = [o for o in region.ops if o is not anchor and o.kind != "constant"]
+            rest = [o for o in region.ops if o is not anchor and o.kind != "constant"]
+            if (len(rest) == 1 and rest[0].kind == "glu" and rest[0].attrs["activation"] == "silu"
+                    and rest[0].operands[0] is anchor.result and id(rest[0].operands[1]) in by_arg
+                    and rest[0].operands[1].type.shape == anchor.result.type.shape
+                    and region.results == [rest[0].result] and len(op.results) == 1):
+                # the gated MLP: silu(gate) * up in the integer kernel's write-back
                 return self.lower_intdot(anchor, [by_arg[id(v)] for v in anchor.operands],
                                          up=by_arg[id(rest[0].operands[1])])
             # the integer kernel computes the anchor; the rest of the region is its epilogue kernel
@@ -603,13 +491,6 @@ class _IntDot(_Packed):
     info: dict = None
 
 
-@dataclass
-class _Deferred:
-    """The result of a linear a later fused kernel computes (fusion_plan's ``up``)."""
-
-    op: Op
-
-
 def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: CacheGeometry,
                    packed: set[str], order: list[str], tokens, rows, attention: AttentionOptions,
                    backend: Optional[Backend] = None, intdot: Optional[dict] = None) -> None:
@@ -655,10 +536,6 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
         with bb.dataflow():
             low = _FunctionLowering(bb, module, dims, packed, intdot or {}, weights, geom, attention,
                                     isinstance(tokens, int), blocks, backend)
-            if intdot and not os.environ.get("LLMC_NO_FUSED_LINEARS"):
-                # gate/up fused in decode only: its two-weight tile has half the rows of the
-                # single-weight prefill tile (the register budget), so prefill keeps two kernels
-                low.fused_up, low.groups = fusion_plan(fn, intdot, gate_up=isinstance(tokens, int))
             for a in fn.args:
                 low.env[id(a)] = {**args, **pools, **states}[a.name]
             for op in fn.ops:
