@@ -225,6 +225,30 @@ def linker(min_macos: str = MIN_MACOS):
     return link
 
 
+STATE_OPS = ("causal_conv1d", "gated_delta_rule", "causal_conv1d_step", "gated_delta_rule_step")
+
+
+def refuse_unsupported(module: Module) -> None:
+    """Name what the Metal kernels cannot compute before anything is built: recurrent-state ops,
+    ALiBi biases and chunked attention exist only in the cpu kernels (a silent fallback to plain
+    causal attention would produce wrong tokens)."""
+    ops = module.functions["forward"].ops
+    stateful = sorted({op.kind for op in ops if op.kind in STATE_OPS})
+    if stateful:
+        raise TargetError(f"metal: the model keeps recurrent state ({', '.join(stateful)}: short convolutions / "
+                          f"linear-attention scans); the metal target has no kernels for these ops yet, "
+                          f"compile it for --target cpu")
+    for op in ops:
+        if op.kind not in ("attention", "paged_attention"):
+            continue
+        if op.attrs.get("alibi"):
+            raise TargetError(f"metal: the attention kernels have no ALiBi position biases ({op.kind} alibi, "
+                              f"Bloom/MPT-style models); compile this model for --target cpu")
+        if op.attrs.get("chunk", 0):
+            raise TargetError(f"metal: the attention kernels have no chunked attention ({op.kind} chunk="
+                              f"{op.attrs['chunk']}, Llama 4's local layers); compile this model for --target cpu")
+
+
 @register_target("metal")
 class MetalTarget:
     """Apple-silicon GPU kernels (MSL) plus the Relax VM host code as a macOS arm64 dylib."""
@@ -265,6 +289,7 @@ class MetalTarget:
         from .tvm.lower import cache_geometry, packed_params, weight_order
 
         self.check(options)
+        refuse_unsupported(module)
         arch, dtype = self._arch(options), self._dtype(options)
         target = metal_target(arch)
         link = linker()

@@ -321,3 +321,19 @@ def test_cuda_check_bundle_is_emitted(tmp_path):
         source = (out / f"{k['name']}.cu").read_text()
         assert f"{k['function']}(" in source and "__global__" in source
         assert np.prod(k["block"]) <= 1024
+
+
+@pytest.mark.parametrize("model_type, named", [("lfm2", "recurrent state .*causal_conv1d.*--target cpu"),
+                                                ("bloom", "no ALiBi .*--target cpu"),
+                                                ("llama4_text", "no chunked attention .*chunk=.*--target cpu")])
+def test_what_metal_cannot_compute_is_refused_by_name(model_type, named, tmp_path):
+    """Recurrent state, ALiBi and chunked attention have cpu kernels only: the metal target names
+    the construct before building anything, and writes nothing."""
+    from llmc.compiler.driver import resolve_target
+    from tests.frontend.arch_sweep import tiny_model as sweep_model
+
+    imported = import_hf_model(sweep_model(model_type))
+    with pytest.raises(TargetError, match=named):
+        resolve_target("metal").compile(imported.module, imported.weights, str(tmp_path / "art"),
+                                        CompileOptions(max_seq_len=128), {})
+    assert not (tmp_path / "art").exists()

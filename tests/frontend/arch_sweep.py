@@ -172,7 +172,10 @@ def _fit_hybrid(config) -> None:
     kinds = None
     with contextlib.suppress(Exception):
         kinds = getattr(config, "layers_block_type", None) or getattr(config, "layer_types", None)
-    if isinstance(kinds, (list, tuple)) and kinds and getattr(config, "num_attention_heads", None):
+    heads = None
+    with contextlib.suppress(Exception):  # heterogeneous (per-layer) configs refuse the global read
+        heads = getattr(config, "num_attention_heads", None)
+    if isinstance(kinds, (list, tuple)) and kinds and heads:
         rest = set(kinds) - RECURRENT_KINDS - {"moe", "mlp"}
         if not rest and set(kinds) & RECURRENT_KINDS:
             with contextlib.suppress(Exception):
@@ -450,8 +453,12 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump([asdict(o) for o in outcomes], f, indent=1)
     if args.update_expectations:
+        old = load_expectations()
+        if not args.cpu:  # an interpreter-only run keeps the recorded cpu outcomes of what still passes
+            for o in outcomes:
+                if o.status == "pass" and old.get(o.model_type, {}).get("cpu"):
+                    o.cpu, o.cpu_reason = old[o.model_type]["cpu"], old[o.model_type].get("cpu_reason", "")
         if args.only:
-            old = load_expectations()
             merged = {mt: Outcome(mt, **e) for mt, e in old.items()}
             merged.update({o.model_type: o for o in outcomes})
             outcomes = list(merged.values())
