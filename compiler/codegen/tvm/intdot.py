@@ -35,19 +35,27 @@ from tvm import tirx as tir
 from tvm.script import tirx as T
 
 BLOCK = 32  # activations quantized per block of 32 along K
+_I32X = {8: T.int32x8, 16: T.int32x16}  # vector types of T.let bindings, by lanes
+_F32X = {8: T.float32x8, 16: T.float32x16}
 
 
 @dataclass(frozen=True)
 class IntDotIsa:
     """How this CPU multiplies u8 x s8 into int32 lanes."""
 
-    name: str        # "avx512vnni", "avx512bw" or "avx2"
+    name: str        # "avx512vnni", "avx512bw", "avxvnni" or "avx2"
     lanes: int       # int32 lanes per vector = output columns per weight block
     registers: int   # vector registers (decides the register tile)
 
     @property
     def bits(self) -> int:
         return self.lanes * 32
+
+    @property
+    def vnni(self) -> bool:
+        """``vpdpbusd`` (u8 x s8 summed into int32 in one instruction): AVX-512 VNNI on zmm,
+        AVX-VNNI on ymm (Alder Lake and later, Zen 5)."""
+        return self.name in ("avx512vnni", "avxvnni")
 
 
 def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
@@ -59,6 +67,8 @@ def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
         return IntDotIsa("avx512vnni", 16, 32)
     if "avx512bw" in flags:
         return IntDotIsa("avx512bw", 16, 32)
+    if {"avx_vnni", "avx2"} <= flags:
+        return IntDotIsa("avxvnni", 8, 16)
     if "avx2" in flags:
         return IntDotIsa("avx2", 8, 16)
     return None
@@ -66,9 +76,10 @@ def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
 
 def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
     """Whether a quantized_linear of this layout and shape runs on the integer kernels: 4-bit
-    codes everywhere; 8-bit only with VNNI (``vpmaddubsw`` would saturate int16 on codes up
-    to 255, ``vpdpbusd`` sums into int32)."""
-    ok_bits = bits == 4 or (bits == 8 and isa is not None and isa.name == "avx512vnni")
+    codes everywhere; 8-bit with VNNI (``vpdpbusd`` sums into int32) or AVX2 (the sign trick of
+    ``_dot_update8``); AVX-512BW has no 512-bit ``psignb``, and ``vpmaddubsw`` alone would
+    saturate int16 on codes up to 255."""
+    ok_bits = bits == 4 or (bits == 8 and isa is not None and (isa.vnni or isa.name == "avx2"))
     return (isa is not None and ok_bits and group % BLOCK == 0 and isinstance(n, int) and isinstance(k, int)
             and n % isa.lanes == 0 and k % group == 0)
 
@@ -168,26 +179,40 @@ def quantize_rows_kernel(k: int, parallel: bool = True):
 
 
 def _dot_update(isa: IntDotIsa, acc, codes_i32, act_i32):
-    """acc (int32 lanes; int16 pairs for the pmaddubsw ISAs) += codes (u8) x act (s8)."""
+    """acc (int32 lanes; int16 pairs for the pmaddubsw ISAs) += codes (u8) x act (s8), 4-bit codes
+    or VNNI. int16 accumulation is exact for up to 8 updates per 32-block: a pair sum is at most
+    2 * 15 * 127 = 3810 (activations lie in [-127, 127], ``quantize_rows``), 8 of them 30480 < 2^15."""
     L = isa.lanes
     c8 = T.reinterpret(f"int8x{4 * L}", codes_i32)
     a8 = T.reinterpret(f"int8x{4 * L}", act_i32)
-    if isa.name == "avx512vnni":
-        return T.call_llvm_pure_intrin(f"int32x{L}", "llvm.x86.avx512.vpdpbusd.512", acc, c8, a8)
+    if isa.vnni:
+        return T.call_llvm_pure_intrin(f"int32x{L}", f"llvm.x86.avx512.vpdpbusd.{isa.bits}", acc, c8, a8)
     name = "llvm.x86.avx512.pmaddubs.w.512" if L == 16 else "llvm.x86.avx2.pmadd.ub.sw"
     return acc + T.call_llvm_pure_intrin(f"int16x{2 * L}", name, c8, a8)
+
+
+def _dot_update8(acc, codes_i32, act_i32):
+    """AVX2 int32 acc += (code - 128) x act for 8-bit stored codes u (0..255), by the sign trick:
+    pmaddubsw(|s|, sign(s) * a) with s = u - 128 as int8. |s| <= 128 and |a| <= 127, so a pair sum
+    is at most 2 * 128 * 127 = 32512 < 2^15 (no saturation); pmaddwd widens every chunk."""
+    s8 = T.reinterpret("int8x32", codes_i32 ^ T.broadcast(T.int32(-0x7F7F7F80), 8))  # 0x80808080
+    a8 = T.reinterpret("int8x32", act_i32)
+    mag = T.max(s8, T.broadcast(T.int8(0), 32) - s8)  # abs; -128 stays 0x80 = 128 unsigned
+    signed_a = T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", a8, s8)
+    pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", mag, signed_a)
+    return acc + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16))
 
 
 def _finish_dot(isa: IntDotIsa, acc):
     """int32 lanes of a group's dot product from the accumulator form of ``_dot_update``."""
     L = isa.lanes
-    if isa.name == "avx512vnni":
+    if isa.vnni:
         return acc
     name = "llvm.x86.avx512.pmaddw.d.512" if L == 16 else "llvm.x86.avx2.pmadd.wd"
     return T.call_llvm_pure_intrin(f"int32x{L}", name, acc, T.broadcast(T.int16(1), 2 * L))
 
 
-def tiles(isa: IntDotIsa, n: int, decode: bool) -> tuple[int, int]:
+def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int]:
     """(rows, column blocks) of a register tile, from the register count: each (row, block)
     needs an integer and a float accumulator, each block two code vectors; a quarter of the
     registers stay for broadcasts and scales. Decode (one row) widens the tile instead, so each
@@ -227,24 +252,32 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
     are consecutive, so a thread walks down the rows under one weight tile (reused from cache).
     Rows past M re-read the last row and are not written."""
     L = isa.lanes
-    R, C = tiles(isa, n, decode)
+    R, C = tiles(isa, n, decode, bits)
     G, NB, GS = k // BLOCK, n // L, group // BLOCK
     off = float(code_offset(bits, signed))
     W = bits * L  # int32 words of codes per column block and 32-block
-    vnni = isa.name == "avx512vnni"
-    acc_t = "int32" if vnni else "int16"
-    acc_lanes = L if vnni else 2 * L
+    sign_trick = bits == 8 and not isa.vnni  # AVX2 8-bit: dot of (u - 128), so the offset shifts by 128
+    if sign_trick:
+        off -= 128.0
+    int32_acc = isa.vnni or sign_trick
+    acc_t = "int32" if int32_acc else "int16"
+    acc_lanes = L if int32_acc else 2 * L
     nib = T.int32(0x0F0F0F0F)
     del threads
 
+    # Every name bound inside the parallel loop is a ``T.let``: a plain TVMScript assignment is a
+    # mutable scalar that FlattenBuffer turns into a "local" buffer, which LowerTVMBuiltin
+    # allocates from the workspace pool on every work item (AllocWorkspace calls per tile).
+    # The accumulators are "global"-scope buffers for the same reason: constant-size ones under
+    # 1 KiB become stack allocas, which LLVM then keeps in registers.
     @T.macro
     def body(q, d, ds, codes, scales, mins, y, up, m):
-        row_tiles = (m + R - 1) // R
+        row_tiles: T.let[T.int64] = (m + R - 1) // R
         for item in T.parallel((NB // C) * row_tiles):
-            ct = item // row_tiles
-            r0 = item % row_tiles * R
-            facc = T.alloc_local((R, C, L), "float32")
-            iacc = T.alloc_local((R, C, acc_lanes), acc_t)
+            ct: T.let[T.int64] = item // row_tiles
+            r0: T.let[T.int64] = item % row_tiles * R
+            facc = T.alloc_buffer((R, C, L), "float32", scope="global")
+            iacc = T.alloc_buffer((R, C, acc_lanes), acc_t, scope="global")
             for r, c in T.grid(R, C):
                 for l in T.vectorized(L):
                     facc[r, c, l] = T.float32(0)
@@ -255,34 +288,39 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
                 if bits == 4:
                     for j in T.unroll(4):
                         for c in T.unroll(C):
-                            v = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
-                            lo = v & T.broadcast(nib, L)
-                            hi = T.shift_right(v, T.broadcast(T.int32(4), L)) & T.broadcast(nib, L)
+                            v: T.let[_I32X[L]] = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
+                            lo: T.let[_I32X[L]] = v & T.broadcast(nib, L)
+                            hi: T.let[_I32X[L]] = T.shift_right(v, T.broadcast(T.int32(4), L)) & T.broadcast(nib, L)
                             for r in T.unroll(R):
-                                row = T.min(r0 + r, m - 1)
-                                a_lo = T.broadcast(q[row, g * 8 + j], L)
-                                a_hi = T.broadcast(q[row, g * 8 + 4 + j], L)
+                                row: T.let[T.int64] = T.min(r0 + r, m - 1)
                                 iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
-                                    isa, _dot_update(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], lo, a_lo), hi, a_hi)
+                                    isa, _dot_update(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], lo,
+                                                     T.broadcast(q[row, g * 8 + j], L)),
+                                    hi, T.broadcast(q[row, g * 8 + 4 + j], L))
                 else:
                     for j in T.unroll(8):
                         for c in T.unroll(C):
-                            v8 = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
+                            v8: T.let[_I32X[L]] = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
                             for r in T.unroll(R):
-                                row = T.min(r0 + r, m - 1)
-                                iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
-                                    isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], v8, T.broadcast(q[row, g * 8 + j], L))
+                                row: T.let[T.int64] = T.min(r0 + r, m - 1)
+                                if sign_trick:
+                                    iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update8(
+                                        iacc[r, c, T.ramp(0, 1, acc_lanes)], v8, T.broadcast(q[row, g * 8 + j], L))
+                                else:
+                                    iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
+                                        isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], v8, T.broadcast(q[row, g * 8 + j], L))
                 for c in T.unroll(C):
-                    s = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
+                    s: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
                     for r in T.unroll(R):
-                        row = T.min(r0 + r, m - 1)
-                        dot = T.Cast(f"float32x{L}", _finish_dot(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)]))
-                        dg = T.broadcast(d[row, g], L)
-                        dsg = T.broadcast(ds[row, g], L)
+                        row: T.let[T.int64] = T.min(r0 + r, m - 1)
+                        dot: T.let[_F32X[L]] = T.Cast(f"float32x{L}", iacc[r, c, T.ramp(0, 1, acc_lanes)] if int32_acc
+                                                else _finish_dot(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)]))
+                        dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
+                        dsg: T.let[_F32X[L]] = T.broadcast(ds[row, g], L)
                         if off != 0.0:
-                            t = dot * dg - T.broadcast(T.float32(off), L) * dsg
+                            t: T.let[_F32X[L]] = dot * dg - T.broadcast(T.float32(off), L) * dsg
                         else:
-                            t = dot * dg
+                            t: T.let[_F32X[L]] = dot * dg
                         if has_mins:
                             facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
                                                            + T.Cast(f"float32x{L}", mins[ct * C + c, g // GS,
