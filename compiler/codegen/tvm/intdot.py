@@ -155,20 +155,28 @@ def quantize_rows_kernel(k: int, parallel: bool = True):
         with T.sblock("root"):  # RewriteDataflowReshape inspects one-input kernels' root block
             for r in (T.parallel(m) if parallel else T.serial(m)):
                 for g in range(G):
-                    amax = T.alloc_local((1,), "float32")
-                    qs = T.alloc_local((BLOCK,), "int32")
+                    # T.let and "global" (stack) buffers: see intdot_linear_kernel
+                    amax = T.alloc_buffer((1,), "float32", scope="global")
+                    qs = T.alloc_buffer((BLOCK,), "int32", scope="global")
+                    total = T.alloc_buffer((1,), "int32", scope="global")
+                    part = T.alloc_buffer((8,), "float32", scope="global")  # 8 lanes of |x| maxima
+                    for i in T.vectorized(8):
+                        part[i] = T.max(T.max(T.abs(x[r, g * BLOCK + i]), T.abs(x[r, g * BLOCK + 8 + i])),
+                                        T.max(T.abs(x[r, g * BLOCK + 16 + i]), T.abs(x[r, g * BLOCK + 24 + i])))
                     amax[0] = T.float32(0)
-                    for i in range(BLOCK):
-                        amax[0] = T.max(amax[0], T.abs(x[r, g * BLOCK + i]))
-                    scale = amax[0] / T.float32(127)
-                    inv = T.Select(amax[0] > T.float32(0), T.float32(127) / T.max(amax[0], T.float32(1e-30)),
-                                   T.float32(0))
+                    for i in range(8):
+                        amax[0] = T.max(amax[0], part[i])
+                    scale: T.let[T.float32] = amax[0] / T.float32(127)
+                    inv: T.let[T.float32] = T.Select(amax[0] > T.float32(0),
+                                                     T.float32(127) / T.max(amax[0], T.float32(1e-30)), T.float32(0))
                     for i in T.vectorized(BLOCK):
                         qs[i] = T.Cast("int32", T.round(x[r, g * BLOCK + i] * inv))
-                    total = T.alloc_local((1,), "int32")
+                    tpart = T.alloc_buffer((8,), "int32", scope="global")
+                    for i in T.vectorized(8):
+                        tpart[i] = qs[i] + qs[8 + i] + qs[16 + i] + qs[24 + i]
                     total[0] = 0
-                    for i in range(BLOCK):
-                        total[0] = total[0] + qs[i]
+                    for i in range(8):
+                        total[0] = total[0] + tpart[i]
                     for i in T.vectorized(BLOCK // 4):
                         q[r, g * 8 + i] = ((qs[4 * i] & 255) | T.shift_left(qs[4 * i + 1] & 255, 8)
                                            | T.shift_left(qs[4 * i + 2] & 255, 16) | T.shift_left(qs[4 * i + 3], 24))
