@@ -32,6 +32,17 @@ def _require_tvm():
     return tvm
 
 
+def write_safetensors(arrays: dict[str, np.ndarray], bf16: set, path: str) -> None:
+    """safetensors.numpy.save_file, except that the arrays named in ``bf16`` hold bfloat16 bits
+    (as uint16, numpy has no bfloat16) and are recorded as BF16, which the runtime reads back."""
+    from safetensors import serialize_file
+    from safetensors.numpy import TensorSpec
+
+    specs = {name: TensorSpec(dtype="bfloat16" if name in bf16 else a.dtype.name, shape=a.shape,
+                              data_ptr=a.ctypes.data, data_len=a.nbytes) for name, a in arrays.items()}
+    serialize_file(specs, path, metadata=None)
+
+
 def pack_weight(array: np.ndarray, pack: int) -> np.ndarray:
     """[N, K] → [N/pack, K, pack]: each block of ``pack`` output columns contiguous over K."""
     n, k = array.shape
@@ -173,17 +184,20 @@ class CpuTarget:
 
     @staticmethod
     def _write_weights(stage: str, weights: dict, module: Module, layout: dict) -> dict:
-        from safetensors.numpy import save_file
-
         from llmc.runtime import artifact
 
         from .tvm.intdot import repack_codes, repack_codes8, repack_groups
 
         packed, pack = set(layout["packed"]), layout["pack"]
         intdot = layout.get("intdot", {})
-        arrays, layouts = {}, {}
+        arrays, layouts, bf16 = {}, {}, set()
         for name in layout["weight_order"]:
             w = weights[name]
+            if hasattr(w, "detach") and str(w.dtype) == "torch.bfloat16":  # numpy has no bfloat16: keep the bits
+                import torch
+
+                bf16.add(name)
+                w = w.detach().cpu().contiguous().view(torch.uint16)
             array = w.detach().cpu().numpy() if hasattr(w, "detach") else np.asarray(w)
             kind = "plain"
             if name in packed:
@@ -198,9 +212,9 @@ class CpuTarget:
                     array = repack_codes8(array, info["lanes"], info["signed"])
                 kind = f"intdot{info['lanes']}-{info['role']}"
             arrays[name] = array.copy(order="C")  # (ascontiguousarray would turn 0-d into 1-d)
-            layouts[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "layout": kind,
-                             "origin": module.params[name].origin}
-        save_file(arrays, os.path.join(stage, artifact.WEIGHTS))
+            layouts[name] = {"shape": list(array.shape), "dtype": "bfloat16" if name in bf16 else str(array.dtype),
+                             "layout": kind, "origin": module.params[name].origin}
+        write_safetensors(arrays, bf16, os.path.join(stage, artifact.WEIGHTS))
         return layouts
 
     @staticmethod

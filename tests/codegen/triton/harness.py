@@ -1,7 +1,6 @@
 """Run one IR function (an op, a fused region, a paged step) through the Triton kernels the
 cuda/rocm code generator renders, under TRITON_INTERPRET=1 on CPU tensors."""
 
-import os
 import tempfile
 
 import pytest
@@ -21,11 +20,11 @@ def run_ir(text: str, inputs: dict, dims: dict, weights: dict = None, dtype: str
     """Lower ``text``'s @forward to a plan (step=False), run it, return (results, plan)."""
     module = parse_module(text)
     plan = lower_to_plan(module, PlanOptions(arch=arch, dtype=dtype), step=False)
-    src = tempfile.mkdtemp(prefix="llmc-triton-test-")
-    plan.write_sources(src)
-    kernels = load_kernels(src, sorted(plan.kernels), interpret=True)
-    runner = PlanRunner(plan.to_json(), weights or {}, 1, "cpu", lambda n, g, a: kernels[n][g](*a))
-    outs = runner.run(inputs, dims)
+    with tempfile.TemporaryDirectory(prefix="llmc-triton-test-") as src:
+        plan.write_sources(src)
+        kernels = load_kernels(src, sorted(plan.kernels), interpret=True)
+        runner = PlanRunner(plan.to_json(), weights or {}, 1, "cpu", lambda n, g, a: kernels[n][g](*a))
+        outs = runner.run(inputs, dims)
     return outs, plan
 
 
