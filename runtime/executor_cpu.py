@@ -146,6 +146,10 @@ class CpuExecutor:
                 if list(info["shape"]) != want["shape"]:
                     raise ArtifactError(f"weight {name} in {manifest.root} has shape {list(info['shape'])}, the "
                                         f"kernels expect {want['shape']}; compile the model again")
+                stored = SAFETENSORS_DTYPES.get(info["dtype"])
+                if stored is not None and "dtype" in want and np.dtype(stored).name != want["dtype"]:
+                    raise ArtifactError(f"weight {name} in {manifest.root} is {np.dtype(stored).name}, the kernels "
+                                        f"expect {want['dtype']}; compile the model again")
                 begin, end = info["data_offsets"]
                 array = aligned_empty(end - begin)
                 f.seek(base + begin)

@@ -62,6 +62,13 @@ def test_quantized_tiny_llama_matches_fake_quantized_hf(name, kernels, tmp_path,
         heads = [w for n, w in manifest["plan"]["weights"].items() if "lm_head" in n and n.endswith(".codes")]
         assert heads and all(w["layout"] == "intdot8-codes" for w in heads)
     tol = 2e-2 if intdot else 1e-3
+    # the VM checks the step's inputs and KV pools on every call, not the weights (num_input)
+    import tvm
+    from tvm import relax
+
+    text = relax.VMExecutable(tvm.runtime.load_module(str(tmp_path / "a" / "kernels" / "step.so"))).as_text()
+    decode = text.split("@decode:")[1].split("\n@")[0]
+    assert decode.count("vm.builtin.check_tensor_info") == 7 + 2 * manifest["kv_cache"]["layers"]
     engine = Engine.load(str(tmp_path / "a"))
     reference = fake_quantized(model, parse_scheme(name))
     g = torch.Generator().manual_seed(5)

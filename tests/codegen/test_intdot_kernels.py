@@ -75,8 +75,9 @@ SLOW = [(isa, layout) for isa in ISAS for layout in [(32, True, False), (64, Fal
 @pytest.mark.parametrize("isa,layout", [_case(i, lay) for i, lay in CASES] + [_case(i, lay, slow=True) for i, lay in SLOW])
 def test_gemv_and_gemm_equal_the_integer_scheme(isa, layout):
     group, signed, mins = layout
-    for m, decode in ((1, True), (13, False)):
-        got, exact, floats = run(isa, m, 64, 256, group, signed, mins, decode, seed=group + m)
+    # n = 512: the widest decode tile (8 blocks on AVX-512, 4 on AVX2); n = 64: the narrowest
+    for m, n, decode in ((1, 512, True), (1, 64, True), (13, 64, False)):
+        got, exact, floats = run(isa, m, n, 256, group, signed, mins, decode, seed=group + m + n)
         scale = 1 + np.abs(exact).max()
         assert np.abs(got - exact).max() <= 1e-5 * scale
         # activation quantization: |x - q d| <= d / 2 per element, relative ~ 1/254 of a block's max
@@ -115,6 +116,12 @@ def test_register_tiles_fit_the_register_file():
     r2, c2 = intdot.tiles(narrow, 3072, decode=False)
     assert 2 * r * c + 2 * c <= 24 and 2 * r2 * c2 + 2 * c2 <= 12 and r * c > r2 * c2
     assert intdot.tiles(wide, 3072, decode=True)[0] == 1
+    # decode: as wide as the registers hold (two accumulators a block + 6 shared), >= 4 items
+    assert intdot.tiles(wide, 1536, decode=True) == (1, 8) and intdot.tiles(narrow, 1536, decode=True) == (1, 4)
+    for spec in (wide, narrow):
+        for n in (192, 576, 1536, 49152):
+            _, c = intdot.tiles(spec, n, decode=True)
+            assert 2 * c + 6 <= spec.registers and (n // spec.lanes) % c == 0 and n // spec.lanes // c >= 4
 
 
 @pytest.mark.parametrize("isa", [_case("avx512vnni"), _case("avx2")])
@@ -241,3 +248,4 @@ def test_code_at_reads_the_repacked_layout(bits, signed):
     y = tvm.runtime.tensor(np.zeros((n, k), np.int32))
     f(tvm.runtime.tensor(packed), y)
     assert np.array_equal(y.numpy(), raw.numpy() + intdot.code_offset(bits, signed))
+

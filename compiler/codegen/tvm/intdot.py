@@ -226,18 +226,22 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
     registers stay for broadcasts and scales. Of equal tiles the taller one wins (AVX2: 4x1
     over 2x2, measured ~5-10% faster: a code vector's unpacking serves more rows, and the
     activation broadcasts it no longer shares are loads). Decode (one row) widens the tile
-    instead, so each activation broadcast feeds more columns; 8-bit codes (the LM head) stream
-    one column block at a time (1x1 measured 1.3-2x faster than 1x2 at 49152 x 576, AVX2 and
-    VNNI alike)."""
+    instead, as wide as the registers hold (a block's two accumulators, plus ~6 shared: the
+    code vector pair, two broadcasts, the nibble mask): each activation broadcast and each
+    group's scale step then serve more columns, and the one-row GEMV runs on instruction
+    throughput, not only memory (one thread, SmolLM2's shapes: AVX-512 8 blocks 20-30% faster
+    than 4, AVX2 4 blocks 1.4-1.7x faster than 2), keeping at least 4 work items for the
+    threads. 8-bit codes (the LM head) stream one column block at a time (1x1 measured 1.3-2x
+    faster than 1x2 at 49152 x 576, AVX2 and VNNI alike)."""
     blocks = n // isa.lanes
-    budget = isa.registers * 3 // 4
     if decode:
         if bits == 8:
             return 1, 1
-        for c in (4, 2, 1):
-            if blocks % c == 0 and blocks // c >= 4 and 2 * c + 2 * c <= budget:
+        for c in (8, 6, 4, 2, 1):
+            if blocks % c == 0 and blocks // c >= 4 and 2 * c + 6 <= isa.registers:
                 return 1, c
         return 1, 1
+    budget = isa.registers * 3 // 4
     best = (1, 1)
     for c in (1, 2):
         if blocks % c:
@@ -257,6 +261,93 @@ def _silu(v):
     return v * tir.Select(v >= tir.const(0.0, "float32"), one / (one + e), e / (one + e))
 
 
+def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool, has_mins: bool, bits: int,
+                glu: bool):
+    """The work of one parallel item: R rows from r0 x C column blocks from block ct * C, over all
+    of K; ``glu``: y = silu(x · w) * up instead of y = x · w.
+
+    Every name bound here is a ``T.let``: a plain TVMScript assignment is a mutable scalar that
+    FlattenBuffer turns into a "local" buffer, which LowerTVMBuiltin allocates from the
+    workspace pool on every work item (AllocWorkspace calls per tile: the AVX2 prefill GEMM ran
+    6x slower). The accumulators are "global"-scope buffers for the same reason: constant-size
+    ones under 1 KiB become stack allocas, which LLVM keeps in registers."""
+    L = isa.lanes
+    G, GS = k // BLOCK, group // BLOCK
+    off = float(code_offset(bits, signed))
+    sign_trick = bits == 8 and not isa.vnni  # AVX2 8-bit: dot of (u - 128), so the offset shifts by 128
+    if sign_trick:
+        off -= 128.0
+    int32_acc = isa.vnni or sign_trick
+    acc_t = "int32" if int32_acc else "int16"
+    acc_lanes = L if int32_acc else 2 * L
+    nib = T.int32(0x0F0F0F0F)
+
+    @T.macro
+    def tile(q, d, ds, codes, scales, mins, y, up, m, ct, r0):
+        facc = T.alloc_buffer((R, C, L), "float32", scope="global")
+        iacc = T.alloc_buffer((R, C, acc_lanes), acc_t, scope="global")
+        for r, c in T.grid(R, C):
+            for l in T.vectorized(L):
+                facc[r, c, l] = T.float32(0)
+        for g in range(G):
+            for r, c in T.grid(R, C):
+                for l in T.vectorized(acc_lanes):
+                    iacc[r, c, l] = T.Cast(acc_t, 0)
+            if bits == 4:
+                for j in T.unroll(4):
+                    for c in T.unroll(C):
+                        v: T.let[_I32X[L]] = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
+                        lo: T.let[_I32X[L]] = v & T.broadcast(nib, L)
+                        hi: T.let[_I32X[L]] = T.shift_right(v, T.broadcast(T.int32(4), L)) & T.broadcast(nib, L)
+                        for r in T.unroll(R):
+                            row: T.let[T.int64] = T.min(r0 + r, m - 1)
+                            iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
+                                isa, _dot_update(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], lo,
+                                                 T.broadcast(q[row, g * 8 + j], L)),
+                                hi, T.broadcast(q[row, g * 8 + 4 + j], L))
+            else:
+                for j in T.unroll(8):
+                    for c in T.unroll(C):
+                        v8: T.let[_I32X[L]] = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
+                        for r in T.unroll(R):
+                            row: T.let[T.int64] = T.min(r0 + r, m - 1)
+                            if sign_trick:
+                                iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update8(
+                                    iacc[r, c, T.ramp(0, 1, acc_lanes)], v8, T.broadcast(q[row, g * 8 + j], L))
+                            else:
+                                iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
+                                    isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], v8, T.broadcast(q[row, g * 8 + j], L))
+            for c in T.unroll(C):
+                s: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
+                for r in T.unroll(R):
+                    row: T.let[T.int64] = T.min(r0 + r, m - 1)
+                    dot: T.let[_F32X[L]] = T.Cast(f"float32x{L}", iacc[r, c, T.ramp(0, 1, acc_lanes)] if int32_acc
+                                                  else _finish_dot(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)]))
+                    dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
+                    dsg: T.let[_F32X[L]] = T.broadcast(ds[row, g], L)
+                    if off != 0.0:
+                        t: T.let[_F32X[L]] = dot * dg - T.broadcast(T.float32(off), L) * dsg
+                    else:
+                        t: T.let[_F32X[L]] = dot * dg
+                    if has_mins:
+                        facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
+                                                       + T.Cast(f"float32x{L}", mins[ct * C + c, g // GS,
+                                                                                     T.ramp(0, 1, L)]) * dsg)
+                    else:
+                        facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s * t
+        for r in T.unroll(R):
+            if r0 + r < m:
+                for c in T.unroll(C):
+                    for l in T.vectorized(L):
+                        if glu:
+                            y[r0 + r, (ct * C + c) * L + l] = (_silu(facc[r, c, l])
+                                                               * up[r0 + r, (ct * C + c) * L + l])
+                        else:
+                            y[r0 + r, (ct * C + c) * L + l] = facc[r, c, l]
+
+    return tile
+
+
 def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: bool, has_mins: bool,
                          scale_dtype: str, decode: bool, threads: int = 2, glu: bool = False, bits: int = 4):
     """y f32 [M, N] = x · w for 4-bit codes in the repacked layout, x given by ``quantize_rows``;
@@ -267,89 +358,16 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
     Rows past M re-read the last row and are not written."""
     L = isa.lanes
     R, C = tiles(isa, n, decode, bits)
-    G, NB, GS = k // BLOCK, n // L, group // BLOCK
-    off = float(code_offset(bits, signed))
+    G, NB = k // BLOCK, n // L
     W = bits * L  # int32 words of codes per column block and 32-block
-    sign_trick = bits == 8 and not isa.vnni  # AVX2 8-bit: dot of (u - 128), so the offset shifts by 128
-    if sign_trick:
-        off -= 128.0
-    int32_acc = isa.vnni or sign_trick
-    acc_t = "int32" if int32_acc else "int16"
-    acc_lanes = L if int32_acc else 2 * L
-    nib = T.int32(0x0F0F0F0F)
+    tile = _tile_macro(isa, R, C, k, group, signed, has_mins, bits, glu)
     del threads
 
-    # Every name bound inside the parallel loop is a ``T.let``: a plain TVMScript assignment is a
-    # mutable scalar that FlattenBuffer turns into a "local" buffer, which LowerTVMBuiltin
-    # allocates from the workspace pool on every work item (AllocWorkspace calls per tile).
-    # The accumulators are "global"-scope buffers for the same reason: constant-size ones under
-    # 1 KiB become stack allocas, which LLVM then keeps in registers.
     @T.macro
     def body(q, d, ds, codes, scales, mins, y, up, m):
-        row_tiles: T.let[T.int64] = (m + R - 1) // R
+        row_tiles: T.let[T.int64] = (m + R - 1) // R  # T.let: see _tile_macro
         for item in T.parallel((NB // C) * row_tiles):
-            ct: T.let[T.int64] = item // row_tiles
-            r0: T.let[T.int64] = item % row_tiles * R
-            facc = T.alloc_buffer((R, C, L), "float32", scope="global")
-            iacc = T.alloc_buffer((R, C, acc_lanes), acc_t, scope="global")
-            for r, c in T.grid(R, C):
-                for l in T.vectorized(L):
-                    facc[r, c, l] = T.float32(0)
-            for g in range(G):
-                for r, c in T.grid(R, C):
-                    for l in T.vectorized(acc_lanes):
-                        iacc[r, c, l] = T.Cast(acc_t, 0)
-                if bits == 4:
-                    for j in T.unroll(4):
-                        for c in T.unroll(C):
-                            v: T.let[_I32X[L]] = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
-                            lo: T.let[_I32X[L]] = v & T.broadcast(nib, L)
-                            hi: T.let[_I32X[L]] = T.shift_right(v, T.broadcast(T.int32(4), L)) & T.broadcast(nib, L)
-                            for r in T.unroll(R):
-                                row: T.let[T.int64] = T.min(r0 + r, m - 1)
-                                iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
-                                    isa, _dot_update(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], lo,
-                                                     T.broadcast(q[row, g * 8 + j], L)),
-                                    hi, T.broadcast(q[row, g * 8 + 4 + j], L))
-                else:
-                    for j in T.unroll(8):
-                        for c in T.unroll(C):
-                            v8: T.let[_I32X[L]] = codes[ct * C + c, g, T.ramp(j * L, 1, L)]
-                            for r in T.unroll(R):
-                                row: T.let[T.int64] = T.min(r0 + r, m - 1)
-                                if sign_trick:
-                                    iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update8(
-                                        iacc[r, c, T.ramp(0, 1, acc_lanes)], v8, T.broadcast(q[row, g * 8 + j], L))
-                                else:
-                                    iacc[r, c, T.ramp(0, 1, acc_lanes)] = _dot_update(
-                                        isa, iacc[r, c, T.ramp(0, 1, acc_lanes)], v8, T.broadcast(q[row, g * 8 + j], L))
-                for c in T.unroll(C):
-                    s: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
-                    for r in T.unroll(R):
-                        row: T.let[T.int64] = T.min(r0 + r, m - 1)
-                        dot: T.let[_F32X[L]] = T.Cast(f"float32x{L}", iacc[r, c, T.ramp(0, 1, acc_lanes)] if int32_acc
-                                                else _finish_dot(isa, iacc[r, c, T.ramp(0, 1, acc_lanes)]))
-                        dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
-                        dsg: T.let[_F32X[L]] = T.broadcast(ds[row, g], L)
-                        if off != 0.0:
-                            t: T.let[_F32X[L]] = dot * dg - T.broadcast(T.float32(off), L) * dsg
-                        else:
-                            t: T.let[_F32X[L]] = dot * dg
-                        if has_mins:
-                            facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
-                                                           + T.Cast(f"float32x{L}", mins[ct * C + c, g // GS,
-                                                                                         T.ramp(0, 1, L)]) * dsg)
-                        else:
-                            facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s * t
-            for r in T.unroll(R):
-                if r0 + r < m:
-                    for c in T.unroll(C):
-                        for l in T.vectorized(L):
-                            if glu:
-                                y[r0 + r, (ct * C + c) * L + l] = (_silu(facc[r, c, l])
-                                                                   * up[r0 + r, (ct * C + c) * L + l])
-                            else:
-                                y[r0 + r, (ct * C + c) * L + l] = facc[r, c, l]
+            tile(q, d, ds, codes, scales, mins, y, up, m, item // row_tiles, item % row_tiles * R)
 
     if glu:
         @T.prim_func(private=True, check_well_formed=False)

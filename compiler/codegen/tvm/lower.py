@@ -528,7 +528,11 @@ def lower_function(bb: relax.BlockBuilder, module: Module, name: str, geom: Cach
         weights[wname] = relax.Var("w_" + wname.replace(".", "_"), relax.TensorType(shape, wdtype))
     step_names = list(STEP_ARGS) + (["state_slots"] if "state_slots" in args else [])
     params = [args[n] for n in step_names] + list(pools.values()) + list(states.values()) + list(weights.values())
-    with bb.function(name, params, attrs={"global_symbol": name}):
+    # num_input: the VM checks the step's inputs and pools on every call but not the weights'
+    # static shapes (~1.4k builtin calls a step); the runtime checks each weight's shape and
+    # dtype once at load, and every kernel still asserts its buffers' shapes.
+    inputs = len(params) - len(weights)
+    with bb.function(name, params, attrs={"global_symbol": name, "num_input": inputs}):
         with bb.dataflow():
             low = _FunctionLowering(bb, module, dims, packed, intdot or {}, weights, geom, attention,
                                     isinstance(tokens, int), blocks, backend)

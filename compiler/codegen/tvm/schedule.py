@@ -26,6 +26,7 @@ log = logging.getLogger("llmc.codegen")
 
 from .kernels import ROW_TILE as ROWS
 VECTOR = 16
+SERIAL_EXTENT = 1 << 15  # elements of a decode-step kernel below which it runs without the thread pool
 
 
 def _is_reduction(sch: Schedule, block) -> bool:
@@ -70,19 +71,25 @@ def _root(sch: Schedule):
         return None
 
 
-def _parallel_vectorize(sch: Schedule, block) -> None:
-    """Fuse the spatial loops, run the outer part in parallel and vectorize the inner part."""
+def _parallel_vectorize(sch: Schedule, block, decode: bool = False) -> None:
+    """Fuse the spatial loops, run the outer part in parallel and vectorize the inner part.
+    ``decode``: a kernel of the one-token step whose static extent is at most SERIAL_EXTENT
+    runs on the calling thread (waking the pool costs 1-8 us a launch, the work well under 1)."""
     loops = sch.get_loops(block)
     n_spatial = _spatial_loop_count(sch, block)
     if n_spatial == 0:
         return
     spatial = loops[:n_spatial]
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    extent = _extent(sch, fused)
+    serial = decode and extent is not None and extent <= SERIAL_EXTENT
     if _is_reduction(sch, block):
-        sch.parallel(fused)
+        if not serial:
+            sch.parallel(fused)
         return
     outer, inner = sch.split(fused, [None, VECTOR])
-    sch.parallel(outer)
+    if not serial:
+        sch.parallel(outer)
     _try(sch.vectorize, inner)
 
 
@@ -162,7 +169,7 @@ def schedule_primfunc(func: tir.PrimFunc, decode: bool) -> tir.PrimFunc:
         name = sch.get(b).name_hint
         if name.startswith("linear") or sch.get_loops(b) == [] or _scheduled(sch, b):
             continue
-        _try(_parallel_vectorize, sch, b)
+        _try(_parallel_vectorize, sch, b, decode)
     return sch.mod["main"]
 
 
