@@ -28,17 +28,24 @@ def fake_quantized(model, scheme):
     return model
 
 
-@pytest.mark.parametrize("name,kernels", [("q4_g32", "intdot"), pytest.param("q4_g32", "float", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name,kernels", [("q4_g32", "intdot"), ("q4_g32", "intdot-v3"),
+                                          pytest.param("q4_g32", "float", marks=pytest.mark.slow),
                                           pytest.param("q8a_g32", "float", marks=pytest.mark.slow)])
 def test_quantized_tiny_llama_matches_fake_quantized_hf(name, kernels, tmp_path, monkeypatch):
     """float kernels: logits within 1e-3 and greedy tokens equal. Integer kernels (the default
     on x86 with AVX2 or better: 4-bit linears on int8 activation blocks) carry the activation
     quantization error (~1% of the logits' scale), so they are held to that instead; greedy
-    equality is left to SmolLM2 (a random tiny model's logits are near-ties)."""
+    equality is left to SmolLM2 (a random tiny model's logits are near-ties). ``intdot-v3``: the
+    x86-64-v3 build, whose AVX2 kernels (vpmaddubsw, the 8-bit LM head by the sign trick) run on
+    any x86-64 host with AVX2."""
+    if kernels == "intdot-v3" and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("host lacks AVX2")
     if kernels == "float":
         monkeypatch.setenv("LLMC_NO_INTDOT", "1")
     model = tiny_model("llama")
-    compile_cpu(import_hf_model(model), tmp_path / "a", max_seq_len=128, cache_dir=tmp_path / "cache", quant=name)
+    mcpu = "x86-64-v3" if kernels == "intdot-v3" else None
+    compile_cpu(import_hf_model(model), tmp_path / "a", max_seq_len=128, cache_dir=tmp_path / "cache", quant=name,
+                mcpu=mcpu)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["model"]["quant"] == name
     text = json.dumps(manifest)
@@ -48,8 +55,12 @@ def test_quantized_tiny_llama_matches_fake_quantized_hf(name, kernels, tmp_path,
     from llmc.compiler.codegen.llvm_cpu import resolve_cpu
     from llmc.compiler.codegen.tvm.intdot import int_dot_isa
 
-    intdot = kernels == "intdot" and int_dot_isa(resolve_cpu(None).arch, resolve_cpu(None).required_flags) is not None
+    built = resolve_cpu(mcpu)
+    intdot = kernels.startswith("intdot") and int_dot_isa(built.arch, built.required_flags) is not None
     assert any(lay.startswith("intdot") for lay in layouts) == intdot
+    if kernels == "intdot-v3":  # the 8-bit LM head too, on AVX2's sign-trick kernel
+        heads = [w for n, w in manifest["plan"]["weights"].items() if "lm_head" in n and n.endswith(".codes")]
+        assert heads and all(w["layout"] == "intdot8-codes" for w in heads)
     tol = 2e-2 if intdot else 1e-3
     # the VM checks the step's inputs and KV pools on every call, not the weights (num_input)
     import tvm

@@ -14,11 +14,15 @@ from llmc.compiler.codegen.tvm import intdot
 from llmc.compiler.ir.quant import code_range, dequantize, pack_codes
 from llmc.runtime.cpu_features import host_mcpu
 
+HOST_FLAGS = set(open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split())
 ISAS = {"avx512vnni": ("znver4", intdot.IntDotIsa("avx512vnni", 16, 32)),
         "avx512bw": ("skylake-avx512", intdot.IntDotIsa("avx512bw", 16, 32)),
+        # ymm vpdpbusd: the VEX form (AVX-VNNI) where the host has it, else the EVEX form of
+        # AVX-512 VNNI + VL, the same instruction on the same registers
+        "avxvnni": ("alderlake" if "avx_vnni" in HOST_FLAGS else "znver4", intdot.IntDotIsa("avxvnni", 8, 16)),
         "avx2": ("x86-64-v3", intdot.IntDotIsa("avx2", 8, 16))}
-HOST_FLAGS = set(open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split())
-NEEDS = {"avx512vnni": {"avx512_vnni", "avx512bw"}, "avx512bw": {"avx512bw"}, "avx2": {"avx2"}}
+NEEDS = {"avx512vnni": {"avx512_vnni", "avx512bw"}, "avx512bw": {"avx512bw"}, "avx2": {"avx2"},
+         "avxvnni": {"avx_vnni"} if "avx_vnni" in HOST_FLAGS else {"avx512_vnni", "avx512vl"}}
 
 
 def _case(isa, *rest, slow=False):
@@ -184,27 +188,85 @@ def test_gated_mlp_epilogue(isa):
     assert np.abs(y.numpy() - want).max() <= 2e-2 * (1 + np.abs(want).max())
 
 
-@pytest.mark.skipif(not NEEDS["avx512vnni"] <= HOST_FLAGS, reason="host lacks avx512vnni")
-@pytest.mark.parametrize("signed", [True, False])
-def test_8bit_codes_on_vnni(signed):
-    """Q8_0-style 8-bit codes (the LM head of a 4-bit file) on vpdpbusd: stored +128 if signed."""
-    mcpu, spec = ISAS["avx512vnni"]
-    m, n, k = 3, 64, 128
-    g = torch.Generator().manual_seed(13)
+@pytest.mark.parametrize("isa,signed", [_case(i, sg) for i in ("avx512vnni", "avxvnni", "avx2") for sg in (True, False)])
+def test_8bit_codes(isa, signed):
+    """Q8_0-style 8-bit codes (the LM head of a 4-bit file), stored +128 if signed: vpdpbusd on
+    VNNI, the psignb/pmaddubsw/pmaddwd sign trick on AVX2; GEMM and GEMV tiles."""
+    mcpu, spec = ISAS[isa]
+    n, k, L = 64, 128, spec.lanes
+    g = torch.Generator().manual_seed(13 + signed)
     lo, hi = code_range(8, signed)
     codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), 8, signed)
     scales = (torch.rand(n, k // 32, generator=g) * 0.01).half()
-    x = torch.randn(m, k, generator=g)
+    mn = None if signed else (torch.randn(n, k // 32, generator=g) * 0.5).half()
+    s = tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), L))
+    mins = s if signed else tvm.runtime.tensor(intdot.repack_groups(mn.numpy(), L))
+    w = tvm.runtime.tensor(intdot.repack_codes8(codes.numpy(), L, signed))
     qf = _compile(intdot.quantize_rows_kernel(k), mcpu)
-    lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, signed, False, "float16", False, bits=8), mcpu)
-    bufs = [tvm.runtime.tensor(np.zeros(s, dt)) for s, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
-                                                               ((m, k // 32), np.float32))]
-    qf(tvm.runtime.tensor(x.numpy()), *bufs)
-    s = tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), 16))
-    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-    lf(*bufs, tvm.runtime.tensor(intdot.repack_codes8(codes.numpy(), 16, signed)), s, s, y)
-    want = (x @ dequantize(codes, scales, None, bits=8, group_size=32, signed=signed).T).numpy()
-    assert np.abs(y.numpy() - want).max() <= 2e-2 * (1 + np.abs(want).max())
+    for m, decode in ((3, False), (1, True)):
+        x = torch.randn(m, k, generator=g)
+        lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, signed, not signed, "float16", decode, bits=8), mcpu)
+        bufs = [tvm.runtime.tensor(np.zeros(sh, dt)) for sh, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
+                                                                    ((m, k // 32), np.float32))]
+        qf(tvm.runtime.tensor(x.numpy()), *bufs)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lf(*bufs, w, s, mins, y)
+        want = (x @ dequantize(codes, scales, mn, bits=8, group_size=32, signed=signed).T).numpy()
+        assert np.abs(y.numpy() - want).max() <= 2e-2 * (1 + np.abs(want).max())
+
+
+SATURATION = [("avx2", 4, False), ("avx2", 4, True), ("avx2", 8, True), ("avx2", 8, False),
+              ("avx512bw", 4, False), ("avx512vnni", 8, True)]
+SATURATION_SLOW = [("avx512bw", 4, True), ("avx512vnni", 4, False), ("avx512vnni", 8, False),
+                   ("avxvnni", 4, False), ("avxvnni", 8, True), ("avxvnni", 8, False)]
+
+
+@pytest.mark.parametrize("isa,bits,signed", [_case(*c) for c in SATURATION] + [_case(*c, slow=True) for c in SATURATION_SLOW])
+def test_extreme_codes_and_activations_sum_exactly(isa, bits, signed):
+    """The int16 bounds of the pmaddubsw paths: codes at both ends of their range (4-bit 15 and 0,
+    or -8 and 7; 8-bit 255 and 0, or -128 and 127) against activations of +-127 in every lane
+    (the quantize kernel's range: |round(x * 127 / max|x|)| <= 127). With unit scales every
+    product and sum is an integer float32 holds exactly, so a saturated or wrapped int16 shows
+    as an error of thousands; the result must be exact."""
+    mcpu, spec = ISAS[isa]
+    n, k, L = 32, 128, spec.lanes
+    lo, hi = code_range(bits, signed)
+    rng = np.random.default_rng(bits * 2 + signed)
+    raw = np.empty((n, k), np.int32)
+    raw[0::4] = hi
+    raw[1::4] = lo
+    raw[2::4] = np.where(np.arange(k) % 2 == 0, hi, lo)
+    raw[3::4] = rng.integers(lo, hi + 1, (n // 4, k))
+    q = np.empty((5, k), np.int8)
+    q[0], q[1] = 127, -127
+    q[2] = np.where(np.arange(k) % 2 == 0, 127, -127)
+    q[3] = -q[2]
+    q[4] = rng.integers(-127, 128, k)
+    m = q.shape[0]
+    codes = pack_codes(torch.from_numpy(raw), bits, signed).numpy()
+    ones = np.ones((n, k // 32), np.float16)
+    mins = np.full((n, k // 32), 0.5, np.float16)  # exercises the min term exactly (half-integers)
+    w = intdot.repack_codes(codes, L) if bits == 4 else intdot.repack_codes8(codes, L, signed)
+    qsum = q.astype(np.float32).reshape(m, k // 32, 32).sum(-1)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(q).view(np.int32)), tvm.runtime.tensor(np.ones((m, k // 32), np.float32)),
+            tvm.runtime.tensor(qsum), tvm.runtime.tensor(w), tvm.runtime.tensor(intdot.repack_groups(ones, L)),
+            tvm.runtime.tensor(intdot.repack_groups(mins, L))]
+    want = q.astype(np.int64) @ raw.T.astype(np.int64) + (0 if signed else 0.5 * qsum.sum(-1, keepdims=True))
+    for rows, decode in ((m, False), (1, True)):
+        lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, signed, not signed, "float16", decode, bits=bits), mcpu)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lf(*args, y)
+        assert np.array_equal(y.numpy()[:rows], want[:rows].astype(np.float32)), (rows, np.abs(y.numpy()[:rows] - want[:rows]).max())
+
+
+def test_avx_vnni_emits_ymm_vpdpbusd():
+    """An AVX-VNNI CPU (Alder Lake and later; no AVX-512) gets the VEX vpdpbusd on ymm registers."""
+    isa = intdot.int_dot_isa("x86_64", resolve_cpu("alderlake").required_flags)
+    assert isa is not None and isa.name == "avxvnni" and isa.lanes == 8
+    f = intdot.intdot_linear_kernel(isa, 64, 128, 32, False, True, "float16", False)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "num-cores": 2})
+    asm = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target).mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "%ymm" in asm and "%zmm" not in asm and "vpmaddubsw" not in asm
 
 
 @pytest.mark.parametrize("bits,signed", [(4, False), (4, True), (8, True)])

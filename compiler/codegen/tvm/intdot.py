@@ -35,19 +35,26 @@ from tvm import tirx as tir
 from tvm.script import tirx as T
 
 BLOCK = 32  # activations quantized per block of 32 along K
+_F32X = {8: T.float32x8, 16: T.float32x16}
 
 
 @dataclass(frozen=True)
 class IntDotIsa:
     """How this CPU multiplies u8 x s8 into int32 lanes."""
 
-    name: str        # "avx512vnni", "avx512bw" or "avx2"
+    name: str        # "avx512vnni", "avx512bw", "avxvnni" or "avx2"
     lanes: int       # int32 lanes per vector = output columns per weight block
     registers: int   # vector registers (decides the register tile)
 
     @property
     def bits(self) -> int:
         return self.lanes * 32
+
+    @property
+    def vnni(self) -> bool:
+        """``vpdpbusd`` (u8 x s8 summed into int32 in one instruction): AVX-512 VNNI on zmm,
+        AVX-VNNI on ymm (Alder Lake and later, Zen 5)."""
+        return self.name in ("avx512vnni", "avxvnni")
 
 
 def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
@@ -59,6 +66,8 @@ def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
         return IntDotIsa("avx512vnni", 16, 32)
     if "avx512bw" in flags:
         return IntDotIsa("avx512bw", 16, 32)
+    if {"avx_vnni", "avx2"} <= flags:
+        return IntDotIsa("avxvnni", 8, 16)
     if "avx2" in flags:
         return IntDotIsa("avx2", 8, 16)
     return None
@@ -66,9 +75,10 @@ def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
 
 def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
     """Whether a quantized_linear of this layout and shape runs on the integer kernels: 4-bit
-    codes everywhere; 8-bit only with VNNI (``vpmaddubsw`` would saturate int16 on codes up
-    to 255, ``vpdpbusd`` sums into int32)."""
-    ok_bits = bits == 4 or (bits == 8 and isa is not None and isa.name == "avx512vnni")
+    codes everywhere; 8-bit with VNNI (``vpdpbusd`` sums into int32) or AVX2 (the sign trick of
+    ``_dot_update8``); AVX-512BW has no 512-bit ``psignb``, and ``vpmaddubsw`` alone would
+    saturate int16 on codes up to 255."""
+    ok_bits = bits == 4 or (bits == 8 and isa is not None and (isa.vnni or isa.name == "avx2"))
     return (isa is not None and ok_bits and group % BLOCK == 0 and isinstance(n, int) and isinstance(k, int)
             and n % isa.lanes == 0 and k % group == 0)
 
@@ -144,88 +154,122 @@ def quantize_rows_kernel(k: int, parallel: bool = True):
         with T.sblock("root"):  # RewriteDataflowReshape inspects one-input kernels' root block
             for r in (T.parallel(m) if parallel else T.serial(m)):
                 for g in range(G):
-                    # the block's max |x| and code sum as vector reductions (llvm.vector.reduce.*),
-                    # not chains of 32 scalar steps. |x| as integer bits (sign cleared) orders like
-                    # the floats, and an integer max reduces in vector registers, where a float
-                    # max (NaN rules, no fast-math) stays a scalar chain.
-                    bits = T.reinterpret(f"int32x{BLOCK}", x[r, T.ramp(g * BLOCK, 1, BLOCK)]) & T.broadcast(
-                        T.int32(0x7FFFFFFF), BLOCK)
-                    amax = T.reinterpret("float32", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.smax", bits))
-                    scale = amax / T.float32(127)
-                    inv = T.Select(amax > T.float32(0), T.float32(127) / T.max(amax, T.float32(1e-30)), T.float32(0))
-                    qs = T.alloc_local((BLOCK,), "int32")
+                    # T.let and "global" (stack) buffers: see intdot_linear_kernel
+                    amax = T.alloc_buffer((1,), "float32", scope="global")
+                    qs = T.alloc_buffer((BLOCK,), "int32", scope="global")
+                    total = T.alloc_buffer((1,), "int32", scope="global")
+                    part = T.alloc_buffer((8,), "float32", scope="global")  # 8 lanes of |x| maxima
+                    for i in T.vectorized(8):
+                        part[i] = T.max(T.max(T.abs(x[r, g * BLOCK + i]), T.abs(x[r, g * BLOCK + 8 + i])),
+                                        T.max(T.abs(x[r, g * BLOCK + 16 + i]), T.abs(x[r, g * BLOCK + 24 + i])))
+                    amax[0] = T.float32(0)
+                    for i in range(8):
+                        amax[0] = T.max(amax[0], part[i])
+                    scale: T.let[T.float32] = amax[0] / T.float32(127)
+                    inv: T.let[T.float32] = T.Select(amax[0] > T.float32(0),
+                                                     T.float32(127) / T.max(amax[0], T.float32(1e-30)), T.float32(0))
                     for i in T.vectorized(BLOCK):
                         qs[i] = T.Cast("int32", T.round(x[r, g * BLOCK + i] * inv))
-                    total = T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", qs[T.ramp(0, 1, BLOCK)])
+                    tpart = T.alloc_buffer((8,), "int32", scope="global")
+                    for i in T.vectorized(8):
+                        tpart[i] = qs[i] + qs[8 + i] + qs[16 + i] + qs[24 + i]
+                    total[0] = 0
+                    for i in range(8):
+                        total[0] = total[0] + tpart[i]
                     for i in T.vectorized(BLOCK // 4):
                         q[r, g * 8 + i] = ((qs[4 * i] & 255) | T.shift_left(qs[4 * i + 1] & 255, 8)
                                            | T.shift_left(qs[4 * i + 2] & 255, 16) | T.shift_left(qs[4 * i + 3], 24))
                     d[r, g] = scale
-                    ds[r, g] = scale * T.Cast("float32", total)
+                    ds[r, g] = scale * T.Cast("float32", total[0])
 
     return quantize_rows
 
 
 def _dot_update(isa: IntDotIsa, acc, codes_i32, act_i32):
-    """acc (int32 lanes; int16 pairs for the pmaddubsw ISAs) += codes (u8) x act (s8)."""
+    """acc (int32 lanes; int16 pairs for the pmaddubsw ISAs) += codes (u8) x act (s8), 4-bit codes
+    or VNNI. int16 accumulation is exact for up to 8 updates per 32-block: a pair sum is at most
+    2 * 15 * 127 = 3810 (activations lie in [-127, 127], ``quantize_rows``), 8 of them 30480 < 2^15."""
     L = isa.lanes
     c8 = T.reinterpret(f"int8x{4 * L}", codes_i32)
     a8 = T.reinterpret(f"int8x{4 * L}", act_i32)
-    if isa.name == "avx512vnni":
-        return T.call_llvm_pure_intrin(f"int32x{L}", "llvm.x86.avx512.vpdpbusd.512", acc, c8, a8)
+    if isa.vnni:
+        return T.call_llvm_pure_intrin(f"int32x{L}", f"llvm.x86.avx512.vpdpbusd.{isa.bits}", acc, c8, a8)
     name = "llvm.x86.avx512.pmaddubs.w.512" if L == 16 else "llvm.x86.avx2.pmadd.ub.sw"
     return acc + T.call_llvm_pure_intrin(f"int16x{2 * L}", name, c8, a8)
 
 
-def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row):
-    """One (row, column block, 32-block) integer dot product as a single expression: the
-    accumulator chain lives in registers only (no accumulator array that LLVM zeroes with
-    memset and reloads from the stack every group)."""
-    L = isa.lanes
-    acc_t, acc_lanes = ("int32", L) if isa.name == "avx512vnni" else ("int16", 2 * L)
-    acc = tir.Broadcast(tir.const(0, acc_t), acc_lanes)
-    if bits == 4:
-        nib = tir.Broadcast(tir.const(0x0F0F0F0F, "int32"), L)
-        four = tir.Broadcast(tir.const(4, "int32"), L)
-        for j in range(4):
-            v = tir.BufferLoad(codes, [block, g, tir.Ramp(tir.const(j * L, "int64"), tir.const(1, "int64"), L)])
-            lo, hi = v & nib, tir.shift_right(v, four) & nib
-            acc = _dot_update(isa, acc, lo, tir.Broadcast(q[row, g * 8 + j], L))
-            acc = _dot_update(isa, acc, hi, tir.Broadcast(q[row, g * 8 + 4 + j], L))
-    else:
-        for j in range(8):
-            v = tir.BufferLoad(codes, [block, g, tir.Ramp(tir.const(j * L, "int64"), tir.const(1, "int64"), L)])
-            acc = _dot_update(isa, acc, v, tir.Broadcast(q[row, g * 8 + j], L))
-    return acc
+def _dot_update8(acc, codes_i32, act_i32):
+    """AVX2 int32 acc += (code - 128) x act for 8-bit stored codes u (0..255), by the sign trick:
+    pmaddubsw(|s|, sign(s) * a) with s = u - 128 as int8. |s| <= 128 and |a| <= 127, so a pair sum
+    is at most 2 * 128 * 127 = 32512 < 2^15 (no saturation); pmaddwd widens every chunk."""
+    s8 = T.reinterpret("int8x32", codes_i32 ^ T.broadcast(T.int32(-0x7F7F7F80), 8))  # 0x80808080
+    a8 = T.reinterpret("int8x32", act_i32)
+    mag = T.max(s8, T.broadcast(T.int8(0), 32) - s8)  # abs; -128 stays 0x80 = 128 unsigned
+    signed_a = T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", a8, s8)
+    pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", mag, signed_a)
+    return acc + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16))
 
 
 def _finish_dot(isa: IntDotIsa, acc):
     """int32 lanes of a group's dot product from the accumulator form of ``_dot_update``."""
     L = isa.lanes
-    if isa.name == "avx512vnni":
+    if isa.vnni:
         return acc
     name = "llvm.x86.avx512.pmaddw.d.512" if L == 16 else "llvm.x86.avx2.pmadd.wd"
     return T.call_llvm_pure_intrin(f"int32x{L}", name, acc, T.broadcast(T.int16(1), 2 * L))
 
 
+def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: bool):
+    """One (row, column block, 32-block) integer dot product as a single expression, in int32
+    lanes: the accumulator chain lives in registers only (no accumulator array that LLVM zeroes
+    and reloads from the stack every group)."""
+    L = isa.lanes
+    int32_acc = isa.vnni or sign_trick
+    acc = tir.Broadcast(tir.const(0, "int32" if int32_acc else "int16"), L if int32_acc else 2 * L)
+
+    def codes_at(j):
+        return tir.BufferLoad(codes, [block, g, tir.Ramp(tir.const(j * L, "int64"), tir.const(1, "int64"), L)])
+
+    def act(j):
+        return tir.Broadcast(q[row, g * 8 + j], L)
+
+    if bits == 4:
+        nib = tir.Broadcast(tir.const(0x0F0F0F0F, "int32"), L)
+        four = tir.Broadcast(tir.const(4, "int32"), L)
+        for j in range(4):
+            v = codes_at(j)
+            acc = _dot_update(isa, acc, v & nib, act(j))
+            acc = _dot_update(isa, acc, tir.shift_right(v, four) & nib, act(4 + j))
+    else:
+        for j in range(8):
+            acc = _dot_update8(acc, codes_at(j), act(j)) if sign_trick else _dot_update(isa, acc, codes_at(j), act(j))
+    return acc if int32_acc else _finish_dot(isa, acc)
+
+
 def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int]:
-    """(rows, column blocks) of a register tile. Each (row, block) keeps a float accumulator
-    across the K loop; a group's integer dot product is one expression (``_group_dot``) whose
-    chain lives in registers, and each block needs its code vectors (8 unpacked nibble
-    vectors for 4-bit codes, one at a time for 8-bit). Decode (one row) widens the tile
-    instead, as wide as the registers hold (a block's accumulators plus ~6 shared: the code
-    vector pair, two broadcasts, the nibble mask): each activation broadcast and each group's
-    scale step then serve more columns, and the one-row GEMV runs on instruction throughput,
-    not only memory (one thread, SmolLM2's shapes: AVX-512 8 blocks 20-30% faster than 4, AVX2
-    4 blocks 1.4-1.7x faster than 2), keeping at least 4 work items for the threads.
+    """(rows, column blocks) of a register tile, from the register count: each (row, block)
+    needs an integer and a float accumulator, each block two code vectors; a quarter of the
+    registers stay for broadcasts and scales. Of equal tiles the taller one wins (AVX2: 4x1
+    over 2x2, measured ~5-10% faster: a code vector's unpacking serves more rows, and the
+    activation broadcasts it no longer shares are loads). Decode (one row) widens the tile
+    instead, as wide as the registers hold (a block's two accumulators, plus ~6 shared: the
+    code vector pair, two broadcasts, the nibble mask): each activation broadcast and each
+    group's scale step then serve more columns, and the one-row GEMV runs on instruction
+    throughput, not only memory (one thread, SmolLM2's shapes: AVX-512 8 blocks 20-30% faster
+    than 4, AVX2 4 blocks 1.4-1.7x faster than 2), keeping at least 4 work items for the
+    threads. 8-bit codes (the LM head) stream one column block at a time (1x1 measured 1.3-2x
+    faster than 1x2 at 49152 x 576, AVX2 and VNNI alike).
 
     VNNI, measured on Zen 4 (thread CPU time, interleaved A/B, benchmarks/step_profile.py's
     shapes): 8 x 2 blocks for 4-bit codes at M >= 8 is 15-24% less time per call than the 4 x 2
     tile with an accumulator array (M = 8..64); 2 x 8 for 8-bit codes (the LM head): 15% at
     M = 8 against 4 x 2, and 2-7% against 2 x 6 at M = 4..64. Fewer rows than 8 take
-    ``small_tiles``. Other ISAs keep the 3/4-register budget."""
+    ``small_tiles``. A group's integer dot product is one expression (``_group_dot``), so a tile
+    holds float accumulators only."""
     blocks = n // isa.lanes
     if decode:
+        if bits == 8:
+            return 1, 1
         for c in (8, 6, 4, 2, 1):
             if blocks % c == 0 and blocks // c >= 4 and 2 * c + 6 <= isa.registers:
                 return 1, c
@@ -237,7 +281,7 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
                 return r, c
         return 1, 1
     best = (1, 1)
-    for c in (2, 1):
+    for c in (1, 2):
         if blocks % c:
             continue
         for r in (4, 3, 2, 1):
@@ -268,31 +312,39 @@ def _silu(v):
 def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool, has_mins: bool, bits: int,
                 glu: bool):
     """The work of one parallel item: R rows from r0 x C column blocks from block ct * C, over all
-    of K; ``glu``: y = silu(x · w) * up instead of y = x · w. Rows past M re-read the last row
-    and are not written."""
+    of K; ``glu``: y = silu(x · w) * up instead of y = x · w.
+
+    Every name bound here is a ``T.let``: a plain TVMScript assignment is a mutable scalar that
+    FlattenBuffer turns into a "local" buffer, which LowerTVMBuiltin allocates from the
+    workspace pool on every work item (AllocWorkspace calls per tile: the AVX2 prefill GEMM ran
+    6x slower). The accumulators are "global"-scope buffers for the same reason: constant-size
+    ones under 1 KiB become stack allocas, which LLVM keeps in registers."""
     L = isa.lanes
     G, GS = k // BLOCK, group // BLOCK
     off = float(code_offset(bits, signed))
+    sign_trick = bits == 8 and not isa.vnni  # AVX2 8-bit: dot of (u - 128), so the offset shifts by 128
+    if sign_trick:
+        off -= 128.0
 
     @T.macro
     def tile(q, d, ds, codes, scales, mins, y, up, m, ct, r0):
-        facc = T.alloc_local((R, C, L), "float32")
+        facc = T.alloc_buffer((R, C, L), "float32", scope="global")
         for r, c in T.grid(R, C):
             for l in T.vectorized(L):
                 facc[r, c, l] = T.float32(0)
         for g in range(G):
             for c in T.unroll(C):
-                s = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
+                s: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[ct * C + c, g // GS, T.ramp(0, 1, L)])
                 for r in T.unroll(R):
-                    row = T.min(r0 + r, m - 1)
-                    dot = T.Cast(f"float32x{L}",
-                                 _finish_dot(isa, _group_dot(isa, bits, codes, q, ct * C + c, g, row)))
-                    dg = T.broadcast(d[row, g], L)
-                    dsg = T.broadcast(ds[row, g], L)
+                    row: T.let[T.int64] = T.min(r0 + r, m - 1)
+                    dot: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g,
+                                                                             row, sign_trick))
+                    dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
+                    dsg: T.let[_F32X[L]] = T.broadcast(ds[row, g], L)
                     if off != 0.0:
-                        t = dot * dg - T.broadcast(T.float32(off), L) * dsg
+                        t: T.let[_F32X[L]] = dot * dg - T.broadcast(T.float32(off), L) * dsg
                     else:
-                        t = dot * dg
+                        t: T.let[_F32X[L]] = dot * dg
                     if has_mins:
                         facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
                                                        + T.Cast(f"float32x{L}", mins[ct * C + c, g // GS,
@@ -333,7 +385,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
 
         @T.macro
         def body(q, d, ds, codes, scales, mins, y, up, m):
-            row_tiles = (m + R - 1) // R
+            row_tiles: T.let[T.int64] = (m + R - 1) // R  # T.let: see _tile_macro
             for item in T.parallel((NB // C) * row_tiles):
                 tile_fn(q, d, ds, codes, scales, mins, y, up, m, item // row_tiles, item % row_tiles * R)
 
