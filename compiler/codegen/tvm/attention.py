@@ -145,9 +145,9 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         s = T.alloc_local((nr, G, BS), "float32")
         p = T.alloc_local((nr, G, BS), "float32")
         acc = T.alloc_local((nr, G, dv), "float32")
-        m = T.alloc_local((nr, G), "float32")
+        m = T.alloc_buffer((nr, G), "float32", scope="global")
         lv = T.alloc_local((nr, G, LW), "float32")  # per-lane partial sums of the softmax denominator
-        red = T.alloc_local((BS,), "float32")
+        red = T.alloc_buffer((BS,), "float32", scope="global")
         for r, g in T.grid(nr, G):
             for x in T.vectorized(LW):
                 lv[r, g, x] = T.float32(0)
@@ -159,7 +159,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
             for e in T.vectorized(dv):
                 acc[r, g, e] = T.float32(0)
         for kb in range(first_block(p0), (p0 + nr - 1) // BS + 1):
-            page = tables[seq, kb]
+            page: T.let[T.int64] = tables[seq, kb]
             for r, g in T.grid(nr, G):
                 for jj in T.vectorized(BS):
                     s[r, g, jj] = T.float32(0)
@@ -205,11 +205,11 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                     red[0] = s[r, g, 0]
                     for jj in range(BS - 1):
                         red[0] = T.max(red[0], s[r, g, jj + 1])
-                top = T.max(m[r, g], red[0])
+                top: T.let[T.float32] = T.max(m[r, g], red[0])
                 for jj in T.vectorized(BS):
                     p[r, g, jj] = T.if_then_else(s[r, g, jj] > T.float32(NEG), fast_exp(s[r, g, jj] - top),
                                                  T.float32(0))
-                rescale = fast_exp(m[r, g] - top)
+                rescale: T.let[T.float32] = fast_exp(m[r, g] - top)
                 m[r, g] = top
                 for x in T.vectorized(LW):  # lane sums: reduced once per tile, not per block
                     lv[r, g, x] = lv[r, g, x] * rescale + p[r, g, x]
@@ -227,7 +227,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                                 acc[r, g, ec * pv_columns(nr) + e] = (acc[r, g, ec * pv_columns(nr) + e]
                                                                   + p[r, g, jj] * vp[page, jj, hk, ec * pv_columns(nr) + e])
         for r, g in T.grid(nr, G):
-            total = T.alloc_local((1,), "float32")
+            total = T.alloc_buffer((1,), "float32", scope="global")
             total[0] = T.float32(0)
             for x in range(LW):
                 total[0] = total[0] + lv[r, g, x]
@@ -239,7 +239,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         for i, h, e in T.grid(t - starts[b], hq, dv):  # rows no sequence owns
             out[starts[b] + i, h, e] = T.float32(0)
         # Each sequence's rows split into tiles of R; (t + R - 1) // R + b bounds their count.
-        items = ((t + R - 1) // R + b) * hkv
+        items: T.let[T.int64] = ((t + R - 1) // R + b) * hkv
         # One parallel iteration per lane, each walking its share of the items in a serial loop,
         # so the tiles' scratch arrays (merged into one workspace allocation by TVM when they
         # outgrow the stack) are allocated once per lane, not once per item (that allocation was
@@ -247,26 +247,26 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         # share of early (cheap) and late (dear) tiles.
         for lane in T.parallel(LANES):
             for k in range((items + LANES - 1) // LANES):
-                found = T.alloc_local((3,), "int64")  # sequence, first tile of that sequence, tiles so far
-                idx = k * LANES + lane
-                hk = idx % hkv
-                tile_index = idx // hkv
+                found = T.alloc_buffer((3,), "int64", scope="global")  # sequence, first tile of that sequence, tiles so far
+                idx: T.let[T.int64] = k * LANES + lane
+                hk: T.let[T.int64] = idx % hkv
+                tile_index: T.let[T.int64] = idx // hkv
                 found[0] = T.int64(-1)
                 found[2] = T.int64(0)
                 if idx < items:
                     for sq in range(b):
                         if found[0] < T.int64(0):
-                            n_tiles = (starts[sq + 1] - starts[sq] + R - 1) // R
+                            n_tiles: T.let[T.int64] = (starts[sq + 1] - starts[sq] + R - 1) // R
                             if tile_index < found[2] + n_tiles:
                                 found[0] = sq
                                 found[1] = found[2]
                             found[2] = found[2] + n_tiles
                 if found[0] >= T.int64(0):
-                    seq = found[0]
-                    n = starts[seq + 1] - starts[seq]
-                    first_row = (tile_index - found[1]) * R
-                    row = starts[seq] + first_row
-                    p0 = lens[seq] - n + first_row
+                    seq: T.let[T.int64] = found[0]
+                    n: T.let[T.int64] = starts[seq + 1] - starts[seq]
+                    first_row: T.let[T.int64] = (tile_index - found[1]) * R
+                    row: T.let[T.int64] = starts[seq] + first_row
+                    p0: T.let[T.int64] = lens[seq] - n + first_row
                     if first_row + R <= n:
                         tile(q, kp, vp, tables, out, seq, row, p0, hk, R, sk)
                     else:
