@@ -272,7 +272,7 @@ def cmd_verify(args) -> int:
     print(f"{'ok' if ok else 'MISMATCH'}: max logit error {worst:.3g} (tolerance {args.tol:g} x max(1, |logit|)), "
           f"top-1 agreement "
           f"{min(r.top1_agreement for r in reports):.2f} (at least {args.min_top1:g})")
-    quant = (engine.manifest.model.get("quant") or "none") if hasattr(engine, "manifest") else "none"
+    quant = engine.manifest.model.get("quant") or "none"
     if not ok and quant != "none":
         print(f"note: this artifact keeps quantized weights ({quant}; on x86-64 the linears also quantize "
               f"activations to int8), so its logits differ from transformers' float model by design. The default "

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..ir import Module, Value
+from .recurrent_refusal import refuse_recurrent_state
 from .registry import CompileOptions, TargetError, register_target
 
 log = logging.getLogger("llmc.codegen")
@@ -225,20 +226,12 @@ def linker(min_macos: str = MIN_MACOS):
     return link
 
 
-STATE_OPS = ("causal_conv1d", "gated_delta_rule", "causal_conv1d_step", "gated_delta_rule_step")
-
-
 def refuse_unsupported(module: Module) -> None:
     """Name what the Metal kernels cannot compute before anything is built: recurrent-state ops,
     ALiBi biases and chunked attention exist only in the cpu kernels (a silent fallback to plain
     causal attention would produce wrong tokens)."""
-    ops = module.functions["forward"].ops
-    stateful = sorted({op.kind for op in ops if op.kind in STATE_OPS})
-    if stateful:
-        raise TargetError(f"metal: the model keeps recurrent state ({', '.join(stateful)}: short convolutions / "
-                          f"linear-attention scans); the metal target has no kernels for these ops yet, "
-                          f"compile it for --target cpu")
-    for op in ops:
+    refuse_recurrent_state(module, "metal")
+    for op in module.functions["forward"].ops:
         if op.kind not in ("attention", "paged_attention"):
             continue
         if op.attrs.get("alibi"):

@@ -22,6 +22,7 @@ from .types import TensorType, dims_equal, normalize_dim
 
 STATE_OPS = ("causal_conv1d", "gated_delta_rule")
 STEP_OPS = {"causal_conv1d": "causal_conv1d_step", "gated_delta_rule": "gated_delta_rule_step"}
+STATEFUL_OPS = STATE_OPS + tuple(STEP_OPS.values())  # every op that reads or writes a recurrent state
 
 
 def _conv_types(x: TensorType, w: TensorType, bias, what: str) -> None:

@@ -62,19 +62,14 @@ class _TritonTarget:
         from llmc.runtime import artifact
 
         from ..cpu import CpuTarget
+        from ..recurrent_refusal import refuse_recurrent_state
 
         self.check(options)
         arch = self._arch(options)
         dtype = options.dtype or "bf16"
         timings = {}
         t0 = time.perf_counter()
-        stateful = sorted({op.kind for op in module.functions["forward"].ops
-                           if op.kind in ("causal_conv1d", "gated_delta_rule", "causal_conv1d_step",
-                                          "gated_delta_rule_step")})
-        if stateful:
-            raise TargetError(f"{self.kind}: the model keeps recurrent state ({', '.join(stateful)}: short "
-                              f"convolutions / linear-attention scans); the {self.kind} target has no kernels for "
-                              f"these ops yet, compile it for --target cpu")
+        refuse_recurrent_state(module, self.kind)
         try:
             plan = lower_to_plan(module, PlanOptions(arch=arch, dtype=dtype))
         except CodegenError as exc:
