@@ -670,6 +670,7 @@ def _rms_norm(imp, node):
     return imp.b.op("mul", x, imp.b.op("rsqrt", imp.b.op("add", ms, imp.const(eps, dtype))))
 
 
+@rule("aten.baddbmm.default")
 def _baddbmm(imp, node):
     """beta * self + alpha * (batch1 @ batch2) (RecurrentGemma's per-head gates)."""
     bias, a, b, beta, alpha = imp.args(node, ("self", None), ("batch1", None), ("batch2", None), ("beta", 1),
@@ -682,9 +683,6 @@ def _addmm(imp, node):
     bias, a, b, beta, alpha = imp.args(node, ("self", None), ("mat1", None), ("mat2", None), ("beta", 1),
                                        ("alpha", 1))
     return _scaled_matmul_add(imp, node, bias, a, b, beta, alpha)
-
-
-rule("aten.baddbmm.default")(_baddbmm)
 
 
 def _scaled_matmul_add(imp, node, bias, a, b, beta, alpha):
