@@ -267,7 +267,7 @@ def recurrent_enabled(model):
             elif _is_griffin(m):
                 m.forward = _griffin_block_forward.__get__(m)
                 m.rg_lru._rnn_scan = _rg_lru_scan.__get__(m.rg_lru)
-                swapped += [m]
+                swapped.append(m)
                 rnn.append(m.rg_lru)
         yield model
     finally:
