@@ -68,6 +68,24 @@ def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name:
                     lm_head_provider=head)
 
 
+def _report_gguf_blocks(blocks) -> None:
+    """Say which GGUF block types the artifact keeps, and warn for every quantized tensor of the
+    file that stays float (the artifact would then hold it inflated, silently)."""
+    from .frontend.gguf_weights import QUANT_TYPES
+
+    progress = logging.getLogger("llmc.progress")
+    progress.info("GGUF blocks kept: %s", ", ".join(f"{t} x{n}" for t, n in blocks.kept().items()) or "none")
+    inflated = blocks.inflated()
+    if inflated:
+        types: dict[str, int] = {}
+        for t in inflated.values():
+            types[t] = types.get(t, 0) + 1
+        logging.getLogger("llmc").warning(
+            "%d quantized GGUF tensors stay float in the artifact (%s; first: %s); llmc keeps %s blocks "
+            "(requantize the file to one of them to keep its size)", len(inflated),
+            ", ".join(f"{t} x{n}" for t, n in sorted(types.items())), next(iter(inflated)), ", ".join(QUANT_TYPES))
+
+
 def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_dir: str,
                      options: Optional[CompileOptions] = None, passes=None, manager_options=None,
                      source: str = "", quant: Optional[str] = "none",
@@ -104,6 +122,8 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
         kinds = [op.kind for op in module.functions["forward"].body.walk()]
         logging.getLogger("llmc.progress").info("quantized (%s): %d linears, %d embeddings", quant,
                                                 kinds.count("quantized_linear"), kinds.count("quantized_embedding"))
+        if quant == "gguf":
+            _report_gguf_blocks(qpass.provider)
     config = imported.config
     metadata = {"llmc_version": llmc.__version__, "name": module.name, "arch": module.attrs.get("arch"),
                 "vocab_size": int(config.get("vocab_size") or 0), "config": config, "source": source,

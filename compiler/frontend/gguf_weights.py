@@ -1,6 +1,7 @@
 """GGUF tensors repacked into llmc's one quantized-weight layout, never inflated to float.
 
-Why one layout: every GGUF block type llmc supports (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
+Why one layout: every GGUF block type llmc supports (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+Q6_K)
 is, per group of 16 or 32 consecutive weights of a row, ``w = scale * code (+ min)`` with
 small integer codes. Repacked once at import into :class:`QuantWeight` (integer codes,
 per-group scales and optional per-group mins, fp32 or, where exact, fp16), one kernel family and one IR op
@@ -63,6 +64,24 @@ def _repack_q4_1(b):
     return _nibble_halves(qs, 16).astype(np.int32), d, m, 4, 32, False
 
 
+def _five_bit(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1 codes 0..31: low nibbles as Q4 (16 bytes, 32 codes), bit j of the
+    little-endian 32-bit ``qh`` is bit 4 of code j."""
+    n = qs.shape[0]
+    hi = (np.ascontiguousarray(qh).view("<u4").reshape(n, 1) >> np.arange(32, dtype=np.uint32)) & 1
+    return _nibble_halves(qs, 16).astype(np.int32) | (hi.astype(np.int32) << 4)
+
+
+def _repack_q5_0(b):
+    d = _f16(b[:, :2])
+    return _five_bit(b[:, 2:6], b[:, 6:]) - 16, d, None, 5, 32, True
+
+
+def _repack_q5_1(b):
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    return _five_bit(b[:, 4:8], b[:, 8:]), d, m, 5, 32, False
+
+
 def _repack_q8_0(b):
     d, x = _f16(b[:, :2]), np.ascontiguousarray(b[:, 2:]).view(np.int8)
     return x.astype(np.int32), d, None, 8, 32, True
@@ -104,6 +123,8 @@ def _repack_q6_k(b):
 _REPACKERS = {
     "Q4_0": (18, 32, _repack_q4_0),
     "Q4_1": (20, 32, _repack_q4_1),
+    "Q5_0": (22, 32, _repack_q5_0),
+    "Q5_1": (24, 32, _repack_q5_1),
     "Q8_0": (34, 32, _repack_q8_0),
     "Q4_K": (144, QK_K, _repack_q4_k),
     "Q5_K": (176, QK_K, _repack_q5_k),
@@ -114,7 +135,7 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def _compact(a: np.ndarray) -> torch.Tensor:
-    """fp16 when every value survives the round trip (Q4_0/Q4_1/Q8_0 scales are fp16 in the
+    """fp16 when every value survives the round trip (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 scales are fp16 in the
     file), so the artifact is no bigger than the GGUF; fp32 otherwise (K-quant products)."""
     h = a.astype(np.float16)
     return torch.from_numpy(h if np.array_equal(h.astype(np.float32), a) else a)
@@ -204,6 +225,7 @@ class GgufBlocks:
             raise ValueError(f"{path}: gguf knows no architecture {arch_name!r}")
         self.names = get_tensor_name_map(arch, int(config.get("num_hidden_layers") or 0))
         self.raw = {t.name: t for t in reader.tensors if t.tensor_type.name in QUANT_TYPES}
+        self.file_types = {t.name: t.tensor_type.name for t in reader.tensors}
         heads = int(config.get("num_attention_heads") or 0)
         self.heads = sorted({heads, int(config.get("num_key_value_heads") or heads)})
         self.used: dict[str, str] = {}
@@ -211,6 +233,19 @@ class GgufBlocks:
 
     def quantized_names(self) -> set[str]:
         return set(self.raw)
+
+    def kept(self) -> dict[str, int]:
+        """Block type -> how many of the file's tensors the artifact keeps in it."""
+        counts: dict[str, int] = {}
+        for gname in set(self.used.values()):
+            counts[self.file_types[gname]] = counts.get(self.file_types[gname], 0) + 1
+        return dict(sorted(counts.items()))
+
+    def inflated(self) -> dict[str, str]:
+        """The file's quantized tensors that no weight took (GGUF name -> block type): an
+        unsupported block type, a weight declined, or one the model does not read."""
+        used = set(self.used.values())
+        return {n: t for n, t in self.file_types.items() if t not in FLOAT_TYPES and n not in used}
 
     def __call__(self, hf_name: str, weight: torch.Tensor) -> Optional[QuantWeight]:
         gname = self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))

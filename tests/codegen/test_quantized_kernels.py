@@ -19,6 +19,7 @@ from llmc.runtime.cpu_features import host_mcpu
 N, K = 64, 256
 LAYOUTS = {  # bits, group, signed, mins: the GGUF block types and the quantize schemes
     "q4_0": (4, 32, True, False), "q4_1": (4, 32, False, True), "q8_0": (8, 32, True, False),
+    "q5_0": (5, 32, True, False), "q5_1": (5, 32, False, True),
     "q5_k": (5, 32, False, True), "q6_k": (6, 16, True, False), "q4a_g128": (4, 128, False, True),
     "q8a_g64": (8, 64, False, True),
 }
@@ -32,10 +33,10 @@ class _Ctx:
         return self.dims.shape(t.shape)
 
 
-def random_layout(bits, group, signed, mins, g):
+def random_layout(bits, group, signed, mins, g, kquant=False):
     lo, hi = code_range(bits, signed)
     codes = pack_codes(torch.randint(lo, hi + 1, (N, K), generator=g, dtype=torch.int32), bits, signed)
-    dtype = torch.float32 if bits in (5, 6) else torch.float16  # K-quant scales are fp32 products
+    dtype = torch.float32 if kquant else torch.float16  # K-quant scales are fp32 products
     scales = (torch.rand(N, K // group, generator=g) * 0.02).to(dtype)
     m = (torch.randn(N, K // group, generator=g) * 0.05).to(dtype) if mins else None
     return codes, scales, m
@@ -43,7 +44,8 @@ def random_layout(bits, group, signed, mins, g):
 
 def run_kernel(layout, x, decode, mcpu=None):
     bits, group, signed, mins = LAYOUTS[layout]
-    codes, scales, m = layout_tensors = random_layout(bits, group, signed, mins, torch.Generator().manual_seed(bits * group))
+    codes, scales, m = layout_tensors = random_layout(bits, group, signed, mins, torch.Generator().manual_seed(bits * group),
+                                                     layout.endswith("_k"))
     tensors = [t for t in layout_tensors if t is not None]
     rows = 1 if decode else tir.Var("T", "int64")
     xt = te.placeholder((rows, K), "float32", name="x")
@@ -70,7 +72,7 @@ def test_decode_gemv_matches_interpreter(layout):
     assert "float32" in str(func) and np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max())
 
 
-@pytest.mark.parametrize("layout", ["q4_0", "q4_1", "q6_k", "q8a_g64"])
+@pytest.mark.parametrize("layout", ["q4_0", "q4_1", "q5_0", "q6_k", "q8a_g64"])
 def test_prefill_gemm_matches_interpreter(layout):
     x = torch.randn(13, K, generator=torch.Generator().manual_seed(2))
     got, want, func = run_kernel(layout, x, decode=False)

@@ -1,5 +1,7 @@
 """GGUF blocks repacked into llmc's layout dequantize to exactly gguf.quants.dequantize."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,9 @@ from llmc.compiler.frontend.gguf_weights import (QUANT_TYPES, float_tensor, pack
                                                  unpack_codes)
 
 N, K = 6, 512
-BLOCK = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q8_0": (34, 32), "Q4_K": (144, 256), "Q5_K": (176, 256),
+BLOCK = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q5_1": (24, 32), "Q8_0": (34, 32), "Q4_K": (144, 256), "Q5_K": (176, 256),
          "Q6_K": (210, 256)}
-F16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+F16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 
 
 def random_blocks(name: str, rng: np.random.Generator) -> np.ndarray:
@@ -40,11 +42,11 @@ def check_exact(raw: np.ndarray, name: str):
 def test_random_blocks_dequantize_exactly(name):
     qw = check_exact(random_blocks(name, np.random.default_rng(sum(map(ord, name)))), name)
     assert qw.source == name
-    assert qw.scales.dtype == (torch.float16 if name in ('Q4_0', 'Q4_1', 'Q8_0') else torch.float32)
+    assert qw.scales.dtype == (torch.float16 if name in ('Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q8_0') else torch.float32)
     assert qw.codes.dtype in (torch.uint8, torch.int8)
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 def test_gguf_quantized_weights_dequantize_exactly(name):
     w = np.random.default_rng(1).standard_normal((N, K)).astype(np.float32)
     check_exact(gguf_quantize(w, GT[name]), name)
@@ -52,7 +54,8 @@ def test_gguf_quantized_weights_dequantize_exactly(name):
 
 def test_layout_per_type():
     rng = np.random.default_rng(2)
-    expect = {"Q4_0": (4, 32, True, False), "Q4_1": (4, 32, False, True), "Q8_0": (8, 32, True, False),
+    expect = {"Q4_0": (4, 32, True, False), "Q4_1": (4, 32, False, True), "Q5_0": (5, 32, True, False),
+              "Q5_1": (5, 32, False, True), "Q8_0": (8, 32, True, False),
               "Q4_K": (4, 32, False, True), "Q5_K": (5, 32, False, True), "Q6_K": (6, 16, True, False)}
     for name, (bits, group, signed, has_mins) in expect.items():
         qw = repack_blocks(random_blocks(name, rng), name, (N, K))
@@ -89,11 +92,13 @@ def test_bad_input_names_the_problem():
         repack_blocks(np.zeros((1, 18), np.uint8), "Q4_0", (1, 16))
 
 
-def test_gguf_blocks_map_hf_names_and_undo_the_head_permutation(tmp_path):
+def test_gguf_blocks_map_hf_names_and_undo_the_head_permutation(tmp_path, caplog):
     """A tiny llama GGUF: blocks are matched to HF names, q/k rows un-permuted, a tied LM head
-    reads token_embd, and a weight that does not dequantize to the given float one is declined."""
+    reads token_embd, a weight that does not dequantize to the given float one is declined, and
+    a block type llmc does not read is reported as staying float."""
     from gguf import GGUFWriter
 
+    from llmc.compiler.driver import _report_gguf_blocks
     from llmc.compiler.frontend.gguf_weights import GgufBlocks, _head_permutation
 
     rng = np.random.default_rng(3)
@@ -111,6 +116,8 @@ def test_gguf_blocks_map_hf_names_and_undo_the_head_permutation(tmp_path):
     types = {"blk.0.attn_q.weight": GT.Q4_1, "blk.0.attn_k.weight": GT.Q8_0, "token_embd.weight": GT.Q4_0}
     for name, raw in blocks.items():
         w.add_tensor(name, raw, raw_dtype=types[name])
+    # a block type llmc does not read (Q2_K: 84 bytes per 256 weights): it must be reported
+    w.add_tensor("blk.0.ffn_up.weight", rng.integers(0, 256, (8, 84), dtype=np.uint8), raw_dtype=GT.Q2_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -130,4 +137,11 @@ def test_gguf_blocks_map_hf_names_and_undo_the_head_permutation(tmp_path):
     assert head is not None and head.source == "Q4_0"
     assert prov("model.layers.0.self_attn.q_proj.weight", q_w + 1e-3) is None  # not this file's weight
     assert "model.layers.0.self_attn.q_proj.weight" in prov.declined
-    assert prov("model.layers.0.mlp.up_proj.weight", torch.zeros(8, 64)) is None  # not in the file
+    assert prov("model.layers.0.mlp.up_proj.weight", torch.zeros(8, 256)) is None  # Q2_K: not read
+    assert prov("model.layers.0.mlp.gate_proj.weight", torch.zeros(8, 64)) is None  # not in the file
+    assert prov.kept() == {"Q4_0": 1, "Q4_1": 1, "Q8_0": 1}
+    assert prov.inflated() == {"blk.0.ffn_up.weight": "Q2_K"}
+    with caplog.at_level(logging.INFO):
+        _report_gguf_blocks(prov)
+    assert "GGUF blocks kept: Q4_0 x1, Q4_1 x1, Q8_0 x1" in caplog.text
+    assert "1 quantized GGUF tensors stay float in the artifact (Q2_K x1; first: blk.0.ffn_up.weight)" in caplog.text
