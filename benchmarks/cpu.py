@@ -26,6 +26,14 @@ artifact sizes, peak RSS and the per-kernel profiles of both llmc builds):
     llmc compile smollm2 -o out/smollm2-q41 && llmc compile smollm2 --mcpu x86-64-v3 -o out/smollm2-q41-v3
     python benchmarks/cpu.py --engines hf,llamacpp,llmc --artifact out/smollm2-q41 \
         --artifact out/smollm2-q41-v3 --repeats 3 --profile
+
+Another GGUF of the model (e.g. the bundled file requantized to Q4_K_M, see
+benchmarks/kquant.py): ``--gguf FILE`` makes llama.cpp and HF load that file; give
+``--artifact`` an llmc build of the same file.
+
+    llmc compile /tmp/kquant/SmolLM2-135M-Instruct.Q4_K_M.gguf -o out/smollm2-q4km
+    python benchmarks/cpu.py --engines llamacpp,llmc --gguf /tmp/kquant/SmolLM2-135M-Instruct.Q4_K_M.gguf \
+        --artifact out/smollm2-q4km --repeats 3
 """
 
 import os
@@ -500,6 +508,9 @@ def parse_args(argv):
     p.add_argument("--artifact", action="append", default=None,
                    help=f"llmc artifact directory; repeat for several llmc rows, e.g. a host build and an "
                         f"--mcpu x86-64-v3 build (default {DEFAULT_ARTIFACT})")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="the GGUF llama.cpp and HF load (default: the bundled SmolLM2 Q4_1); llmc runs "
+                        "--artifact, so build that from the same file")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="run hf, llamacpp and each llmc artifact in a process of its own (default; llama.cpp "
                         "then spins as at its best without stealing the others' cores, and each engine's "
@@ -543,6 +554,10 @@ def parse_args(argv):
     args.engine_list = wanted
     if args.threads < 1 or args.repeats < 1:
         p.error("--threads and --repeats must be at least 1")
+    if args.gguf is not None:
+        if not (args.gguf.endswith(".gguf") and os.path.isfile(args.gguf)):
+            p.error(f"--gguf {args.gguf}: not a .gguf file")
+        args.gguf = os.path.abspath(args.gguf)
     return args
 
 
@@ -615,7 +630,8 @@ def main(argv=None):
         pass
     from llmc.compiler.frontend.hf import resolve_source
 
-    src = resolve_source("smollm2")
+    model_spec = args.gguf or "smollm2"
+    src = resolve_source(model_spec)
     gguf_path = os.path.join(src.path, src.gguf_file)
     tasks = make_tasks(args.prefill, args.decode_prompt, args.decode_tokens)
     n_prompt = max(t_["prompt"] for t_ in tasks)
@@ -664,7 +680,7 @@ def main(argv=None):
                             raise ImportError
                     except ImportError as exc:
                         raise EngineUnavailable(LLAMACPP_MISSING) from exc
-                spec = {"kind": kind, "threads": t, "n_ctx": n_ctx,
+                spec = {"kind": kind, "threads": t, "n_ctx": n_ctx, "source": model_spec,
                         "artifact": resolve_artifact(art) if kind == "llmc" else None}
                 eng = ProcessEngine(name, spec, env)
                 made = [eng]
@@ -817,7 +833,7 @@ def main(argv=None):
 
     print()
     cpu = machine(t)
-    print(f"SmolLM2-135M-Instruct ({src.gguf_file}), {cpu['cpu_model']}, {t} threads, "
+    print(f"{src.gguf_file}, {cpu['cpu_model']}, {t} threads, "
           f"{omp_settings()}, median tok/s over undisturbed repetitions")
     print_table(rows, cols)
     print()
@@ -851,7 +867,7 @@ def main(argv=None):
         "benchmark": "llmc cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": [sys.executable, os.path.abspath(__file__)] + (sys.argv[1:] if argv is None else argv),
-        "model": {"source": "smollm2", "gguf": gguf_path,
+        "model": {"source": model_spec, "gguf": gguf_path,
                   "gguf_bytes": os.path.getsize(gguf_path)},
         "machine": cpu,
         "versions": versions(),

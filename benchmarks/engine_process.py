@@ -108,14 +108,15 @@ def _child() -> int:
                 if spec["kind"] == "llamacpp":
                     from llmc.compiler.frontend.hf import resolve_source
 
-                    engine = cpu.LlamaCppEngine(resolve_source("smollm2"), threads, spec["n_ctx"])
+                    engine = cpu.LlamaCppEngine(resolve_source(spec.get("source", "smollm2")), threads,
+                                                spec["n_ctx"])
                 elif spec["kind"] == "hf":
                     import torch
 
                     from llmc.compiler.frontend.hf import resolve_source
 
                     torch.set_num_threads(threads)
-                    engine = cpu.HFEngine(resolve_source("smollm2"), threads)
+                    engine = cpu.HFEngine(resolve_source(spec.get("source", "smollm2")), threads)
                 else:
                     from llmc.runtime.executor_cpu import keep_torch_out
 
