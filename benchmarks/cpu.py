@@ -575,6 +575,20 @@ def llmc_label(artifact):
         return f"llmc {os.path.basename(artifact.rstrip('/'))}"
 
 
+def warn_other_source(artifact, model_spec, gguf_path):
+    """Say so when an artifact was built from another model than llama.cpp and HF load."""
+    try:
+        with open(os.path.join(artifact, "manifest.json")) as f:
+            source = json.load(f)["model"].get("source", "")
+    except (OSError, ValueError, KeyError):
+        return
+    same = source == model_spec or (source.endswith(".gguf") and os.path.isfile(source)
+                                    and os.path.samefile(source, gguf_path))
+    if source and not same:
+        print(f"warning: {artifact} was built from {source}, llama.cpp and HF load {gguf_path} "
+              f"(--gguf picks their file)")
+
+
 def dir_bytes(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
@@ -663,6 +677,7 @@ def main(argv=None):
                     raise EngineUnavailable(f"no artifact ({BUILD_HINT})")
                 if kind == "llmc":
                     ENGINE_LABELS[name] = llmc_label(artifact)
+                    warn_other_source(artifact, model_spec, gguf_path)
                     if name not in ENGINE_ORDER:
                         ENGINE_ORDER.insert(ENGINE_ORDER.index("llmc-run"), name)
             if args.isolate and kind in ("hf", "llamacpp", "llmc"):
