@@ -110,3 +110,20 @@ def test_fast_exp_is_accurate_where_softmax_uses_it():
     _compile(f)(tvm.runtime.tensor(x), out)
     want = np.exp(x.astype(np.float64))
     assert np.max(np.abs(out.numpy() - want) / want) < 2e-7
+
+
+def test_float16_pools_widen_in_vectors():
+    """The x86-64-v3 build (F16C) converts whole key / value vectors (vcvtph2ps) and never calls
+    the scalar float16 helpers; the append narrows with vcvtps2ph. (Only code generation: no
+    F16C needed on the host.)"""
+    import re
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
+    funcs = {"attention": paged_attention_kernel(9, 3, 64, 64, 32, 0.125, 0, 0.0, 1, 2, lanes=8, registers=16,
+                                                 kv_dtype="float16"),
+             "append": kv_append_kernel(3, 64, 32, False, "float32", "float16")}
+    for name, func in funcs.items():
+        asm = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).mod.inspect_source("asm")
+        assert not re.search(r"call\w*\s+_*(extendhfsf2|truncsfhf2|gnu_h2f|gnu_f2h)", asm), name
+        convert = "vcvtph2ps" if name == "attention" else "vcvtps2ph"
+        assert re.search(convert + r"\s+[^\n]*%ymm", asm), name  # 8 lanes at once
