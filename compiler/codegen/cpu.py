@@ -209,7 +209,7 @@ class CpuTarget:
     def _write_weights(stage: str, weights: dict, module: Module, layout: dict) -> dict:
         from llmc.runtime import artifact
 
-        from .tvm.intdot import repack_codes, repack_codes8, repack_groups
+        from .tvm.intdot import interleave_blocks, repack_codes, repack_codes8, repack_groups
 
         packed, pack = set(layout["packed"]), layout["pack"]
         intdot = layout.get("intdot", {})
@@ -233,7 +233,9 @@ class CpuTarget:
                     array = repack_codes(array, info["lanes"])
                 else:
                     array = repack_codes8(array, info["lanes"], info["signed"])
-                kind = f"intdot{info['lanes']}-{info['role']}"
+                ilv = info.get("interleave", 1)
+                array = interleave_blocks(array, ilv)
+                kind = f"intdot{info['lanes']}-{info['role']}" + (f"-x{ilv}" if ilv > 1 else "")
             arrays[name] = array.copy(order="C")  # (ascontiguousarray would turn 0-d into 1-d)
             layouts[name] = {"shape": list(array.shape), "dtype": "bfloat16" if name in bf16 else str(array.dtype),
                              "layout": kind, "origin": module.params[name].origin}

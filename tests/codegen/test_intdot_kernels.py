@@ -45,7 +45,8 @@ def run(isa_name, m, n, k, group, signed, mins, decode, seed=0):
     x = torch.randn(m, k, generator=g)
     x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
     qf = _compile(intdot.quantize_rows_kernel(k), mcpu)
-    lf = _compile(intdot.intdot_linear_kernel(isa, n, k, group, signed, mins, "float16", decode), mcpu)
+    ilv = intdot.weight_interleave(isa, n, 4)  # the stored layout, shared by the decode and prefill kernels
+    lf = _compile(intdot.intdot_linear_kernel(isa, n, k, group, signed, mins, "float16", decode, ilv=ilv), mcpu)
     q = tvm.runtime.tensor(np.zeros((m, k // 4), np.int32))
     d = tvm.runtime.tensor(np.zeros((m, k // 32), np.float32))
     ds = tvm.runtime.tensor(np.zeros((m, k // 32), np.float32))
@@ -56,9 +57,9 @@ def run(isa_name, m, n, k, group, signed, mins, decode, seed=0):
     assert np.array_equal(q.numpy().view(np.int8).reshape(m, k // 32, 32), qq.astype(np.int8))
     np.testing.assert_allclose(d.numpy(), amax[..., 0] / 127, rtol=1e-6)
     L = isa.lanes
-    s = tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), L))
-    args = [q, d, ds, tvm.runtime.tensor(intdot.repack_codes(codes.numpy(), L)), s,
-            tvm.runtime.tensor(intdot.repack_groups(mn.numpy(), L)) if mins else s]
+    s = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(scales.numpy(), L), ilv))
+    args = [q, d, ds, tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_codes(codes.numpy(), L), ilv)), s,
+            tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(mn.numpy(), L), ilv)) if mins else s]
     y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
     lf(*args, y)
     w = dequantize(codes, scales, mn, bits=4, group_size=group, signed=signed).numpy()
@@ -75,8 +76,9 @@ SLOW = [(isa, layout) for isa in ISAS for layout in [(32, True, False), (64, Fal
 @pytest.mark.parametrize("isa,layout", [_case(i, lay) for i, lay in CASES] + [_case(i, lay, slow=True) for i, lay in SLOW])
 def test_gemv_and_gemm_equal_the_integer_scheme(isa, layout):
     group, signed, mins = layout
-    # n = 512: the widest decode tile (8 blocks on AVX-512, 4 on AVX2); n = 64: the narrowest
-    for m, n, decode in ((1, 512, True), (1, 64, True), (13, 64, False)):
+    # n = 512: the widest decode tile (8 blocks on AVX-512, 4 on AVX2) and its interleaved
+    # layout, read by the prefill tiles too (m = 13, 5); n = 64: the narrowest, not interleaved
+    for m, n, decode in ((1, 512, True), (1, 64, True), (13, 64, False), (13, 512, False), (5, 512, False)):
         got, exact, floats = run(isa, m, n, 256, group, signed, mins, decode, seed=group + m + n)
         scale = 1 + np.abs(exact).max()
         assert np.abs(got - exact).max() <= 1e-5 * scale
@@ -269,8 +271,8 @@ def test_avx_vnni_emits_ymm_vpdpbusd():
     assert "vpdpbusd" in asm and "%ymm" in asm and "%zmm" not in asm and "vpmaddubsw" not in asm
 
 
-@pytest.mark.parametrize("bits,signed", [(4, False), (4, True), (8, True)])
-def test_code_at_reads_the_repacked_layout(bits, signed):
+@pytest.mark.parametrize("bits,signed,ilv", [(4, False, 1), (4, True, 1), (8, True, 1), (4, False, 2)])
+def test_code_at_reads_the_repacked_layout(bits, signed, ilv):
     """The embedding gather of a table tied to an integer-kernel LM head reads every code back."""
     from tvm import te
 
@@ -279,8 +281,9 @@ def test_code_at_reads_the_repacked_layout(bits, signed):
     raw = torch.randint(lo, hi + 1, (n, k), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
     stored = pack_codes(raw, bits, signed).numpy()
     packed = intdot.repack_codes(stored, lanes) if bits == 4 else intdot.repack_codes8(stored, lanes, signed)
+    packed = intdot.interleave_blocks(packed, ilv)
     t = te.placeholder(packed.shape, "int32", name="codes")
-    out = te.compute((n, k), lambda i, j: intdot.code_at(t, i.astype("int64"), j.astype("int64"), lanes, bits))
+    out = te.compute((n, k), lambda i, j: intdot.code_at(t, i.astype("int64"), j.astype("int64"), lanes, bits, ilv))
     f = tvm.compile(tvm.IRModule({"main": te.create_prim_func([t, out]).with_attr("global_symbol", "main")}),
                     target="llvm").jit()["main"]
     y = tvm.runtime.tensor(np.zeros((n, k), np.int32))

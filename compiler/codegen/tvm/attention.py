@@ -270,10 +270,13 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         # outgrow the stack) are allocated once per lane, not once per item (that allocation was
         # ~20% of a decode batch's attention time). Lane k takes items k, k + LANES, ...: an even
         # share of early (cheap) and late (dear) tiles.
+        # The pool hands each thread a contiguous run of lanes; lane -> slot deals consecutive
+        # items to different threads, so a lone decode token's few (KV head) items are shared
+        # by the threads instead of all landing on the first one.
         for lane in T.parallel(LANES):
             for k in range((items + LANES - 1) // LANES):
                 found = T.alloc_buffer((3,), "int64", scope="global")  # sequence, first tile of that sequence, tiles so far
-                idx: T.let[T.int64] = k * LANES + lane
+                idx: T.let[T.int64] = k * LANES + lane % (LANES // threads) * threads + lane // (LANES // threads)
                 hk: T.let[T.int64] = idx % hkv
                 tile_index: T.let[T.int64] = idx // hkv
                 found[0] = T.int64(-1)

@@ -25,7 +25,7 @@ from tvm import relax, tirx as tir
 
 from ...ir import Block, Module, Op, Value
 from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
-from .intdot import BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel
+from .intdot import BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel, weight_interleave
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, IntDotWeight, PackedWeight, Scalar
 from .recurrent import conv_step_kernel, delta_rule_step_kernel
 
@@ -132,7 +132,8 @@ def intdot_params(module: Module, isa: Optional[IntDotIsa]) -> dict[str, dict]:
         if op.kind == "quantized_linear" and None not in names[1:]:
             n, k = op.result.type.shape[-1], op.operands[0].type.shape[-1]
             if eligible(op.attrs["bits"], op.attrs["group_size"], n, k, isa):
-                info = {"lanes": isa.lanes, "bits": op.attrs["bits"], "signed": op.attrs["signed"]}
+                info = {"lanes": isa.lanes, "bits": op.attrs["bits"], "signed": op.attrs["signed"],
+                        "interleave": weight_interleave(isa, n, op.attrs["bits"])}
                 chosen[names[1]] = {"role": "codes", **info}
                 for name in names[2:]:
                     chosen[name] = {"role": "groups", **info}
@@ -262,7 +263,7 @@ class _FunctionLowering:
     def wrap(self, value, te_tensor):
         """A TE placeholder for a relax value, as the kernel builders expect it."""
         if isinstance(value, _IntDot):
-            return IntDotWeight(te_tensor, value.info["lanes"], value.info["bits"])
+            return IntDotWeight(te_tensor, value.info["lanes"], value.info["bits"], value.info.get("interleave", 1))
         if isinstance(value, _Packed):
             return PackedWeight(te_tensor, value.n, value.k)
         return te_tensor
@@ -356,7 +357,7 @@ class _FunctionLowering:
         sdt = TVM_DTYPES[op.operands[2].type.dtype]
         kernel = intdot_linear_kernel(isa, n, k, op.attrs["group_size"], op.attrs["signed"], len(operands) == 4,
                                       sdt, self.decode, self.attention.threads, glu=up is not None,
-                                      bits=op.attrs["bits"])
+                                      bits=op.attrs["bits"], ilv=weight_interleave(isa, n, op.attrs["bits"]))
         fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
         extra = []
         if up is not None:
@@ -589,8 +590,8 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
 
 def intdot_shape(shape: list[int], dtype: str, info: dict) -> tuple[list[int], str]:
     """Stored shape and TVM dtype of a weight in the integer-kernel layout (intdot.py)."""
-    lanes = info["lanes"]
-    if info["role"] == "codes":  # [N, K*bits/8] bytes -> i32 [N/L, K/32, bits*L]
+    lanes, ilv = info["lanes"], info.get("interleave", 1)
+    if info["role"] == "codes":  # [N, K*bits/8] bytes -> i32 [N/(L*ilv), K/32, bits*L*ilv]
         k = shape[1] * 8 // info["bits"]
-        return [shape[0] // lanes, k // BLOCK, info["bits"] * lanes], "int32"
-    return [shape[0] // lanes, shape[1], lanes], TVM_DTYPES[dtype]
+        return [shape[0] // (lanes * ilv), k // BLOCK, info["bits"] * lanes * ilv], "int32"
+    return [shape[0] // (lanes * ilv), shape[1], lanes * ilv], TVM_DTYPES[dtype]
