@@ -6,9 +6,10 @@ the Relax VM calls timed (``VirtualMachine.set_instrument``) and the steps split
 
     python benchmarks/step_profile.py out/smollm2-q41 --clients 8 --requests 16 --max-tokens 32
 
-Several artifacts load into one process (one thread pool) and their measured rounds alternate
-(``--rounds N``: A B A B ...), so load on a busy machine hits every side alike; per-round step
-and ``paged_attention`` times and their medians follow each artifact's totals.
+Several artifacts load into one process (one thread pool) and serve the same requests in
+lockstep, one engine iteration of each in turn (A B A B ...), so load on a busy machine hits
+every side alike; ``--rounds N`` repeats the measured load. Per-step medians of the step and of
+``paged_attention`` follow each artifact's totals.
 
 ``--warm`` first runs the same requests once, so the measured round starts from cached
 prompts the way serve.py's 8-client run follows its 1-client run. The instrument callback
@@ -37,26 +38,42 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warm", action="store_true", help="run the requests once before measuring")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="measured rounds per artifact, interleaved across the artifacts (A B A B ...)")
+    ap.add_argument("--rounds", type=int, default=1, help="times the measured load runs")
     ap.add_argument("--top", type=int, default=10, help="kernels listed per step kind")
     args = ap.parse_args(argv)
     from llmc.runtime import Engine
 
     sides = [Side(Engine.load(a, threads=args.threads, without_torch=True), args) for a in args.artifacts]
     if args.warm:
-        for side in sides:
-            side.load()
+        lockstep(sides)
     for side in sides:
         side.instrument()
     for _ in range(args.rounds):
-        for side in sides:
-            side.round()
+        wall, tokens = lockstep(sides)
+        for side, w, t in zip(sides, wall, tokens):
+            side.wall += w
+            side.tokens += t
     for name, side in zip(args.artifacts, sides):
         if len(sides) > 1:
             print(f"== {name}")
         side.report(args.top)
     return 0
+
+
+def lockstep(sides) -> tuple[list, list]:
+    """Serve each side's requests, one engine iteration of each side in turn (A B A B ...), so
+    load on a busy machine hits every side alike, step by step. Returns each side's seconds
+    inside its own iterations and its output tokens."""
+    for side in sides:
+        side.start()
+    wall, tokens = [0.0] * len(sides), [0] * len(sides)
+    while any(side.eng.has_unfinished() for side in sides):
+        for i, side in enumerate(sides):
+            if side.eng.has_unfinished():
+                t0 = time.perf_counter()
+                tokens[i] += side.iterate()
+                wall[i] += time.perf_counter() - t0
+    return wall, tokens
 
 
 def attention_seconds(kernels: dict) -> float:
@@ -74,7 +91,7 @@ class Side:
         self.started = [0.0]
         self.kernels: dict = collections.defaultdict(lambda: collections.defaultdict(float))
         self.steps: collections.Counter = collections.Counter()
-        self.rounds: list = []  # per round: (wall, tokens, {kind: (steps, step seconds, attention seconds)})
+        self.samples: dict = collections.defaultdict(list)  # kind -> (step seconds, attention seconds) per step
         self.wall = self.tokens = 0.0
 
     def instrument(self):
@@ -97,42 +114,32 @@ class Side:
             self.kernels[kind]["(step)"] += time.perf_counter() - t0
             for name, seconds in per_call.items():
                 self.kernels[kind][name] += seconds
+            self.samples[kind].append((time.perf_counter() - t0, attention_seconds(per_call)))
             return out
 
         ex.vm.set_instrument(callback)
         ex.step = timed_step
 
-    def load(self) -> tuple[float, int]:
+    def start(self):
+        self.issued = 0
+        while self.issued < min(self.args.clients, self.args.requests):
+            self.add()
+
+    def add(self):
         from llmc.runtime.sampler import SamplingParams
 
-        eng, args, todo = self.eng, self.args, self.todo
-        issued, tokens = 0, 0
+        self.eng.add_request(self.todo[self.issued % len(self.todo)],
+                             SamplingParams(max_tokens=self.args.max_tokens, ignore_eos=True))
+        self.issued += 1
 
-        def add():
-            nonlocal issued
-            eng.add_request(todo[issued % len(todo)], SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
-            issued += 1
-
-        while issued < min(args.clients, args.requests):
-            add()
-        t0 = time.perf_counter()
-        while eng.has_unfinished():
-            for out in eng.iterate():
-                tokens += len(out.new_samples)
-                if out.finished and issued < args.requests:
-                    add()
-        return time.perf_counter() - t0, tokens
-
-    def round(self):
-        before = {k: (self.steps[k], self.kernels[k]["(step)"], attention_seconds(self.kernels[k])) for k in self.kernels}
-        wall, tokens = self.load()
-        self.wall += wall
-        self.tokens += tokens
-        kinds = {}
-        for k in self.kernels:
-            n0, s0, a0 = before.get(k, (0, 0.0, 0.0))
-            kinds[k] = (self.steps[k] - n0, self.kernels[k]["(step)"] - s0, attention_seconds(self.kernels[k]) - a0)
-        self.rounds.append((wall, tokens, kinds))
+    def iterate(self) -> int:
+        """One engine iteration; returns the tokens it produced (finished requests are replaced)."""
+        tokens = 0
+        for out in self.eng.iterate():
+            tokens += len(out.new_samples)
+            if out.finished and self.issued < self.args.requests:
+                self.add()
+        return tokens
 
     def report(self, top: int):
         wall, tokens, kernels, steps = self.wall, self.tokens, self.kernels, self.steps
@@ -144,19 +151,12 @@ class Side:
             print(f"{kind}: {n} steps, {1e3 * d['(step)'] / n:.1f} ms each, {100 * d['(step)'] / wall:.0f}% of the wall time")
             for name, seconds in sorted(d.items(), key=lambda kv: -kv[1])[1:top + 1]:
                 print(f"  {1e3 * seconds / n:8.2f} ms {100 * seconds / d['(step)']:5.1f}%  {name}")
-        if len(self.rounds) > 1:  # per-round figures and their medians (a busy machine varies between rounds)
-            per_kind = collections.defaultdict(list)
-            for _, _, kinds in self.rounds:
-                for kind, (n, step, attention) in kinds.items():
-                    if n:
-                        per_kind[kind].append((1e3 * step / n, 1e3 * attention / n))
-            for kind in sorted(per_kind):
-                xs = per_kind[kind]
-                steps_ms = sorted(x[0] for x in xs)
-                attention_ms = sorted(x[1] for x in xs)
-                print(f"{kind} per round: step ms {' '.join(f'{x:.2f}' for x in steps_ms)} (median "
-                      f"{steps_ms[len(xs) // 2]:.2f}); paged_attention ms {' '.join(f'{x:.2f}' for x in attention_ms)} "
-                      f"(median {attention_ms[len(xs) // 2]:.2f})")
+        for kind in sorted(self.samples):  # medians: robust to a busy machine's bursts
+            steps_ms = sorted(1e3 * x[0] for x in self.samples[kind])
+            attention_ms = sorted(1e3 * x[1] for x in self.samples[kind])
+            m = len(steps_ms) // 2
+            print(f"{kind} median of {len(steps_ms)} steps: step {steps_ms[m]:.2f} ms, paged_attention "
+                  f"{attention_ms[m]:.2f} ms")
 
 
 if __name__ == "__main__":
