@@ -120,7 +120,7 @@ def test_register_tiles_fit_the_register_file():
     r2, c2 = intdot.tiles(narrow, 3072, decode=False)
     assert 2 * rb * cb + 2 * cb <= 24 and 2 * r2 * c2 + 2 * c2 <= 12 and rb * cb > r2 * c2
     assert intdot.tiles(wide, 3072, decode=False) == (8, 2) and intdot.small_tiles(wide, 3072, 4, 8) == (4, 2)
-    assert intdot.tiles(wide, 3072, decode=False, bits=8) == (2, 8)
+    assert intdot.tiles(wide, 3072, decode=False, bits=8) == (8, 1) and intdot.small_tiles(wide, 3072, 8, 8) == (4, 1)
     assert intdot.tiles(wide, 16 * 129, decode=False) == (4, 1) and intdot.small_tiles(wide, 16 * 129, 4, 4) is None
     assert intdot.tiles(wide, 3072, decode=True)[0] == 1
     # decode: as wide as the registers hold (two accumulators a block + 6 shared), >= 4 items
@@ -134,12 +134,12 @@ def test_register_tiles_fit_the_register_file():
 @pytest.mark.skipif(not NEEDS["avx512vnni"] <= HOST_FLAGS, reason="host lacks avx512vnni")
 @pytest.mark.parametrize("bits,m", [(4, 8), (4, 6), (4, 13), (8, 8), (8, 3)])
 def test_vnni_tiles_on_batch_rows(bits, m):
-    """The VNNI prefill tiles (8 x 2 blocks for 4-bit and 4 x 2 below 8 rows, 2 x 8 for 8-bit)
+    """The VNNI prefill tiles (8 x 2 blocks for 4-bit and 4 x 2 below 8 rows, 8 x 1 and 4 x 1 for 8-bit)
     at batched-decode row counts, including a partial last row tile, equal the exact integer
     scheme."""
     mcpu, spec = ISAS["avx512vnni"]
     n, k = 16 * 24, 128
-    assert intdot.tiles(spec, n, False, bits) == ((8, 2) if bits == 4 else (2, 8))
+    assert intdot.tiles(spec, n, False, bits) == ((8, 2) if bits == 4 else (8, 1))
     g = torch.Generator().manual_seed(17 + m + bits)
     lo, hi = code_range(bits, bits == 8)
     codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), bits, bits == 8)

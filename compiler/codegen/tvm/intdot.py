@@ -285,9 +285,10 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
 
     VNNI, measured on Zen 4 (thread CPU time, interleaved A/B, benchmarks/step_profile.py's
     shapes): 8 x 2 blocks for 4-bit codes at M >= 8 is 15-24% less time per call than the 4 x 2
-    tile with an accumulator array (M = 8..64); 2 x 8 for 8-bit codes (the LM head): 15% at
-    M = 8 against 4 x 2, and 2-7% against 2 x 6 at M = 4..64. Fewer rows than 8 take
-    ``small_tiles``. A group's integer dot product is one expression (``_group_dot``), so a tile
+    tile with an accumulator array (M = 8..64). 8-bit codes (the LM head of a batch) take 8 x 1
+    on every ISA: one thread's CPU time at 49152 x 576, M = 8, 16, 64, against 2 x 8 (VNNI)
+    and 4 x 1 (AVX2): 1.9-2.3 vs 3.3-3.9 ms, 4.2 vs 5.2 ms, 13.9 vs 15.6 ms (VNNI), 4.1 vs 4.8
+    ms at M = 8 (AVX2). Fewer rows than 8 take ``small_tiles``. A group's integer dot product is one expression (``_group_dot``), so a tile
     holds float accumulators only."""
     blocks = n // isa.lanes
     if decode:
@@ -297,9 +298,11 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
             if blocks % c == 0 and blocks // c >= 4 and 2 * c + 6 <= isa.registers:
                 return 1, c
         return 1, 1
+    if bits == 8:
+        return 8, 1
     budget = isa.registers * 3 // 4
     if isa.name == "avx512vnni":
-        for r, c in (((8, 2), (4, 2), (4, 1)) if bits == 4 else ((2, 8), (2, 6), (2, 4), (2, 2), (2, 1))):
+        for r, c in ((8, 2), (4, 2), (4, 1)):
             if blocks % c == 0:
                 return r, c
         return 1, 1
@@ -320,7 +323,7 @@ def small_tiles(isa: IntDotIsa, n: int, bits: int, rows: int) -> Optional[tuple[
     if rows <= 4:
         return None
     blocks = n // isa.lanes
-    return (4, 2) if blocks % 2 == 0 else (4, 1)
+    return (4, 2) if blocks % 2 == 0 and bits == 4 else (4, 1)
 
 
 def _silu(v):
