@@ -199,6 +199,7 @@ class AttentionOptions:
     lanes: int = 16        # float32 lanes of a vector register
     registers: int = 32    # vector registers
     intdot: Optional[IntDotIsa] = None  # integer dot products for 4-bit linears (None: float path)
+    kv_dtype: Optional[str] = None  # IR dtype of the KV pools, f32 or f16 (None: the IR's)
 
 
 class Backend:
@@ -422,9 +423,12 @@ class _FunctionLowering:
         if self.backend is not None:
             kw = self.bb.add_func(self.backend.kv_append_kernel(g, True), "kv_append_k")
             vw = self.bb.add_func(self.backend.kv_append_kernel(g, False), "kv_append_v")
-        else:
-            kw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.head_dim, g.block_size, True, dtype), "kv_append_k")
-            vw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.value_dim, g.block_size, False, dtype), "kv_append_v")
+        else:  # this step's keys / values arrive in the IR's dtype; the store narrows them to the pool's
+            kdt, vdt = (TVM_DTYPES[x.type.dtype] for x in op.operands[2:4])
+            kw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.head_dim, g.block_size, True, kdt, dtype),
+                                  "kv_append_k")
+            vw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.value_dim, g.block_size, False, vdt, dtype),
+                                  "kv_append_v")
         k_pool = self.bb.emit(relax.call_tir_inplace(kw, [k, slots, k_pool], [2],
                                                      relax.TensorType(g.shape(blocks), dtype)))
         v_pool = self.bb.emit(relax.call_tir_inplace(vw, [v, slots, v_pool], [2],
@@ -438,14 +442,15 @@ class _FunctionLowering:
             kernel = self.backend.paged_attention_kernel(op, g, self.decode, dtype)
             out_type = relax.TensorType(self.dims.shape(op.result.type.shape), dtype)
             return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
-        if g.dtype != "f32":
-            raise CodegenError(f"the cpu attention kernel reads float32 KV pools, not {g.dtype}")
+        if g.dtype not in ("f32", "f16"):
+            raise CodegenError(f"the cpu attention kernel reads float32 or float16 KV pools, not {g.dtype}")
         hq = int(op.operands[0].type.shape[1])
         rows = 1 if self.decode else tile_rows(hq // g.kv_heads, g.block_size, opts.lanes, opts.registers)
         kernel = paged_attention_kernel(hq, g.kv_heads, g.head_dim, g.value_dim, g.block_size, op.attrs["scale"],
                                         op.attrs["window"], op.attrs["softcap"], rows, opts.threads,
                                         sinks=len(op.operands) == 7, lanes=opts.lanes, registers=opts.registers,
-                                        chunk=op.attrs.get("chunk", 0), alibi=op.attrs.get("alibi"))
+                                        chunk=op.attrs.get("chunk", 0), alibi=op.attrs.get("alibi"),
+                                        kv_dtype=TVM_DTYPES[g.dtype])
         out_type = relax.TensorType(self.dims.shape(op.result.type.shape), "float32")
         return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
 
@@ -559,6 +564,8 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
     geom = cache_geometry(module)
     if backend is not None and backend.kv_dtype:
         geom.dtype = backend.kv_dtype
+    elif backend is None and attention.kv_dtype:  # the cpu's --kv-dtype
+        geom.dtype = attention.kv_dtype
     fn = module.functions["forward"]
     pools_returned = [v.producer.kind if v.producer is not None else "argument" for v in fn.results[1:]]
     n_states = len(state_pools(module))
