@@ -68,7 +68,7 @@ def dequantize(codes, scales, mins, *, bits: int, group_size: int, signed: bool)
 # Candidate grids of the symmetric search: the group's signed extreme e is mapped to code
 # -(2^(b-1) + d) for each d (d = 0 is GGML's Q4_0 rule; d > 0 clips e, d < 0 leaves room).
 SEARCH_OFFSETS = tuple(x / 4 for x in range(-4, 9))  # -1.0 .. 2.0 in quarters: 13 grids
-_ROWS_PER_CHUNK = 2048  # bounds the search's temporaries on large tables (the LM head)
+_CHUNK_ELEMENTS = 1 << 18  # rows searched at a time: temporaries stay in cache (2.5x faster than whole)
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -80,34 +80,49 @@ def _symmetric_search(g: torch.Tensor, bits: int, importance: Optional[torch.Ten
     """Codes and (``scale_dtype``-exact) scales of groups ``g [R, n_groups, G]`` with the least
     weighted squared error ``sum(importance * (w - scale * code)^2)`` among candidate scales.
 
-    Candidates: the plain max-abs scale ``e / -2^(b-1)`` itself (so no group ends worse than
-    max-abs), and for each grid of :data:`SEARCH_OFFSETS` the weighted least-squares scale
-    ``sum(i w q) / sum(i q q)`` of the codes that grid rounds to (the idea of llama.cpp's
-    make_qx_quants, written for tensors). Every candidate is rounded to ``scale_dtype`` and
-    its codes re-rounded with the rounded scale, so the error compared is the stored one.
+    For each grid of :data:`SEARCH_OFFSETS` the codes it rounds to get their weighted
+    least-squares scale ``sum(i w q) / sum(i q q)``, whose error is ``sum(i w w) - sum(i w q)^2
+    / sum(i q q)`` (so a candidate costs a few passes over the weight: the idea of llama.cpp's
+    make_qx_quants, written for tensors). The best one is rounded to ``scale_dtype``, its codes
+    re-rounded with the rounded scale, and kept only where its stored error is no worse than
+    that of the plain max-abs scale ``e / -2^(b-1)``: no group ends worse than max-abs.
     ``importance``: ``[n_groups, G]`` per input channel (e.g. mean x^2 over calibration
     text), or None for the plain squared error."""
     lo, hi = code_range(bits, True)
     half = -lo
     extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True))
-    wt = torch.ones_like(g) if importance is None else importance.to(g.dtype).expand_as(g)
+    unit = g / _nonzero(extreme)  # in [-1, 1], the extreme at 1
+    wg = g if importance is None else g * importance
+
+    def weighted(q):  # sum(i q w), sum(i q q)
+        wq = q if importance is None else q * importance
+        return (q * wg).sum(-1, keepdim=True), (wq * q).sum(-1, keepdim=True)
+
+    best_gain, best_scale = None, None
+    for d in SEARCH_OFFSETS:
+        q = torch.round(unit * -(half + d)).clamp_(lo, hi)
+        qw, qq = weighted(q)
+        gain = qw * qw / qq.clamp(min=1e-30)  # sum(i w w) minus the error of the LS scale
+        scale = qw / qq.clamp(min=1e-30)
+        if best_gain is None:
+            best_gain, best_scale = gain, scale
+        else:
+            better = gain > best_gain
+            best_gain = torch.where(better, gain, best_gain)
+            best_scale = torch.where(better, scale, best_scale)
 
     def stored(scale):  # rounded scale, its codes, weighted error
         scale = scale.to(scale_dtype).to(torch.float32)
-        q = torch.round(g / _nonzero(scale)).clamp(lo, hi)
-        return scale, q, (wt * (g - scale * q) ** 2).sum(-1)
+        q = torch.round(g / _nonzero(scale)).clamp_(lo, hi)
+        r = g - scale * q
+        return scale, q, ((r * r) if importance is None else (r * r * importance)).sum(-1, keepdim=True)
 
-    best_scale, best_codes, best_err = stored(extreme / -half)
-    for d in SEARCH_OFFSETS:
-        q = torch.round(g * (-(half + d) / _nonzero(extreme))).clamp(lo, hi)
-        qq = (wt * q * q).sum(-1, keepdim=True)
-        scale = torch.where(qq > 0, (wt * g * q).sum(-1, keepdim=True) / qq.clamp(min=1e-30), torch.zeros_like(qq))
-        scale, q, err = stored(scale)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_codes = torch.where(better.unsqueeze(-1), q, best_codes)
-        best_scale = torch.where(better.unsqueeze(-1), scale, best_scale)
-    return best_codes.to(torch.int32), best_scale.squeeze(-1)
+    scale, codes, err = stored(best_scale)
+    base_scale, base_codes, base_err = stored(extreme / -half)
+    keep = base_err <= err
+    codes = torch.where(keep, base_codes, codes)
+    scale = torch.where(keep, base_scale, scale)
+    return codes.to(torch.int32), scale.squeeze(-1)
 
 
 def quantize_weight(w: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
@@ -132,8 +147,8 @@ def quantize_weight(w: torch.Tensor, *, bits: int, group_size: int, symmetric: b
         importance = importance.reshape(k // group_size, group_size) / importance.mean().clamp(min=1e-30)
     g = w.detach().to(torch.float32).reshape(n, k // group_size, group_size)
     if symmetric:
-        parts = [_symmetric_search(g[r:r + _ROWS_PER_CHUNK], bits, importance, scale_dtype)
-                 for r in range(0, n, _ROWS_PER_CHUNK)]
+        rows = max(1, _CHUNK_ELEMENTS // k)
+        parts = [_symmetric_search(g[r:r + rows], bits, importance, scale_dtype) for r in range(0, n, rows)]
         codes = torch.cat([c for c, _ in parts])
         scale = torch.cat([s for _, s in parts])
         mins = None
