@@ -2,6 +2,10 @@
 
     python benchmarks/attention_kernel.py --tokens 512            # one sequence's prefill
     python benchmarks/attention_kernel.py --tokens 1 --seqs 8 --context 1024   # a decode batch
+    python benchmarks/attention_kernel.py --tokens 1 --seqs 8 --context 1024 --kv-dtype float32 float16
+
+With several ``--kv-dtype`` the pools of each dtype are timed alternately in one process (A B A
+B ...), so load on a busy machine hits every side alike.
 
 Each sequence's blocks are scattered over the pool, as the runtime's allocator leaves them.
 The kernel is checked against the IR's meaning (the reference interpreter) before it is timed."""
@@ -32,6 +36,8 @@ def main():
     ap.add_argument("--rows", type=int, default=0, help="query rows per tile (default: from the register budget)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--kv-dtype", nargs="+", default=["float32"], choices=("float32", "float16"),
+                    help="pool dtype(s); float16 pools are float32 ones rounded (the reference reads those)")
     args = ap.parse_args()
     bs, n, ctx = args.block_size, args.tokens, args.context + args.tokens
     rows = args.rows or tile_rows(H // HKV, bs, 16, 32)
@@ -44,23 +50,28 @@ def main():
     q = rng.standard_normal((n * args.seqs, H, D), dtype=np.float32)
     lens = np.full(args.seqs, ctx, np.int64)
     starts = np.arange(args.seqs + 1, dtype=np.int64) * n
-    want = paged_attention_reference(*(torch.from_numpy(a) for a in (q, k_pool, v_pool, tables, lens, starts)),
-                                     SCALE, 0, 0.0).numpy()
     target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": args.threads})
-    func = paged_attention_kernel(H, HKV, D, D, bs, SCALE, 0, 0.0, rows, args.threads)
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
-    out = tvm.runtime.empty(q.shape, "float32")
-    call = [tvm.runtime.tensor(a) for a in (q, np.ascontiguousarray(k_pool.transpose(0, 2, 3, 1)), v_pool, tables,
-                                            lens, starts)] + [out]
-    lib["main"](*call)
-    err = np.abs(out.numpy() - want).max()
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
+    sides = []
+    for dtype in args.kv_dtype:
+        kp, vp = k_pool.astype(dtype), v_pool.astype(dtype)
+        want = paged_attention_reference(*(torch.from_numpy(a) for a in (q, kp.astype(np.float32), vp.astype(np.float32),
+                                                                          tables, lens, starts)), SCALE, 0, 0.0).numpy()
+        func = paged_attention_kernel(H, HKV, D, D, bs, SCALE, 0, 0.0, rows, args.threads, kv_dtype=dtype)
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
+        out = tvm.runtime.empty(q.shape, "float32")
+        call = [tvm.runtime.tensor(a) for a in (q, np.ascontiguousarray(kp.transpose(0, 2, 3, 1)), vp, tables,
+                                                lens, starts)] + [out]
         lib["main"](*call)
-        times.append(time.perf_counter() - t0)
-    print(f"paged attention, {args.seqs} x {n} queries over {ctx} positions (block {bs}, {rows} rows per tile): "
-          f"{np.median(times) * 1e3:7.3f} ms per layer (median of {args.repeats}; max abs error {err:.1e})")
+        sides.append((dtype, lib["main"], call, float(np.abs(out.numpy() - want).max()), []))
+    for _ in range(args.repeats):
+        for _, fn, call, _, times in sides:
+            t0 = time.perf_counter()
+            fn(*call)
+            times.append(time.perf_counter() - t0)
+    for dtype, _, _, err, times in sides:
+        print(f"paged attention, {args.seqs} x {n} queries over {ctx} positions (block {bs}, {rows} rows per tile, "
+              f"{dtype} KV): {np.median(times) * 1e3:7.3f} ms per layer (median of {args.repeats}; max abs error "
+              f"{err:.1e})")
 
 
 if __name__ == "__main__":

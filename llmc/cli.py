@@ -114,7 +114,10 @@ def cmd_compile(args) -> int:
         from llmc.compiler.driver import compile_artifact, resolve_target
 
         options = CompileOptions(mcpu=args.mcpu, threads=args.threads, max_seq_len=args.max_seq_len,
-                                 kv_block_size=args.kv_block_size, arch=args.arch, dtype=args.dtype)
+                                 kv_block_size=args.kv_block_size, arch=args.arch, dtype=args.dtype,
+                                 kv_dtype=args.kv_dtype)
+        if args.kv_dtype is not None and args.target != "cpu":
+            raise CliError(f"--kv-dtype is a cpu option; {args.target} stores the KV cache in its --dtype")
         try:
             target = resolve_target(args.target)
             if hasattr(target, "check"):  # a bad --mcpu or a missing cross linker fails before the import
@@ -436,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens one sequence may hold, prompt and output (default 2048)")
     c.add_argument("--kv-block-size", type=positive_int,
                    help="positions per block of the paged KV cache (default: 32 for cpu, 16 for GPUs)")
+    c.add_argument("--kv-dtype", choices=("auto", "float32", "float16"),
+                   help="cpu: dtype of the KV cache (arithmetic stays float32); auto (default): float16 when the "
+                        "linear weights are quantized (a GGUF's own blocks, --quant SCHEME), float32 for float ones")
     c.add_argument("-O", dest="opt_level", type=int, default=2, choices=range(4), metavar="{0,1,2,3}",
                    help="optimization level: the pipeline `llmc passes` lists (default 2)")
     c.add_argument("--print-after", action="append", default=[], metavar="PASS",

@@ -10,6 +10,7 @@ directly (``generate``). It knows executors only through ``runtime.step.Executor
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import time
@@ -152,7 +153,13 @@ class Engine:
         if tok:
             tokenizer = Tokenizer(os.path.join(path, tok["file"]), tok.get("chat_template"), tok.get("bos_token"),
                                   tok.get("eos_token"), tok.get("eos_token_ids") or [])
-        return cls(executor, tokenizer, manifest, **kwargs)
+        engine = cls(executor, tokenizer, manifest, **kwargs)
+        # Everything imported and loaded so far (torch, transformers' tokenizer, numpy, TVM:
+        # hundreds of thousands of objects) moves to the permanent generation, so the cyclic
+        # collector's full passes during serving walk only what serving allocates (perf: a decode
+        # loop spent 1.5-3.8% of its cycles in gc_collect_main without this).
+        gc.freeze()
+        return engine
 
     # --- requests -----------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: Sequence[int]) -> None:

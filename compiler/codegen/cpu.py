@@ -49,6 +49,24 @@ def pack_weight(array: np.ndarray, pack: int) -> np.ndarray:
     return np.ascontiguousarray(array.reshape(n // pack, pack, k).transpose(0, 2, 1))
 
 
+KV_DTYPES = {"float32": "f32", "float16": "f16"}  # --kv-dtype -> the manifest's (IR) dtype name
+
+
+def kv_dtype(option: Optional[str], module: Module, required_flags: list[str], arch: str) -> str:
+    """The KV pools' dtype (IR name) for ``--kv-dtype``. ``auto`` (the default) is float16 when
+    the linears are quantized (their error dwarfs float16 storage of keys and values, and
+    decode then spends a large share of a step reading the pools) and the CPU converts float16
+    in vectors (F16C on x86-64; every AArch64 CPU), else float32: float artifacts stay exact."""
+    option = option or "auto"
+    if option == "auto":
+        quantized = any(op.kind == "quantized_linear" for op in module.functions["forward"].body.walk())
+        vector_f16 = arch == "aarch64" or "f16c" in required_flags
+        return "f16" if quantized and vector_f16 else "f32"
+    if option not in KV_DTYPES:
+        raise TargetError(f"--kv-dtype {option}: expected auto, float32 or float16")
+    return KV_DTYPES[option]
+
+
 @register_target("cpu")
 class CpuTarget:
     """Kernels scheduled for the host (or ``--mcpu``) CPU; one Relax VM executable holds the
@@ -80,11 +98,15 @@ class CpuTarget:
         link = linker(cpu)  # before any work: a missing cross linker fails fast
         timings = {}
         isa = None if os.environ.get("LLMC_NO_INTDOT") else int_dot_isa(cpu.arch, cpu.required_flags)
-        attention = AttentionOptions(threads, cpu.vector_lanes, cpu.vector_registers, isa)
-        key = self._cache_key(module, f"{cpu.triple}/{cpu.name}/{isa.name if isa else 'float'}", threads, tvm.__version__)
+        kv = kv_dtype(options.kv_dtype, module, cpu.required_flags, cpu.arch)
+        attention = AttentionOptions(threads, cpu.vector_lanes, cpu.vector_registers, isa, kv)
+        key = self._cache_key(module, f"{cpu.triple}/{cpu.name}/{isa.name if isa else 'float'}/kv-{kv}", threads,
+                              tvm.__version__)
         cache_dir = options.cache_dir or _default_cache_dir()
         cached = os.path.join(cache_dir, f"{key}.so")
-        layout = {"cache": cache_geometry(module), "packed": sorted(packed_params(module, isa)),
+        geom = cache_geometry(module)
+        geom.dtype = kv
+        layout = {"cache": geom, "packed": sorted(packed_params(module, isa)),
                   "weight_order": weight_order(module), "pack": PACK, "intdot": intdot_params(module, isa),
                   "states": [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}
                              for a in state_pools(module)]}
@@ -103,6 +125,7 @@ class CpuTarget:
                 relax_mod, lowered_layout = lower_to_relax(module, attention)
                 assert lowered_layout["weight_order"] == layout["weight_order"]
                 assert lowered_layout["intdot"] == layout["intdot"]
+                assert lowered_layout["cache"].dtype == kv
                 kernels = sorted(g.name_hint for g, f in relax_mod.functions.items()
                                  if isinstance(f, tvm.tirx.PrimFunc))
                 log.info("lowered to TVM Relax: %d kernels (%.1fs)", len(kernels), time.perf_counter() - t0)
@@ -186,7 +209,7 @@ class CpuTarget:
     def _write_weights(stage: str, weights: dict, module: Module, layout: dict) -> dict:
         from llmc.runtime import artifact
 
-        from .tvm.intdot import repack_codes, repack_codes8, repack_groups
+        from .tvm.intdot import interleave_blocks, repack_codes, repack_codes8, repack_groups
 
         packed, pack = set(layout["packed"]), layout["pack"]
         intdot = layout.get("intdot", {})
@@ -210,7 +233,9 @@ class CpuTarget:
                     array = repack_codes(array, info["lanes"])
                 else:
                     array = repack_codes8(array, info["lanes"], info["signed"])
-                kind = f"intdot{info['lanes']}-{info['role']}"
+                ilv = info.get("interleave", 1)
+                array = interleave_blocks(array, ilv)
+                kind = f"intdot{info['lanes']}-{info['role']}" + (f"-x{ilv}" if ilv > 1 else "")
             arrays[name] = array.copy(order="C")  # (ascontiguousarray would turn 0-d into 1-d)
             layouts[name] = {"shape": list(array.shape), "dtype": "bfloat16" if name in bf16 else str(array.dtype),
                              "layout": kind, "origin": module.params[name].origin}

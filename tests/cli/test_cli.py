@@ -157,3 +157,11 @@ def test_quant_list_and_bad_schemes_fail_before_any_import(tmp_path):
 def test_eval_ppl_names_a_missing_text(tmp_path):
     out = llmc("eval-ppl", str(tmp_path), "--text", str(tmp_path / "none.txt"))
     assert out.returncode == 2 and "cannot read --text" in out.stderr
+
+
+def test_kv_dtype_is_a_cpu_option_checked_before_the_import(tmp_path):
+    out = llmc("compile", "smollm2", "--target", "cuda", "--kv-dtype", "float16", "-o", str(tmp_path / "never"))
+    assert out.returncode == 2 and "--kv-dtype is a cpu option" in out.stderr
+    out = llmc("compile", "smollm2", "--kv-dtype", "bf16", "-o", str(tmp_path / "never"))
+    assert out.returncode == 2 and "invalid choice: 'bf16'" in out.stderr
+    assert not os.path.exists(tmp_path / "never")

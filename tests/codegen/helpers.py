@@ -9,11 +9,11 @@ from llmc.compiler.ir import parse_module, print_module
 
 
 def compile_cpu(imported: ImportedModel, out_dir, tokenizer=None, max_seq_len: int = 256, cache_dir=None,
-                mcpu=None, kv_block_size=None, quant="none"):
+                mcpu=None, kv_block_size=None, quant="none", kv_dtype=None):
     """Compile a copy of ``imported`` (fixtures stay untouched) into a cpu artifact."""
     copy = ImportedModel(parse_module(print_module(imported.module)), imported.weights, imported.config)
     options = CompileOptions(max_seq_len=max_seq_len, cache_dir=str(cache_dir) if cache_dir else None, mcpu=mcpu,
-                             kv_block_size=kv_block_size)
+                             kv_block_size=kv_block_size, kv_dtype=kv_dtype)
     return compile_artifact(copy, tokenizer, "cpu", str(out_dir), options, quant=quant)
 
 

@@ -2,7 +2,9 @@
 paged_attention_reference) on random inputs: several sequences in one batch with blocks
 scattered over the pool, each continuing from its own history (a prefill, a continuation
 chunk, a decode token), a padding row, grouped/multi/multi-query heads, sliding windows
-shorter and longer than a block, softcaps, lengths that are not multiples of a tile or block."""
+shorter and longer than a block, softcaps, lengths that are not multiples of a tile or block;
+each with float32 pools and with float16 pools (--kv-dtype float16: rounded on append, widened
+to float32 on load)."""
 
 import numpy as np
 import pytest
@@ -39,13 +41,16 @@ def to_cpu_layouts(k_pool, v_pool):
     return np.ascontiguousarray(k_pool.numpy().transpose(0, 2, 3, 1)), np.ascontiguousarray(v_pool.numpy())
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_paged_kernels_match_reference(name):
+def test_paged_kernels_match_reference(name, kv_dtype):
     hq, hkv, d, dv, window, softcap, bs = CONFIGS[name]
     scale = d ** -0.5
-    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    g = torch.Generator().manual_seed(sum(map(ord, name + kv_dtype)))
     nb = sum(-(-(h + n) // bs) for h, n in zip(HISTORY, NEW)) + 3
     k_pool, v_pool = torch.randn(nb, bs, hkv, d, generator=g), torch.randn(nb, bs, hkv, dv, generator=g)
+    stored = getattr(torch, kv_dtype)
+    k_pool, v_pool = k_pool.to(stored).float(), v_pool.to(stored).float()  # the history, as a pool holds it
     free = torch.randperm(nb, generator=g).tolist()
     width = max(-(-(h + n) // bs) for h, n in zip(HISTORY, NEW))
     tables = torch.zeros(len(NEW), width, dtype=torch.int64)
@@ -61,27 +66,36 @@ def test_paged_kernels_match_reference(name):
     k, v = torch.randn(t, hkv, d, generator=g) * 2, torch.randn(t, hkv, dv, generator=g)
     starts = torch.tensor(np.concatenate([[0], np.cumsum(NEW)]))
     lens = torch.tensor([h + n for h, n in zip(HISTORY, NEW)])
-    want_k, want_v = kv_append_reference(k_pool, v_pool, k, v, slot_mapping)
+    # the pools after the append hold this step's keys and values rounded to the pool dtype (nearest)
+    want_k, want_v = kv_append_reference(k_pool, v_pool, k.to(stored).float(), v.to(stored).float(), slot_mapping)
     sinks = torch.randn(hq, generator=g) * 3 if "sinks" in name else None
     chunk = CHUNK.get(name, 0)
     alibi = ALIBI.get(name)
     want = paged_attention_reference(q, want_k, want_v, tables, lens, starts, scale, window, softcap, sinks,
                                      chunk, alibi).numpy()
 
-    kp, vp = (tvm.runtime.tensor(a) for a in to_cpu_layouts(k_pool, v_pool))
-    _compile(kv_append_kernel(hkv, d, bs, keys=True))(tvm.runtime.tensor(k.numpy()), tvm.runtime.tensor(slot_mapping.numpy()), kp)
-    _compile(kv_append_kernel(hkv, dv, bs, keys=False))(tvm.runtime.tensor(v.numpy()), tvm.runtime.tensor(slot_mapping.numpy()), vp)
+    kp, vp = (tvm.runtime.tensor(a.astype(kv_dtype)) for a in to_cpu_layouts(k_pool, v_pool))
+    _compile(kv_append_kernel(hkv, d, bs, True, "float32", kv_dtype))(
+        tvm.runtime.tensor(k.numpy()), tvm.runtime.tensor(slot_mapping.numpy()), kp)
+    _compile(kv_append_kernel(hkv, dv, bs, False, "float32", kv_dtype))(
+        tvm.runtime.tensor(v.numpy()), tvm.runtime.tensor(slot_mapping.numpy()), vp)
     got_k, got_v = to_cpu_layouts(want_k, want_v)
-    assert np.array_equal(kp.numpy(), got_k) and np.array_equal(vp.numpy(), got_v)
+    assert kp.numpy().dtype == kv_dtype
+    assert np.array_equal(kp.numpy().astype(np.float32), got_k) and np.array_equal(vp.numpy().astype(np.float32), got_v)
 
     kernel = _compile(paged_attention_kernel(hq, hkv, d, dv, bs, scale, window, softcap, ROWS, threads=2,
-                                             sinks=sinks is not None, chunk=chunk, alibi=alibi))
+                                             sinks=sinks is not None, chunk=chunk, alibi=alibi, kv_dtype=kv_dtype))
     out = tvm.runtime.tensor(np.full((t, hq, dv), np.nan, np.float32))
     extra = [] if sinks is None else [tvm.runtime.tensor(sinks.numpy())]
     kernel(tvm.runtime.tensor(q.numpy()), kp, vp, *(tvm.runtime.tensor(a.numpy()) for a in (tables, lens, starts)),
            *extra, out)
     err = np.abs(out.numpy() - want).max()
-    assert err <= 1e-4, f"max error {err:.2e}"
+    assert err <= 1e-4, f"max error {err:.2e}"  # float32 arithmetic over the stored keys and values
+    if kv_dtype == "float16":  # and within float16 storage of attention over the unrounded step (float64)
+        exact_k, exact_v = kv_append_reference(k_pool.double(), v_pool.double(), k.double(), v.double(), slot_mapping)
+        exact = paged_attention_reference(q.double(), exact_k, exact_v, tables, lens, starts, scale, window, softcap,
+                                          None if sinks is None else sinks.double(), chunk, alibi).numpy()
+        assert np.abs(out.numpy() - exact).max() <= 1e-2
 
 
 def test_fast_exp_is_accurate_where_softmax_uses_it():
@@ -96,3 +110,20 @@ def test_fast_exp_is_accurate_where_softmax_uses_it():
     _compile(f)(tvm.runtime.tensor(x), out)
     want = np.exp(x.astype(np.float64))
     assert np.max(np.abs(out.numpy() - want) / want) < 2e-7
+
+
+def test_float16_pools_widen_in_vectors():
+    """The x86-64-v3 build (F16C) converts whole key / value vectors (vcvtph2ps) and never calls
+    the scalar float16 helpers; the append narrows with vcvtps2ph. (Only code generation: no
+    F16C needed on the host.)"""
+    import re
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
+    funcs = {"attention": paged_attention_kernel(9, 3, 64, 64, 32, 0.125, 0, 0.0, 1, 2, lanes=8, registers=16,
+                                                 kv_dtype="float16"),
+             "append": kv_append_kernel(3, 64, 32, False, "float32", "float16")}
+    for name, func in funcs.items():
+        asm = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).mod.inspect_source("asm")
+        assert not re.search(r"call\w*\s+_*(extendhfsf2|truncsfhf2|gnu_h2f|gnu_f2h)", asm), name
+        convert = "vcvtph2ps" if name == "attention" else "vcvtps2ph"
+        assert re.search(convert + r"\s+[^\n]*%ymm", asm), name  # 8 lanes at once

@@ -43,7 +43,9 @@ def test_mixed_batches_through_the_compiled_step(arch, block_size, tmp_path):
     PagedKV(block_size).run(paged)
     compile_cpu(imported, tmp_path / "artifact", max_seq_len=128, cache_dir=tmp_path / "cache",
                 kv_block_size=block_size)
-    executor = CpuExecutor(read_manifest(str(tmp_path / "artifact")), num_blocks=64)
+    manifest = read_manifest(str(tmp_path / "artifact"))
+    assert manifest.kv_cache["dtype"] == "f32"  # --kv-dtype auto: float weights keep float32 KV (exact)
+    executor = CpuExecutor(manifest, num_blocks=64)
     assert executor.block_size == block_size
     worst = check_mixed_batches(before, paged, imported.weights, model.config.vocab_size, atol=1e-4,
                                 run=executor_step(executor, paged), num_blocks=64)

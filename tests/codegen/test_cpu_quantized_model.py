@@ -44,10 +44,13 @@ def test_quantized_tiny_llama_matches_fake_quantized_hf(name, kernels, tmp_path,
         monkeypatch.setenv("LLMC_NO_INTDOT", "1")
     model = tiny_model("llama")
     mcpu = "x86-64-v3" if kernels == "intdot-v3" else None
+    # the float kernels are held to 1e-3 and equal greedy tokens: float32 KV keeps that bound the weights'
+    # alone; the integer kernels' default (auto) KV cache is float16 (F16C is part of x86-64-v3)
     compile_cpu(import_hf_model(model), tmp_path / "a", max_seq_len=128, cache_dir=tmp_path / "cache", quant=name,
-                mcpu=mcpu)
+                mcpu=mcpu, kv_dtype="float32" if kernels == "float" else None)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["model"]["quant"] == name
+    assert manifest["kv_cache"]["dtype"] == ("f32" if kernels == "float" else "f16")
     text = json.dumps(manifest)
     assert "gate_proj.weight.codes" in text and "q_proj.weight.scales" in text  # fused linears too
     assert "float32" not in json.dumps(manifest["plan"]["weights"]["model.layers.0.mlp.down_proj.weight.codes"])

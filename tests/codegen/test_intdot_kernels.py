@@ -45,7 +45,8 @@ def run(isa_name, m, n, k, group, signed, mins, decode, seed=0):
     x = torch.randn(m, k, generator=g)
     x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
     qf = _compile(intdot.quantize_rows_kernel(k), mcpu)
-    lf = _compile(intdot.intdot_linear_kernel(isa, n, k, group, signed, mins, "float16", decode), mcpu)
+    ilv = intdot.weight_interleave(isa, n, 4)  # the stored layout, shared by the decode and prefill kernels
+    lf = _compile(intdot.intdot_linear_kernel(isa, n, k, group, signed, mins, "float16", decode, ilv=ilv), mcpu)
     q = tvm.runtime.tensor(np.zeros((m, k // 4), np.int32))
     d = tvm.runtime.tensor(np.zeros((m, k // 32), np.float32))
     ds = tvm.runtime.tensor(np.zeros((m, k // 32), np.float32))
@@ -56,9 +57,9 @@ def run(isa_name, m, n, k, group, signed, mins, decode, seed=0):
     assert np.array_equal(q.numpy().view(np.int8).reshape(m, k // 32, 32), qq.astype(np.int8))
     np.testing.assert_allclose(d.numpy(), amax[..., 0] / 127, rtol=1e-6)
     L = isa.lanes
-    s = tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), L))
-    args = [q, d, ds, tvm.runtime.tensor(intdot.repack_codes(codes.numpy(), L)), s,
-            tvm.runtime.tensor(intdot.repack_groups(mn.numpy(), L)) if mins else s]
+    s = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(scales.numpy(), L), ilv))
+    args = [q, d, ds, tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_codes(codes.numpy(), L), ilv)), s,
+            tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(mn.numpy(), L), ilv)) if mins else s]
     y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
     lf(*args, y)
     w = dequantize(codes, scales, mn, bits=4, group_size=group, signed=signed).numpy()
@@ -75,8 +76,9 @@ SLOW = [(isa, layout) for isa in ISAS for layout in [(32, True, False), (64, Fal
 @pytest.mark.parametrize("isa,layout", [_case(i, lay) for i, lay in CASES] + [_case(i, lay, slow=True) for i, lay in SLOW])
 def test_gemv_and_gemm_equal_the_integer_scheme(isa, layout):
     group, signed, mins = layout
-    # n = 512: the widest decode tile (8 blocks on AVX-512, 4 on AVX2); n = 64: the narrowest
-    for m, n, decode in ((1, 512, True), (1, 64, True), (13, 64, False)):
+    # n = 512: the widest decode tile (8 blocks on AVX-512, 4 on AVX2) and its interleaved
+    # layout, read by the prefill tiles too (m = 13, 5); n = 64: the narrowest, not interleaved
+    for m, n, decode in ((1, 512, True), (1, 64, True), (13, 64, False), (13, 512, False), (5, 512, False)):
         got, exact, floats = run(isa, m, n, 256, group, signed, mins, decode, seed=group + m + n)
         scale = 1 + np.abs(exact).max()
         assert np.abs(got - exact).max() <= 1e-5 * scale
@@ -118,7 +120,7 @@ def test_register_tiles_fit_the_register_file():
     r2, c2 = intdot.tiles(narrow, 3072, decode=False)
     assert 2 * rb * cb + 2 * cb <= 24 and 2 * r2 * c2 + 2 * c2 <= 12 and rb * cb > r2 * c2
     assert intdot.tiles(wide, 3072, decode=False) == (8, 2) and intdot.small_tiles(wide, 3072, 4, 8) == (4, 2)
-    assert intdot.tiles(wide, 3072, decode=False, bits=8) == (2, 8)
+    assert intdot.tiles(wide, 3072, decode=False, bits=8) == (8, 1) and intdot.small_tiles(wide, 3072, 8, 8) == (4, 1)
     assert intdot.tiles(wide, 16 * 129, decode=False) == (4, 1) and intdot.small_tiles(wide, 16 * 129, 4, 4) is None
     assert intdot.tiles(wide, 3072, decode=True)[0] == 1
     # decode: as wide as the registers hold (two accumulators a block + 6 shared), >= 4 items
@@ -132,12 +134,12 @@ def test_register_tiles_fit_the_register_file():
 @pytest.mark.skipif(not NEEDS["avx512vnni"] <= HOST_FLAGS, reason="host lacks avx512vnni")
 @pytest.mark.parametrize("bits,m", [(4, 8), (4, 6), (4, 13), (8, 8), (8, 3)])
 def test_vnni_tiles_on_batch_rows(bits, m):
-    """The VNNI prefill tiles (8 x 2 blocks for 4-bit and 4 x 2 below 8 rows, 2 x 8 for 8-bit)
+    """The VNNI prefill tiles (8 x 2 blocks for 4-bit and 4 x 2 below 8 rows, 8 x 1 and 4 x 1 for 8-bit)
     at batched-decode row counts, including a partial last row tile, equal the exact integer
     scheme."""
     mcpu, spec = ISAS["avx512vnni"]
     n, k = 16 * 24, 128
-    assert intdot.tiles(spec, n, False, bits) == ((8, 2) if bits == 4 else (2, 8))
+    assert intdot.tiles(spec, n, False, bits) == ((8, 2) if bits == 4 else (8, 1))
     g = torch.Generator().manual_seed(17 + m + bits)
     lo, hi = code_range(bits, bits == 8)
     codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), bits, bits == 8)
@@ -269,8 +271,8 @@ def test_avx_vnni_emits_ymm_vpdpbusd():
     assert "vpdpbusd" in asm and "%ymm" in asm and "%zmm" not in asm and "vpmaddubsw" not in asm
 
 
-@pytest.mark.parametrize("bits,signed", [(4, False), (4, True), (8, True)])
-def test_code_at_reads_the_repacked_layout(bits, signed):
+@pytest.mark.parametrize("bits,signed,ilv", [(4, False, 1), (4, True, 1), (8, True, 1), (4, False, 2)])
+def test_code_at_reads_the_repacked_layout(bits, signed, ilv):
     """The embedding gather of a table tied to an integer-kernel LM head reads every code back."""
     from tvm import te
 
@@ -279,8 +281,9 @@ def test_code_at_reads_the_repacked_layout(bits, signed):
     raw = torch.randint(lo, hi + 1, (n, k), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
     stored = pack_codes(raw, bits, signed).numpy()
     packed = intdot.repack_codes(stored, lanes) if bits == 4 else intdot.repack_codes8(stored, lanes, signed)
+    packed = intdot.interleave_blocks(packed, ilv)
     t = te.placeholder(packed.shape, "int32", name="codes")
-    out = te.compute((n, k), lambda i, j: intdot.code_at(t, i.astype("int64"), j.astype("int64"), lanes, bits))
+    out = te.compute((n, k), lambda i, j: intdot.code_at(t, i.astype("int64"), j.astype("int64"), lanes, bits, ilv))
     f = tvm.compile(tvm.IRModule({"main": te.create_prim_func([t, out]).with_attr("global_symbol", "main")}),
                     target="llvm").jit()["main"]
     y = tvm.runtime.tensor(np.zeros((n, k), np.int32))

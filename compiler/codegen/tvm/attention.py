@@ -15,6 +15,11 @@ output per row (online softmax, no [T, H, S] scores), and uses a vectorized poly
 (``fast_exp``) instead of one libm call per lane. A tile with fewer valid rows than
 ``rows`` (a decode token, the end of a chunk) runs a one-row body per valid row, so decode
 tokens in a batch cost no wasted work.
+
+Pools may be float16 (``--kv-dtype``): ``kv_append`` rounds to nearest on the store and
+``paged_attention`` widens each loaded key / value vector to float32 in registers (F16C
+``vcvtph2ps`` on x86-64-v3 and up, ``fcvtl`` on AArch64), so every product, max, exp and sum
+stays float32 and only the pool's memory traffic halves.
 """
 
 from __future__ import annotations
@@ -51,10 +56,23 @@ def tile_rows(group: int, block_size: int, lanes: int, registers: int) -> int:
     return max(1, min(4, (registers * 3 // 4) // vectors_per_row))
 
 
-def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype: str = "float32"):
+def _conversion(source: str, dtype: str):
+    """``x -> x`` as ``dtype`` for an ``x`` of ``source``: no Cast node when they agree (float32
+    pools keep today's kernels)."""
+    if source == dtype:
+        return lambda x: x
+    return lambda x: tir.Cast(dtype, x)
+
+
+def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype: str = "float32",
+                     pool_dtype: str = ""):
     """In-place write of this step's keys (pool [NB, Hkv, D, BS]) or values (pool [NB, BS, Hkv, Dv])
-    into their slots; a slot outside the pool (negative: a padding token) writes nothing."""
+    into their slots; a slot outside the pool (negative: a padding token) writes nothing.
+    ``dtype``: the incoming keys / values; ``pool_dtype`` (default ``dtype``): the pool's, the
+    store rounding to nearest when it is narrower."""
     H, BS = kv_heads, block_size
+    pool_dtype = pool_dtype or dtype
+    stored = _conversion(dtype, pool_dtype)
 
     @T.prim_func(private=True, check_well_formed=False)
     def kv_append(var_x: T.handle, var_slots: T.handle, var_pool: T.handle):
@@ -64,28 +82,30 @@ def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype
         x = T.match_buffer(var_x, (t, H, dim), dtype)
         slots = T.match_buffer(var_slots, (t,), "int64")
         if keys:  # a Python constant: the parser keeps only the taken branch
-            pool = T.match_buffer(var_pool, (nb, H, dim, BS), dtype)
+            pool = T.match_buffer(var_pool, (nb, H, dim, BS), pool_dtype)
             for i in range(t):
                 if slots[i] >= T.int64(0) and slots[i] < nb * BS:
                     for h, d in T.grid(H, dim):
-                        pool[slots[i] // BS, h, d, slots[i] % BS] = x[i, h, d]
+                        pool[slots[i] // BS, h, d, slots[i] % BS] = stored(x[i, h, d])
         else:
-            pool = T.match_buffer(var_pool, (nb, BS, H, dim), dtype)
+            pool = T.match_buffer(var_pool, (nb, BS, H, dim), pool_dtype)
             for i in range(t):
                 if slots[i] >= T.int64(0) and slots[i] < nb * BS:
                     for h in range(H):
                         for d in T.vectorized(dim):
-                            pool[slots[i] // BS, slots[i] % BS, h, d] = x[i, h, d]
+                            pool[slots[i] // BS, slots[i] % BS, h, d] = stored(x[i, h, d])
 
     return kv_append
 
 
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
                            softcap: float, rows: int, threads: int, sinks: bool = False, lanes: int = 16,
-                           registers: int = 32, chunk: int = 0, alibi=None) -> tir.PrimFunc:
+                           registers: int = 32, chunk: int = 0, alibi=None,
+                           kv_dtype: str = "float32") -> tir.PrimFunc:
     """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
-    query_start [B + 1], [sinks [hq],] out [T, hq, dv])`` for float32 pools of ``block_size``
-    positions per block, with tiles of ``rows`` query rows; ``threads`` is the parallel width
+    query_start [B + 1], [sinks [hq],] out [T, hq, dv])`` for ``kv_dtype`` pools (float32 or
+    float16, widened to float32 on load) of ``block_size`` positions per block, with tiles of
+    ``rows`` query rows; ``threads`` is the parallel width
     the work items are interleaved for (each thread gets an even share of early and late
     tiles). With ``sinks``, each row's online softmax starts from its head's sink logit
     (running max = sink, running sum = 1) instead of from nothing. With ``chunk`` > 0 a query
@@ -130,6 +150,11 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
 
     slopes = [float(x) for x in (alibi or [])]
 
+    if kv_dtype not in ("float32", "float16"):
+        raise ValueError(f"the cpu attention kernel reads float32 or float16 KV pools, not {kv_dtype}")
+
+    widen = _conversion(kv_dtype, "float32")  # a loaded key / value as float32 (vectorized with its loop)
+
     def biased(x, head, distance):  # ALiBi: slope_h * (j - p), the slope picked by a select chain
         if not slopes:
             return x
@@ -167,7 +192,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                 for r in T.unroll(nr):
                     for g in T.unroll(G):
                         for jj in T.vectorized(BS):
-                            s[r, g, jj] = s[r, g, jj] + q[row + r, hk * G + g, kd] * kp[page, hk, kd, jj]
+                            s[r, g, jj] = s[r, g, jj] + q[row + r, hk * G + g, kd] * widen(kp[page, hk, kd, jj])
             for r, g in T.grid(nr, G):
                 for jj in T.vectorized(BS):
                     s[r, g, jj] = T.if_then_else(allowed(kb * BS + jj, p0 + r),
@@ -225,7 +250,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                         for g in T.unroll(G):
                             for e in T.vectorized(pv_columns(nr)):
                                 acc[r, g, ec * pv_columns(nr) + e] = (acc[r, g, ec * pv_columns(nr) + e]
-                                                                  + p[r, g, jj] * vp[page, jj, hk, ec * pv_columns(nr) + e])
+                                                                  + p[r, g, jj] * widen(vp[page, jj, hk, ec * pv_columns(nr) + e]))
         for r, g in T.grid(nr, G):
             total = T.alloc_buffer((1,), "float32", scope="global")
             total[0] = T.float32(0)
@@ -245,10 +270,13 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         # outgrow the stack) are allocated once per lane, not once per item (that allocation was
         # ~20% of a decode batch's attention time). Lane k takes items k, k + LANES, ...: an even
         # share of early (cheap) and late (dear) tiles.
+        # The pool hands each thread a contiguous run of lanes; lane -> slot deals consecutive
+        # items to different threads, so a lone decode token's few (KV head) items are shared
+        # by the threads instead of all landing on the first one.
         for lane in T.parallel(LANES):
             for k in range((items + LANES - 1) // LANES):
                 found = T.alloc_buffer((3,), "int64", scope="global")  # sequence, first tile of that sequence, tiles so far
-                idx: T.let[T.int64] = k * LANES + lane
+                idx: T.let[T.int64] = k * LANES + lane % (LANES // threads) * threads + lane // (LANES // threads)
                 hk: T.let[T.int64] = idx % hkv
                 tile_index: T.let[T.int64] = idx // hkv
                 found[0] = T.int64(-1)
@@ -284,8 +312,8 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
             b = T.int64()
             mb = T.int64()
             q = T.match_buffer(var_q, (t, hq, d), "float32")
-            kp = T.match_buffer(var_k, (nb, hkv, d, BS), "float32")
-            vp = T.match_buffer(var_v, (nb, BS, hkv, dv), "float32")
+            kp = T.match_buffer(var_k, (nb, hkv, d, BS), kv_dtype)
+            vp = T.match_buffer(var_v, (nb, BS, hkv, dv), kv_dtype)
             tables = T.match_buffer(var_tables, (b, mb), "int64")
             lens = T.match_buffer(var_lens, (b,), "int64")
             starts = T.match_buffer(var_starts, (b + 1,), "int64")
@@ -304,8 +332,8 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         b = T.int64()
         mb = T.int64()
         q = T.match_buffer(var_q, (t, hq, d), "float32")
-        kp = T.match_buffer(var_k, (nb, hkv, d, BS), "float32")
-        vp = T.match_buffer(var_v, (nb, BS, hkv, dv), "float32")
+        kp = T.match_buffer(var_k, (nb, hkv, d, BS), kv_dtype)
+        vp = T.match_buffer(var_v, (nb, BS, hkv, dv), kv_dtype)
         tables = T.match_buffer(var_tables, (b, mb), "int64")
         lens = T.match_buffer(var_lens, (b,), "int64")
         starts = T.match_buffer(var_starts, (b + 1,), "int64")

@@ -51,14 +51,16 @@ class IntDotWeight:
     tensor: te.Tensor
     lanes: int
     bits: int
+    interleave: int = 1  # column blocks side by side per 32-block (intdot.interleave_blocks)
 
     def at(self, n, c):  # scales / mins
-        return self.tensor[n // self.lanes, c, n % self.lanes]
+        b = n // self.lanes
+        return self.tensor[b // self.interleave, c, (b % self.interleave) * self.lanes + n % self.lanes]
 
     def code(self, n, k):  # stored unsigned code
         from .intdot import code_at
 
-        return code_at(self.tensor, n, k, self.lanes, self.bits)
+        return code_at(self.tensor, n, k, self.lanes, self.bits, self.interleave)
 
 
 Operand = Union[te.Tensor, Scalar, PackedWeight, IntDotWeight]
@@ -524,7 +526,7 @@ def _quantized_embedding(ops, attrs, out, ctx):
     ids, codes, scales = ops[0], ops[1], ops[2]
     mins = ops[3] if len(ops) == 4 else None
     if isinstance(codes, IntDotWeight):
-        rows = int(codes.tensor.shape[0]) * codes.lanes
+        rows = int(codes.tensor.shape[0]) * codes.lanes * codes.interleave
     else:
         rows = codes.n if isinstance(codes, PackedWeight) else codes.shape[0]
     weight = dequantized(codes, scales, mins, attrs["bits"], attrs["group_size"], attrs["signed"])

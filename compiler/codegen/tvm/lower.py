@@ -25,7 +25,7 @@ from tvm import relax, tirx as tir
 
 from ...ir import Block, Module, Op, Value
 from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
-from .intdot import BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel
+from .intdot import BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel, weight_interleave
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, IntDotWeight, PackedWeight, Scalar
 from .recurrent import conv_step_kernel, delta_rule_step_kernel
 
@@ -132,7 +132,8 @@ def intdot_params(module: Module, isa: Optional[IntDotIsa]) -> dict[str, dict]:
         if op.kind == "quantized_linear" and None not in names[1:]:
             n, k = op.result.type.shape[-1], op.operands[0].type.shape[-1]
             if eligible(op.attrs["bits"], op.attrs["group_size"], n, k, isa):
-                info = {"lanes": isa.lanes, "bits": op.attrs["bits"], "signed": op.attrs["signed"]}
+                info = {"lanes": isa.lanes, "bits": op.attrs["bits"], "signed": op.attrs["signed"],
+                        "interleave": weight_interleave(isa, n, op.attrs["bits"])}
                 chosen[names[1]] = {"role": "codes", **info}
                 for name in names[2:]:
                     chosen[name] = {"role": "groups", **info}
@@ -198,6 +199,7 @@ class AttentionOptions:
     lanes: int = 16        # float32 lanes of a vector register
     registers: int = 32    # vector registers
     intdot: Optional[IntDotIsa] = None  # integer dot products for 4-bit linears (None: float path)
+    kv_dtype: Optional[str] = None  # IR dtype of the KV pools, f32 or f16 (None: the IR's)
 
 
 class Backend:
@@ -261,7 +263,7 @@ class _FunctionLowering:
     def wrap(self, value, te_tensor):
         """A TE placeholder for a relax value, as the kernel builders expect it."""
         if isinstance(value, _IntDot):
-            return IntDotWeight(te_tensor, value.info["lanes"], value.info["bits"])
+            return IntDotWeight(te_tensor, value.info["lanes"], value.info["bits"], value.info.get("interleave", 1))
         if isinstance(value, _Packed):
             return PackedWeight(te_tensor, value.n, value.k)
         return te_tensor
@@ -355,7 +357,7 @@ class _FunctionLowering:
         sdt = TVM_DTYPES[op.operands[2].type.dtype]
         kernel = intdot_linear_kernel(isa, n, k, op.attrs["group_size"], op.attrs["signed"], len(operands) == 4,
                                       sdt, self.decode, self.attention.threads, glu=up is not None,
-                                      bits=op.attrs["bits"])
+                                      bits=op.attrs["bits"], ilv=weight_interleave(isa, n, op.attrs["bits"]))
         fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
         extra = []
         if up is not None:
@@ -421,9 +423,12 @@ class _FunctionLowering:
         if self.backend is not None:
             kw = self.bb.add_func(self.backend.kv_append_kernel(g, True), "kv_append_k")
             vw = self.bb.add_func(self.backend.kv_append_kernel(g, False), "kv_append_v")
-        else:
-            kw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.head_dim, g.block_size, True, dtype), "kv_append_k")
-            vw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.value_dim, g.block_size, False, dtype), "kv_append_v")
+        else:  # this step's keys / values arrive in the IR's dtype; the store narrows them to the pool's
+            kdt, vdt = (TVM_DTYPES[x.type.dtype] for x in op.operands[2:4])
+            kw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.head_dim, g.block_size, True, kdt, dtype),
+                                  "kv_append_k")
+            vw = self.bb.add_func(kv_append_kernel(g.kv_heads, g.value_dim, g.block_size, False, vdt, dtype),
+                                  "kv_append_v")
         k_pool = self.bb.emit(relax.call_tir_inplace(kw, [k, slots, k_pool], [2],
                                                      relax.TensorType(g.shape(blocks), dtype)))
         v_pool = self.bb.emit(relax.call_tir_inplace(vw, [v, slots, v_pool], [2],
@@ -437,14 +442,15 @@ class _FunctionLowering:
             kernel = self.backend.paged_attention_kernel(op, g, self.decode, dtype)
             out_type = relax.TensorType(self.dims.shape(op.result.type.shape), dtype)
             return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
-        if g.dtype != "f32":
-            raise CodegenError(f"the cpu attention kernel reads float32 KV pools, not {g.dtype}")
+        if g.dtype not in ("f32", "f16"):
+            raise CodegenError(f"the cpu attention kernel reads float32 or float16 KV pools, not {g.dtype}")
         hq = int(op.operands[0].type.shape[1])
         rows = 1 if self.decode else tile_rows(hq // g.kv_heads, g.block_size, opts.lanes, opts.registers)
         kernel = paged_attention_kernel(hq, g.kv_heads, g.head_dim, g.value_dim, g.block_size, op.attrs["scale"],
                                         op.attrs["window"], op.attrs["softcap"], rows, opts.threads,
                                         sinks=len(op.operands) == 7, lanes=opts.lanes, registers=opts.registers,
-                                        chunk=op.attrs.get("chunk", 0), alibi=op.attrs.get("alibi"))
+                                        chunk=op.attrs.get("chunk", 0), alibi=op.attrs.get("alibi"),
+                                        kv_dtype=TVM_DTYPES[g.dtype])
         out_type = relax.TensorType(self.dims.shape(op.result.type.shape), "float32")
         return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
 
@@ -558,6 +564,8 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
     geom = cache_geometry(module)
     if backend is not None and backend.kv_dtype:
         geom.dtype = backend.kv_dtype
+    elif backend is None and attention.kv_dtype:  # the cpu's --kv-dtype
+        geom.dtype = attention.kv_dtype
     fn = module.functions["forward"]
     pools_returned = [v.producer.kind if v.producer is not None else "argument" for v in fn.results[1:]]
     n_states = len(state_pools(module))
@@ -582,8 +590,8 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
 
 def intdot_shape(shape: list[int], dtype: str, info: dict) -> tuple[list[int], str]:
     """Stored shape and TVM dtype of a weight in the integer-kernel layout (intdot.py)."""
-    lanes = info["lanes"]
-    if info["role"] == "codes":  # [N, K*bits/8] bytes -> i32 [N/L, K/32, bits*L]
+    lanes, ilv = info["lanes"], info.get("interleave", 1)
+    if info["role"] == "codes":  # [N, K*bits/8] bytes -> i32 [N/(L*ilv), K/32, bits*L*ilv]
         k = shape[1] * 8 // info["bits"]
-        return [shape[0] // lanes, k // BLOCK, info["bits"] * lanes], "int32"
-    return [shape[0] // lanes, shape[1], lanes], TVM_DTYPES[dtype]
+        return [shape[0] // (lanes * ilv), k // BLOCK, info["bits"] * lanes * ilv], "int32"
+    return [shape[0] // (lanes * ilv), shape[1], lanes * ilv], TVM_DTYPES[dtype]

@@ -1,0 +1,84 @@
+"""float16 KV pools on the cpu target (--kv-dtype): a mixed paged batch through the compiled
+step gives each sequence exactly the logits it gets alone (batching must not change results),
+within float16 storage of the float32 reference; and ``auto`` picks float16 only for quantized
+linears on a CPU that converts float16 in vectors. (The kernels themselves are checked against
+torch references with float16 pools in test_attention_kernels.py.)"""
+
+import numpy as np
+import pytest
+import torch
+
+from llmc.compiler.codegen.cpu import kv_dtype
+from llmc.compiler.codegen.registry import TargetError
+from llmc.compiler.driver import quantize_pass
+from llmc.compiler.frontend import import_hf_model
+from llmc.compiler.ir import parse_module, print_module
+from llmc.compiler.passes import get_pass
+from llmc.compiler.passes.paged_kv import PagedKV
+from llmc.runtime.artifact import read_manifest
+from llmc.runtime.executor_cpu import CpuExecutor
+from tests.codegen.helpers import compile_cpu
+from tests.codegen.test_cpu_paged_step import executor_step
+from tests.paged import MIXED_SCHEDULE, PagedBatcher, alone_logits
+from tests.tiny_models import tiny_model
+
+
+def test_f16_pools_batched_equal_alone(tmp_path):
+    """gemma2: sliding window 6 over blocks of 8, attention softcap, grouped heads."""
+    model = tiny_model("gemma2")
+    imported = import_hf_model(model)
+    before = parse_module(print_module(imported.module))
+    get_pass("select-logits").run(before)
+    paged = parse_module(print_module(before))
+    PagedKV(8).run(paged)
+    compile_cpu(imported, tmp_path / "a", max_seq_len=128, cache_dir=tmp_path / "cache", kv_block_size=8,
+                kv_dtype="float16")
+    manifest = read_manifest(str(tmp_path / "a"))
+    assert manifest.kv_cache["dtype"] == "f16"
+    assert manifest.kv_cache["bytes_per_block"] == 2 * 8 * 2 * 2 * (16 + 16)  # layers, BS, heads, 2 bytes, D + Dv
+    executor = CpuExecutor(manifest, num_blocks=64)
+    assert all(str(p.dtype) == "float16" for p in executor.pools)
+
+    g = torch.Generator().manual_seed(0)
+    chunks_of: dict[int, list[int]] = {}
+    for step in MIXED_SCHEDULE:
+        for seq, n in step:
+            chunks_of.setdefault(seq, []).append(n)
+    tokens = {seq: torch.randint(0, model.config.vocab_size, (sum(ns),), generator=g) for seq, ns in chunks_of.items()}
+    batched = {seq: [] for seq in chunks_of}
+    batcher, seen = PagedBatcher(paged, 64, seed=1), {seq: 0 for seq in chunks_of}
+    for step in MIXED_SCHEDULE:
+        chunks = []
+        for seq, n in step:
+            chunks.append((seq, tokens[seq][seen[seq]:seen[seq] + n]))
+            seen[seq] += n
+        logits = batcher.step(chunks, run=executor_step(executor, paged))
+        for b, (seq, _) in enumerate(chunks):
+            batched[seq].append(logits[b].numpy())
+
+    worst = 0.0
+    for seq, ns in chunks_of.items():
+        alone, at = PagedBatcher(paged, 64, seed=10 + seq), 0  # other blocks; decode tokens take the decode entry
+        reference = alone_logits(before, imported.weights, tokens[seq], ns)  # float32 KV, unpaged
+        for i, n in enumerate(ns):
+            got = alone.step([(seq, tokens[seq][at:at + n])], run=executor_step(executor, paged))[0].numpy()
+            at += n
+            assert np.array_equal(got, batched[seq][i]), f"sequence {seq}, chunk {i}: batched != alone"
+            worst = max(worst, float(np.abs(got - reference[i].numpy()).max()))
+    assert worst <= 2e-3, f"float16 KV: logits {worst:.1e} from the float32 reference"
+
+
+def test_auto_kv_dtype_follows_the_linears_and_the_cpu():
+    imported = import_hf_model(tiny_model("llama"))
+    float_module = imported.module
+    assert kv_dtype(None, float_module, ["avx2", "f16c"], "x86_64") == "f32"
+    assert kv_dtype("float16", float_module, ["avx2", "f16c"], "x86_64") == "f16"
+    quantized = parse_module(print_module(float_module))
+    quantize_pass("q4_g32", imported, "", "cpu").run(quantized)
+    assert any(op.kind == "quantized_linear" for op in quantized.functions["forward"].body.walk())
+    assert kv_dtype("auto", quantized, ["avx2", "f16c"], "x86_64") == "f16"
+    assert kv_dtype(None, quantized, [], "aarch64") == "f16"
+    assert kv_dtype(None, quantized, ["sse4_2"], "x86_64") == "f32"  # no F16C: a scalar convert per element
+    assert kv_dtype("float32", quantized, ["avx2", "f16c"], "x86_64") == "f32"
+    with pytest.raises(TargetError, match="expected auto, float32 or float16"):
+        kv_dtype("bf16", quantized, ["f16c"], "x86_64")
