@@ -148,7 +148,12 @@ def quantize_weight(w: torch.Tensor, *, bits: int, group_size: int, symmetric: b
     g = w.detach().to(torch.float32).reshape(n, k // group_size, group_size)
     if symmetric:
         rows = max(1, _CHUNK_ELEMENTS // k)
-        parts = [_symmetric_search(g[r:r + rows], bits, importance, scale_dtype) for r in range(0, n, rows)]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # thousands of small ops: threads gain little, and stall on a busy machine
+        try:
+            parts = [_symmetric_search(g[r:r + rows], bits, importance, scale_dtype) for r in range(0, n, rows)]
+        finally:
+            torch.set_num_threads(threads)
         codes = torch.cat([c for c, _ in parts])
         scale = torch.cat([s for _, s in parts])
         mins = None
