@@ -101,6 +101,13 @@ def cmd_compile(args) -> int:
             parse_scheme(args.quant)
         except ValueError as exc:
             raise CliError(str(exc)) from None
+    if args.quant_calibration is not None:
+        if args.quant is None or args.quant in SPECIAL:
+            raise CliError("--quant-calibration weights a scheme's scale search; add --quant q4_g32 (or another "
+                           "scheme from --quant list)")
+        if not os.path.isfile(args.quant_calibration):
+            raise CliError(f"--quant-calibration {args.quant_calibration}: no such file; give a UTF-8 text file "
+                           f"you will not evaluate on, e.g. benchmarks/data/calibration.txt")
     if args.quant == "gguf" and not args.model.endswith(".gguf"):
         from llmc.compiler.frontend.hf import BUNDLED_MODELS
 
