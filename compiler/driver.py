@@ -5,6 +5,7 @@ The CLI and the tests both call this, so what `llmc compile` does is what is tes
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Optional
 
@@ -36,10 +37,11 @@ def default_quant(source: str, target_name: str) -> str:
 
 
 def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name: str,
-                  embedding: Optional[bool] = None):
+                  embedding: Optional[bool] = None, calibration: Optional[list] = None):
     """The quantize pass for ``--quant`` (None for "none"); raises ValueError naming the fix.
     ``embedding``: quantize embedding tables too (default: yes for gguf, where the file's table
-    is quantized; no for schemes)."""
+    is quantized; no for schemes). ``calibration``: token ids whose activations weight a
+    scheme's scale search (``compiler/calibration.py``); None: unweighted."""
     from .passes.quantize import Quantize, parse_scheme
 
     if quant == "none":
@@ -48,6 +50,9 @@ def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name:
         raise ValueError(f"--quant {quant}: the {target_name} target has no quantized kernels yet "
                          f"(targets with them: {', '.join(QUANT_TARGETS)}); use --quant none")
     if quant == "gguf":
+        if calibration is not None:
+            raise ValueError("--quant-calibration weights a scheme's scale search, but --quant gguf keeps the "
+                             "file's own blocks; pick a scheme such as q4_g32, or drop --quant-calibration")
         from .frontend.gguf_weights import GgufBlocks
         from .frontend.hf import resolve_source
 
@@ -59,10 +64,18 @@ def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name:
         head = None
     else:
         scheme = parse_scheme(quant)
-        provider = scheme.quantize
+        importance = None
+        if calibration is not None:
+            from .calibration import linear_importance
+
+            t0 = time.perf_counter()
+            importance = linear_importance(imported.module, imported.weights, calibration)
+            logging.getLogger("llmc.progress").info("calibration: %d tokens, %d linears (%.1fs)", len(calibration),
+                                                    len(importance), time.perf_counter() - t0)
+        provider = scheme.provider(importance)
         # the LM head (and a table tied to it) keeps 8 bits under a 4-bit scheme, as llama.cpp's
         # Q4 files keep theirs at 6-8 bits: int4 logits cost far more accuracy than they save
-        head = parse_scheme(scheme.name.replace("q4", "q8", 1)).quantize if scheme.bits == 4 else None
+        head = parse_scheme(scheme.name.replace("q4", "q8", 1)).provider(importance) if scheme.bits == 4 else None
     imported.weights = dict(imported.weights)  # the pass replaces entries: leave the caller's dict alone
     return Quantize(imported.weights, provider, embedding=(quant == "gguf") if embedding is None else embedding,
                     lm_head_provider=head)
@@ -89,12 +102,14 @@ def _report_gguf_blocks(blocks) -> None:
 def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_dir: str,
                      options: Optional[CompileOptions] = None, passes=None, manager_options=None,
                      source: str = "", quant: Optional[str] = "none",
-                     quant_embedding: Optional[bool] = None) -> dict:
+                     quant_embedding: Optional[bool] = None, quant_calibration: Optional[str] = None) -> dict:
     """Optimize ``imported`` (select-logits, then ``passes``, default -O2) and write the target's
     artifact to ``out_dir``. Returns the stage timings. Nothing is written if a stage fails.
 
     ``quant``: "none" (floats), "gguf" (a quantized GGUF's own blocks), a scheme such as
-    "q4_g32", or None for the default of the source and target (:func:`default_quant`)."""
+    "q4_g32", or None for the default of the source and target (:func:`default_quant`).
+    ``quant_calibration``: a text file whose activations weight a scheme's scale search
+    (``compiler/calibration.py``); it must not be the text the artifact is evaluated on."""
     from .passes import build_pipeline
     from .passes.registry import LOWERING
 
@@ -105,7 +120,15 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
     imported.module.attrs["kv_block_size"] = options.kv_block_size or default_kv_block_size(target_name)
     passes = list(build_pipeline(target_name, 2) if passes is None else passes)
     quant = default_quant(source, target_name) if quant is None else quant
-    qpass = quantize_pass(quant, imported, source, target_name, quant_embedding)
+    calibration = None
+    if quant_calibration is not None:
+        if quant == "none":
+            raise ValueError("--quant-calibration weights a scheme's scale search; add --quant q4_g32 (or another "
+                             "scheme), or drop --quant-calibration")
+        from .calibration import read_calibration_tokens
+
+        calibration = read_calibration_tokens(quant_calibration, tokenizer)
+    qpass = quantize_pass(quant, imported, source, target_name, quant_embedding, calibration)
     if qpass is not None:  # before fusion (it sees top-level linears only), else before the lowerings
         names = [p.name for p in passes]
         cut = names.index("fuse-elementwise") if "fuse-elementwise" in names else len(passes)
@@ -128,6 +151,8 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
     metadata = {"llmc_version": llmc.__version__, "name": module.name, "arch": module.attrs.get("arch"),
                 "vocab_size": int(config.get("vocab_size") or 0), "config": config, "source": source,
                 "quant": quant}
+    if quant_calibration is not None:
+        metadata["quant_calibration"] = os.path.basename(quant_calibration)
     timings.update(target.compile(module, imported.weights, out_dir, options, metadata,
                                   tokenizer))
     return timings

@@ -101,6 +101,13 @@ def cmd_compile(args) -> int:
             parse_scheme(args.quant)
         except ValueError as exc:
             raise CliError(str(exc)) from None
+    if args.quant_calibration is not None:
+        if args.quant is None or args.quant in SPECIAL:
+            raise CliError("--quant-calibration weights a scheme's scale search; add --quant q4_g32 (or another "
+                           "scheme from --quant list)")
+        if not os.path.isfile(args.quant_calibration):
+            raise CliError(f"--quant-calibration {args.quant_calibration}: no such file; give a UTF-8 text file "
+                           f"you will not evaluate on, e.g. benchmarks/data/calibration.txt")
     if args.quant == "gguf" and not args.model.endswith(".gguf"):
         from llmc.compiler.frontend.hf import BUNDLED_MODELS
 
@@ -151,7 +158,8 @@ def cmd_compile(args) -> int:
             try:
                 timings = compile_artifact(imported, tokenizer, args.target, out, options, passes,
                                            manager_options, source=args.model, quant=args.quant,
-                                           quant_embedding=args.quant_embedding)
+                                           quant_embedding=args.quant_embedding,
+                                           quant_calibration=args.quant_calibration)
             except ValueError as exc:
                 if "--quant" not in str(exc):
                     raise
@@ -419,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "q8_g32, q4a_g64 (--quant list shows them); default: gguf for a GGUF source on cpu, else none")
     c.add_argument("--quant-embedding", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize the embedding table too (default: yes for --quant gguf, no for schemes)")
+    c.add_argument("--quant-calibration", metavar="TEXT_FILE",
+                   help="weight a scheme's per-group scale search by each input channel's mean x^2 over this "
+                        "text (e.g. benchmarks/data/calibration.txt); never the text you evaluate on. Default: off")
     c.add_argument("--target", choices=TARGETS, default="cpu", help="target to compile for (default cpu)")
     c.add_argument("--emit", choices=EMITS, default="artifact", help="what to write (default artifact)")
     c.add_argument("-o", "--output", help="output directory (artifact, default NAME-TARGET) or file (ir)")

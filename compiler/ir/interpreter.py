@@ -497,11 +497,13 @@ class Interpreter:
     """Runs functions of ``module`` with ``weights`` (name → tensor) and one sequence's KV cache."""
 
     def __init__(self, module: Module, weights: dict[str, torch.Tensor],
-                 kv_cache: Optional[KVCache] = None, check_types: bool = True):
+                 kv_cache: Optional[KVCache] = None, check_types: bool = True,
+                 observer: Optional[Callable[[Op, list], None]] = None):
         self.module = module
         self.weights = weights
         self.kv_cache = kv_cache if kv_cache is not None else KVCache()
         self.check_types = check_types
+        self.observer = observer  # sees (op, operand tensors) before each op runs (calibration)
 
     def run(self, inputs: dict[str, torch.Tensor] | list[torch.Tensor],
             function: str = "forward") -> list[torch.Tensor]:
@@ -522,6 +524,8 @@ class Interpreter:
         for op in block.ops:
             args = [env[id(v)] for v in op.operands]
             frame.op = op
+            if self.observer is not None:
+                self.observer(op, args)
             try:
                 if op.region is not None:
                     outs = self._run_block(op.region, args, frame)

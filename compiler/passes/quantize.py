@@ -5,7 +5,8 @@ Unlike the other passes this one owns weights too: it replaces each float weight
 layout (``ir/quant.py``) and writes those tensors into the weights dict it was given.
 
 Where the quantized weights come from is a ``provider``: for a scheme (``q4_g32``, ...)
-round-to-nearest per-group quantization of the float weight; for a quantized GGUF source
+per-group quantization of the float weight (symmetric scales
+from a least-squares search, optionally weighted by calibration statistics); for a quantized GGUF source
 the file's own blocks, repacked (``--quant gguf``). A weight the provider declines stays
 float (a K not divisible by the group size, a weight the GGUF stores in float).
 """
@@ -38,12 +39,21 @@ class Scheme:
     def name(self) -> str:
         return f"q{self.bits}{'' if self.symmetric else 'a'}_g{self.group_size}"
 
-    def quantize(self, name: str, w: torch.Tensor) -> Optional[QuantWeight]:
+    def quantize(self, name: str, w: torch.Tensor, importance: Optional[torch.Tensor] = None) -> Optional[QuantWeight]:
         if w.dim() != 2 or not w.is_floating_point() or w.shape[1] % self.group_size:
             return None
+        if importance is not None and importance.numel() != w.shape[1]:
+            importance = None  # statistics of another shape (a table read as a linear): unweighted
         codes, scales, mins = quantize_weight(w, bits=self.bits, group_size=self.group_size,
-                                              symmetric=self.symmetric)
+                                              symmetric=self.symmetric, importance=importance)
         return QuantWeight(codes, scales, mins, self.bits, self.group_size, self.symmetric, source=self.name)
+
+    def provider(self, importance: Optional[dict] = None) -> Provider:
+        """The provider of this scheme; ``importance`` (weight name -> mean x^2 per input
+        channel, from ``compiler/calibration.py``) weights the symmetric scale search."""
+        if not importance:
+            return self.quantize
+        return lambda name, w: self.quantize(name, w, importance.get(name))
 
 
 SCHEMES = {s.name: s for s in (Scheme(b, g, sym) for b in (4, 8) for sym in (True, False) for g in (32, 64, 128))}

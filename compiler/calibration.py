@@ -1,0 +1,58 @@
+"""Per-input-channel importance of each linear's weight, from calibration text (``--quant-calibration``).
+
+Why: a weight's error reaches the output through its input, so an error in channel k costs
+about ``E[x_k^2]`` times its square. The quantizer's scale search weights its error by that
+(``ir.quant.quantize_weight(importance=...)``). The statistics come from running the imported
+IR through the reference interpreter on text the caller names, which must not be the text a
+model is later evaluated on: it is opt-in, never a default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ir import Interpreter, KVCache, Module
+
+WINDOW = 512  # tokens per interpreter run (each window is a fresh sequence)
+
+
+def linear_importance(module: Module, weights: dict, token_ids, window: int = WINDOW) -> dict[str, torch.Tensor]:
+    """Mean ``x^2`` per input channel ``[K]`` of every ``linear`` whose weight is a param,
+    keyed by that param's name, over ``token_ids`` run in windows of ``window`` tokens."""
+    ids = torch.as_tensor(list(token_ids), dtype=torch.int64).reshape(-1)
+    if ids.numel() == 0:
+        raise ValueError("the calibration text has no tokens; give --quant-calibration a text file with some prose")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def observe(op, args):
+        if op.kind != "linear" or len(args) < 2:
+            return
+        w = op.operands[1].producer
+        if w is None or w.kind != "param":
+            return
+        name = w.attrs["name"]
+        x = args[0].detach().to(torch.float32).reshape(-1, args[0].shape[-1])
+        sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    for start in range(0, ids.numel(), window):
+        chunk = ids[start:start + window]
+        interp = Interpreter(module, weights, KVCache(), check_types=False, observer=observe)
+        interp.run({"input_ids": chunk, "positions": torch.arange(chunk.numel())})
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def read_calibration_tokens(path: str, tokenizer) -> list[int]:
+    """Token ids of the text file ``path`` (a clear error when it is missing or empty)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ValueError(f"--quant-calibration {path}: cannot read it ({exc.strerror}); give a UTF-8 text file") from None
+    if tokenizer is None:
+        raise ValueError("--quant-calibration needs the model's tokenizer, and this model has none")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"--quant-calibration {path}: the file has no text; give a text file with some prose")
+    return list(ids)
