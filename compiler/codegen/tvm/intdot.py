@@ -22,7 +22,10 @@ Scales and mins keep their dtype in the ``[N/L, K/group, L]`` blocked layout.
 
 Chosen per CPU (``int_dot_isa``): AVX-512 VNNI, else AVX-512BW or AVX2 (``vpmaddubsw`` into
 int16, exact here: 8 products of a 4-bit code and an int8 sum to at most 8 * 2 * 15 * 127 <
-2^15, then one ``vpmaddwd`` per group); other CPUs (AArch64 for now) keep the float path.
+2^15, then one ``vpmaddwd`` per group); AArch64 with the dot product extension (``sdot``,
+Armv8.2 dotprod: Neoverse N1, Cortex-A76 and later, Apple M1) takes 128-bit NEON vectors of 4
+int32 lanes, with ``usdot`` (u8 x s8, like ``vpdpbusd``) where the CPU also has i8mm; other
+CPUs keep the float path.
 """
 
 from __future__ import annotations
@@ -35,14 +38,14 @@ from tvm import tirx as tir
 from tvm.script import tirx as T
 
 BLOCK = 32  # activations quantized per block of 32 along K
-_F32X = {8: T.float32x8, 16: T.float32x16}
+_F32X = {4: T.float32x4, 8: T.float32x8, 16: T.float32x16}
 
 
 @dataclass(frozen=True)
 class IntDotIsa:
     """How this CPU multiplies u8 x s8 into int32 lanes."""
 
-    name: str        # "avx512vnni", "avx512bw", "avxvnni" or "avx2"
+    name: str        # "avx512vnni", "avx512bw", "avxvnni", "avx2", "neoni8mm" or "neondot"
     lanes: int       # int32 lanes per vector = output columns per weight block
     registers: int   # vector registers (decides the register tile)
 
@@ -53,13 +56,28 @@ class IntDotIsa:
     @property
     def vnni(self) -> bool:
         """``vpdpbusd`` (u8 x s8 summed into int32 in one instruction): AVX-512 VNNI on zmm,
-        AVX-VNNI on ymm (Alder Lake and later, Zen 5)."""
-        return self.name in ("avx512vnni", "avxvnni")
+        AVX-VNNI on ymm (Alder Lake and later, Zen 5), and AArch64's i8mm ``usdot``."""
+        return self.name in ("avx512vnni", "avxvnni", "neoni8mm")
+
+    @property
+    def neon(self) -> bool:
+        """AArch64 ``sdot``/``usdot``: s8 (or u8) x s8, 4 products summed into each int32 lane."""
+        return self.name in ("neondot", "neoni8mm")
+
+    @property
+    def int32_dot(self) -> bool:
+        """The dot step sums into int32 lanes (no int16 pairs to widen, ``_finish_dot``)."""
+        return self.vnni or self.neon
 
 
 def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
     """The integer dot product the target's features allow (None: keep the float kernels)."""
     flags = set(flags)
+    if arch == "aarch64":
+        # /proc/cpuinfo names (llvm_cpu.CPUINFO_FLAGS): asimddp = dotprod, i8mm = usdot
+        if "asimddp" not in flags:
+            return None
+        return IntDotIsa("neoni8mm" if "i8mm" in flags else "neondot", 4, 32)
     if arch != "x86_64":
         return None
     if {"avx512_vnni", "avx512bw"} <= flags:
@@ -75,10 +93,10 @@ def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
 
 def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
     """Whether a quantized_linear of this layout and shape runs on the integer kernels: 4-bit
-    codes everywhere; 8-bit with VNNI (``vpdpbusd`` sums into int32) or AVX2 (the sign trick of
-    ``_dot_update8``); AVX-512BW has no 512-bit ``psignb``, and ``vpmaddubsw`` alone would
-    saturate int16 on codes up to 255."""
-    ok_bits = bits == 4 or (bits == 8 and isa is not None and (isa.vnni or isa.name == "avx2"))
+    codes everywhere; 8-bit with VNNI or i8mm (``vpdpbusd``/``usdot`` sum into int32), AVX2 or
+    NEON dotprod (the sign trick of ``_dot_update8``); AVX-512BW has no 512-bit ``psignb``, and
+    ``vpmaddubsw`` alone would saturate int16 on codes up to 255."""
+    ok_bits = bits == 4 or (bits == 8 and isa is not None and (isa.vnni or isa.neon or isa.name == "avx2"))
     return (isa is not None and ok_bits and group % BLOCK == 0 and isinstance(n, int) and isinstance(k, int)
             and n % isa.lanes == 0 and k % group == 0)
 
@@ -207,21 +225,35 @@ def quantize_rows_kernel(k: int, parallel: bool = True):
 def _dot_update(isa: IntDotIsa, acc, codes_i32, act_i32):
     """acc (int32 lanes; int16 pairs for the pmaddubsw ISAs) += codes (u8) x act (s8), 4-bit codes
     or VNNI. int16 accumulation is exact for up to 8 updates per 32-block: a pair sum is at most
-    2 * 15 * 127 = 3810 (activations lie in [-127, 127], ``quantize_rows``), 8 of them 30480 < 2^15."""
+    2 * 15 * 127 = 3810 (activations lie in [-127, 127], ``quantize_rows``), 8 of them 30480 < 2^15.
+    NEON ``sdot`` reads both operands signed: 4-bit codes (0..15) are the same bytes either way."""
     L = isa.lanes
     c8 = T.reinterpret(f"int8x{4 * L}", codes_i32)
     a8 = T.reinterpret(f"int8x{4 * L}", act_i32)
+    if isa.neon:
+        return _neon_dot(isa.vnni, acc, c8, a8)
     if isa.vnni:
         return T.call_llvm_pure_intrin(f"int32x{L}", f"llvm.x86.avx512.vpdpbusd.{isa.bits}", acc, c8, a8)
     name = "llvm.x86.avx512.pmaddubs.w.512" if L == 16 else "llvm.x86.avx2.pmadd.ub.sw"
     return acc + T.call_llvm_pure_intrin(f"int16x{2 * L}", name, c8, a8)
 
 
-def _dot_update8(acc, codes_i32, act_i32):
-    """AVX2 int32 acc += (code - 128) x act for 8-bit stored codes u (0..255), by the sign trick:
-    pmaddubsw(|s|, sign(s) * a) with s = u - 128 as int8. |s| <= 128 and |a| <= 127, so a pair sum
-    is at most 2 * 128 * 127 = 32512 < 2^15 (no saturation); pmaddwd widens every chunk."""
-    s8 = T.reinterpret("int8x32", codes_i32 ^ T.broadcast(T.int32(-0x7F7F7F80), 8))  # 0x80808080
+def _neon_dot(unsigned_codes: bool, acc, c8, a8):
+    """AArch64 int32x4 acc += 4-byte dot products per lane: ``usdot`` (i8mm; codes u8, as
+    ``vpdpbusd``) or ``sdot`` (dotprod; codes read as s8)."""
+    name = "llvm.aarch64.neon.usdot" if unsigned_codes else "llvm.aarch64.neon.sdot"
+    return T.call_llvm_pure_intrin("int32x4", name, acc, c8, a8)
+
+
+def _dot_update8(isa: IntDotIsa, acc, codes_i32, act_i32):
+    """int32 acc += (code - 128) x act for 8-bit stored codes u (0..255), by the sign trick.
+    AVX2: pmaddubsw(|s|, sign(s) * a) with s = u - 128 as int8. |s| <= 128 and |a| <= 127, so a
+    pair sum is at most 2 * 128 * 127 = 32512 < 2^15 (no saturation); pmaddwd widens every chunk.
+    NEON dotprod: ``sdot`` on s = u ^ 0x80 (= u - 128 as int8) directly, into int32."""
+    flip = T.broadcast(T.int32(-0x7F7F7F80), isa.lanes)  # 0x80808080
+    if isa.neon:
+        return _neon_dot(False, acc, T.reinterpret("int8x16", codes_i32 ^ flip), T.reinterpret("int8x16", act_i32))
+    s8 = T.reinterpret("int8x32", codes_i32 ^ flip)
     a8 = T.reinterpret("int8x32", act_i32)
     mag = T.max(s8, T.broadcast(T.int8(0), 32) - s8)  # abs; -128 stays 0x80 = 128 unsigned
     signed_a = T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", a8, s8)
@@ -232,7 +264,7 @@ def _dot_update8(acc, codes_i32, act_i32):
 def _finish_dot(isa: IntDotIsa, acc):
     """int32 lanes of a group's dot product from the accumulator form of ``_dot_update``."""
     L = isa.lanes
-    if isa.vnni:
+    if isa.int32_dot:
         return acc
     name = "llvm.x86.avx512.pmaddw.d.512" if L == 16 else "llvm.x86.avx2.pmadd.wd"
     return T.call_llvm_pure_intrin(f"int32x{L}", name, acc, T.broadcast(T.int16(1), 2 * L))
@@ -243,7 +275,7 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
     lanes: the accumulator chain lives in registers only (no accumulator array that LLVM zeroes
     and reloads from the stack every group)."""
     L = isa.lanes
-    int32_acc = isa.vnni or sign_trick
+    int32_acc = isa.int32_dot or sign_trick
     acc = tir.Broadcast(tir.const(0, "int32" if int32_acc else "int16"), L if int32_acc else 2 * L)
 
     W = bits * L
@@ -265,7 +297,7 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
             acc = _dot_update(isa, acc, tir.shift_right(v, four) & nib, act(4 + j))
     else:
         for j in range(8):
-            acc = _dot_update8(acc, codes_at(j), act(j)) if sign_trick else _dot_update(isa, acc, codes_at(j), act(j))
+            acc = _dot_update8(isa, acc, codes_at(j), act(j)) if sign_trick else _dot_update(isa, acc, codes_at(j), act(j))
     return acc if int32_acc else _finish_dot(isa, acc)
 
 
@@ -289,7 +321,10 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
     on every ISA: one thread's CPU time at 49152 x 576, M = 8, 16, 64, against 2 x 8 (VNNI)
     and 4 x 1 (AVX2): 1.9-2.3 vs 3.3-3.9 ms, 4.2 vs 5.2 ms, 13.9 vs 15.6 ms (VNNI), 4.1 vs 4.8
     ms at M = 8 (AVX2). Fewer rows than 8 take ``small_tiles``. A group's integer dot product is one expression (``_group_dot``), so a tile
-    holds float accumulators only."""
+    holds float accumulators only.
+
+    AArch64 (32 NEON registers of 4 lanes) takes VNNI's rules unchanged; they are only checked
+    for correctness under emulation (qemu), never timed on a real AArch64 core."""
     blocks = n // isa.lanes
     if decode:
         if bits == 8:
@@ -301,7 +336,7 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
     if bits == 8:
         return 8, 1
     budget = isa.registers * 3 // 4
-    if isa.name == "avx512vnni":
+    if isa.name == "avx512vnni" or isa.neon:  # NEON: VNNI's tiles by analogy (int32 dots, 32 registers; not measured)
         for r, c in ((8, 2), (4, 2), (4, 1)):
             if blocks % c == 0:
                 return r, c
