@@ -1,5 +1,6 @@
 """--mcpu: artifacts for another x86-64 CPU run here; artifacts for AArch64 are cross-linked
-(llmc[cross]) into an AArch64 library that this x86-64 machine refuses with a clear message."""
+(llmc[cross]) into an AArch64 library that this x86-64 machine refuses with a clear message
+(test_aarch64_qemu.py runs them under emulation)."""
 
 import json
 import shutil
@@ -68,6 +69,14 @@ def test_aarch64_artifact_is_cross_linked_and_refused_here(tiny, tmp_path):
     assert manifest["target"]["arch"] == "aarch64" and manifest["target"]["triple"] == "aarch64-linux-gnu"
     assert "asimd" in manifest["target"]["required_cpu_features"]
     assert _elf_machine(out / "kernels" / "step.so") == ELF_MACHINE["aarch64"]
+    # a dotprod CPU: quantized linears take the NEON integer kernels' 4-lane layout (intdot.py)
+    quant = tmp_path / "arm-q4"
+    compile_cpu(imported, quant, max_seq_len=64, cache_dir=tmp_path / "cache", mcpu="neoverse-n1", quant="q4_g32")
+    target = json.loads((quant / "manifest.json").read_text())
+    assert "asimddp" in target["target"]["required_cpu_features"]
+    layouts = [w["layout"] for w in target["plan"]["weights"].values()]
+    assert any(lay.startswith("intdot4-codes") for lay in layouts) and not any(lay.startswith(("intdot8", "intdot16"))
+                                                                              for lay in layouts)
     with pytest.raises(ArtifactError, match="compiled for aarch64 .*this machine is x86_64"):
         Engine.load(str(out))
     run = subprocess.run([sys.executable, "-m", "llmc.cli", "run", str(out), "--prompt", "hi"],

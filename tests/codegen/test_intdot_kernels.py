@@ -1,5 +1,6 @@
 """The integer-dot-product quantized linear (compiler/codegen/tvm/intdot.py) on fresh random
-inputs, for every ISA variant it has (AVX-512 VNNI, AVX-512BW, AVX2 = x86-64-v3): the int8
+inputs, for every x86 ISA variant it has (AVX-512 VNNI, AVX-512BW, AVX2 = x86-64-v3; the
+AArch64 ones are compiled here and run under qemu in test_aarch64_qemu.py): the int8
 activation blocks equal a numpy quantization, the kernel equals the exact integer scheme
 (dequantized weights times dequantized activations) to float rounding, and the float
 reference within the activation-quantization error."""
@@ -102,7 +103,12 @@ def test_isa_chosen_from_the_target_features():
     assert intdot.int_dot_isa("x86_64", resolve_cpu("skylake-avx512").required_flags).name == "avx512bw"
     assert intdot.int_dot_isa("x86_64", resolve_cpu("x86-64-v3").required_flags).name == "avx2"
     assert intdot.int_dot_isa("x86_64", resolve_cpu("x86-64").required_flags) is None  # SSE only: float path
-    assert intdot.int_dot_isa("aarch64", ["asimd", "asimddp"]) is None
+    # AArch64: dotprod (sdot) from Armv8.2 cores on, i8mm's usdot where present; NEON alone: float path
+    assert intdot.int_dot_isa("aarch64", ["asimd", "asimddp"]) == intdot.IntDotIsa("neondot", 4, 32)
+    assert intdot.int_dot_isa("aarch64", resolve_cpu("neoverse-n1").required_flags).name == "neondot"
+    assert intdot.int_dot_isa("aarch64", resolve_cpu("neoverse-n2").required_flags).name == "neoni8mm"
+    assert intdot.int_dot_isa("aarch64", resolve_cpu("cortex-a72").required_flags) is None
+    assert intdot.int_dot_isa("aarch64", resolve_cpu("aarch64").required_flags) is None
     host = intdot.int_dot_isa("x86_64", resolve_cpu(host_mcpu()).required_flags)
     assert host is None or host.name in ISAS
     # a host build adds the VNNI the x86-64 levels leave out (x86-64-v4 has none)
@@ -269,6 +275,41 @@ def test_avx_vnni_emits_ymm_vpdpbusd():
     target = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "num-cores": 2})
     asm = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target).mod.inspect_source("asm")
     assert "vpdpbusd" in asm and "%ymm" in asm and "%zmm" not in asm and "vpmaddubsw" not in asm
+
+
+@pytest.mark.parametrize("mcpu,bits,signed", [("neoverse-n1", 4, False), ("neoverse-n1", 8, True),
+                                               ("neoverse-n2", 4, True), ("neoverse-n2", 8, False)])
+def test_neon_kernels_emit_sdot(mcpu, bits, signed):
+    """AArch64 builds (cross-compiled; run under qemu in test_aarch64_qemu.py): the dot steps are
+    ``sdot`` on dotprod CPUs (8-bit codes flipped to s8 by one ``eor``), ``usdot`` with i8mm, on
+    128-bit vectors of 4 int32 lanes, with no widening multiplies of the float path."""
+    cpu = resolve_cpu(mcpu)
+    isa = intdot.int_dot_isa(cpu.arch, cpu.required_flags)
+    assert intdot.eligible(bits, 32, 64, 128, isa)
+    asm = ""
+    for decode in (True, False):
+        f = intdot.intdot_linear_kernel(isa, 64, 128, 32, signed, not signed, "float16", decode, bits=bits,
+                                        ilv=intdot.weight_interleave(isa, 64, bits))
+        asm += tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                           target=cpu.tvm_target(2)).mod.inspect_source("asm")
+    dots = [line.split() for line in asm.splitlines() if "sdot\t" in line]
+    # per (row, block, 32-block): 8 dot steps (4 code vectors x 2 nibbles, or 8 byte vectors)
+    assert len(dots) >= 8 * 2 and {d[0] for d in dots} == ({"usdot"} if isa.vnni else {"sdot"})
+    assert all(d[1].endswith(".4s,") and d[2].endswith(".16b,") for d in dots)  # int32x4 += 16 bytes
+    assert "smull" not in asm and "sxtl" not in asm  # no int8 -> int16 widening: the dot does it
+    if bits == 8 and not isa.vnni:
+        assert "eor\t" in asm  # u ^ 0x80 = u - 128 as s8 (the sign trick's offset)
+
+
+def test_neon_tiles():
+    """NEON: 32 registers of 4 lanes take VNNI's tile rules (int32 dots, float accumulators)."""
+    isa = intdot.IntDotIsa("neondot", 4, 32)
+    assert intdot.tiles(isa, 3072, decode=False) == (8, 2) and intdot.small_tiles(isa, 3072, 4, 8) == (4, 2)
+    assert intdot.tiles(isa, 3072, decode=False, bits=8) == (8, 1)
+    for n in (64, 192, 576, 1536, 49152):
+        _, c = intdot.tiles(isa, n, decode=True)
+        assert 2 * c + 6 <= isa.registers and (n // 4) % c == 0 and n // 4 // c >= 4
+    assert intdot.tiles(isa, 1536, decode=True) == (1, 8) and intdot.weight_interleave(isa, 1536, 4) == 8
 
 
 @pytest.mark.parametrize("bits,signed,ilv", [(4, False, 1), (4, True, 1), (8, True, 1), (4, False, 2)])
