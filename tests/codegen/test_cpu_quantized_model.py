@@ -4,6 +4,7 @@ logits within 1e-3. So the whole path (pass, packed codes/scales in the artifact
 kernels, runtime loading) computes what the IR says."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from llmc.compiler.frontend import import_hf_model
 from llmc.compiler.ir.quant import dequantize
-from llmc.compiler.passes.quantize import parse_scheme
+from llmc.compiler.passes.quantize import SCHEMES, Scheme, parse_scheme
 from llmc.runtime import Engine
 from llmc.runtime.perplexity import all_logits
 from tests.codegen.helpers import compile_cpu, hf_greedy, llmc_greedy
@@ -28,7 +29,8 @@ def fake_quantized(model, scheme):
     return model
 
 
-@pytest.mark.parametrize("name,kernels", [("q4_g32", "intdot"), ("q4_g32", "intdot-v3"),
+@pytest.mark.parametrize("name,kernels", [("q4_g32", "intdot"), ("q4_g32", "intdot-v3"), ("q5_g32", "intdot"),
+                                          pytest.param("q6a_g32", "intdot-v3", marks=pytest.mark.slow),
                                           pytest.param("q4_g32", "float", marks=pytest.mark.slow),
                                           pytest.param("q8a_g32", "float", marks=pytest.mark.slow)])
 def test_quantized_tiny_llama_matches_fake_quantized_hf(name, kernels, tmp_path, monkeypatch):
@@ -42,6 +44,9 @@ def test_quantized_tiny_llama_matches_fake_quantized_hf(name, kernels, tmp_path,
         pytest.skip("host lacks AVX2")
     if kernels == "float":
         monkeypatch.setenv("LLMC_NO_INTDOT", "1")
+    if name not in SCHEMES:  # 5/6-bit codes (a GGUF's Q5/Q6 blocks): not a --quant scheme, the same kernels
+        bits, asym, group = re.fullmatch(r"q(\d)(a?)_g(\d+)", name).groups()
+        monkeypatch.setitem(SCHEMES, name, Scheme(int(bits), int(group), not asym))
     model = tiny_model("llama")
     mcpu = "x86-64-v3" if kernels == "intdot-v3" else None
     # the float kernels are held to 1e-3 and equal greedy tokens: float32 KV keeps that bound the weights'
@@ -61,6 +66,9 @@ def test_quantized_tiny_llama_matches_fake_quantized_hf(name, kernels, tmp_path,
     built = resolve_cpu(mcpu)
     intdot = kernels.startswith("intdot") and int_dot_isa(built.arch, built.required_flags) is not None
     assert any(lay.startswith("intdot") for lay in layouts) == intdot
+    if intdot and parse_scheme(name).bits != 4:  # 5-8 bit codes: one per byte, the 8-bit integer kernels
+        down = manifest["plan"]["weights"]["model.layers.0.mlp.down_proj.weight.codes"]
+        assert down["layout"].startswith("intdot") and down["dtype"] == "int32"
     if kernels == "intdot-v3":  # the 8-bit LM head too, on AVX2's sign-trick kernel
         heads = [w for n, w in manifest["plan"]["weights"].items() if "lm_head" in n and n.endswith(".codes")]
         assert heads and all(w["layout"] == "intdot8-codes" for w in heads)

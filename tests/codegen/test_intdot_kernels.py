@@ -196,15 +196,18 @@ def test_gated_mlp_epilogue(isa):
     assert np.abs(y.numpy() - want).max() <= 2e-2 * (1 + np.abs(want).max())
 
 
-@pytest.mark.parametrize("isa,signed", [_case(i, sg) for i in ("avx512vnni", "avxvnni", "avx2") for sg in (True, False)])
-def test_8bit_codes(isa, signed):
+@pytest.mark.parametrize("isa,signed,bits", [_case(i, sg, 8) for i in ("avx512vnni", "avxvnni", "avx2") for sg in (True, False)]
+                         + [_case(i, sg, b) for i in ("avx512vnni", "avx2") for sg, b in ((True, 5), (False, 5), (True, 6))])
+def test_8bit_codes(isa, signed, bits):
     """Q8_0-style 8-bit codes (the LM head of a 4-bit file), stored +128 if signed: vpdpbusd on
-    VNNI, the psignb/pmaddubsw/pmaddwd sign trick on AVX2; GEMM and GEMV tiles."""
+    VNNI, the psignb/pmaddubsw/pmaddwd sign trick on AVX2; GEMM and GEMV tiles. 5- and 6-bit codes
+    (Q5_0, Q5_1/Q5_K, Q6_K), stored one per byte, run on the same kernels (``storage_bits``)."""
     mcpu, spec = ISAS[isa]
     n, k, L = 64, 128, spec.lanes
-    g = torch.Generator().manual_seed(13 + signed)
-    lo, hi = code_range(8, signed)
-    codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), 8, signed)
+    assert intdot.storage_bits(bits) == 8 and intdot.eligible(bits, 32, n, k, spec)
+    g = torch.Generator().manual_seed(13 + signed + bits)
+    lo, hi = code_range(bits, signed)
+    codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), bits, signed)
     scales = (torch.rand(n, k // 32, generator=g) * 0.01).half()
     mn = None if signed else (torch.randn(n, k // 32, generator=g) * 0.5).half()
     s = tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), L))
@@ -219,7 +222,7 @@ def test_8bit_codes(isa, signed):
         qf(tvm.runtime.tensor(x.numpy()), *bufs)
         y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
         lf(*bufs, w, s, mins, y)
-        want = (x @ dequantize(codes, scales, mn, bits=8, group_size=32, signed=signed).T).numpy()
+        want = (x @ dequantize(codes, scales, mn, bits=bits, group_size=32, signed=signed).T).numpy()
         assert np.abs(y.numpy() - want).max() <= 2e-2 * (1 + np.abs(want).max())
 
 

@@ -91,11 +91,20 @@ def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
     return None
 
 
+def storage_bits(bits: int) -> int:
+    """Bits per code in the integer kernels' layout: 4-bit codes two per byte, codes of 5 to 8
+    bits one per byte (``ir.quant`` stores them so), which the 8-bit kernels read as they are
+    (Q5_0/Q5_1/Q5_K/Q6_K blocks: the integer dot product of a byte code does not care how many
+    of its bits are used; the signed +128 offset of ``repack_codes8`` is the same)."""
+    return 4 if bits == 4 else 8
+
+
 def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
     """Whether a quantized_linear of this layout and shape runs on the integer kernels: 4-bit
     codes everywhere; 8-bit with VNNI or i8mm (``vpdpbusd``/``usdot`` sum into int32), AVX2 or
     NEON dotprod (the sign trick of ``_dot_update8``); AVX-512BW has no 512-bit ``psignb``, and
     ``vpmaddubsw`` alone would saturate int16 on codes up to 255."""
+    bits = storage_bits(bits)
     ok_bits = bits == 4 or (bits == 8 and isa is not None and (isa.vnni or isa.neon or isa.name == "avx2"))
     return (isa is not None and ok_bits and group % BLOCK == 0 and isinstance(n, int) and isinstance(k, int)
             and n % isa.lanes == 0 and k % group == 0)

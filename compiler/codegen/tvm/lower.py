@@ -25,7 +25,8 @@ from tvm import relax, tirx as tir
 
 from ...ir import Block, Module, Op, Value
 from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
-from .intdot import BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel, weight_interleave
+from .intdot import (BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel, storage_bits,
+                     weight_interleave)
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, IntDotWeight, PackedWeight, Scalar
 from .recurrent import conv_step_kernel, delta_rule_step_kernel
 
@@ -132,8 +133,9 @@ def intdot_params(module: Module, isa: Optional[IntDotIsa]) -> dict[str, dict]:
         if op.kind == "quantized_linear" and None not in names[1:]:
             n, k = op.result.type.shape[-1], op.operands[0].type.shape[-1]
             if eligible(op.attrs["bits"], op.attrs["group_size"], n, k, isa):
-                info = {"lanes": isa.lanes, "bits": op.attrs["bits"], "signed": op.attrs["signed"],
-                        "interleave": weight_interleave(isa, n, op.attrs["bits"])}
+                bits = storage_bits(op.attrs["bits"])
+                info = {"lanes": isa.lanes, "bits": bits, "signed": op.attrs["signed"],
+                        "interleave": weight_interleave(isa, n, bits)}
                 chosen[names[1]] = {"role": "codes", **info}
                 for name in names[2:]:
                     chosen[name] = {"role": "groups", **info}
@@ -357,7 +359,8 @@ class _FunctionLowering:
         sdt = TVM_DTYPES[op.operands[2].type.dtype]
         kernel = intdot_linear_kernel(isa, n, k, op.attrs["group_size"], op.attrs["signed"], len(operands) == 4,
                                       sdt, self.decode, self.attention.threads, glu=up is not None,
-                                      bits=op.attrs["bits"], ilv=weight_interleave(isa, n, op.attrs["bits"]))
+                                      bits=storage_bits(op.attrs["bits"]),
+                                      ilv=weight_interleave(isa, n, storage_bits(op.attrs["bits"])))
         fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
         extra = []
         if up is not None:
