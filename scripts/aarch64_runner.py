@@ -9,6 +9,9 @@ back for the host to check (numpy and llmc's runtime only: no torch, no compiler
     python aarch64_runner.py engine ARTIFACT PROMPTS.json OUT.npz
         greedy continuation of each prompt (PROMPTS: {"prompts": [[ids]], "new_tokens": n})
         through llmc.runtime.Engine: OUT gets tokens_i and logits_i (every step's logits).
+    python aarch64_runner.py perplexity ARTIFACT IDS.json OUT.json
+        llmc.runtime.perplexity over IDS ({"ids": [...], "window": w, "stride": s}); OUT gets
+        {"perplexity", "tokens", "seconds"}.
 """
 
 from __future__ import annotations
@@ -65,11 +68,29 @@ def run_engine(artifact: str, prompts_path: str, out_path: str) -> None:
     np.savez(out_path, **out)
 
 
+def run_perplexity(artifact: str, ids_path: str, out_path: str) -> None:
+    import time
+
+    _llmc_on_path()
+    from llmc.runtime import Engine
+    from llmc.runtime.perplexity import all_logits, perplexity
+
+    with open(ids_path) as f:
+        spec = json.load(f)
+    engine = Engine.load(artifact)
+    start = time.perf_counter()
+    result = perplexity(spec["ids"], lambda w: all_logits(engine.executor, np.asarray(w)), window=spec["window"],
+                        stride=spec["stride"])
+    with open(out_path, "w") as f:
+        json.dump({"perplexity": result.perplexity, "tokens": len(spec["ids"]),
+                   "seconds": time.perf_counter() - start}, f)
+
+
 def main(argv: list[str]) -> int:
     if platform.machine() != "aarch64":
         print(f"aarch64_runner.py runs on AArch64 (here: {platform.machine()})", file=sys.stderr)
         return 2
-    commands = {"kernels": (run_kernels, 3), "engine": (run_engine, 3)}
+    commands = {"kernels": (run_kernels, 3), "engine": (run_engine, 3), "perplexity": (run_perplexity, 3)}
     if not argv or argv[0] not in commands or len(argv) - 1 != commands[argv[0]][1]:
         print(__doc__, file=sys.stderr)
         return 2

@@ -236,6 +236,7 @@ def test_quantized_tiny_llama_runs_on_aarch64_like_on_x86(tmp_path):
     arm, x86 = tmp_path / "arm", tmp_path / "x86"
     compile_cpu(imported, arm, max_seq_len=128, cache_dir=tmp_path / "cache", quant="q4_g32", mcpu="neoverse-n1")
     compile_cpu(imported, x86, max_seq_len=128, cache_dir=tmp_path / "cache", quant="q4_g32")
+    x86_intdot = intdot.int_dot_isa(host_arch(), resolve_cpu(None).required_flags) is not None
     manifest = json.loads((arm / "manifest.json").read_text())
     assert manifest["target"]["arch"] == "aarch64" and "asimddp" in manifest["target"]["required_cpu_features"]
     weights = manifest["plan"]["weights"]
@@ -268,9 +269,46 @@ def test_quantized_tiny_llama_runs_on_aarch64_like_on_x86(tmp_path):
         hf_error = np.abs(got_logits[0] - hf_logits).max() / (1 + np.abs(hf_logits).max())
         print(f"prompt of {len(prompt)}: AArch64 vs x86-64 logits {x86_error:.1e}, vs fake-quantized HF {hf_error:.1e}"
               f" (relative to 1 + max |logit|)")
-        assert x86_error <= 1e-4 and got_tokens == want_tokens
+        if x86_intdot:  # an x86-64 host without AVX2 builds the float kernels: HF's bound only
+            assert x86_error <= 1e-4 and got_tokens == want_tokens
         assert hf_error <= 2e-2
     # a CPU without dotprod (qemu's Cortex-A72): the runtime refuses the artifact, no SIGILL
     refused = run_aarch64(["engine", str(arm), str(tmp_path / "prompts.json"), str(tmp_path / "no.npz")], "cortex-a72")
     assert refused.returncode != 0 and "needs CPU features this machine lacks (asimddp, asimdhp)" in refused.stderr, \
         refused.stderr[-2000:]
+
+
+@pytest.mark.model
+def test_smollm2_gguf_on_neoverse_n1_is_as_close_to_hf_as_x86(smollm2, tmp_path):
+    """SmolLM2 from its Q4_1/Q8_0 GGUF (blocks kept), compiled for Neoverse N1 and run under
+    qemu: along its own greedy tokens its logits are as close to transformers' fp32 model (the
+    same dequantized weights) as an x86-64 build's are. The bound is the x86-64 builds' measured
+    error, not equality with them: int8 activation quantization turns float-order differences
+    into rounding flips that grow over 30 layers (an AVX2 and an AVX-512 VNNI build differ from
+    each other by as much, mean 0.11-0.15 and max 1.1-1.4 logits). Measured here: mean |arm -
+    HF| 0.19 (x86-64 VNNI 0.20), top-1 agreement 15/16 and 16/16."""
+    from llmc.compiler.codegen import CompileOptions
+    from llmc.compiler.driver import compile_artifact
+    from llmc.compiler.frontend import ImportedModel
+    from llmc.compiler.ir import parse_module, print_module
+
+    aarch64_python()
+    model, tokenizer, imported = smollm2
+    out = tmp_path / "n1"
+    copy = ImportedModel(parse_module(print_module(imported.module)), imported.weights, imported.config)
+    compile_artifact(copy, tokenizer, "cpu", str(out), CompileOptions(max_seq_len=256, mcpu="neoverse-n1"),
+                     source="smollm2", quant=None)
+    weights = json.loads((out / "manifest.json").read_text())["plan"]["weights"]
+    assert sum(w["layout"].startswith("intdot4-codes") for w in weights.values()) == 211  # every linear
+    prompts = [tokenizer(p)["input_ids"] for p in ("The capital of France is", "def fibonacci(n):")]
+    (tmp_path / "prompts.json").write_text(json.dumps({"prompts": prompts, "new_tokens": 16}))
+    run = run_aarch64(["engine", str(out), str(tmp_path / "prompts.json"), str(tmp_path / "out.npz")], "neoverse-n1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    assert "Paris" in tokenizer.decode(got["tokens_0"].tolist())
+    for i, prompt in enumerate(prompts):
+        tokens, logits = got[f"tokens_{i}"].tolist(), got[f"logits_{i}"]
+        with torch.no_grad():  # teacher-forced on the AArch64 tokens: row j predicts tokens[j]
+            want = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:].numpy()
+        assert np.abs(logits - want).mean() <= 0.3 and np.abs(logits - want).max() <= 2.5
+        assert np.mean(logits.argmax(-1) == want.argmax(-1)) >= 14 / 16
