@@ -30,7 +30,7 @@ def fake_quantized(model, scheme):
 
 
 @pytest.mark.parametrize("name,kernels", [("q4_g32", "intdot"), ("q4_g32", "intdot-v3"), ("q5_g32", "intdot"),
-                                          pytest.param("q6a_g32", "intdot-v3", marks=pytest.mark.slow),
+                                          pytest.param("q6a_g32", "intdot-v3", marks=pytest.mark.slow), ("q6_g16", "intdot"),
                                           pytest.param("q4_g32", "float", marks=pytest.mark.slow),
                                           pytest.param("q8a_g32", "float", marks=pytest.mark.slow)])
 def test_quantized_tiny_llama_matches_fake_quantized_hf(name, kernels, tmp_path, monkeypatch):

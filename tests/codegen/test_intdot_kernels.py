@@ -293,3 +293,41 @@ def test_code_at_reads_the_repacked_layout(bits, signed, ilv):
     f(tvm.runtime.tensor(packed), y)
     assert np.array_equal(y.numpy(), raw.numpy() + intdot.code_offset(bits, signed))
 
+
+
+@pytest.mark.parametrize("isa,bits,signed,mins", [_case("avx512vnni", 6, True, False), _case("avx2", 6, True, False),
+                                                  _case("avx512vnni", 4, False, True), _case("avx2", 4, False, True),
+                                                  _case("avx512bw", 4, True, False, slow=True),
+                                                  _case("avx2", 5, False, True, slow=True)])
+def test_groups_of_16_scale_each_half_block(isa, bits, signed, mins):
+    """Weight groups of 16 (Q6_K's sub-blocks): each half of a 32-block has its own scale (and
+    min) and its own activation sum (quantize_rows with halves=2), on GEMM and GEMV tiles; the
+    kernel equals the exact integer scheme."""
+    mcpu, spec = ISAS[isa]
+    n, k, L = 96, 128, spec.lanes
+    assert intdot.eligible(bits, 16, n, k, spec) and intdot.halves(16) == 2
+    g = torch.Generator().manual_seed(bits * 7 + signed)
+    lo, hi = code_range(bits, signed)
+    codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), bits, signed)
+    scales = (torch.rand(n, k // 16, generator=g) * 0.02).half()
+    mn = (torch.randn(n, k // 16, generator=g) * 0.05).half() if mins else None
+    w = dequantize(codes, scales, mn, bits=bits, group_size=16, signed=signed).numpy()
+    sb = intdot.storage_bits(bits)
+    packed = intdot.repack_codes(codes.numpy(), L) if sb == 4 else intdot.repack_codes8(codes.numpy(), L, signed)
+    qf = _compile(intdot.quantize_rows_kernel(k, halves=2), mcpu)
+    for m, decode in ((11, False), (1, True)):
+        ilv = intdot.weight_interleave(spec, n, sb)
+        s = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(scales.numpy(), L), ilv))
+        mt = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(mn.numpy(), L), ilv)) if mins else s
+        lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 16, signed, mins, "float16", decode, bits=sb, ilv=ilv), mcpu)
+        x = torch.randn(m, k, generator=g)
+        bufs = [tvm.runtime.tensor(np.zeros(sh, dt)) for sh, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
+                                                                    ((m, k // 16), np.float32))]
+        qf(tvm.runtime.tensor(x.numpy()), *bufs)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lf(*bufs, tvm.runtime.tensor(intdot.interleave_blocks(packed, ilv)), s, mt, y)
+        xb = x.numpy().reshape(m, k // 32, 32)
+        amax = np.abs(xb).max(-1, keepdims=True)
+        qx = np.round(xb * np.where(amax > 0, 127 / np.maximum(amax, 1e-30), 0)) * (amax / 127)
+        exact = qx.reshape(m, k) @ w.T
+        assert np.abs(y.numpy() - exact).max() <= 1e-5 * (1 + np.abs(exact).max()), (m, decode)

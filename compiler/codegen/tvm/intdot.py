@@ -11,7 +11,8 @@ llama.cpp's Q8 activation blocks), which is what lets the weights stay integers:
 
 with ``u`` the stored unsigned code (``code + 8`` for signed 4-bit: ``off = 8``), ``s`` the
 scale and ``m`` the min of the group (0 without mins). Every 32-block of activations meets one
-weight group (group sizes 32, 64, 128 all hold whole blocks).
+weight group (group sizes 32, 64, 128 all hold whole blocks), or two of 16 (Q6_K's sub-blocks):
+then each half of the block has its own dot product, scale and activation sum (``halves``).
 
 Weight layout (``repack_codes``), per block of L output columns (L = i32 lanes of a vector:
 16 on AVX-512, 8 on AVX2) and per 32-block g of K: 4 chunks of 4L bytes; byte ``4c + i`` of
@@ -88,8 +89,14 @@ def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
     saturate int16 on codes up to 255."""
     bits = storage_bits(bits)
     ok_bits = bits == 4 or (bits == 8 and isa is not None and (isa.vnni or isa.name == "avx2"))
-    return (isa is not None and ok_bits and group % BLOCK == 0 and isinstance(n, int) and isinstance(k, int)
-            and n % isa.lanes == 0 and k % group == 0)
+    return (isa is not None and ok_bits and (group % BLOCK == 0 or group == BLOCK // 2) and isinstance(n, int)
+            and isinstance(k, int) and n % isa.lanes == 0 and k % BLOCK == 0 and k % group == 0)
+
+
+def halves(group: int) -> int:
+    """Weight groups per 32-block of activations: 2 for groups of 16 (each half of a block is
+    scaled apart), else 1."""
+    return 2 if group == BLOCK // 2 else 1
 
 
 def code_offset(bits: int, signed: bool) -> int:
@@ -166,10 +173,12 @@ def code_at(codes, n, k, lanes: int, bits: int, ilv: int = 1):
 
 # ------------------------------------------------------------------------------ kernels
 
-def quantize_rows_kernel(k: int, parallel: bool = True):
+def quantize_rows_kernel(k: int, parallel: bool = True, halves: int = 1):
     """x f32 [M, K] → (q: int8 x4 packed in i32 [M, K/4], d: f32 [M, K/32], ds: d * sum(q)).
-    ``parallel=False`` for decode: one row is cheaper than waking the thread pool."""
+    ``parallel=False`` for decode: one row is cheaper than waking the thread pool. ``halves=2``:
+    ds per 16 activations ([M, K/16]), for weights grouped by 16."""
     G = k // BLOCK
+    H = halves
 
     @T.prim_func(private=True, check_well_formed=False)
     def quantize_rows(var_x: T.handle, var_q: T.handle, var_d: T.handle, var_ds: T.handle):
@@ -178,14 +187,14 @@ def quantize_rows_kernel(k: int, parallel: bool = True):
         x = T.match_buffer(var_x, (m, k), "float32")
         q = T.match_buffer(var_q, (m, k // 4), "int32")
         d = T.match_buffer(var_d, (m, G), "float32")
-        ds = T.match_buffer(var_ds, (m, G), "float32")
+        ds = T.match_buffer(var_ds, (m, G * H), "float32")
         with T.sblock("root"):  # RewriteDataflowReshape inspects one-input kernels' root block
             for r in (T.parallel(m) if parallel else T.serial(m)):
                 for g in range(G):
                     # T.let and "global" (stack) buffers: see intdot_linear_kernel
                     amax = T.alloc_buffer((1,), "float32", scope="global")
                     qs = T.alloc_buffer((BLOCK,), "int32", scope="global")
-                    total = T.alloc_buffer((1,), "int32", scope="global")
+                    total = T.alloc_buffer((H,), "int32", scope="global")
                     part = T.alloc_buffer((8,), "float32", scope="global")  # 8 lanes of |x| maxima
                     for i in T.vectorized(8):
                         part[i] = T.max(T.max(T.abs(x[r, g * BLOCK + i]), T.abs(x[r, g * BLOCK + 8 + i])),
@@ -198,17 +207,23 @@ def quantize_rows_kernel(k: int, parallel: bool = True):
                                                      T.float32(127) / T.max(amax[0], T.float32(1e-30)), T.float32(0))
                     for i in T.vectorized(BLOCK):
                         qs[i] = T.Cast("int32", T.round(x[r, g * BLOCK + i] * inv))
-                    tpart = T.alloc_buffer((8,), "int32", scope="global")
-                    for i in T.vectorized(8):
-                        tpart[i] = qs[i] + qs[8 + i] + qs[16 + i] + qs[24 + i]
-                    total[0] = 0
-                    for i in range(8):
-                        total[0] = total[0] + tpart[i]
+                    tpart = T.alloc_buffer((H, 8), "int32", scope="global")
+                    for h in range(H):
+                        if H == 1:
+                            for i in T.vectorized(8):
+                                tpart[h, i] = qs[i] + qs[8 + i] + qs[16 + i] + qs[24 + i]
+                        else:
+                            for i in T.vectorized(8):
+                                tpart[h, i] = qs[16 * h + i] + qs[16 * h + 8 + i]
+                        total[h] = 0
+                        for i in range(8):
+                            total[h] = total[h] + tpart[h, i]
                     for i in T.vectorized(BLOCK // 4):
                         q[r, g * 8 + i] = ((qs[4 * i] & 255) | T.shift_left(qs[4 * i + 1] & 255, 8)
                                            | T.shift_left(qs[4 * i + 2] & 255, 16) | T.shift_left(qs[4 * i + 3], 24))
                     d[r, g] = scale
-                    ds[r, g] = scale * T.Cast("float32", total[0])
+                    for h in range(H):
+                        ds[r, g * H + h] = scale * T.Cast("float32", total[h])
 
     return quantize_rows
 
@@ -247,13 +262,15 @@ def _finish_dot(isa: IntDotIsa, acc):
     return T.call_llvm_pure_intrin(f"int32x{L}", name, acc, T.broadcast(T.int16(1), 2 * L))
 
 
-def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: bool, ilv: int = 1):
+def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: bool, ilv: int = 1, halves: int = 1):
     """One (row, column block, 32-block) integer dot product as a single expression, in int32
     lanes: the accumulator chain lives in registers only (no accumulator array that LLVM zeroes
-    and reloads from the stack every group)."""
+    and reloads from the stack every group). ``halves=2``: a list of two, elements 0-15 and
+    16-31 (4-bit: the low and the high nibbles; 8-bit: chunks 0-3 and 4-7)."""
     L = isa.lanes
     int32_acc = isa.vnni or sign_trick
-    acc = tir.Broadcast(tir.const(0, "int32" if int32_acc else "int16"), L if int32_acc else 2 * L)
+    zero = tir.Broadcast(tir.const(0, "int32" if int32_acc else "int16"), L if int32_acc else 2 * L)
+    accs = [zero] * halves
 
     W = bits * L
 
@@ -270,12 +287,15 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
         four = tir.Broadcast(tir.const(4, "int32"), L)
         for j in range(4):
             v = codes_at(j)
-            acc = _dot_update(isa, acc, v & nib, act(j))
-            acc = _dot_update(isa, acc, tir.shift_right(v, four) & nib, act(4 + j))
+            accs[0] = _dot_update(isa, accs[0], v & nib, act(j))
+            accs[-1] = _dot_update(isa, accs[-1], tir.shift_right(v, four) & nib, act(4 + j))
     else:
         for j in range(8):
-            acc = _dot_update8(acc, codes_at(j), act(j)) if sign_trick else _dot_update(isa, acc, codes_at(j), act(j))
-    return acc if int32_acc else _finish_dot(isa, acc)
+            h = j * halves // 8
+            accs[h] = (_dot_update8(accs[h], codes_at(j), act(j)) if sign_trick
+                       else _dot_update(isa, accs[h], codes_at(j), act(j)))
+    out = accs if int32_acc else [_finish_dot(isa, a) for a in accs]
+    return out if halves == 2 else out[0]
 
 
 def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int]:
@@ -344,6 +364,33 @@ def _silu(v):
     return v * tir.Select(v >= tir.const(0.0, "float32"), one / (one + e), e / (one + e))
 
 
+@T.macro
+def _half_groups(isa, R, L, bits, codes, q, d, ds, scales, mins, facc, m, ct, r0, C, c, g, ilv, off, has_mins,
+                 sign_trick):
+    """A 32-block of column block ``ct * C + c`` against weight groups of 16: two dot products,
+    each with its own scale, activation sum (and min)."""
+    col: T.let[T.int64] = (ct * C + c) % ilv * L
+    s0: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[(ct * C + c) // ilv, 2 * g, T.ramp(col, 1, L)])
+    s1: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[(ct * C + c) // ilv, 2 * g + 1, T.ramp(col, 1, L)])
+    for r in T.unroll(R):
+        row: T.let[T.int64] = T.min(r0 + r, m - 1)
+        dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
+        ds0: T.let[_F32X[L]] = T.broadcast(ds[row, 2 * g], L)
+        ds1: T.let[_F32X[L]] = T.broadcast(ds[row, 2 * g + 1], L)
+        dot0: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g, row, sign_trick,
+                                                                  ilv, 2)[0])
+        dot1: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g, row, sign_trick,
+                                                                  ilv, 2)[1])
+        t0: T.let[_F32X[L]] = dot0 * dg - T.broadcast(T.float32(off), L) * ds0
+        t1: T.let[_F32X[L]] = dot1 * dg - T.broadcast(T.float32(off), L) * ds1
+        if has_mins:
+            facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s0 * t0 + s1 * t1
+                                           + T.Cast(f"float32x{L}", mins[(ct * C + c) // ilv, 2 * g, T.ramp(col, 1, L)]) * ds0
+                                           + T.Cast(f"float32x{L}", mins[(ct * C + c) // ilv, 2 * g + 1, T.ramp(col, 1, L)]) * ds1)
+        else:
+            facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s0 * t0 + s1 * t1
+
+
 def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool, has_mins: bool, bits: int,
                 glu: bool, ilv: int = 1):
     """The work of one parallel item: R rows from r0 x C column blocks from block ct * C, over all
@@ -355,7 +402,8 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
     6x slower). The accumulators are "global"-scope buffers for the same reason: constant-size
     ones under 1 KiB become stack allocas, which LLVM keeps in registers."""
     L = isa.lanes
-    G, GS = k // BLOCK, group // BLOCK
+    H = halves(group)
+    G, GS = k // BLOCK, max(group // BLOCK, 1)
     off = float(code_offset(bits, signed))
     sign_trick = bits == 8 and not isa.vnni  # AVX2 8-bit: dot of (u - 128), so the offset shifts by 128
     if sign_trick:
@@ -368,26 +416,31 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
             for l in T.vectorized(L):
                 facc[r, c, l] = T.float32(0)
         for g in range(G):
-            for c in T.unroll(C):
-                s: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[(ct * C + c) // ilv, g // GS,
-                                                                    T.ramp((ct * C + c) % ilv * L, 1, L)])
-                for r in T.unroll(R):
-                    row: T.let[T.int64] = T.min(r0 + r, m - 1)
-                    dot: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g,
-                                                                             row, sign_trick, ilv))
-                    dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
-                    dsg: T.let[_F32X[L]] = T.broadcast(ds[row, g], L)
-                    if off != 0.0:
-                        t: T.let[_F32X[L]] = dot * dg - T.broadcast(T.float32(off), L) * dsg
-                    else:
-                        t: T.let[_F32X[L]] = dot * dg
-                    if has_mins:
-                        facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
-                                                       + T.Cast(f"float32x{L}", mins[(ct * C + c) // ilv, g // GS,
-                                                                                     T.ramp((ct * C + c) % ilv * L,
-                                                                                            1, L)]) * dsg)
-                    else:
-                        facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s * t
+            if H == 2:
+                for c in T.unroll(C):
+                    _half_groups(isa, R, L, bits, codes, q, d, ds, scales, mins, facc, m, ct, r0, C, c, g, ilv,
+                                 off, has_mins, sign_trick)
+            else:
+                for c in T.unroll(C):
+                    s: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[(ct * C + c) // ilv, g // GS,
+                                                                        T.ramp((ct * C + c) % ilv * L, 1, L)])
+                    for r in T.unroll(R):
+                        row: T.let[T.int64] = T.min(r0 + r, m - 1)
+                        dot: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g,
+                                                                                 row, sign_trick, ilv))
+                        dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
+                        dsg: T.let[_F32X[L]] = T.broadcast(ds[row, g], L)
+                        if off != 0.0:
+                            t: T.let[_F32X[L]] = dot * dg - T.broadcast(T.float32(off), L) * dsg
+                        else:
+                            t: T.let[_F32X[L]] = dot * dg
+                        if has_mins:
+                            facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
+                                                           + T.Cast(f"float32x{L}", mins[(ct * C + c) // ilv, g // GS,
+                                                                                         T.ramp((ct * C + c) % ilv * L,
+                                                                                                1, L)]) * dsg)
+                        else:
+                            facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s * t
         for r in T.unroll(R):
             if r0 + r < m:
                 for c in T.unroll(C):
@@ -414,6 +467,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
     R, C = tile or tiles(isa, n, decode, bits)  # ``tile``: an explicit (rows, blocks), for measuring
     small_tile = None if tile or decode else small_tiles(isa, n, bits, R)
     G, NB = k // BLOCK, n // L
+    H = halves(group)
     W = bits * L  # int32 words of codes per column block and 32-block
     del threads
 
@@ -451,7 +505,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
             m = T.int64()
             q = T.match_buffer(var_q, (m, k // 4), "int32")
             d = T.match_buffer(var_d, (m, G), "float32")
-            ds = T.match_buffer(var_ds, (m, G), "float32")
+            ds = T.match_buffer(var_ds, (m, G * H), "float32")
             codes = T.match_buffer(var_codes, (NB // ilv, G, ilv * W), "int32")
             scales = T.match_buffer(var_scales, (NB // ilv, k // group, ilv * L), scale_dtype)
             mins = T.match_buffer(var_mins, (NB // ilv, k // group, ilv * L), scale_dtype)
@@ -468,7 +522,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
         m = T.int64()
         q = T.match_buffer(var_q, (m, k // 4), "int32")
         d = T.match_buffer(var_d, (m, G), "float32")
-        ds = T.match_buffer(var_ds, (m, G), "float32")
+        ds = T.match_buffer(var_ds, (m, G * H), "float32")
         codes = T.match_buffer(var_codes, (NB // ilv, G, ilv * W), "int32")
         scales = T.match_buffer(var_scales, (NB // ilv, k // group, ilv * L), scale_dtype)
         mins = T.match_buffer(var_mins, (NB // ilv, k // group, ilv * L), scale_dtype)
