@@ -198,7 +198,8 @@ def test_8bit_codes(isa, signed, bits):
     (Q5_0, Q5_1/Q5_K, Q6_K), stored one per byte, run on the same kernels (``storage_bits``)."""
     mcpu, spec = ISAS[isa]
     n, k, L = 64, 128, spec.lanes
-    assert intdot.storage_bits(bits) == 8 and intdot.eligible(bits, 32, n, k, spec)
+    sb = intdot.storage_bits(bits)
+    assert sb == {5: 5, 6: 6, 8: 8}[bits] and intdot.eligible(bits, 32, n, k, spec)
     g = torch.Generator().manual_seed(13 + signed + bits)
     lo, hi = code_range(bits, signed)
     codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), bits, signed)
@@ -206,11 +207,11 @@ def test_8bit_codes(isa, signed, bits):
     mn = None if signed else (torch.randn(n, k // 32, generator=g) * 0.5).half()
     s = tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), L))
     mins = s if signed else tvm.runtime.tensor(intdot.repack_groups(mn.numpy(), L))
-    w = tvm.runtime.tensor(intdot.repack_codes8(codes.numpy(), L, signed))
+    w = tvm.runtime.tensor(intdot.repack_any(codes.numpy(), L, bits, signed))
     qf = _compile(intdot.quantize_rows_kernel(k), mcpu)
     for m, decode in ((3, False), (1, True)):
         x = torch.randn(m, k, generator=g)
-        lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, signed, not signed, "float16", decode, bits=8), mcpu)
+        lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, signed, not signed, "float16", decode, bits=sb), mcpu)
         bufs = [tvm.runtime.tensor(np.zeros(sh, dt)) for sh, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
                                                                     ((m, k // 32), np.float32))]
         qf(tvm.runtime.tensor(x.numpy()), *bufs)
@@ -221,7 +222,8 @@ def test_8bit_codes(isa, signed, bits):
 
 
 SATURATION = [("avx2", 4, False), ("avx2", 4, True), ("avx2", 8, True), ("avx2", 8, False),
-              ("avx512bw", 4, False), ("avx512vnni", 8, True)]
+              ("avx512bw", 4, False), ("avx512vnni", 8, True), ("avx2", 5, True), ("avx2", 6, False),
+              ("avx512bw", 6, True), ("avx512vnni", 6, False)]
 SATURATION_SLOW = [("avx512bw", 4, True), ("avx512vnni", 4, False), ("avx512vnni", 8, False),
                    ("avxvnni", 4, False), ("avxvnni", 8, True), ("avxvnni", 8, False)]
 
@@ -229,7 +231,7 @@ SATURATION_SLOW = [("avx512bw", 4, True), ("avx512vnni", 4, False), ("avx512vnni
 @pytest.mark.parametrize("isa,bits,signed", [_case(*c) for c in SATURATION] + [_case(*c, slow=True) for c in SATURATION_SLOW])
 def test_extreme_codes_and_activations_sum_exactly(isa, bits, signed):
     """The int16 bounds of the pmaddubsw paths: codes at both ends of their range (4-bit 15 and 0,
-    or -8 and 7; 8-bit 255 and 0, or -128 and 127) against activations of +-127 in every lane
+    or -8 and 7; 5/6-bit 31/63 and 0 (bit planes); 8-bit 255 and 0, or -128 and 127) against activations of +-127 in every lane
     (the quantize kernel's range: |round(x * 127 / max|x|)| <= 127). With unit scales every
     product and sum is an integer float32 holds exactly, so a saturated or wrapped int16 shows
     as an error of thousands; the result must be exact."""
@@ -251,7 +253,7 @@ def test_extreme_codes_and_activations_sum_exactly(isa, bits, signed):
     codes = pack_codes(torch.from_numpy(raw), bits, signed).numpy()
     ones = np.ones((n, k // 32), np.float16)
     mins = np.full((n, k // 32), 0.5, np.float16)  # exercises the min term exactly (half-integers)
-    w = intdot.repack_codes(codes, L) if bits == 4 else intdot.repack_codes8(codes, L, signed)
+    w = intdot.repack_any(codes, L, bits, signed)
     qsum = q.astype(np.float32).reshape(m, k // 32, 32).sum(-1)
     args = [tvm.runtime.tensor(np.ascontiguousarray(q).view(np.int32)), tvm.runtime.tensor(np.ones((m, k // 32), np.float32)),
             tvm.runtime.tensor(qsum), tvm.runtime.tensor(w), tvm.runtime.tensor(intdot.repack_groups(ones, L)),
@@ -313,7 +315,7 @@ def test_groups_of_16_scale_each_half_block(isa, bits, signed, mins):
     mn = (torch.randn(n, k // 16, generator=g) * 0.05).half() if mins else None
     w = dequantize(codes, scales, mn, bits=bits, group_size=16, signed=signed).numpy()
     sb = intdot.storage_bits(bits)
-    packed = intdot.repack_codes(codes.numpy(), L) if sb == 4 else intdot.repack_codes8(codes.numpy(), L, signed)
+    packed = intdot.repack_any(codes.numpy(), L, bits, signed)
     qf = _compile(intdot.quantize_rows_kernel(k, halves=2), mcpu)
     for m, decode in ((11, False), (1, True)):
         ilv = intdot.weight_interleave(spec, n, sb)

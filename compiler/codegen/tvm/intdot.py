@@ -75,11 +75,11 @@ def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
 
 
 def storage_bits(bits: int) -> int:
-    """Bits per code in the integer kernels' layout: 4-bit codes two per byte, codes of 5 to 8
-    bits one per byte (``ir.quant`` stores them so), which the 8-bit kernels read as they are
-    (Q5_0/Q5_1/Q5_K/Q6_K blocks: the integer dot product of a byte code does not care how many
-    of its bits are used; the signed +128 offset of ``repack_codes8`` is the same)."""
-    return 4 if bits == 4 else 8
+    """Bits per code in the integer kernels' layout: 4-bit codes as nibbles; 5- and 6-bit codes
+    (Q5_0/Q5_1/Q5_K, Q6_K) as the same nibbles plus one or two bit planes (``repack_code_planes``:
+    5.0 / 6.0 bits a weight, not the 8 of one code per byte); 7- and 8-bit codes one per byte
+    (the 8-bit kernels; the signed +128 offset of ``repack_codes8`` holds for any byte code)."""
+    return bits if bits in (4, 5, 6) else 8
 
 
 def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
@@ -88,7 +88,7 @@ def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
     ``_dot_update8``); AVX-512BW has no 512-bit ``psignb``, and ``vpmaddubsw`` alone would
     saturate int16 on codes up to 255."""
     bits = storage_bits(bits)
-    ok_bits = bits == 4 or (bits == 8 and isa is not None and (isa.vnni or isa.name == "avx2"))
+    ok_bits = bits in (4, 5, 6) or (bits == 8 and isa is not None and (isa.vnni or isa.name == "avx2"))
     return (isa is not None and ok_bits and (group % BLOCK == 0 or group == BLOCK // 2) and isinstance(n, int)
             and isinstance(k, int) and n % isa.lanes == 0 and k % BLOCK == 0 and k % group == 0)
 
@@ -119,6 +119,40 @@ def repack_codes(codes: np.ndarray, lanes: int) -> np.ndarray:
     lo, hi = v[:, :, :, 0], v[:, :, :, 1]
     packed = (lo | (hi << 4)).transpose(0, 2, 3, 1, 4)  # [N/L, G, chunk, L, 4]
     return np.ascontiguousarray(packed.reshape(n // lanes, k // BLOCK, 16 * lanes)).view(np.int32)
+
+
+def repack_code_planes(codes: np.ndarray, lanes: int, bits: int, signed: bool) -> np.ndarray:
+    """5- or 6-bit codes ``[N, K]`` (one per byte, ``ir.quant``) → ``[N/L, K/32, bits*L]`` int32:
+    the low 4 bits of the unsigned code (``code + 2^(bits-1)`` if signed) in ``repack_codes``'s
+    4L words, then one word per lane for each higher bit (plane p holds bit 4 + p). In a plane
+    word, byte i bit j holds element 4j + i's bit and bit j + 4 element 16 + 4j + i's: the bits
+    chunk j needs sit at one bit of every byte, so a shift and a mask put them under the nibble
+    (``_group_dot``)."""
+    n, k = codes.shape
+    u = codes.astype(np.int16) + (1 << (bits - 1) if signed else 0)
+    if u.min() < 0 or u.max() >= 1 << bits:
+        raise ValueError(f"{bits}-bit codes out of range")
+    u = u.astype(np.uint8)
+    nibbles = repack_codes(((u[:, 0::2] & 15) | ((u[:, 1::2] & 15) << 4)).astype(np.uint8), lanes)
+    e = np.arange(BLOCK)
+    position = (e % 4) * 8 + (e % 16) // 4 + 4 * (e // 16)  # bit of the plane word holding element e
+    planes = []
+    for p in range(bits - 4):
+        bit = ((u >> (4 + p)) & 1).astype(np.uint32).reshape(n, k // BLOCK, BLOCK)
+        word = (bit << position.astype(np.uint32)).sum(-1, dtype=np.uint64).astype(np.uint32)  # [N, G]
+        planes.append(word.reshape(n // lanes, lanes, k // BLOCK).transpose(0, 2, 1).view(np.int32))  # [N/L, G, L]
+    return np.ascontiguousarray(np.concatenate([nibbles] + planes, axis=-1))
+
+
+def repack_any(codes: np.ndarray, lanes: int, bits: int, signed: bool) -> np.ndarray:
+    """Stored codes (``ir.quant``'s form for ``bits``) → the integer kernels' layout of
+    ``storage_bits(bits)``."""
+    sb = storage_bits(bits)
+    if sb == 4:
+        return repack_codes(codes, lanes)
+    if sb in (5, 6):
+        return repack_code_planes(codes, lanes, sb, signed)
+    return repack_codes8(codes, lanes, signed)
 
 
 def repack_codes8(codes: np.ndarray, lanes: int, signed: bool) -> np.ndarray:
@@ -159,11 +193,14 @@ def code_at(codes, n, k, lanes: int, bits: int, ilv: int = 1):
     g, r = k // BLOCK, k % BLOCK
     b = n // lanes
     base = (b % ilv) * bits * lanes + n % lanes
-    if bits == 4:
+    if bits in (4, 5, 6):
         half, j, i = r // 16, (r % 16) // 4, r % 4
         word = codes[b // ilv, g, base + j * lanes]
-        shift = i * 8 + half * 4
-        mask = 15
+        code = (word >> (i * 8 + half * 4).astype("int32")) & tir.const(15, "int32")
+        for p in range(bits - 4):
+            plane = codes[b // ilv, g, base + (4 + p) * lanes]
+            code = code | (((plane >> (i * 8 + j + 4 * half).astype("int32")) & tir.const(1, "int32")) << (4 + p))
+        return code
     else:
         j, i = r // 4, r % 4
         word = codes[b // ilv, g, base + j * lanes]
@@ -262,15 +299,25 @@ def _finish_dot(isa: IntDotIsa, acc):
     return T.call_llvm_pure_intrin(f"int32x{L}", name, acc, T.broadcast(T.int16(1), 2 * L))
 
 
+def _int16_updates(bits: int) -> int:
+    """``vpmaddubsw`` updates an int16 accumulator takes before it could saturate: a pair sum is
+    at most 2 * (2^bits - 1) * 127 (4-bit 3810: all 8 of a 32-block; 5-bit 4; 6-bit 2)."""
+    return 32767 // (2 * ((1 << bits) - 1) * 127)
+
+
 def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: bool, ilv: int = 1, halves: int = 1):
     """One (row, column block, 32-block) integer dot product as a single expression, in int32
     lanes: the accumulator chain lives in registers only (no accumulator array that LLVM zeroes
     and reloads from the stack every group). ``halves=2``: a list of two, elements 0-15 and
-    16-31 (4-bit: the low and the high nibbles; 8-bit: chunks 0-3 and 4-7)."""
+    16-31 (nibble layouts: the low and the high nibbles; 8-bit: chunks 0-3 and 4-7).
+
+    5- and 6-bit codes: each nibble vector gains its high bits from the plane words
+    (``repack_code_planes``): chunk j's bits sit at bit j (low nibbles) and j + 4 (high
+    nibbles) of every byte, shifted to bit 4 + p and masked. On the int16 ISAs a chain is cut
+    every ``_int16_updates`` updates and the parts are widened and summed."""
     L = isa.lanes
     int32_acc = isa.vnni or sign_trick
     zero = tir.Broadcast(tir.const(0, "int32" if int32_acc else "int16"), L if int32_acc else 2 * L)
-    accs = [zero] * halves
 
     W = bits * L
 
@@ -282,19 +329,35 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
     def act(j):
         return tir.Broadcast(q[row, g * 8 + j], L)
 
-    if bits == 4:
-        nib = tir.Broadcast(tir.const(0x0F0F0F0F, "int32"), L)
-        four = tir.Broadcast(tir.const(4, "int32"), L)
+    def const(v):
+        return tir.Broadcast(tir.const(v, "int32"), L)
+
+    updates = []  # (half, code vector, activation word), in accumulation order
+    if bits in (4, 5, 6):
+        planes = [codes_at(4 + p) for p in range(bits - 4)]
         for j in range(4):
             v = codes_at(j)
-            accs[0] = _dot_update(isa, accs[0], v & nib, act(j))
-            accs[-1] = _dot_update(isa, accs[-1], tir.shift_right(v, four) & nib, act(4 + j))
+            lo, hi = v & const(0x0F0F0F0F), tir.shift_right(v, const(4)) & const(0x0F0F0F0F)
+            for p, plane in enumerate(planes):
+                mask = const(0x01010101 << (4 + p))
+                lo = lo | (tir.shift_left(plane, const(4 + p - j)) & mask)
+                hi = hi | ((tir.shift_left(plane, const(p - j)) if p >= j else tir.shift_right(plane, const(j - p)))
+                           & mask)
+            updates += [(0, lo, act(j)), (1, hi, act(4 + j))]
     else:
-        for j in range(8):
-            h = j * halves // 8
-            accs[h] = (_dot_update8(accs[h], codes_at(j), act(j)) if sign_trick
-                       else _dot_update(isa, accs[h], codes_at(j), act(j)))
-    out = accs if int32_acc else [_finish_dot(isa, a) for a in accs]
+        updates = [(j // 4, codes_at(j), act(j)) for j in range(8)]
+    per = len(updates) if int32_acc else _int16_updates(bits)
+    out = []
+    for h in range(halves):
+        mine = [u for u in updates if halves == 1 or u[0] == h]
+        total = None
+        for start in range(0, len(mine), per):
+            acc = zero
+            for _, vec, a in mine[start:start + per]:
+                acc = _dot_update8(acc, vec, a) if sign_trick else _dot_update(isa, acc, vec, a)
+            part = acc if int32_acc else _finish_dot(isa, acc)
+            total = part if total is None else total + part
+        out.append(total)
     return out if halves == 2 else out[0]
 
 

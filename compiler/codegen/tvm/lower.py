@@ -595,7 +595,7 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
 def intdot_shape(shape: list[int], dtype: str, info: dict) -> tuple[list[int], str]:
     """Stored shape and TVM dtype of a weight in the integer-kernel layout (intdot.py)."""
     lanes, ilv = info["lanes"], info.get("interleave", 1)
-    if info["role"] == "codes":  # [N, K*bits/8] bytes -> i32 [N/(L*ilv), K/32, bits*L*ilv]
-        k = shape[1] * 8 // info["bits"]
+    if info["role"] == "codes":  # [N, K/2] (4-bit) or [N, K] bytes -> i32 [N/(L*ilv), K/32, bits*L*ilv]
+        k = shape[1] * 2 if info["bits"] == 4 else shape[1]
         return [shape[0] // (lanes * ilv), k // BLOCK, info["bits"] * lanes * ilv], "int32"
     return [shape[0] // (lanes * ilv), shape[1], lanes * ilv], TVM_DTYPES[dtype]
