@@ -97,6 +97,30 @@ def test_repack_codes_round_trips_through_code_at():
         assert (byte >> (4 * (r // 16))) & 15 == raw[n, k]
 
 
+@pytest.mark.parametrize("bits,signed,ilv", [(5, True, 1), (6, False, 2), (6, True, 1), (4, False, 2), (8, True, 1)])
+def test_code_at_reads_every_layout(bits, signed, ilv):
+    """code_at (the embedding gather of a table the LM head shares) evaluated by TVM on the
+    stored layout of every code width, interleaved or not, returns the unsigned stored code."""
+    L, n, k = 8, 32, 64
+    rng = np.random.default_rng(bits + 10 * ilv)
+    lo, hi = code_range(bits, signed)
+    raw = rng.integers(lo, hi + 1, (n, k)).astype(np.int32)
+    stored = intdot.interleave_blocks(intdot.repack_any(pack_codes(torch.from_numpy(raw), bits, signed).numpy(), L,
+                                                        bits, signed), ilv)
+    sb = intdot.storage_bits(bits)
+    codes = tvm.tirx.decl_buffer(stored.shape, "int32", "codes")
+    out = tvm.tirx.decl_buffer((n, k), "int32", "out")
+    i, j = tvm.tirx.Var("i", "int64"), tvm.tirx.Var("j", "int64")
+    body = tvm.tirx.BufferStore(out, intdot.code_at(codes, i, j, L, sb, ilv), [i, j])
+    loop = tvm.tirx.For(i, 0, n, tvm.tirx.ForKind.SERIAL, tvm.tirx.For(j, 0, k, tvm.tirx.ForKind.SERIAL, body))
+    func = tvm.tirx.PrimFunc([codes, out], loop).with_attr("global_symbol", "main")
+    f = tvm.compile(tvm.IRModule({"main": func}), target="llvm").jit()["main"]
+    got = tvm.runtime.tensor(np.zeros((n, k), np.int32))
+    f(tvm.runtime.tensor(stored), got)
+    offset = intdot.code_offset(bits if sb != 8 else 8, signed)
+    assert np.array_equal(got.numpy(), raw + offset)
+
+
 def test_isa_chosen_from_the_target_features():
     assert intdot.int_dot_isa("x86_64", resolve_cpu("znver4").required_flags).name == "avx512vnni"
     assert intdot.int_dot_isa("x86_64", resolve_cpu("skylake-avx512").required_flags).name == "avx512bw"
