@@ -124,23 +124,30 @@ def repack_codes(codes: np.ndarray, lanes: int) -> np.ndarray:
 def repack_code_planes(codes: np.ndarray, lanes: int, bits: int, signed: bool) -> np.ndarray:
     """5- or 6-bit codes ``[N, K]`` (one per byte, ``ir.quant``) → ``[N/L, K/32, bits*L]`` int32:
     the low 4 bits of the unsigned code (``code + 2^(bits-1)`` if signed) in ``repack_codes``'s
-    4L words, then one word per lane for each higher bit (plane p holds bit 4 + p). In a plane
-    word, byte i bit j holds element 4j + i's bit and bit j + 4 element 16 + 4j + i's: the bits
-    chunk j needs sit at one bit of every byte, so a shift and a mask put them under the nibble
-    (``_group_dot``)."""
+    4L words, then ``bits - 4`` words per lane holding the high bits, arranged so that the bits
+    chunk j needs sit at the same place in every byte (one shift and one mask put them under the
+    nibbles, ``_group_dot``). 5-bit: one word; byte i bit j holds element 4j + i's bit 4, bit
+    j + 4 element 16 + 4j + i's. 6-bit: a word per half block; byte i bits 2j, 2j + 1 hold bits
+    4 and 5 of element 4j + i of that half."""
     n, k = codes.shape
     u = codes.astype(np.int16) + (1 << (bits - 1) if signed else 0)
     if u.min() < 0 or u.max() >= 1 << bits:
         raise ValueError(f"{bits}-bit codes out of range")
     u = u.astype(np.uint8)
     nibbles = repack_codes(((u[:, 0::2] & 15) | ((u[:, 1::2] & 15) << 4)).astype(np.uint8), lanes)
-    e = np.arange(BLOCK)
-    position = (e % 4) * 8 + (e % 16) // 4 + 4 * (e // 16)  # bit of the plane word holding element e
-    planes = []
-    for p in range(bits - 4):
-        bit = ((u >> (4 + p)) & 1).astype(np.uint32).reshape(n, k // BLOCK, BLOCK)
-        word = (bit << position.astype(np.uint32)).sum(-1, dtype=np.uint64).astype(np.uint32)  # [N, G]
-        planes.append(word.reshape(n // lanes, lanes, k // BLOCK).transpose(0, 2, 1).view(np.int32))  # [N/L, G, L]
+    high = (u >> 4).astype(np.uint32).reshape(n, k // BLOCK, BLOCK)  # bits 4.. of each code
+    e = np.arange(16)
+    words = []
+    if bits == 5:
+        both = np.arange(BLOCK)
+        position = (both % 4) * 8 + (both % 16) // 4 + 4 * (both // 16)
+        words.append((high << position.astype(np.uint32)).sum(-1, dtype=np.uint64))
+    else:
+        position = (e % 4) * 8 + 2 * (e // 4)
+        for half in range(2):
+            words.append((high[..., 16 * half:16 * half + 16] << position.astype(np.uint32)).sum(-1, dtype=np.uint64))
+    planes = [w.astype(np.uint32).reshape(n // lanes, lanes, k // BLOCK).transpose(0, 2, 1).view(np.int32)
+              for w in words]  # each [N/L, G, L]
     return np.ascontiguousarray(np.concatenate([nibbles] + planes, axis=-1))
 
 
@@ -197,9 +204,12 @@ def code_at(codes, n, k, lanes: int, bits: int, ilv: int = 1):
         half, j, i = r // 16, (r % 16) // 4, r % 4
         word = codes[b // ilv, g, base + j * lanes]
         code = (word >> (i * 8 + half * 4).astype("int32")) & tir.const(15, "int32")
-        for p in range(bits - 4):
-            plane = codes[b // ilv, g, base + (4 + p) * lanes]
-            code = code | (((plane >> (i * 8 + j + 4 * half).astype("int32")) & tir.const(1, "int32")) << (4 + p))
+        if bits == 5:
+            plane = codes[b // ilv, g, base + 4 * lanes]
+            code = code | (((plane >> (i * 8 + j + 4 * half).astype("int32")) & tir.const(1, "int32")) << 4)
+        elif bits == 6:
+            plane = codes[b // ilv, g, base + (4 + half) * lanes]
+            code = code | (((plane >> (i * 8 + 2 * j).astype("int32")) & tir.const(3, "int32")) << 4)
         return code
     else:
         j, i = r // 4, r % 4
@@ -312,8 +322,7 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
     16-31 (nibble layouts: the low and the high nibbles; 8-bit: chunks 0-3 and 4-7).
 
     5- and 6-bit codes: each nibble vector gains its high bits from the plane words
-    (``repack_code_planes``): chunk j's bits sit at bit j (low nibbles) and j + 4 (high
-    nibbles) of every byte, shifted to bit 4 + p and masked. On the int16 ISAs a chain is cut
+    (``repack_code_planes``) with one shift and one mask (an AND-OR, one ``vpternlogd``). On the int16 ISAs a chain is cut
     every ``_int16_updates`` updates and the parts are widened and summed."""
     L = isa.lanes
     int32_acc = isa.vnni or sign_trick
@@ -332,17 +341,21 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
     def const(v):
         return tir.Broadcast(tir.const(v, "int32"), L)
 
+    def shifted(word, by):  # word << by (>> -by): no bit crosses into a masked place (repack_code_planes)
+        return tir.shift_left(word, const(by)) if by >= 0 else tir.shift_right(word, const(-by))
+
     updates = []  # (half, code vector, activation word), in accumulation order
     if bits in (4, 5, 6):
         planes = [codes_at(4 + p) for p in range(bits - 4)]
         for j in range(4):
             v = codes_at(j)
             lo, hi = v & const(0x0F0F0F0F), tir.shift_right(v, const(4)) & const(0x0F0F0F0F)
-            for p, plane in enumerate(planes):
-                mask = const(0x01010101 << (4 + p))
-                lo = lo | (tir.shift_left(plane, const(4 + p - j)) & mask)
-                hi = hi | ((tir.shift_left(plane, const(p - j)) if p >= j else tir.shift_right(plane, const(j - p)))
-                           & mask)
+            if bits == 5:  # bit j (low half) and j + 4 (high half) of every byte -> bit 4
+                lo = lo | (shifted(planes[0], 4 - j) & const(0x10101010))
+                hi = hi | (shifted(planes[0], -j) & const(0x10101010))
+            elif bits == 6:  # bits 2j, 2j + 1 of every byte of the half's word -> bits 4, 5
+                lo = lo | (shifted(planes[0], 4 - 2 * j) & const(0x30303030))
+                hi = hi | (shifted(planes[1], 4 - 2 * j) & const(0x30303030))
             updates += [(0, lo, act(j)), (1, hi, act(4 + j))]
     else:
         updates = [(j // 4, codes_at(j), act(j)) for j in range(8)]
