@@ -209,7 +209,7 @@ class CpuTarget:
     def _write_weights(stage: str, weights: dict, module: Module, layout: dict) -> dict:
         from llmc.runtime import artifact
 
-        from .tvm.intdot import interleave_blocks, repack_codes, repack_codes8, repack_groups
+        from .tvm.intdot import interleave_blocks, repack_any, repack_groups
 
         packed, pack = set(layout["packed"]), layout["pack"]
         intdot = layout.get("intdot", {})
@@ -229,10 +229,8 @@ class CpuTarget:
                 info = intdot[name]
                 if info["role"] == "groups":
                     array = repack_groups(array, info["lanes"])
-                elif info["bits"] == 4:
-                    array = repack_codes(array, info["lanes"])
                 else:
-                    array = repack_codes8(array, info["lanes"], info["signed"])
+                    array = repack_any(array, info["lanes"], info["bits"], info["signed"])
                 ilv = info.get("interleave", 1)
                 array = interleave_blocks(array, ilv)
                 kind = f"intdot{info['lanes']}-{info['role']}" + (f"-x{ilv}" if ilv > 1 else "")

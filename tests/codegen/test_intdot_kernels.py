@@ -98,6 +98,30 @@ def test_repack_codes_round_trips_through_code_at():
         assert (byte >> (4 * (r // 16))) & 15 == raw[n, k]
 
 
+@pytest.mark.parametrize("bits,signed,ilv", [(5, True, 1), (6, False, 2), (6, True, 1), (4, False, 2), (8, True, 1)])
+def test_code_at_reads_every_layout(bits, signed, ilv):
+    """code_at (the embedding gather of a table the LM head shares) evaluated by TVM on the
+    stored layout of every code width, interleaved or not, returns the unsigned stored code."""
+    L, n, k = 8, 32, 64
+    rng = np.random.default_rng(bits + 10 * ilv)
+    lo, hi = code_range(bits, signed)
+    raw = rng.integers(lo, hi + 1, (n, k)).astype(np.int32)
+    stored = intdot.interleave_blocks(intdot.repack_any(pack_codes(torch.from_numpy(raw), bits, signed).numpy(), L,
+                                                        bits, signed), ilv)
+    sb = intdot.storage_bits(bits)
+    codes = tvm.tirx.decl_buffer(stored.shape, "int32", "codes")
+    out = tvm.tirx.decl_buffer((n, k), "int32", "out")
+    i, j = tvm.tirx.Var("i", "int64"), tvm.tirx.Var("j", "int64")
+    body = tvm.tirx.BufferStore(out, intdot.code_at(codes, i, j, L, sb, ilv), [i, j])
+    loop = tvm.tirx.For(i, 0, n, tvm.tirx.ForKind.SERIAL, tvm.tirx.For(j, 0, k, tvm.tirx.ForKind.SERIAL, body))
+    func = tvm.tirx.PrimFunc([codes, out], loop).with_attr("global_symbol", "main")
+    f = tvm.compile(tvm.IRModule({"main": func}), target="llvm").jit()["main"]
+    got = tvm.runtime.tensor(np.zeros((n, k), np.int32))
+    f(tvm.runtime.tensor(stored), got)
+    offset = intdot.code_offset(bits if sb != 8 else 8, signed)
+    assert np.array_equal(got.numpy(), raw + offset)
+
+
 def test_isa_chosen_from_the_target_features():
     assert intdot.int_dot_isa("x86_64", resolve_cpu("znver4").required_flags).name == "avx512vnni"
     assert intdot.int_dot_isa("x86_64", resolve_cpu("skylake-avx512").required_flags).name == "avx512bw"
@@ -204,7 +228,8 @@ def test_8bit_codes(isa, signed, bits):
     (Q5_0, Q5_1/Q5_K, Q6_K), stored one per byte, run on the same kernels (``storage_bits``)."""
     mcpu, spec = ISAS[isa]
     n, k, L = 64, 128, spec.lanes
-    assert intdot.storage_bits(bits) == 8 and intdot.eligible(bits, 32, n, k, spec)
+    sb = intdot.storage_bits(bits)
+    assert sb == {5: 5, 6: 6, 8: 8}[bits] and intdot.eligible(bits, 32, n, k, spec)
     g = torch.Generator().manual_seed(13 + signed + bits)
     lo, hi = code_range(bits, signed)
     codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), bits, signed)
@@ -212,11 +237,11 @@ def test_8bit_codes(isa, signed, bits):
     mn = None if signed else (torch.randn(n, k // 32, generator=g) * 0.5).half()
     s = tvm.runtime.tensor(intdot.repack_groups(scales.numpy(), L))
     mins = s if signed else tvm.runtime.tensor(intdot.repack_groups(mn.numpy(), L))
-    w = tvm.runtime.tensor(intdot.repack_codes8(codes.numpy(), L, signed))
+    w = tvm.runtime.tensor(intdot.repack_any(codes.numpy(), L, bits, signed))
     qf = _compile(intdot.quantize_rows_kernel(k), mcpu)
     for m, decode in ((3, False), (1, True)):
         x = torch.randn(m, k, generator=g)
-        lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, signed, not signed, "float16", decode, bits=8), mcpu)
+        lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 32, signed, not signed, "float16", decode, bits=sb), mcpu)
         bufs = [tvm.runtime.tensor(np.zeros(sh, dt)) for sh, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
                                                                     ((m, k // 32), np.float32))]
         qf(tvm.runtime.tensor(x.numpy()), *bufs)
@@ -227,7 +252,8 @@ def test_8bit_codes(isa, signed, bits):
 
 
 SATURATION = [("avx2", 4, False), ("avx2", 4, True), ("avx2", 8, True), ("avx2", 8, False),
-              ("avx512bw", 4, False), ("avx512vnni", 8, True)]
+              ("avx512bw", 4, False), ("avx512vnni", 8, True), ("avx2", 5, True), ("avx2", 6, False),
+              ("avx512bw", 6, True), ("avx512vnni", 6, False)]
 SATURATION_SLOW = [("avx512bw", 4, True), ("avx512vnni", 4, False), ("avx512vnni", 8, False),
                    ("avxvnni", 4, False), ("avxvnni", 8, True), ("avxvnni", 8, False)]
 
@@ -235,7 +261,7 @@ SATURATION_SLOW = [("avx512bw", 4, True), ("avx512vnni", 4, False), ("avx512vnni
 @pytest.mark.parametrize("isa,bits,signed", [_case(*c) for c in SATURATION] + [_case(*c, slow=True) for c in SATURATION_SLOW])
 def test_extreme_codes_and_activations_sum_exactly(isa, bits, signed):
     """The int16 bounds of the pmaddubsw paths: codes at both ends of their range (4-bit 15 and 0,
-    or -8 and 7; 8-bit 255 and 0, or -128 and 127) against activations of +-127 in every lane
+    or -8 and 7; 5/6-bit 31/63 and 0 (bit planes); 8-bit 255 and 0, or -128 and 127) against activations of +-127 in every lane
     (the quantize kernel's range: |round(x * 127 / max|x|)| <= 127). With unit scales every
     product and sum is an integer float32 holds exactly, so a saturated or wrapped int16 shows
     as an error of thousands; the result must be exact."""
@@ -257,7 +283,7 @@ def test_extreme_codes_and_activations_sum_exactly(isa, bits, signed):
     codes = pack_codes(torch.from_numpy(raw), bits, signed).numpy()
     ones = np.ones((n, k // 32), np.float16)
     mins = np.full((n, k // 32), 0.5, np.float16)  # exercises the min term exactly (half-integers)
-    w = intdot.repack_codes(codes, L) if bits == 4 else intdot.repack_codes8(codes, L, signed)
+    w = intdot.repack_any(codes, L, bits, signed)
     qsum = q.astype(np.float32).reshape(m, k // 32, 32).sum(-1)
     args = [tvm.runtime.tensor(np.ascontiguousarray(q).view(np.int32)), tvm.runtime.tensor(np.ones((m, k // 32), np.float32)),
             tvm.runtime.tensor(qsum), tvm.runtime.tensor(w), tvm.runtime.tensor(intdot.repack_groups(ones, L)),
@@ -334,3 +360,41 @@ def test_code_at_reads_the_repacked_layout(bits, signed, ilv):
     f(tvm.runtime.tensor(packed), y)
     assert np.array_equal(y.numpy(), raw.numpy() + intdot.code_offset(bits, signed))
 
+
+
+@pytest.mark.parametrize("isa,bits,signed,mins", [_case("avx512vnni", 6, True, False), _case("avx2", 6, True, False),
+                                                  _case("avx512vnni", 4, False, True), _case("avx2", 4, False, True),
+                                                  _case("avx512bw", 4, True, False, slow=True),
+                                                  _case("avx2", 5, False, True, slow=True)])
+def test_groups_of_16_scale_each_half_block(isa, bits, signed, mins):
+    """Weight groups of 16 (Q6_K's sub-blocks): each half of a 32-block has its own scale (and
+    min) and its own activation sum (quantize_rows with halves=2), on GEMM and GEMV tiles; the
+    kernel equals the exact integer scheme."""
+    mcpu, spec = ISAS[isa]
+    n, k, L = 96, 128, spec.lanes
+    assert intdot.eligible(bits, 16, n, k, spec) and intdot.halves(16) == 2
+    g = torch.Generator().manual_seed(bits * 7 + signed)
+    lo, hi = code_range(bits, signed)
+    codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), bits, signed)
+    scales = (torch.rand(n, k // 16, generator=g) * 0.02).half()
+    mn = (torch.randn(n, k // 16, generator=g) * 0.05).half() if mins else None
+    w = dequantize(codes, scales, mn, bits=bits, group_size=16, signed=signed).numpy()
+    sb = intdot.storage_bits(bits)
+    packed = intdot.repack_any(codes.numpy(), L, bits, signed)
+    qf = _compile(intdot.quantize_rows_kernel(k, halves=2), mcpu)
+    for m, decode in ((11, False), (1, True)):
+        ilv = intdot.weight_interleave(spec, n, sb)
+        s = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(scales.numpy(), L), ilv))
+        mt = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(mn.numpy(), L), ilv)) if mins else s
+        lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 16, signed, mins, "float16", decode, bits=sb, ilv=ilv), mcpu)
+        x = torch.randn(m, k, generator=g)
+        bufs = [tvm.runtime.tensor(np.zeros(sh, dt)) for sh, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
+                                                                    ((m, k // 16), np.float32))]
+        qf(tvm.runtime.tensor(x.numpy()), *bufs)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lf(*bufs, tvm.runtime.tensor(intdot.interleave_blocks(packed, ilv)), s, mt, y)
+        xb = x.numpy().reshape(m, k // 32, 32)
+        amax = np.abs(xb).max(-1, keepdims=True)
+        qx = np.round(xb * np.where(amax > 0, 127 / np.maximum(amax, 1e-30), 0)) * (amax / 127)
+        exact = qx.reshape(m, k) @ w.T
+        assert np.abs(y.numpy() - exact).max() <= 1e-5 * (1 + np.abs(exact).max()), (m, decode)

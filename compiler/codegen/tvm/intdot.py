@@ -11,7 +11,8 @@ llama.cpp's Q8 activation blocks), which is what lets the weights stay integers:
 
 with ``u`` the stored unsigned code (``code + 8`` for signed 4-bit: ``off = 8``), ``s`` the
 scale and ``m`` the min of the group (0 without mins). Every 32-block of activations meets one
-weight group (group sizes 32, 64, 128 all hold whole blocks).
+weight group (group sizes 32, 64, 128 all hold whole blocks), or two of 16 (Q6_K's sub-blocks):
+then each half of the block has its own dot product, scale and activation sum (``halves``).
 
 Weight layout (``repack_codes``), per block of L output columns (L = i32 lanes of a vector:
 16 on AVX-512, 8 on AVX2) and per 32-block g of K: 4 chunks of 4L bytes; byte ``4c + i`` of
@@ -92,11 +93,11 @@ def int_dot_isa(arch: str, flags) -> Optional[IntDotIsa]:
 
 
 def storage_bits(bits: int) -> int:
-    """Bits per code in the integer kernels' layout: 4-bit codes two per byte, codes of 5 to 8
-    bits one per byte (``ir.quant`` stores them so), which the 8-bit kernels read as they are
-    (Q5_0/Q5_1/Q5_K/Q6_K blocks: the integer dot product of a byte code does not care how many
-    of its bits are used; the signed +128 offset of ``repack_codes8`` is the same)."""
-    return 4 if bits == 4 else 8
+    """Bits per code in the integer kernels' layout: 4-bit codes as nibbles; 5- and 6-bit codes
+    (Q5_0/Q5_1/Q5_K, Q6_K) as the same nibbles plus one or two bit planes (``repack_code_planes``:
+    5.0 / 6.0 bits a weight, not the 8 of one code per byte); 7- and 8-bit codes one per byte
+    (the 8-bit kernels; the signed +128 offset of ``repack_codes8`` holds for any byte code)."""
+    return bits if bits in (4, 5, 6) else 8
 
 
 def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
@@ -105,9 +106,15 @@ def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
     NEON dotprod (the sign trick of ``_dot_update8``); AVX-512BW has no 512-bit ``psignb``, and
     ``vpmaddubsw`` alone would saturate int16 on codes up to 255."""
     bits = storage_bits(bits)
-    ok_bits = bits == 4 or (bits == 8 and isa is not None and (isa.vnni or isa.neon or isa.name == "avx2"))
-    return (isa is not None and ok_bits and group % BLOCK == 0 and isinstance(n, int) and isinstance(k, int)
-            and n % isa.lanes == 0 and k % group == 0)
+    ok_bits = bits in (4, 5, 6) or (bits == 8 and isa is not None and (isa.vnni or isa.neon or isa.name == "avx2"))
+    return (isa is not None and ok_bits and (group % BLOCK == 0 or group == BLOCK // 2) and isinstance(n, int)
+            and isinstance(k, int) and n % isa.lanes == 0 and k % BLOCK == 0 and k % group == 0)
+
+
+def halves(group: int) -> int:
+    """Weight groups per 32-block of activations: 2 for groups of 16 (each half of a block is
+    scaled apart), else 1."""
+    return 2 if group == BLOCK // 2 else 1
 
 
 def code_offset(bits: int, signed: bool) -> int:
@@ -130,6 +137,47 @@ def repack_codes(codes: np.ndarray, lanes: int) -> np.ndarray:
     lo, hi = v[:, :, :, 0], v[:, :, :, 1]
     packed = (lo | (hi << 4)).transpose(0, 2, 3, 1, 4)  # [N/L, G, chunk, L, 4]
     return np.ascontiguousarray(packed.reshape(n // lanes, k // BLOCK, 16 * lanes)).view(np.int32)
+
+
+def repack_code_planes(codes: np.ndarray, lanes: int, bits: int, signed: bool) -> np.ndarray:
+    """5- or 6-bit codes ``[N, K]`` (one per byte, ``ir.quant``) → ``[N/L, K/32, bits*L]`` int32:
+    the low 4 bits of the unsigned code (``code + 2^(bits-1)`` if signed) in ``repack_codes``'s
+    4L words, then ``bits - 4`` words per lane holding the high bits, arranged so that the bits
+    chunk j needs sit at the same place in every byte (one shift and one mask put them under the
+    nibbles, ``_group_dot``). 5-bit: one word; byte i bit j holds element 4j + i's bit 4, bit
+    j + 4 element 16 + 4j + i's. 6-bit: a word per half block; byte i bits 2j, 2j + 1 hold bits
+    4 and 5 of element 4j + i of that half."""
+    n, k = codes.shape
+    u = codes.astype(np.int16) + (1 << (bits - 1) if signed else 0)
+    if u.min() < 0 or u.max() >= 1 << bits:
+        raise ValueError(f"{bits}-bit codes out of range")
+    u = u.astype(np.uint8)
+    nibbles = repack_codes(((u[:, 0::2] & 15) | ((u[:, 1::2] & 15) << 4)).astype(np.uint8), lanes)
+    high = (u >> 4).astype(np.uint32).reshape(n, k // BLOCK, BLOCK)  # bits 4.. of each code
+    e = np.arange(16)
+    words = []
+    if bits == 5:
+        both = np.arange(BLOCK)
+        position = (both % 4) * 8 + (both % 16) // 4 + 4 * (both // 16)
+        words.append((high << position.astype(np.uint32)).sum(-1, dtype=np.uint64))
+    else:
+        position = (e % 4) * 8 + 2 * (e // 4)
+        for half in range(2):
+            words.append((high[..., 16 * half:16 * half + 16] << position.astype(np.uint32)).sum(-1, dtype=np.uint64))
+    planes = [w.astype(np.uint32).reshape(n // lanes, lanes, k // BLOCK).transpose(0, 2, 1).view(np.int32)
+              for w in words]  # each [N/L, G, L]
+    return np.ascontiguousarray(np.concatenate([nibbles] + planes, axis=-1))
+
+
+def repack_any(codes: np.ndarray, lanes: int, bits: int, signed: bool) -> np.ndarray:
+    """Stored codes (``ir.quant``'s form for ``bits``) → the integer kernels' layout of
+    ``storage_bits(bits)``."""
+    sb = storage_bits(bits)
+    if sb == 4:
+        return repack_codes(codes, lanes)
+    if sb in (5, 6):
+        return repack_code_planes(codes, lanes, sb, signed)
+    return repack_codes8(codes, lanes, signed)
 
 
 def repack_codes8(codes: np.ndarray, lanes: int, signed: bool) -> np.ndarray:
@@ -170,11 +218,17 @@ def code_at(codes, n, k, lanes: int, bits: int, ilv: int = 1):
     g, r = k // BLOCK, k % BLOCK
     b = n // lanes
     base = (b % ilv) * bits * lanes + n % lanes
-    if bits == 4:
+    if bits in (4, 5, 6):
         half, j, i = r // 16, (r % 16) // 4, r % 4
         word = codes[b // ilv, g, base + j * lanes]
-        shift = i * 8 + half * 4
-        mask = 15
+        code = (word >> (i * 8 + half * 4).astype("int32")) & tir.const(15, "int32")
+        if bits == 5:
+            plane = codes[b // ilv, g, base + 4 * lanes]
+            code = code | (((plane >> (i * 8 + j + 4 * half).astype("int32")) & tir.const(1, "int32")) << 4)
+        elif bits == 6:
+            plane = codes[b // ilv, g, base + (4 + half) * lanes]
+            code = code | (((plane >> (i * 8 + 2 * j).astype("int32")) & tir.const(3, "int32")) << 4)
+        return code
     else:
         j, i = r // 4, r % 4
         word = codes[b // ilv, g, base + j * lanes]
@@ -184,10 +238,12 @@ def code_at(codes, n, k, lanes: int, bits: int, ilv: int = 1):
 
 # ------------------------------------------------------------------------------ kernels
 
-def quantize_rows_kernel(k: int, parallel: bool = True):
+def quantize_rows_kernel(k: int, parallel: bool = True, halves: int = 1):
     """x f32 [M, K] → (q: int8 x4 packed in i32 [M, K/4], d: f32 [M, K/32], ds: d * sum(q)).
-    ``parallel=False`` for decode: one row is cheaper than waking the thread pool."""
+    ``parallel=False`` for decode: one row is cheaper than waking the thread pool. ``halves=2``:
+    ds per 16 activations ([M, K/16]), for weights grouped by 16."""
     G = k // BLOCK
+    H = halves
 
     @T.prim_func(private=True, check_well_formed=False)
     def quantize_rows(var_x: T.handle, var_q: T.handle, var_d: T.handle, var_ds: T.handle):
@@ -196,14 +252,14 @@ def quantize_rows_kernel(k: int, parallel: bool = True):
         x = T.match_buffer(var_x, (m, k), "float32")
         q = T.match_buffer(var_q, (m, k // 4), "int32")
         d = T.match_buffer(var_d, (m, G), "float32")
-        ds = T.match_buffer(var_ds, (m, G), "float32")
+        ds = T.match_buffer(var_ds, (m, G * H), "float32")
         with T.sblock("root"):  # RewriteDataflowReshape inspects one-input kernels' root block
             for r in (T.parallel(m) if parallel else T.serial(m)):
                 for g in range(G):
                     # T.let and "global" (stack) buffers: see intdot_linear_kernel
                     amax = T.alloc_buffer((1,), "float32", scope="global")
                     qs = T.alloc_buffer((BLOCK,), "int32", scope="global")
-                    total = T.alloc_buffer((1,), "int32", scope="global")
+                    total = T.alloc_buffer((H,), "int32", scope="global")
                     part = T.alloc_buffer((8,), "float32", scope="global")  # 8 lanes of |x| maxima
                     for i in T.vectorized(8):
                         part[i] = T.max(T.max(T.abs(x[r, g * BLOCK + i]), T.abs(x[r, g * BLOCK + 8 + i])),
@@ -216,17 +272,23 @@ def quantize_rows_kernel(k: int, parallel: bool = True):
                                                      T.float32(127) / T.max(amax[0], T.float32(1e-30)), T.float32(0))
                     for i in T.vectorized(BLOCK):
                         qs[i] = T.Cast("int32", T.round(x[r, g * BLOCK + i] * inv))
-                    tpart = T.alloc_buffer((8,), "int32", scope="global")
-                    for i in T.vectorized(8):
-                        tpart[i] = qs[i] + qs[8 + i] + qs[16 + i] + qs[24 + i]
-                    total[0] = 0
-                    for i in range(8):
-                        total[0] = total[0] + tpart[i]
+                    tpart = T.alloc_buffer((H, 8), "int32", scope="global")
+                    for h in range(H):
+                        if H == 1:
+                            for i in T.vectorized(8):
+                                tpart[h, i] = qs[i] + qs[8 + i] + qs[16 + i] + qs[24 + i]
+                        else:
+                            for i in T.vectorized(8):
+                                tpart[h, i] = qs[16 * h + i] + qs[16 * h + 8 + i]
+                        total[h] = 0
+                        for i in range(8):
+                            total[h] = total[h] + tpart[h, i]
                     for i in T.vectorized(BLOCK // 4):
                         q[r, g * 8 + i] = ((qs[4 * i] & 255) | T.shift_left(qs[4 * i + 1] & 255, 8)
                                            | T.shift_left(qs[4 * i + 2] & 255, 16) | T.shift_left(qs[4 * i + 3], 24))
                     d[r, g] = scale
-                    ds[r, g] = scale * T.Cast("float32", total[0])
+                    for h in range(H):
+                        ds[r, g * H + h] = scale * T.Cast("float32", total[h])
 
     return quantize_rows
 
@@ -279,13 +341,24 @@ def _finish_dot(isa: IntDotIsa, acc):
     return T.call_llvm_pure_intrin(f"int32x{L}", name, acc, T.broadcast(T.int16(1), 2 * L))
 
 
-def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: bool, ilv: int = 1):
+def _int16_updates(bits: int) -> int:
+    """``vpmaddubsw`` updates an int16 accumulator takes before it could saturate: a pair sum is
+    at most 2 * (2^bits - 1) * 127 (4-bit 3810: all 8 of a 32-block; 5-bit 4; 6-bit 2)."""
+    return 32767 // (2 * ((1 << bits) - 1) * 127)
+
+
+def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: bool, ilv: int = 1, halves: int = 1):
     """One (row, column block, 32-block) integer dot product as a single expression, in int32
     lanes: the accumulator chain lives in registers only (no accumulator array that LLVM zeroes
-    and reloads from the stack every group)."""
+    and reloads from the stack every group). ``halves=2``: a list of two, elements 0-15 and
+    16-31 (nibble layouts: the low and the high nibbles; 8-bit: chunks 0-3 and 4-7).
+
+    5- and 6-bit codes: each nibble vector gains its high bits from the plane words
+    (``repack_code_planes``) with one shift and one mask (an AND-OR, one ``vpternlogd``). On the int16 ISAs a chain is cut
+    every ``_int16_updates`` updates and the parts are widened and summed."""
     L = isa.lanes
     int32_acc = isa.int32_dot or sign_trick
-    acc = tir.Broadcast(tir.const(0, "int32" if int32_acc else "int16"), L if int32_acc else 2 * L)
+    zero = tir.Broadcast(tir.const(0, "int32" if int32_acc else "int16"), L if int32_acc else 2 * L)
 
     W = bits * L
 
@@ -297,17 +370,40 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
     def act(j):
         return tir.Broadcast(q[row, g * 8 + j], L)
 
-    if bits == 4:
-        nib = tir.Broadcast(tir.const(0x0F0F0F0F, "int32"), L)
-        four = tir.Broadcast(tir.const(4, "int32"), L)
+    def const(v):
+        return tir.Broadcast(tir.const(v, "int32"), L)
+
+    def shifted(word, by):  # word << by (>> -by): no bit crosses into a masked place (repack_code_planes)
+        return tir.shift_left(word, const(by)) if by >= 0 else tir.shift_right(word, const(-by))
+
+    updates = []  # (half, code vector, activation word), in accumulation order
+    if bits in (4, 5, 6):
+        planes = [codes_at(4 + p) for p in range(bits - 4)]
         for j in range(4):
             v = codes_at(j)
-            acc = _dot_update(isa, acc, v & nib, act(j))
-            acc = _dot_update(isa, acc, tir.shift_right(v, four) & nib, act(4 + j))
+            lo, hi = v & const(0x0F0F0F0F), tir.shift_right(v, const(4)) & const(0x0F0F0F0F)
+            if bits == 5:  # bit j (low half) and j + 4 (high half) of every byte -> bit 4
+                lo = lo | (shifted(planes[0], 4 - j) & const(0x10101010))
+                hi = hi | (shifted(planes[0], -j) & const(0x10101010))
+            elif bits == 6:  # bits 2j, 2j + 1 of every byte of the half's word -> bits 4, 5
+                lo = lo | (shifted(planes[0], 4 - 2 * j) & const(0x30303030))
+                hi = hi | (shifted(planes[1], 4 - 2 * j) & const(0x30303030))
+            updates += [(0, lo, act(j)), (1, hi, act(4 + j))]
     else:
-        for j in range(8):
-            acc = _dot_update8(isa, acc, codes_at(j), act(j)) if sign_trick else _dot_update(isa, acc, codes_at(j), act(j))
-    return acc if int32_acc else _finish_dot(isa, acc)
+        updates = [(j // 4, codes_at(j), act(j)) for j in range(8)]
+    per = len(updates) if int32_acc else _int16_updates(bits)
+    out = []
+    for h in range(halves):
+        mine = [u for u in updates if halves == 1 or u[0] == h]
+        total = None
+        for start in range(0, len(mine), per):
+            acc = zero
+            for _, vec, a in mine[start:start + per]:
+                acc = _dot_update8(isa, acc, vec, a) if sign_trick else _dot_update(isa, acc, vec, a)
+            part = acc if int32_acc else _finish_dot(isa, acc)
+            total = part if total is None else total + part
+        out.append(total)
+    return out if halves == 2 else out[0]
 
 
 def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int]:
@@ -379,6 +475,33 @@ def _silu(v):
     return v * tir.Select(v >= tir.const(0.0, "float32"), one / (one + e), e / (one + e))
 
 
+@T.macro
+def _half_groups(isa, R, L, bits, codes, q, d, ds, scales, mins, facc, m, ct, r0, C, c, g, ilv, off, has_mins,
+                 sign_trick):
+    """A 32-block of column block ``ct * C + c`` against weight groups of 16: two dot products,
+    each with its own scale, activation sum (and min)."""
+    col: T.let[T.int64] = (ct * C + c) % ilv * L
+    s0: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[(ct * C + c) // ilv, 2 * g, T.ramp(col, 1, L)])
+    s1: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[(ct * C + c) // ilv, 2 * g + 1, T.ramp(col, 1, L)])
+    for r in T.unroll(R):
+        row: T.let[T.int64] = T.min(r0 + r, m - 1)
+        dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
+        ds0: T.let[_F32X[L]] = T.broadcast(ds[row, 2 * g], L)
+        ds1: T.let[_F32X[L]] = T.broadcast(ds[row, 2 * g + 1], L)
+        dot0: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g, row, sign_trick,
+                                                                  ilv, 2)[0])
+        dot1: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g, row, sign_trick,
+                                                                  ilv, 2)[1])
+        t0: T.let[_F32X[L]] = dot0 * dg - T.broadcast(T.float32(off), L) * ds0
+        t1: T.let[_F32X[L]] = dot1 * dg - T.broadcast(T.float32(off), L) * ds1
+        if has_mins:
+            facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s0 * t0 + s1 * t1
+                                           + T.Cast(f"float32x{L}", mins[(ct * C + c) // ilv, 2 * g, T.ramp(col, 1, L)]) * ds0
+                                           + T.Cast(f"float32x{L}", mins[(ct * C + c) // ilv, 2 * g + 1, T.ramp(col, 1, L)]) * ds1)
+        else:
+            facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s0 * t0 + s1 * t1
+
+
 def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool, has_mins: bool, bits: int,
                 glu: bool, ilv: int = 1):
     """The work of one parallel item: R rows from r0 x C column blocks from block ct * C, over all
@@ -390,7 +513,8 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
     6x slower). The accumulators are "global"-scope buffers for the same reason: constant-size
     ones under 1 KiB become stack allocas, which LLVM keeps in registers."""
     L = isa.lanes
-    G, GS = k // BLOCK, group // BLOCK
+    H = halves(group)
+    G, GS = k // BLOCK, max(group // BLOCK, 1)
     off = float(code_offset(bits, signed))
     sign_trick = bits == 8 and not isa.vnni  # AVX2 8-bit: dot of (u - 128), so the offset shifts by 128
     if sign_trick:
@@ -403,26 +527,31 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
             for l in T.vectorized(L):
                 facc[r, c, l] = T.float32(0)
         for g in range(G):
-            for c in T.unroll(C):
-                s: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[(ct * C + c) // ilv, g // GS,
-                                                                    T.ramp((ct * C + c) % ilv * L, 1, L)])
-                for r in T.unroll(R):
-                    row: T.let[T.int64] = T.min(r0 + r, m - 1)
-                    dot: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g,
-                                                                             row, sign_trick, ilv))
-                    dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
-                    dsg: T.let[_F32X[L]] = T.broadcast(ds[row, g], L)
-                    if off != 0.0:
-                        t: T.let[_F32X[L]] = dot * dg - T.broadcast(T.float32(off), L) * dsg
-                    else:
-                        t: T.let[_F32X[L]] = dot * dg
-                    if has_mins:
-                        facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
-                                                       + T.Cast(f"float32x{L}", mins[(ct * C + c) // ilv, g // GS,
-                                                                                     T.ramp((ct * C + c) % ilv * L,
-                                                                                            1, L)]) * dsg)
-                    else:
-                        facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s * t
+            if H == 2:
+                for c in T.unroll(C):
+                    _half_groups(isa, R, L, bits, codes, q, d, ds, scales, mins, facc, m, ct, r0, C, c, g, ilv,
+                                 off, has_mins, sign_trick)
+            else:
+                for c in T.unroll(C):
+                    s: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[(ct * C + c) // ilv, g // GS,
+                                                                        T.ramp((ct * C + c) % ilv * L, 1, L)])
+                    for r in T.unroll(R):
+                        row: T.let[T.int64] = T.min(r0 + r, m - 1)
+                        dot: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g,
+                                                                                 row, sign_trick, ilv))
+                        dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
+                        dsg: T.let[_F32X[L]] = T.broadcast(ds[row, g], L)
+                        if off != 0.0:
+                            t: T.let[_F32X[L]] = dot * dg - T.broadcast(T.float32(off), L) * dsg
+                        else:
+                            t: T.let[_F32X[L]] = dot * dg
+                        if has_mins:
+                            facc[r, c, T.ramp(0, 1, L)] = (facc[r, c, T.ramp(0, 1, L)] + s * t
+                                                           + T.Cast(f"float32x{L}", mins[(ct * C + c) // ilv, g // GS,
+                                                                                         T.ramp((ct * C + c) % ilv * L,
+                                                                                                1, L)]) * dsg)
+                        else:
+                            facc[r, c, T.ramp(0, 1, L)] = facc[r, c, T.ramp(0, 1, L)] + s * t
         for r in T.unroll(R):
             if r0 + r < m:
                 for c in T.unroll(C):
@@ -449,6 +578,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
     R, C = tile or tiles(isa, n, decode, bits)  # ``tile``: an explicit (rows, blocks), for measuring
     small_tile = None if tile or decode else small_tiles(isa, n, bits, R)
     G, NB = k // BLOCK, n // L
+    H = halves(group)
     W = bits * L  # int32 words of codes per column block and 32-block
     del threads
 
@@ -486,7 +616,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
             m = T.int64()
             q = T.match_buffer(var_q, (m, k // 4), "int32")
             d = T.match_buffer(var_d, (m, G), "float32")
-            ds = T.match_buffer(var_ds, (m, G), "float32")
+            ds = T.match_buffer(var_ds, (m, G * H), "float32")
             codes = T.match_buffer(var_codes, (NB // ilv, G, ilv * W), "int32")
             scales = T.match_buffer(var_scales, (NB // ilv, k // group, ilv * L), scale_dtype)
             mins = T.match_buffer(var_mins, (NB // ilv, k // group, ilv * L), scale_dtype)
@@ -503,7 +633,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
         m = T.int64()
         q = T.match_buffer(var_q, (m, k // 4), "int32")
         d = T.match_buffer(var_d, (m, G), "float32")
-        ds = T.match_buffer(var_ds, (m, G), "float32")
+        ds = T.match_buffer(var_ds, (m, G * H), "float32")
         codes = T.match_buffer(var_codes, (NB // ilv, G, ilv * W), "int32")
         scales = T.match_buffer(var_scales, (NB // ilv, k // group, ilv * L), scale_dtype)
         mins = T.match_buffer(var_mins, (NB // ilv, k // group, ilv * L), scale_dtype)

@@ -25,7 +25,7 @@ from tvm import relax, tirx as tir
 
 from ...ir import Block, Module, Op, Value
 from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
-from .intdot import (BLOCK, IntDotIsa, eligible, intdot_linear_kernel, quantize_rows_kernel, storage_bits,
+from .intdot import (BLOCK, IntDotIsa, eligible, halves, intdot_linear_kernel, quantize_rows_kernel, storage_bits,
                      weight_interleave)
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, IntDotWeight, PackedWeight, Scalar
 from .recurrent import conv_step_kernel, delta_rule_step_kernel
@@ -346,14 +346,15 @@ class _FunctionLowering:
         m = tir.IntImm("int64", 1)
         for d in lead:
             m = m * d
-        parts = self.quantized.get(x)  # q, k, v (gate, up) read one x: quantize it once
+        h = halves(op.attrs["group_size"])  # groups of 16: activation sums per half block
+        parts = self.quantized.get((x, h))  # q, k, v (gate, up) read one x: quantize it once
         if parts is None:
             x2 = self.bb.emit(relax.op.reshape(x, [m, k])) if len(lead) != 1 else x
-            qk = self.bb.add_func(quantize_rows_kernel(k, parallel=not self.decode), "quantize_rows")
+            qk = self.bb.add_func(quantize_rows_kernel(k, parallel=not self.decode, halves=h), "quantize_rows")
             q = self.bb.emit(relax.call_tir(qk, [x2], [relax.TensorType([m, k // 4], "int32"),
                                                     relax.TensorType([m, k // BLOCK], "float32"),
-                                                    relax.TensorType([m, k // BLOCK], "float32")]))
-            parts = self.quantized[x] = [self.bb.emit(relax.TupleGetItem(q, i)) for i in range(3)]
+                                                    relax.TensorType([m, h * k // BLOCK], "float32")]))
+            parts = self.quantized[(x, h)] = [self.bb.emit(relax.TupleGetItem(q, i)) for i in range(3)]
         codes, scales = operands[1].expr, operands[2].expr
         mins = operands[3].expr if len(operands) == 4 else scales
         sdt = TVM_DTYPES[op.operands[2].type.dtype]
@@ -594,7 +595,7 @@ def lower_to_relax(module: Module, attention: Optional[AttentionOptions] = None,
 def intdot_shape(shape: list[int], dtype: str, info: dict) -> tuple[list[int], str]:
     """Stored shape and TVM dtype of a weight in the integer-kernel layout (intdot.py)."""
     lanes, ilv = info["lanes"], info.get("interleave", 1)
-    if info["role"] == "codes":  # [N, K*bits/8] bytes -> i32 [N/(L*ilv), K/32, bits*L*ilv]
-        k = shape[1] * 8 // info["bits"]
+    if info["role"] == "codes":  # [N, K/2] (4-bit) or [N, K] bytes -> i32 [N/(L*ilv), K/32, bits*L*ilv]
+        k = shape[1] * 2 if info["bits"] == 4 else shape[1]
         return [shape[0] // (lanes * ilv), k // BLOCK, info["bits"] * lanes * ilv], "int32"
     return [shape[0] // (lanes * ilv), shape[1], lanes * ilv], TVM_DTYPES[dtype]
