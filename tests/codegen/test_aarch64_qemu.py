@@ -85,8 +85,9 @@ class Cases:
         mn = None
         if mins:
             mn = (torch.randn(n, k // group, generator=g) * 0.05).half() if qx is None else torch.full((n, k // group), 0.5).half()
-        ilv = 1 if glu else intdot.weight_interleave(isa, n, bits)
-        packed = intdot.repack_codes(codes.numpy(), L) if bits == 4 else intdot.repack_codes8(codes.numpy(), L, signed)
+        sb, halves = intdot.storage_bits(bits), intdot.halves(group)  # 5/6-bit: nibbles + bit planes
+        ilv = 1 if glu else intdot.weight_interleave(isa, n, sb)
+        packed = intdot.repack_any(codes.numpy(), L, bits, signed)
         s = intdot.interleave_blocks(intdot.repack_groups(scales.numpy(), L), ilv)
         p = f"{tag}_"
         self.inputs.update({p + "codes": intdot.interleave_blocks(packed, ilv), p + "scales": s,
@@ -96,8 +97,9 @@ class Cases:
             x = torch.randn(m, k, generator=g)
             x[0, :32] = 0  # an all-zero block: scale 0
             self.inputs.update({p + "x": x.numpy(), p + "q": np.zeros((m, k // 4), np.int32),
-                                p + "d": np.zeros((m, k // 32), np.float32), p + "ds": np.zeros((m, k // 32), np.float32)})
-            self.add(p + "quantize", intdot.quantize_rows_kernel(k), [p + "x", p + "q", p + "d", p + "ds"])
+                                p + "d": np.zeros((m, k // 32), np.float32),
+                                p + "ds": np.zeros((m, k // 32 * halves), np.float32)})
+            self.add(p + "quantize", intdot.quantize_rows_kernel(k, halves=halves), [p + "x", p + "q", p + "d", p + "ds"])
             xb = x.numpy().reshape(m, k // 32, 32)
             amax = np.abs(xb).max(-1, keepdims=True)
             qq = np.round(xb * np.where(amax > 0, 127 / np.maximum(amax, 1e-30), 0))
@@ -115,7 +117,7 @@ class Cases:
             self.inputs[p + "up"] = up
             args.append(p + "up")
         self.add(p + "linear", intdot.intdot_linear_kernel(isa, n, k, group, signed, mins, "float16", decode, glu=glu,
-                                                          bits=bits, ilv=ilv), args + [p + "y"])
+                                                          bits=sb, ilv=ilv), args + [p + "y"])
         w = dequantize(codes, scales, mn, bits=bits, group_size=group, signed=signed).numpy().astype(np.float64)
         want = xq @ w.T
         if glu:
@@ -156,8 +158,9 @@ def _extremes(bits, signed, n, k, seed):
 def test_intdot_kernels_run_on_aarch64(isa_name, tmp_path):
     """The NEON integer kernels (sdot, or usdot with i8mm) built for an AArch64 CPU, executed
     under qemu for that CPU: quantized activations equal numpy's; 4-bit GEMV/GEMM tiles
-    (interleaved and not), 8-bit codes (sign trick or usdot), the gated epilogue equal the exact
-    integer scheme; codes and activations at their extremes sum exactly."""
+    (interleaved and not), 5/6-bit bit-plane codes, groups of 16, 8-bit codes (sign trick or
+    usdot), the gated epilogue equal the exact integer scheme; codes and activations at their
+    extremes sum exactly."""
     mcpu, qemu_cpu = ISAS[isa_name]
     aarch64_python()  # skip early, before building
     isa = intdot.int_dot_isa("aarch64", resolve_cpu(mcpu).required_flags)
@@ -172,7 +175,12 @@ def test_intdot_kernels_run_on_aarch64(isa_name, tmp_path):
         for m, decode in ((3, False), (9, False), (1, True)):
             cases.linear(f"b8_{signed}_{m}_{decode}", m, 64, 128, 32, signed, not signed, decode, bits=8, seed=m)
     cases.linear("glu", 5, 64, 128, 32, False, True, False, glu=True, seed=11)
-    for bits, signed in ((4, False), (4, True), (8, True), (8, False)):
+    # 5- and 6-bit codes (nibbles + bit planes; Q5_K, Q6_K), groups of 16 (Q6_K's sub-blocks)
+    for bits, group, signed, mins in ((5, 32, True, False), (6, 32, False, True), (6, 16, True, False),
+                                      (4, 16, False, True)):
+        for m, decode in ((11, False), (1, True)):
+            cases.linear(f"b{bits}_g{group}_{m}", m, 96, 128, group, signed, mins, decode, bits=bits, seed=bits + m)
+    for bits, signed in ((4, False), (4, True), (5, True), (6, False), (8, True), (8, False)):
         raw, q = _extremes(bits, signed, 32, 128, bits * 2 + signed)
         for decode in (False, True):
             cases.linear(f"extreme{bits}_{signed}_{decode}", 5, 32, 128, 32, signed, not signed, decode, bits=bits,
