@@ -58,3 +58,25 @@ def llmc_greedy(engine, prompt_ids, new_tokens: int):
         tokens.append(token)
         logits = engine.step([token])
     return tokens, prefill_logits
+
+
+def extreme_codes_and_activations(bits: int, signed: bool, n: int, k: int, seed: int):
+    """Codes ``[n, k]`` at both ends of their range (rows of all-max, all-min, alternating and
+    random codes) and int8 activations ``[5, k]`` of +-127 in every lane (plus a random row):
+    the inputs that would saturate or wrap an integer dot product's accumulator."""
+    import numpy as np
+
+    from llmc.compiler.ir.quant import code_range
+
+    lo, hi = code_range(bits, signed)
+    rng = np.random.default_rng(seed)
+    raw = np.empty((n, k), np.int32)
+    raw[0::4], raw[1::4] = hi, lo
+    raw[2::4] = np.where(np.arange(k) % 2 == 0, hi, lo)
+    raw[3::4] = rng.integers(lo, hi + 1, (n // 4, k))
+    q = np.empty((5, k), np.int8)
+    q[0], q[1] = 127, -127
+    q[2] = np.where(np.arange(k) % 2 == 0, 127, -127)
+    q[3] = -q[2]
+    q[4] = rng.integers(-127, 128, k)
+    return torch.from_numpy(raw), q

@@ -22,6 +22,7 @@ from llmc.compiler.codegen.llvm_cpu import linker, resolve_cpu
 from llmc.compiler.codegen.tvm import intdot
 from llmc.compiler.ir.quant import code_range, dequantize, pack_codes
 from llmc.runtime.cpu_features import host_arch
+from tests.codegen.helpers import extreme_codes_and_activations
 
 pytestmark = pytest.mark.slow
 
@@ -138,22 +139,6 @@ class Cases:
         return asm
 
 
-def _extremes(bits, signed, n, k, seed):
-    """Codes at both ends of their range, against activations of +-127 in every lane."""
-    lo, hi = code_range(bits, signed)
-    rng = np.random.default_rng(seed)
-    raw = np.empty((n, k), np.int32)
-    raw[0::4], raw[1::4] = hi, lo
-    raw[2::4] = np.where(np.arange(k) % 2 == 0, hi, lo)
-    raw[3::4] = rng.integers(lo, hi + 1, (n // 4, k))
-    q = np.empty((5, k), np.int8)
-    q[0], q[1] = 127, -127
-    q[2] = np.where(np.arange(k) % 2 == 0, 127, -127)
-    q[3] = -q[2]
-    q[4] = rng.integers(-127, 128, k)
-    return torch.from_numpy(raw), q
-
-
 @pytest.mark.parametrize("isa_name", list(ISAS))
 def test_intdot_kernels_run_on_aarch64(isa_name, tmp_path):
     """The NEON integer kernels (sdot, or usdot with i8mm) built for an AArch64 CPU, executed
@@ -181,7 +166,7 @@ def test_intdot_kernels_run_on_aarch64(isa_name, tmp_path):
         for m, decode in ((11, False), (1, True)):
             cases.linear(f"b{bits}_g{group}_{m}", m, 96, 128, group, signed, mins, decode, bits=bits, seed=bits + m)
     for bits, signed in ((4, False), (4, True), (5, True), (6, False), (8, True), (8, False)):
-        raw, q = _extremes(bits, signed, 32, 128, bits * 2 + signed)
+        raw, q = extreme_codes_and_activations(bits, signed, 32, 128, bits * 2 + signed)
         for decode in (False, True):
             cases.linear(f"extreme{bits}_{signed}_{decode}", 5, 32, 128, 32, signed, not signed, decode, bits=bits,
                          raw=raw, qx=q)

@@ -14,6 +14,7 @@ from llmc.compiler.codegen.llvm_cpu import resolve_cpu
 from llmc.compiler.codegen.tvm import intdot
 from llmc.compiler.ir.quant import code_range, dequantize, pack_codes
 from llmc.runtime.cpu_features import host_mcpu
+from tests.codegen.helpers import extreme_codes_and_activations
 
 HOST_FLAGS = set(open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split())
 ISAS = {"avx512vnni": ("znver4", intdot.IntDotIsa("avx512vnni", 16, 32)),
@@ -267,18 +268,8 @@ def test_extreme_codes_and_activations_sum_exactly(isa, bits, signed):
     as an error of thousands; the result must be exact."""
     mcpu, spec = ISAS[isa]
     n, k, L = 32, 128, spec.lanes
-    lo, hi = code_range(bits, signed)
-    rng = np.random.default_rng(bits * 2 + signed)
-    raw = np.empty((n, k), np.int32)
-    raw[0::4] = hi
-    raw[1::4] = lo
-    raw[2::4] = np.where(np.arange(k) % 2 == 0, hi, lo)
-    raw[3::4] = rng.integers(lo, hi + 1, (n // 4, k))
-    q = np.empty((5, k), np.int8)
-    q[0], q[1] = 127, -127
-    q[2] = np.where(np.arange(k) % 2 == 0, 127, -127)
-    q[3] = -q[2]
-    q[4] = rng.integers(-127, 128, k)
+    raw, q = extreme_codes_and_activations(bits, signed, n, k, bits * 2 + signed)
+    raw = raw.numpy()
     m = q.shape[0]
     codes = pack_codes(torch.from_numpy(raw), bits, signed).numpy()
     ones = np.ones((n, k // 32), np.float16)
