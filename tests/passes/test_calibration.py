@@ -78,3 +78,10 @@ def test_hessians_are_mean_outer_products_and_their_diagonal_the_importance():
     torch.testing.assert_close(hs["w"], x.T @ x / len(ids))
     imp = linear_importance(parse_module(MODULE), weights, ids.tolist(), window=4)
     torch.testing.assert_close(hs["w"].diagonal().float(), imp["w"])
+
+
+def test_unknown_quant_method_is_refused():
+    from llmc.compiler.driver import quantize_pass
+
+    with pytest.raises(ValueError, match="choose one of gptq, search"):
+        quantize_pass("q4_g32", None, "smollm2", "cpu", calibration=[1, 2, 3], method="awq")
