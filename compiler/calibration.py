@@ -55,7 +55,7 @@ def linear_importance(module: Module, weights: dict, token_ids, window: int = WI
 def linear_hessians(module: Module, weights: dict, token_ids, window: int = WINDOW) -> dict[str, torch.Tensor]:
     """Mean ``x x^T`` ``[K, K]`` (float64) of the input of every ``linear`` whose weight is a
     param, keyed by that param's name: GPTQ's Hessian (up to a factor 2); its diagonal is
-    :func:`linear_importance`. Linears that read the same input share one matrix."""
+    :func:`linear_importance`. Linears that read the same input (q/k/v, gate/up) compute it once."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     last: dict = {}  # the previous input and its product: q/k/v (gate/up) read the same x
@@ -64,9 +64,10 @@ def linear_hessians(module: Module, weights: dict, token_ids, window: int = WIND
         if last.get("x") is not None and last["x"].shape == x.shape and torch.equal(last["x"], x):
             xx = last["xx"]
         else:
-            xx = (x.T @ x).to(torch.float64)  # f32 within a window (2x faster), f64 across windows
+            xd = x.to(torch.float64)  # f64: GPTQ's rounding choices follow H closely (f32 sums moved
+            xx = xd.T @ xd            # SmolLM2's q4_g32 perplexity by 0.3%, and saved no time)
             last["x"], last["xx"] = x, xx
-        sums[name] = sums[name] + xx if name in sums else xx.clone()
+        sums[name] = sums[name] + xx if name in sums else xx  # never updated in place: shared safely
         counts[name] = counts.get(name, 0) + x.shape[0]
 
     _observe_linear_inputs(module, weights, token_ids, window, accumulate)
