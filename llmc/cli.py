@@ -430,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the embedding table too (default: yes for --quant gguf, no for schemes)")
     c.add_argument("--quant-calibration", metavar="TEXT_FILE",
                    help="calibrate a scheme on this text (e.g. benchmarks/data/calibration.txt; never the text you "
-                        "evaluate on): symmetric schemes are quantized by GPTQ from each linear's input Hessian, "
-                        "asymmetric ones weight their error by each input channel's mean x^2. Default: off")
+                        "evaluate on): symmetric schemes are quantized by GPTQ from each linear's input Hessian "
+                        "(asymmetric ones do not use it). Default: off")
     c.add_argument("--quant-method", choices=("gptq", "search"), default="gptq",
                    help="with --quant-calibration and a symmetric scheme: gptq (default), or search (the per-group "
                         "scale search weighted by mean x^2 only)")
