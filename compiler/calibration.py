@@ -16,14 +16,13 @@ from .ir import Interpreter, KVCache, Module
 WINDOW = 512  # tokens per interpreter run (each window is a fresh sequence)
 
 
-def linear_importance(module: Module, weights: dict, token_ids, window: int = WINDOW) -> dict[str, torch.Tensor]:
-    """Mean ``x^2`` per input channel ``[K]`` of every ``linear`` whose weight is a param,
-    keyed by that param's name, over ``token_ids`` run in windows of ``window`` tokens."""
+def _observe_linear_inputs(module: Module, weights: dict, token_ids, window: int, accumulate) -> None:
+    """Run ``token_ids`` through the interpreter in windows of ``window`` tokens (each a fresh
+    sequence), calling ``accumulate(name, x [T, K])`` with the input of every ``linear`` whose
+    weight is the param ``name``."""
     ids = torch.as_tensor(list(token_ids), dtype=torch.int64).reshape(-1)
     if ids.numel() == 0:
         raise ValueError("the calibration text has no tokens; give --quant-calibration a text file with some prose")
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
 
     def observe(op, args):
         if op.kind != "linear" or len(args) < 2:
@@ -31,15 +30,47 @@ def linear_importance(module: Module, weights: dict, token_ids, window: int = WI
         w = op.operands[1].producer
         if w is None or w.kind != "param":
             return
-        name = w.attrs["name"]
-        x = args[0].detach().to(torch.float32).reshape(-1, args[0].shape[-1])
-        sums[name] = sums.get(name, 0) + (x * x).sum(0)
-        counts[name] = counts.get(name, 0) + x.shape[0]
+        accumulate(w.attrs["name"], args[0].detach().to(torch.float32).reshape(-1, args[0].shape[-1]))
 
     for start in range(0, ids.numel(), window):
         chunk = ids[start:start + window]
         interp = Interpreter(module, weights, KVCache(), check_types=False, observer=observe)
         interp.run({"input_ids": chunk, "positions": torch.arange(chunk.numel())})
+
+
+def linear_importance(module: Module, weights: dict, token_ids, window: int = WINDOW) -> dict[str, torch.Tensor]:
+    """Mean ``x^2`` per input channel ``[K]`` of every ``linear`` whose weight is a param,
+    keyed by that param's name, over ``token_ids`` run in windows of ``window`` tokens."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(name, x):
+        sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    _observe_linear_inputs(module, weights, token_ids, window, accumulate)
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def linear_hessians(module: Module, weights: dict, token_ids, window: int = WINDOW) -> dict[str, torch.Tensor]:
+    """Mean ``x x^T`` ``[K, K]`` (float64) of the input of every ``linear`` whose weight is a
+    param, keyed by that param's name: GPTQ's Hessian (up to a factor 2); its diagonal is
+    :func:`linear_importance`. Linears that read the same input (q/k/v, gate/up) compute it once."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    last: dict = {}  # the previous input and its product: q/k/v (gate/up) read the same x
+
+    def accumulate(name, x):
+        if last.get("x") is not None and last["x"].shape == x.shape and torch.equal(last["x"], x):
+            xx = last["xx"]
+        else:
+            xd = x.to(torch.float64)  # f64: GPTQ's rounding choices follow H closely (f32 sums moved
+            xx = xd.T @ xd            # SmolLM2's q4_g32 perplexity by 0.3%, and saved no time)
+            last["x"], last["xx"] = x, xx
+        sums[name] = sums[name] + xx if name in sums else xx  # never updated in place: shared safely
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    _observe_linear_inputs(module, weights, token_ids, window, accumulate)
     return {name: sums[name] / counts[name] for name in sums}
 
 

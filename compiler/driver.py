@@ -27,6 +27,7 @@ def resolve_target(name: str):
 
 
 QUANT_TARGETS = ("cpu", "metal")  # targets with quantized_linear kernels
+QUANT_METHODS = ("gptq", "search")  # what a symmetric scheme does with --quant-calibration
 
 
 def default_quant(source: str, target_name: str) -> str:
@@ -37,11 +38,14 @@ def default_quant(source: str, target_name: str) -> str:
 
 
 def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name: str,
-                  embedding: Optional[bool] = None, calibration: Optional[list] = None):
+                  embedding: Optional[bool] = None, calibration: Optional[list] = None,
+                  method: str = "gptq"):
     """The quantize pass for ``--quant`` (None for "none"); raises ValueError naming the fix.
     ``embedding``: quantize embedding tables too (default: yes for gguf, where the file's table
     is quantized; no for schemes). ``calibration``: token ids whose activations weight a
-    scheme's scale search (``compiler/calibration.py``); None: unweighted."""
+    scheme's scale search (``compiler/calibration.py``); None: unweighted. ``method``: what a
+    symmetric scheme does with calibration: "gptq" (GPTQ from each linear's input Hessian,
+    ``compiler/gptq.py``) or "search" (the scale search weighted by mean x^2 only)."""
     from .passes.quantize import Quantize, parse_scheme
 
     if quant == "none":
@@ -64,15 +68,22 @@ def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name:
         head = None
     else:
         scheme = parse_scheme(quant)
-        importance = None
+        if method not in QUANT_METHODS:
+            raise ValueError(f"unknown --quant-method {method!r}; choose one of {', '.join(QUANT_METHODS)}")
+        importance, hessians = None, None
         if calibration is not None:
-            from .calibration import linear_importance
+            from .calibration import linear_hessians, linear_importance
 
             t0 = time.perf_counter()
-            importance = linear_importance(imported.module, imported.weights, calibration)
-            logging.getLogger("llmc.progress").info("calibration: %d tokens, %d linears (%.1fs)", len(calibration),
-                                                    len(importance), time.perf_counter() - t0)
-        provider = scheme.provider(importance)
+            if scheme.symmetric and method == "gptq":
+                hessians = linear_hessians(imported.module, imported.weights, calibration)
+                importance = {name: h.diagonal().float() for name, h in hessians.items()}
+            else:
+                importance = linear_importance(imported.module, imported.weights, calibration)
+            logging.getLogger("llmc.progress").info("calibration: %d tokens, %d linears (%.1fs)%s", len(calibration),
+                                                    len(importance), time.perf_counter() - t0,
+                                                    "; GPTQ" if hessians else "")
+        provider = scheme.provider(importance, hessians, len(calibration or ()))
         # the LM head (and a table tied to it) keeps 8 bits under a 4-bit scheme, as llama.cpp's
         # Q4 files keep theirs at 6-8 bits: int4 logits cost far more accuracy than they save
         head = parse_scheme(scheme.name.replace("q4", "q8", 1)).provider(importance) if scheme.bits == 4 else None
@@ -102,14 +113,16 @@ def _report_gguf_blocks(blocks) -> None:
 def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_dir: str,
                      options: Optional[CompileOptions] = None, passes=None, manager_options=None,
                      source: str = "", quant: Optional[str] = "none",
-                     quant_embedding: Optional[bool] = None, quant_calibration: Optional[str] = None) -> dict:
+                     quant_embedding: Optional[bool] = None, quant_calibration: Optional[str] = None,
+                     quant_method: str = "gptq") -> dict:
     """Optimize ``imported`` (select-logits, then ``passes``, default -O2) and write the target's
     artifact to ``out_dir``. Returns the stage timings. Nothing is written if a stage fails.
 
     ``quant``: "none" (floats), "gguf" (a quantized GGUF's own blocks), a scheme such as
     "q4_g32", or None for the default of the source and target (:func:`default_quant`).
     ``quant_calibration``: a text file whose activations weight a scheme's scale search
-    (``compiler/calibration.py``); it must not be the text the artifact is evaluated on."""
+    (``compiler/calibration.py``); it must not be the text the artifact is evaluated on.
+    ``quant_method``: with calibration, "gptq" or "search" (:func:`quantize_pass`)."""
     from .passes import build_pipeline
     from .passes.registry import LOWERING
 
@@ -128,7 +141,7 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
         from .calibration import read_calibration_tokens
 
         calibration = read_calibration_tokens(quant_calibration, tokenizer)
-    qpass = quantize_pass(quant, imported, source, target_name, quant_embedding, calibration)
+    qpass = quantize_pass(quant, imported, source, target_name, quant_embedding, calibration, quant_method)
     if qpass is not None:  # before fusion (it sees top-level linears only), else before the lowerings
         names = [p.name for p in passes]
         cut = names.index("fuse-elementwise") if "fuse-elementwise" in names else len(passes)
@@ -153,6 +166,9 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
                 "quant": quant}
     if quant_calibration is not None:
         metadata["quant_calibration"] = os.path.basename(quant_calibration)
+        from .passes.quantize import parse_scheme
+
+        metadata["quant_method"] = "gptq" if quant_method == "gptq" and parse_scheme(quant).symmetric else "search"
     timings.update(target.compile(module, imported.weights, out_dir, options, metadata,
                                   tokenizer))
     return timings

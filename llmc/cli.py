@@ -159,7 +159,8 @@ def cmd_compile(args) -> int:
                 timings = compile_artifact(imported, tokenizer, args.target, out, options, passes,
                                            manager_options, source=args.model, quant=args.quant,
                                            quant_embedding=args.quant_embedding,
-                                           quant_calibration=args.quant_calibration)
+                                           quant_calibration=args.quant_calibration,
+                                           quant_method=args.quant_method)
             except ValueError as exc:
                 if "--quant" not in str(exc):
                     raise
@@ -428,8 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant-embedding", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize the embedding table too (default: yes for --quant gguf, no for schemes)")
     c.add_argument("--quant-calibration", metavar="TEXT_FILE",
-                   help="weight a scheme's per-group scale search by each input channel's mean x^2 over this "
-                        "text (e.g. benchmarks/data/calibration.txt); never the text you evaluate on. Default: off")
+                   help="calibrate a scheme on this text (e.g. benchmarks/data/calibration.txt; never the text you "
+                        "evaluate on): symmetric schemes are quantized by GPTQ from each linear's input Hessian "
+                        "(asymmetric ones do not use it). Default: off")
+    c.add_argument("--quant-method", choices=("gptq", "search"), default="gptq",
+                   help="with --quant-calibration and a symmetric scheme: gptq (default), or search (the per-group "
+                        "scale search weighted by mean x^2 only)")
     c.add_argument("--target", choices=TARGETS, default="cpu", help="target to compile for (default cpu)")
     c.add_argument("--emit", choices=EMITS, default="artifact", help="what to write (default artifact)")
     c.add_argument("-o", "--output", help="output directory (artifact, default NAME-TARGET) or file (ir)")

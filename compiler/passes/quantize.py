@@ -6,7 +6,8 @@ layout (``ir/quant.py``) and writes those tensors into the weights dict it was g
 
 Where the quantized weights come from is a ``provider``: for a scheme (``q4_g32``, ...)
 per-group quantization of the float weight (symmetric scales
-from a least-squares search, optionally weighted by calibration statistics); for a quantized GGUF source
+from a least-squares search, optionally weighted by calibration statistics, or GPTQ from
+calibration Hessians); for a quantized GGUF source
 the file's own blocks, repacked (``--quant gguf``). A weight the provider declines stays
 float (a K not divisible by the group size, a weight the GGUF stores in float).
 """
@@ -39,21 +40,35 @@ class Scheme:
     def name(self) -> str:
         return f"q{self.bits}{'' if self.symmetric else 'a'}_g{self.group_size}"
 
-    def quantize(self, name: str, w: torch.Tensor, importance: Optional[torch.Tensor] = None) -> Optional[QuantWeight]:
+    def quantize(self, name: str, w: torch.Tensor, importance: Optional[torch.Tensor] = None,
+                 hessian: Optional[torch.Tensor] = None, tokens: int = 0) -> Optional[QuantWeight]:
+        """``importance``: mean x^2 per input channel (weights the scale search); ``hessian``:
+        mean x x^T of the input over ``tokens`` calibration tokens (a symmetric scheme then
+        quantizes by GPTQ, ``compiler/gptq.py``)."""
         if w.dim() != 2 or not w.is_floating_point() or w.shape[1] % self.group_size:
             return None
-        if importance is not None and importance.numel() != w.shape[1]:
+        k = w.shape[1]
+        if importance is not None and importance.numel() != k:
             importance = None  # statistics of another shape (a table read as a linear): unweighted
+        if hessian is not None and self.symmetric and hessian.shape == (k, k):
+            from ..gptq import gptq_quantize, shrinkage
+
+            codes, scales, mins = gptq_quantize(w, hessian, bits=self.bits, group_size=self.group_size,
+                                                shrink=shrinkage(k, tokens))
+            return QuantWeight(codes, scales, mins, self.bits, self.group_size, True, source=self.name)
         codes, scales, mins = quantize_weight(w, bits=self.bits, group_size=self.group_size,
                                               symmetric=self.symmetric, importance=importance)
         return QuantWeight(codes, scales, mins, self.bits, self.group_size, self.symmetric, source=self.name)
 
-    def provider(self, importance: Optional[dict] = None) -> Provider:
+    def provider(self, importance: Optional[dict] = None, hessians: Optional[dict] = None,
+                 tokens: int = 0) -> Provider:
         """The provider of this scheme; ``importance`` (weight name -> mean x^2 per input
-        channel, from ``compiler/calibration.py``) weights the symmetric scale search."""
-        if not importance:
+        channel, from ``compiler/calibration.py``) weights the symmetric scale search;
+        ``hessians`` (weight name -> mean x x^T over ``tokens`` tokens) makes it GPTQ."""
+        if not importance and not hessians:
             return self.quantize
-        return lambda name, w: self.quantize(name, w, importance.get(name))
+        importance, hessians = importance or {}, hessians or {}
+        return lambda name, w: self.quantize(name, w, importance.get(name), hessians.get(name), tokens)
 
 
 SCHEMES = {s.name: s for s in (Scheme(b, g, sym) for b in (4, 8) for sym in (True, False) for g in (32, 64, 128))}

@@ -156,6 +156,8 @@ def test_quant_list_and_bad_schemes_fail_before_any_import(tmp_path):
     assert out.returncode == 2 and "add --quant q4_g32" in out.stderr
     out = llmc("compile", str(tmp_path), "--quant", "q4_g32", "--quant-calibration", str(tmp_path / "c.txt"))
     assert out.returncode == 2 and "no such file" in out.stderr
+    out = llmc("compile", str(tmp_path), "--quant", "q4_g32", "--quant-method", "awq")
+    assert out.returncode == 2 and "invalid choice: 'awq'" in out.stderr and "gptq" in out.stderr
 
 
 def test_eval_ppl_names_a_missing_text(tmp_path):

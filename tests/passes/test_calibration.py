@@ -64,3 +64,24 @@ def test_calibration_without_a_scheme_is_refused():
 
     with pytest.raises(ValueError, match="pick a scheme"):
         quantize_pass("gguf", None, "smollm2", "cpu", calibration=[1, 2, 3])
+
+
+def test_hessians_are_mean_outer_products_and_their_diagonal_the_importance():
+    from llmc.compiler.calibration import linear_hessians
+
+    g = torch.Generator().manual_seed(5)
+    weights = {"e": torch.randn(10, 64, generator=g), "w": torch.randn(8, 64, generator=g)}
+    ids = torch.randint(0, 10, (11,), generator=g)
+    hs = linear_hessians(parse_module(MODULE), weights, ids.tolist(), window=4)
+    x = weights["e"][ids].double()
+    assert set(hs) == {"w"} and hs["w"].dtype == torch.float64
+    torch.testing.assert_close(hs["w"], x.T @ x / len(ids))
+    imp = linear_importance(parse_module(MODULE), weights, ids.tolist(), window=4)
+    torch.testing.assert_close(hs["w"].diagonal().float(), imp["w"])
+
+
+def test_unknown_quant_method_is_refused():
+    from llmc.compiler.driver import quantize_pass
+
+    with pytest.raises(ValueError, match="choose one of gptq, search"):
+        quantize_pass("q4_g32", None, "smollm2", "cpu", calibration=[1, 2, 3], method="awq")
