@@ -30,6 +30,12 @@ QUANT_TARGETS = ("cpu", "metal")  # targets with quantized_linear kernels
 QUANT_METHODS = ("gptq", "search")  # what a symmetric scheme does with --quant-calibration
 
 
+def calibration_method(scheme, method: str) -> str:
+    """What calibration does for ``scheme`` under ``--quant-method``: GPTQ needs a symmetric
+    scheme; asymmetric ones (and ``search``) get the scale search weighted by mean x^2."""
+    return "gptq" if method == "gptq" and scheme.symmetric else "search"
+
+
 def default_quant(source: str, target_name: str) -> str:
     """A GGUF source keeps its own blocks on a target with quantized kernels; else floats."""
     if target_name in QUANT_TARGETS and (source.endswith(".gguf") or source in BUNDLED_MODELS):
@@ -75,7 +81,7 @@ def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name:
             from .calibration import linear_hessians, linear_importance
 
             t0 = time.perf_counter()
-            if scheme.symmetric and method == "gptq":
+            if calibration_method(scheme, method) == "gptq":
                 hessians = linear_hessians(imported.module, imported.weights, calibration)
                 importance = {name: h.diagonal().float() for name, h in hessians.items()}
             else:
@@ -168,7 +174,7 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
         metadata["quant_calibration"] = os.path.basename(quant_calibration)
         from .passes.quantize import parse_scheme
 
-        metadata["quant_method"] = "gptq" if quant_method == "gptq" and parse_scheme(quant).symmetric else "search"
+        metadata["quant_method"] = calibration_method(parse_scheme(quant), quant_method)
     timings.update(target.compile(module, imported.weights, out_dir, options, metadata,
                                   tokenizer))
     return timings

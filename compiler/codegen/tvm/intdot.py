@@ -154,13 +154,13 @@ def repack_code_planes(codes: np.ndarray, lanes: int, bits: int, signed: bool) -
     u = u.astype(np.uint8)
     nibbles = repack_codes(((u[:, 0::2] & 15) | ((u[:, 1::2] & 15) << 4)).astype(np.uint8), lanes)
     high = (u >> 4).astype(np.uint32).reshape(n, k // BLOCK, BLOCK)  # bits 4.. of each code
-    e = np.arange(16)
     words = []
     if bits == 5:
         both = np.arange(BLOCK)
         position = (both % 4) * 8 + (both % 16) // 4 + 4 * (both // 16)
         words.append((high << position.astype(np.uint32)).sum(-1, dtype=np.uint64))
     else:
+        e = np.arange(16)
         position = (e % 4) * 8 + 2 * (e // 4)
         for half in range(2):
             words.append((high[..., 16 * half:16 * half + 16] << position.astype(np.uint32)).sum(-1, dtype=np.uint64))
@@ -347,11 +347,12 @@ def _int16_updates(bits: int) -> int:
     return 32767 // (2 * ((1 << bits) - 1) * 127)
 
 
-def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: bool, ilv: int = 1, halves: int = 1):
+def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: bool, ilv: int = 1,
+               half: Optional[int] = None):
     """One (row, column block, 32-block) integer dot product as a single expression, in int32
     lanes: the accumulator chain lives in registers only (no accumulator array that LLVM zeroes
-    and reloads from the stack every group). ``halves=2``: a list of two, elements 0-15 and
-    16-31 (nibble layouts: the low and the high nibbles; 8-bit: chunks 0-3 and 4-7).
+    and reloads from the stack every group). ``half`` 0 or 1: only elements 0-15 or 16-31
+    (nibble layouts: the low or the high nibbles; 8-bit: chunks 0-3 or 4-7), for groups of 16.
 
     5- and 6-bit codes: each nibble vector gains its high bits from the plane words
     (``repack_code_planes``) with one shift and one mask (an AND-OR, one ``vpternlogd``). On the int16 ISAs a chain is cut
@@ -391,19 +392,16 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
             updates += [(0, lo, act(j)), (1, hi, act(4 + j))]
     else:
         updates = [(j // 4, codes_at(j), act(j)) for j in range(8)]
-    per = len(updates) if int32_acc else _int16_updates(bits)
-    out = []
-    for h in range(halves):
-        mine = [u for u in updates if halves == 1 or u[0] == h]
-        total = None
-        for start in range(0, len(mine), per):
-            acc = zero
-            for _, vec, a in mine[start:start + per]:
-                acc = _dot_update8(isa, acc, vec, a) if sign_trick else _dot_update(isa, acc, vec, a)
-            part = acc if int32_acc else _finish_dot(isa, acc)
-            total = part if total is None else total + part
-        out.append(total)
-    return out if halves == 2 else out[0]
+    mine = [u for u in updates if half is None or u[0] == half]
+    per = len(mine) if int32_acc else _int16_updates(bits)
+    total = None
+    for start in range(0, len(mine), per):
+        acc = zero
+        for _, vec, a in mine[start:start + per]:
+            acc = _dot_update8(isa, acc, vec, a) if sign_trick else _dot_update(isa, acc, vec, a)
+        part = acc if int32_acc else _finish_dot(isa, acc)
+        total = part if total is None else total + part
+    return total
 
 
 def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int]:
@@ -489,9 +487,9 @@ def _half_groups(isa, R, L, bits, codes, q, d, ds, scales, mins, facc, m, ct, r0
         ds0: T.let[_F32X[L]] = T.broadcast(ds[row, 2 * g], L)
         ds1: T.let[_F32X[L]] = T.broadcast(ds[row, 2 * g + 1], L)
         dot0: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g, row, sign_trick,
-                                                                  ilv, 2)[0])
+                                                                  ilv, 0))
         dot1: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g, row, sign_trick,
-                                                                  ilv, 2)[1])
+                                                                  ilv, 1))
         t0: T.let[_F32X[L]] = dot0 * dg - T.broadcast(T.float32(off), L) * ds0
         t1: T.let[_F32X[L]] = dot1 * dg - T.broadcast(T.float32(off), L) * ds1
         if has_mins:

@@ -358,10 +358,10 @@ class _FunctionLowering:
         codes, scales = operands[1].expr, operands[2].expr
         mins = operands[3].expr if len(operands) == 4 else scales
         sdt = TVM_DTYPES[op.operands[2].type.dtype]
+        bits = storage_bits(op.attrs["bits"])
         kernel = intdot_linear_kernel(isa, n, k, op.attrs["group_size"], op.attrs["signed"], len(operands) == 4,
                                       sdt, self.decode, self.attention.threads, glu=up is not None,
-                                      bits=storage_bits(op.attrs["bits"]),
-                                      ilv=weight_interleave(isa, n, storage_bits(op.attrs["bits"])))
+                                      bits=bits, ilv=weight_interleave(isa, n, bits))
         fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
         extra = []
         if up is not None:
