@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", action="store_true", help="run the requests once before measuring")
     ap.add_argument("--rounds", type=int, default=1, help="times the measured load runs")
     ap.add_argument("--top", type=int, default=10, help="kernels listed per step kind")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="time whole steps only, without the per-kernel instrument (whose few microseconds "
+                         "per VM call inflate a step by ~1/3): the figures to compare artifacts by")
     ap.add_argument("--cpu-clock", action="store_true",
                     help="time kernels and steps by the main thread's CPU clock (time.thread_time); with "
                          "--threads 1 all kernel work runs on that thread, so other processes on a busy "
@@ -122,7 +125,8 @@ class Side:
             self.samples[kind].append((clock() - t0, attention_seconds(per_call)))
             return out
 
-        ex.vm.set_instrument(callback)
+        if not self.args.steps_only:
+            ex.vm.set_instrument(callback)
         ex.step = timed_step
 
     def start(self):

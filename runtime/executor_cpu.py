@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from .artifact import ArtifactError, Manifest
+from .hugepages import Arena
 from .step import StepBatch
 from .threads import configure_threads
 
@@ -130,28 +131,39 @@ class CpuExecutor:
 
     def _load_weights(self, manifest: Manifest, plan: dict) -> list:
         """One device tensor per weight, each read straight from the file into 64-byte aligned
-        memory the device tensor then shares (DLPack, no copy). Nothing is memory-mapped, so a
-        loaded artifact holds its weights once and loading peaks at that plus nothing."""
+        memory the device tensor then shares (DLPack, no copy). The file is not memory-mapped (the
+        memory is anonymous, on huge pages: runtime/hugepages.py), so a loaded artifact holds its
+        weights once and loading peaks at that plus nothing."""
         tvm = self._tvm
         path = manifest.path("weights.safetensors")
         header, base = read_safetensors_header(path)
+        for name in plan["weight_order"]:
+            want = plan["weights"][name]
+            if name not in header:
+                raise ArtifactError(f"weight {name} is missing from {manifest.root}; the weights do not match "
+                                    f"the kernels, compile the model again")
+            info = header[name]
+            if list(info["shape"]) != want["shape"]:
+                raise ArtifactError(f"weight {name} in {manifest.root} has shape {list(info['shape'])}, the "
+                                    f"kernels expect {want['shape']}; compile the model again")
+            stored = SAFETENSORS_DTYPES.get(info["dtype"])
+            if stored is not None and "dtype" in want and np.dtype(stored).name != want["dtype"]:
+                raise ArtifactError(f"weight {name} in {manifest.root} is {np.dtype(stored).name}, the kernels "
+                                    f"expect {want['dtype']}; compile the model again")
+        # one huge-page region for all of them (runtime/hugepages.py: the decode step streams it)
+        # (bfloat16 ones are copied into TVM tensors: they are read into a temporary instead)
+        def nbytes(name):
+            begin, end = header[name]["data_offsets"]
+            return end - begin
+
+        arena = Arena([nbytes(n) for n in plan["weight_order"] if header[n]["dtype"] in SAFETENSORS_DTYPES], ALIGN)
         out = []
         with open(path, "rb", buffering=0) as f:
             for name in plan["weight_order"]:
-                want = plan["weights"][name]
-                if name not in header:
-                    raise ArtifactError(f"weight {name} is missing from {manifest.root}; the weights do not match "
-                                        f"the kernels, compile the model again")
                 info = header[name]
-                if list(info["shape"]) != want["shape"]:
-                    raise ArtifactError(f"weight {name} in {manifest.root} has shape {list(info['shape'])}, the "
-                                        f"kernels expect {want['shape']}; compile the model again")
-                stored = SAFETENSORS_DTYPES.get(info["dtype"])
-                if stored is not None and "dtype" in want and np.dtype(stored).name != want["dtype"]:
-                    raise ArtifactError(f"weight {name} in {manifest.root} is {np.dtype(stored).name}, the kernels "
-                                        f"expect {want['dtype']}; compile the model again")
                 begin, end = info["data_offsets"]
-                array = aligned_empty(end - begin)
+                shared = info["dtype"] in SAFETENSORS_DTYPES
+                array = arena.take(end - begin) if shared else aligned_empty(end - begin)
                 f.seek(base + begin)
                 if f.readinto(memoryview(array)) != end - begin:
                     raise ArtifactError(f"weights.safetensors in {manifest.root} is truncated; compile the model again")

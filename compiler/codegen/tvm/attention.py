@@ -101,7 +101,7 @@ def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
                            softcap: float, rows: int, threads: int, sinks: bool = False, lanes: int = 16,
                            registers: int = 32, chunk: int = 0, alibi=None,
-                           kv_dtype: str = "float32") -> tir.PrimFunc:
+                           kv_dtype: str = "float32", prefetch: bool = True) -> tir.PrimFunc:
     """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
     query_start [B + 1], [sinks [hq],] out [T, hq, dv])`` for ``kv_dtype`` pools (float32 or
     float16, widened to float32 on load) of ``block_size`` positions per block, with tiles of
@@ -110,13 +110,25 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
     tiles). With ``sinks``, each row's online softmax starts from its head's sink logit
     (running max = sink, running sum = 1) instead of from nothing. With ``chunk`` > 0 a query
     at p sees only keys j >= (p // chunk) * chunk (its own chunk; chunked attention). With
-    ``alibi`` (one slope per query head) each logit gains slope_h * (j - p)."""
+    ``alibi`` (one slope per query head) each logit gains slope_h * (j - p).
+
+    ``prefetch``: while a tile works on one key block it asks the cache for the next block's keys
+    and values (``llvm.prefetch`` into L2 and up). Blocks are scattered over the pool, so the
+    hardware prefetchers restart at every block; a decode batch reads its KV once, from DRAM
+    (a step's pool outgrows the L3), and without this waited on memory for two thirds of its
+    time (8 sequences x 256 positions, 2 threads, f16 KV, pool cold: 130 -> 42 us a layer;
+    cache-resident +4%)."""
     G, BS, R = hq // hkv, block_size, rows
     scale, softcap = float(scale), float(softcap)
     i64 = "int64"
 
     LW = math.gcd(BS, lanes)  # lanes of the running softmax denominators
     LANES = 4 * threads  # parallel iterations (more than threads: a pool larger than planned still fills)
+    prefetch = bool(prefetch)  # TVMScript keeps only the taken branch of a Python bool, not of an int
+    ELEM = 2 if kv_dtype == "float16" else 4
+    LINE = 64 // ELEM  # pool entries per 64-byte cache line
+    K_LINES = (d * BS * ELEM + 63) // 64
+    V_LINES = (dv * ELEM + 63) // 64
     TREE = BS >= 2 and BS & (BS - 1) == 0 and BS <= 512  # power of two: the block max as a halving tree
 
     def pv_columns(nr):  # P.V output columns per pass: nr x G x chunk / lanes accumulators fit the registers
@@ -185,6 +197,16 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                 acc[r, g, e] = T.float32(0)
         for kb in range(first_block(p0), (p0 + nr - 1) // BS + 1):
             page: T.let[T.int64] = tables[seq, kb]
+            if prefetch:  # a Python constant: the next block's keys and values toward the cache
+                if kb + 1 <= (p0 + nr - 1) // BS:
+                    nxt: T.let[T.int64] = tables[seq, kb + 1]
+                    for x in range(K_LINES):
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                                      T.address_of(kp[nxt, hk, x * LINE // BS, x * LINE % BS]), 0, 2, 1))
+                    for jj in range(BS):
+                        for x in T.unroll(V_LINES):
+                            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                                          T.address_of(vp[nxt, jj, hk, x * LINE]), 0, 2, 1))
             for r, g in T.grid(nr, G):
                 for jj in T.vectorized(BS):
                     s[r, g, jj] = T.float32(0)
