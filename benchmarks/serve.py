@@ -9,6 +9,10 @@ tokens/s, time to first token and time per output token (p50/p90/p99), as a tabl
     python benchmarks/serve.py --artifact out/smollm2-cpu --llama-server build/llama-server/build/bin/llama-server \
         --clients 1,8 --requests 32 --json benchmarks/results/serve.json
 
+Before the measured phases each server gets every prompt once (``--no-warmup``: one request),
+so every phase starts from the same cache state: llmc's prefix cache and llama-server's slot
+caches hold what they would in steady traffic, and no phase alone pays the cold prompts.
+
 ``--url URL`` measures an already running server instead. Servers are started here, on
 localhost only, with ``--threads`` (default 2) each, one at a time.
 """
@@ -203,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=8, help="llama-server slots / llmc max-num-seqs (default 8)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="send only one warm-up request instead of every prompt once before measuring")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
@@ -226,7 +232,11 @@ def main(argv=None) -> int:
             proc, url, model = start()
         try:
             ready = wait_ready(url, proc) if proc else 0.0
-            one_request(url, model, prompts()[0], 4, args.api_key)  # warm up
+            # warm up: every prompt once, so each measured phase starts from the same cache state
+            # (without it the first phase alone pays the cold prompts and the next ones hit the
+            # prefix cache: a 1-then-8-client run flattered the 8 clients' ratio)
+            for prompt in (prompts() if args.warmup else prompts()[:1]):
+                one_request(url, model, prompt, 4, args.api_key)
             for clients in counts:
                 r = run_load(url, model, clients, args.requests, args.duration, args.max_tokens, args.api_key)
                 r.update(server=name, ready_s=ready)
