@@ -144,15 +144,14 @@ def test_isa_chosen_from_the_target_features():
 
 def test_register_tiles_fit_the_register_file():
     """AVX2's 16 registers get a smaller prefill tile than AVX-512's 32; VNNI takes the measured
-    tiles (8 x 2 blocks for 4-bit codes, a 4-row tile below 8 rows; 2 x 8 for 8-bit codes) as
-    far as the column blocks divide; decode widens instead."""
+    tiles (8 x 1 blocks, a 4 x 1 tile below 8 rows); decode widens instead."""
     wide, bw, narrow = ISAS["avx512vnni"][1], ISAS["avx512bw"][1], ISAS["avx2"][1]
     rb, cb = intdot.tiles(bw, 3072, decode=False)
     r2, c2 = intdot.tiles(narrow, 3072, decode=False)
     assert 2 * rb * cb + 2 * cb <= 24 and 2 * r2 * c2 + 2 * c2 <= 12 and rb * cb > r2 * c2
-    assert intdot.tiles(wide, 3072, decode=False) == (8, 2) and intdot.small_tiles(wide, 3072, 4, 8) == (4, 2)
+    assert intdot.tiles(wide, 3072, decode=False) == (8, 1) and intdot.small_tiles(wide, 3072, 4, 8) == (4, 1)
     assert intdot.tiles(wide, 3072, decode=False, bits=8) == (8, 1) and intdot.small_tiles(wide, 3072, 8, 8) == (4, 1)
-    assert intdot.tiles(wide, 16 * 129, decode=False) == (4, 1) and intdot.small_tiles(wide, 16 * 129, 4, 4) is None
+    assert intdot.tiles(wide, 16 * 129, decode=False) == (8, 1) and intdot.small_tiles(wide, 16 * 129, 4, 4) is None
     assert intdot.tiles(wide, 3072, decode=True)[0] == 1
     # decode: as wide as the registers hold (two accumulators a block + 6 shared), >= 4 items
     assert intdot.tiles(wide, 1536, decode=True) == (1, 8) and intdot.tiles(narrow, 1536, decode=True) == (1, 4)
@@ -165,12 +164,12 @@ def test_register_tiles_fit_the_register_file():
 @pytest.mark.skipif(not NEEDS["avx512vnni"] <= HOST_FLAGS, reason="host lacks avx512vnni")
 @pytest.mark.parametrize("bits,m", [(4, 8), (4, 6), (4, 13), (8, 8), (8, 3)])
 def test_vnni_tiles_on_batch_rows(bits, m):
-    """The VNNI prefill tiles (8 x 2 blocks for 4-bit and 4 x 2 below 8 rows, 8 x 1 and 4 x 1 for 8-bit)
+    """The VNNI prefill tiles (8 x 1 blocks, 4 x 1 below 8 rows)
     at batched-decode row counts, including a partial last row tile, equal the exact integer
     scheme."""
     mcpu, spec = ISAS["avx512vnni"]
     n, k = 16 * 24, 128
-    assert intdot.tiles(spec, n, False, bits) == ((8, 2) if bits == 4 else (8, 1))
+    assert intdot.tiles(spec, n, False, bits) == (8, 1)
     g = torch.Generator().manual_seed(17 + m + bits)
     lo, hi = code_range(bits, bits == 8)
     codes = pack_codes(torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int32), bits, bits == 8)
@@ -324,7 +323,7 @@ def test_neon_kernels_emit_sdot(mcpu, bits, signed):
 def test_neon_tiles():
     """NEON: 32 registers of 4 lanes take VNNI's tile rules (int32 dots, float accumulators)."""
     isa = intdot.IntDotIsa("neondot", 4, 32)
-    assert intdot.tiles(isa, 3072, decode=False) == (8, 2) and intdot.small_tiles(isa, 3072, 4, 8) == (4, 2)
+    assert intdot.tiles(isa, 3072, decode=False) == (8, 1) and intdot.small_tiles(isa, 3072, 4, 8) == (4, 1)
     assert intdot.tiles(isa, 3072, decode=False, bits=8) == (8, 1)
     for n in (64, 192, 576, 1536, 49152):
         _, c = intdot.tiles(isa, n, decode=True)

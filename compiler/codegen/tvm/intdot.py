@@ -418,9 +418,12 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
     threads. 8-bit codes (the LM head) stream one column block at a time (1x1 measured 1.3-2x
     faster than 1x2 at 49152 x 576, AVX2 and VNNI alike).
 
-    VNNI, measured on Zen 4 (thread CPU time, interleaved A/B, benchmarks/step_profile.py's
-    shapes): 8 x 2 blocks for 4-bit codes at M >= 8 is 15-24% less time per call than the 4 x 2
-    tile with an accumulator array (M = 8..64). 8-bit codes (the LM head of a batch) take 8 x 1
+    VNNI, measured on Zen 4 (2 threads, interleaved A/B, SmolLM2's four linear shapes): 8 x 1
+    blocks for 4-bit codes at M >= 8. The 8 x 2 tile this replaced kept 16 float accumulators
+    and 16 unpacked code vectors live and spilled ~120 stack accesses per iteration; 8 x 1 fits
+    the 32 registers. All linears of an 8-row step: 2.9 vs 4.5-4.8 ms with the weights from
+    DRAM, 2.9-3.5 vs 3.3-4.4 ms cache-resident; 16 rows 5.5 vs 8.5 ms; 512 rows (prefill)
+    12-27% less per call; one thread 5.3 vs 7.6 ms (8 rows, DRAM). 8-bit codes (the LM head of a batch) take 8 x 1
     on every ISA: one thread's CPU time at 49152 x 576, M = 8, 16, 64, against 2 x 8 (VNNI)
     and 4 x 1 (AVX2): 1.9-2.3 vs 3.3-3.9 ms, 4.2 vs 5.2 ms, 13.9 vs 15.6 ms (VNNI), 4.1 vs 4.8
     ms at M = 8 (AVX2). Fewer rows than 8 take ``small_tiles``. A group's integer dot product is one expression (``_group_dot``), so a tile
@@ -440,10 +443,7 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
         return 8, 1
     budget = isa.registers * 3 // 4
     if isa.name == "avx512vnni" or isa.neon:  # NEON: VNNI's tiles by analogy (int32 dots, 32 registers; not measured)
-        for r, c in ((8, 2), (4, 2), (4, 1)):
-            if blocks % c == 0:
-                return r, c
-        return 1, 1
+        return 8, 1
     best = (1, 1)
     for c in (1, 2):
         if blocks % c:
@@ -457,11 +457,11 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
 def small_tiles(isa: IntDotIsa, n: int, bits: int, rows: int) -> Optional[tuple[int, int]]:
     """The tile for M < ``rows`` (2-7 decode tokens in a batch), or None when the big tile is
     small already: half-empty 8-row tiles would recompute their clamped rows (an 8 x 2 tile at
-    M = 4 costs 1.6x the 4 x 2 one)."""
+    M = 4 cost 1.6x the 4 x 2 one). 4 x 1: at M = 4 the step's linears take 1.7 ms against
+    4 x 2's 1.8 (cache-resident) and 3.4 (weights from DRAM), 2 threads, Zen 4."""
     if rows <= 4:
         return None
-    blocks = n // isa.lanes
-    return (4, 2) if blocks % 2 == 0 and bits == 4 else (4, 1)
+    return 4, 1
 
 
 def _silu(v):
