@@ -13,6 +13,9 @@ Before the measured phases each server gets every prompt once (``--no-warmup``: 
 so every phase starts from the same cache state: llmc's prefix cache and llama-server's slot
 caches hold what they would in steady traffic, and no phase alone pays the cold prompts.
 
+``--unique-prompts`` gives every request a first line of its own instead, so nothing is
+cached and each request pays its whole prompt (the cold case).
+
 ``--url URL`` measures an already running server instead. Servers are started here, on
 localhost only, with ``--threads`` (default 2) each, one at a time.
 """
@@ -91,7 +94,7 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int, api_key: Opt
 
 
 def run_load(url: str, model: str, clients: int, requests: int, duration: float, max_tokens: int,
-             api_key: Optional[str] = None) -> dict:
+             api_key: Optional[str] = None, unique: bool = False) -> dict:
     todo = prompts()
     lock = threading.Lock()
     state = {"next": 0}
@@ -106,7 +109,10 @@ def run_load(url: str, model: str, clients: int, requests: int, duration: float,
                     return
                 state["next"] += 1
             try:
-                r = one_request(url, model, todo[i % len(todo)], max_tokens, api_key)
+                prompt = todo[i % len(todo)]
+                if unique:  # a first line no other request has: no server can reuse a cached prefix
+                    prompt = f"Request {clients}-{i}-{time.time_ns()}.\n{prompt}"
+                r = one_request(url, model, prompt, max_tokens, api_key)
                 with lock:
                     results.append(r)
             except Exception as exc:  # noqa: BLE001 - counted and reported
@@ -207,6 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=8, help="llama-server slots / llmc max-num-seqs (default 8)")
+    ap.add_argument("--unique-prompts", action="store_true",
+                    help="start every prompt with a line of its own, so no prefix cache (llmc's blocks, "
+                         "llama-server's slots) can serve any of it: every request pays its whole prefill")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="send only one warm-up request instead of every prompt once before measuring")
     ap.add_argument("--json", help="write the results here")
@@ -238,7 +247,8 @@ def main(argv=None) -> int:
             for prompt in (prompts() if args.warmup else prompts()[:1]):
                 one_request(url, model, prompt, 4, args.api_key)
             for clients in counts:
-                r = run_load(url, model, clients, args.requests, args.duration, args.max_tokens, args.api_key)
+                r = run_load(url, model, clients, args.requests, args.duration, args.max_tokens, args.api_key,
+                             args.unique_prompts)
                 r.update(server=name, ready_s=ready)
                 report["runs"].append(r)
                 print(f"{name:10s} clients={clients:2d} req/s={r['req_per_s']:.2f} out tok/s={r['output_tok_per_s']:.1f} "
