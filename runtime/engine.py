@@ -87,7 +87,10 @@ class Engine:
                                  f"slots the executor holds; load it with more state slots")
         self._free_slots = list(range(max(0, self.num_state_slots - 1)))
         self._slot_of: dict[str, int] = {}
-        self.blocks = BlockManager(executor.num_blocks, executor.block_size, enable_prefix_caching)
+        # partly filled blocks are shared by copying them (copy on write): executors that can
+        # copy a block between pool slots offer ``copy_blocks``
+        self.blocks = BlockManager(executor.num_blocks, executor.block_size, enable_prefix_caching,
+                                   partial=callable(getattr(executor, "copy_blocks", None)))
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.max_model_len = min(executor.max_model_len, executor.num_blocks * executor.block_size)
         self.max_seq_len = self.max_model_len  # the single-sequence name
@@ -248,6 +251,7 @@ class Engine:
             return []
         for victim in sched.preempted:  # recomputed from its first token later: a fresh slot then
             self._release_slot(victim)
+        self.blocks.run_copies(getattr(self.executor, "copy_blocks", None))  # partly filled blocks shared
         logits = self.executor.step(self.build_batch(sched.chunks))
         self.steps += 1
         ready, rows = [], []

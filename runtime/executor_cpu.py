@@ -108,7 +108,7 @@ class CpuExecutor:
         dtype = TVM_DTYPES[geom["dtype"]]
         # (kv_heads, head_dim, value_dim) per layer: listed when layers differ, else layer 0's for all
         shapes = geom.get("layer_shapes") or [(geom["kv_heads"], geom["head_dim"], geom["value_dim"])] * geom["layers"]
-        self.pools = []
+        self.pools, self._pool_arrays = [], []
         for heads, head_dim, value_dim in shapes:
             k_shape = (self.num_blocks, heads, head_dim, self.block_size)
             v_shape = (self.num_blocks, self.block_size, heads, value_dim)
@@ -116,8 +116,10 @@ class CpuExecutor:
             # meet NaN garbage. Shared with numpy's calloc'ed memory (DLPack, no copy), so pages
             # become resident only when a block is first written: a large pool costs nothing
             # until it is used and loads instantly.
-            self.pools.append(tvm.runtime.from_dlpack(aligned_zeros(k_shape, dtype)))
-            self.pools.append(tvm.runtime.from_dlpack(aligned_zeros(v_shape, dtype)))
+            for shape in (k_shape, v_shape):
+                array = aligned_zeros(shape, dtype)
+                self._pool_arrays.append(array)  # the same memory, for copy_blocks
+                self.pools.append(tvm.runtime.from_dlpack(array))
         # recurrent state (hybrid / linear-attention models): one pool per state op, one slot
         # per running sequence, [slots, *shape]; zeroed like the KV pools
         self.state_pools = []
@@ -178,6 +180,13 @@ class CpuExecutor:
             tensor.copyfrom(raw.view(np.uint16).reshape(shape))
             return tensor
         raise ArtifactError(f"weights of dtype {dtype} are not supported by this runtime; compile the model again")
+
+    def copy_blocks(self, pairs) -> None:
+        """Copy KV block ``src`` over block ``dst`` in every layer's pools, for each (src, dst):
+        the engine shares a partly filled block by giving the new sequence a copy of it."""
+        for pool in self._pool_arrays:
+            for src, dst in pairs:
+                pool[dst] = pool[src]
 
     def step(self, batch: StepBatch) -> np.ndarray:
         """Run one step; returns float32 logits [B, vocab], row b for token logits_index[b]."""

@@ -66,3 +66,31 @@ def test_inconsistent_batches_are_refused(tmp_path):
                                 ("seq_lens", np.array([1]), "more tokens than its seq_len")):
         with pytest.raises(ValueError, match=message):
             executor.step(StepBatch(**{**ok, field: bad}))
+
+
+def test_a_copied_partly_filled_block_serves_a_repeated_prompt(tmp_path):
+    """The engine shares a prompt's partly filled last block by copying it (copy_blocks over
+    every layer's pools): the repeat computes only its last token, and its logits equal the
+    first run's."""
+    from llmc.runtime.engine import Engine
+    from llmc.runtime.sampler import SamplingParams
+
+    compile_cpu(import_hf_model(tiny_model("llama")), tmp_path / "artifact", max_seq_len=128,
+                cache_dir=tmp_path / "cache", kv_block_size=8)
+    engine = Engine(CpuExecutor(read_manifest(str(tmp_path / "artifact")), num_blocks=32))
+    prompt = [(7 * i) % 100 + 3 for i in range(21)]  # 2 full blocks of 8 + 5
+
+    def run():
+        req = engine.add_request(prompt, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=3))
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.iterate()
+        samples = [x for o in outs for x in o.new_samples]
+        return req, [x.token for x in samples], [dict(x.top_logprobs) for x in samples]
+
+    first, tokens1, logprobs1 = run()
+    second, tokens2, logprobs2 = run()
+    assert engine.blocks.partial_hits == 1 and second.num_cached_prompt == 20
+    assert tokens1 == tokens2
+    for a, b in zip(logprobs1, logprobs2):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)

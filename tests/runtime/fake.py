@@ -67,6 +67,7 @@ class FakeExecutor:
         self.tokens = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.positions = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.batches: list[tuple[int, int]] = []  # (sequences, tokens) of each step
+        self.copies: list[tuple[int, int]] = []  # blocks copied (partly filled prefix blocks shared)
         printable = np.zeros(vocab_size)
         printable[ord(" ") + 1:ord("~") + 2] = 4.0  # mostly ASCII text
         printable[0] = -1.0  # EOS now and then
@@ -78,6 +79,13 @@ class FakeExecutor:
             h = ((h ^ (t + 1)) * 1099511628211) % (1 << 63)
         h = (h + 7919 * len(context)) % (1 << 63)
         return (np.random.default_rng(h).normal(size=self.vocab_size) + self.bias).astype(np.float32)
+
+    def copy_blocks(self, pairs) -> None:
+        bs = self.block_size
+        for src, dst in pairs:
+            self.tokens[dst * bs:(dst + 1) * bs] = self.tokens[src * bs:(src + 1) * bs]
+            self.positions[dst * bs:(dst + 1) * bs] = self.positions[src * bs:(src + 1) * bs]
+        self.copies.extend(pairs)
 
     def step(self, batch: StepBatch) -> np.ndarray:
         batch.validate(self.num_blocks, self.block_size, self.vocab_size)

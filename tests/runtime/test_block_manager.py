@@ -77,3 +77,70 @@ def test_caching_off_shares_nothing():
     bm = BlockManager(8, 2, enable_prefix_caching=False)
     filled(bm, [1, 2, 3, 4, 5])
     assert bm.match_prefix(SeqBlocks(), [1, 2, 3, 4, 5]) == 0 and bm.num_cached == 0
+
+
+def test_partly_filled_block_is_shared_by_a_copy():
+    """A prompt continuing a cached chain with the tokens of a partly filled block gets a copy
+    of that block (the owner keeps appending to the original) and computes from there."""
+    bm = BlockManager(16, 4, partial=True)
+    a, _ = filled(bm, list(range(10)))  # [0..3] [4..7] full; [8, 9]: keys for 1 and 2 filled
+    b = SeqBlocks()
+    assert bm.match_prefix(b, list(range(10))) == 9  # the last token is left to compute
+    assert b.table[:2] == a.table[:2] and b.table[2] not in a.table
+    assert bm.ref_count[a.table[2]] == 2  # the source is pinned until the copy ran
+    bm.check()
+    copies = []
+    bm.run_copies(copies.extend)
+    assert copies == [(a.table[2], b.table[2])] and bm.ref_count[a.table[2]] == 1
+    assert bm.partial_hits == 1
+    c = SeqBlocks()  # continues differently after the full blocks: nothing partial to share
+    assert bm.match_prefix(c, list(range(8)) + [7, 7]) == 8 and len(c.table) == 2
+    d = SeqBlocks()  # continues with both filled tokens and more
+    assert bm.match_prefix(d, list(range(10)) + [5, 6]) == 10
+    bm.run_copies(copies.extend)
+    assert copies[-1] == (a.table[2], d.table[2])
+    bm.check()
+
+
+def test_partial_keys_grow_as_the_block_fills():
+    bm = BlockManager(16, 4, partial=True)
+    tokens = list(range(10))
+    a, _ = filled(bm, tokens)
+    tokens.append(42)  # a decode step wrote position 10 into the same block
+    bm.register(a, tokens, 11)
+    b = SeqBlocks()
+    assert bm.match_prefix(b, tokens + [1]) == 11
+    tokens.append(43)  # the block is full now: a full key, and the next block starts empty
+    assert bm.allocate(a, 12)
+    bm.register(a, tokens, 12)
+    e = SeqBlocks()
+    assert bm.match_prefix(e, tokens + [9]) == 12 and e.table == a.table[:3]
+    bm.run_copies(lambda pairs: None)
+    bm.check()
+
+
+def test_a_copy_into_a_freed_block_is_void_and_evicted_blocks_forget_their_keys():
+    bm = BlockManager(6, 4, partial=True)
+    a, _ = filled(bm, list(range(10)))
+    b = SeqBlocks()
+    assert bm.match_prefix(b, list(range(10))) == 9
+    bm.free(b)  # e.g. a request that could not get its remaining blocks
+    assert bm.ref_count[a.table[2]] == 1
+    called = []
+    bm.run_copies(called.append)
+    assert called == []
+    bm.free(a)
+    bm.check()
+    hog = SeqBlocks()
+    assert bm.allocate(hog, 6 * 4)  # every block, cached ones evicted
+    bm.free(hog)
+    c = SeqBlocks()
+    assert bm.match_prefix(c, list(range(10))) == 0 and bm.partial_hits == 1
+    bm.check()
+
+
+def test_partial_sharing_is_off_unless_asked():
+    bm = BlockManager(16, 4)
+    filled(bm, list(range(10)))
+    b = SeqBlocks()
+    assert bm.match_prefix(b, list(range(10))) == 8 and bm.partial_hits == 0

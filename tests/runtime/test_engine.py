@@ -153,3 +153,20 @@ def test_stop_string_split_across_tokens_is_held_back(tok):
     text = IncrementalText(tok, stop=["END"])
     pieces = [text.push(i) for i in tok.encode("abcENx")] + [text.finish()]
     assert "".join(pieces) == "abcENx" and text.stopped is None
+
+
+def test_repeated_prompt_reuses_its_partly_filled_block():
+    """42 tokens = 10 full blocks of 4 + 2: the repeat copies the partly filled block and
+    computes only its last token; the output is unchanged."""
+    prompt = list(range(1, 43))
+    engine = Engine(FakeExecutor(num_blocks=64))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    first = run_all(engine, [prompt], params)[0][0]
+    second = run_all(engine, [prompt], params)[0][0]
+    assert first == second == alone_reference(prompt, 8, eos=-1)
+    assert engine.blocks.partial_hits == 1 and len(engine.executor.copies) == 1
+    assert engine.executor.batches[-8][1] == 1  # one prompt token computed (then 7 decodes)
+    # batched: 8 requests at once, half of them repeats, all equal to alone
+    prompts = [prompt[:5 + 3 * i] for i in range(8)]
+    outs = run_all(engine, prompts + prompts[:4], params)[0]
+    assert outs == [alone_reference(p, 8, eos=-1) for p in prompts + prompts[:4]]

@@ -117,9 +117,19 @@ def test_smollm2_serves_chat_and_comes_up_fast(tmp_path):
     with llmc_serve(art, "--api-key", "k", "--served-model-name", "smollm2") as live:
         assert live.ready_seconds < 10, live.ready_seconds
         c = client_for(live, "k")
-        r = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content":
-                                      "What is the capital of France?"}], max_tokens=20, temperature=0)
-        assert "Paris" in r.choices[0].message.content
+        # The chat reply is the completion of the model's chat template (greedy: the same text).
+        # Its first token is a near-tie for the 4-bit model ("L'Étoile..." -2.0 against "The
+        # capital..." -2.3 log-probability; transformers' fp32 dequantized weights pick "The"), so
+        # the fact is checked on a prompt the quantized model is sure of.
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        r = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=20, temperature=0)
+        rendered = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+        same = c.completions.create(model="smollm2", prompt=rendered, max_tokens=20, temperature=0)
+        assert r.choices[0].message.content == same.choices[0].text.removesuffix("<|im_end|>")
+        fact = c.completions.create(model="smollm2", prompt="Q: What is the capital of France?\nA:", max_tokens=8,
+                                    temperature=0)
+        assert "Paris" in fact.choices[0].text
         prompts = [f"Write {i} words about the sea." + " Be brief." * i for i in range(16)]
         alone = [ask(c, "smollm2", p, 16) for p in prompts]
         with cf.ThreadPoolExecutor(16) as pool:
