@@ -35,6 +35,8 @@ class _EngineCollector:
         c = CounterMetricFamily
         yield c("llmc_prefix_cache_queries", "Full prompt blocks looked up in the prefix cache", value=queries)
         yield c("llmc_prefix_cache_hits", "Full prompt blocks found in the prefix cache", value=hits)
+        yield c("llmc_prefix_cache_partial_hits", "Prompts that also reused a partly filled block (copied)",
+                value=blocks.partial_hits)
         yield c("llmc_preemptions", "Requests preempted (recomputed later) for lack of KV blocks",
                 value=engine.scheduler.num_preemptions)
         yield c("llmc_generation_tokens", "Tokens generated", value=engine.generation_tokens)

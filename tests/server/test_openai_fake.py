@@ -158,6 +158,11 @@ def test_prefix_reuse_hits_the_cache_and_cuts_ttft(byte_tokenizer):
         assert m["llmc_prefix_cache_hits_total"] >= 56 and m["llmc_prefix_cache_hit_rate"] > 0
         assert text == expected_text(byte_tokenizer, shared + "second question", 8)
         assert warm < cold / 2, (cold, warm)
+        # the same prompt again: its partly filled last block is copied too (copy on write)
+        _, again, u3 = ttft(shared + "second question")
+        assert again == text
+        assert u3.prompt_tokens_details.cached_tokens == u3.prompt_tokens - 1
+        assert s.metrics()["llmc_prefix_cache_partial_hits_total"] >= 1
 
 
 BAD = [
