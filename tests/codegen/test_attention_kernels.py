@@ -132,7 +132,7 @@ def test_float16_pools_widen_in_vectors():
 @pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
 def test_next_block_prefetch_reaches_the_machine_code(kv_dtype):
     """The kernel asks for the next key block while it works on one (a decode batch's pool is
-    cold: 130 -> 42 us a layer measured); without ``prefetch`` no prefetch is emitted. The
+    cold: 16-33% less time measured); without ``prefetch`` no prefetch is emitted. The
     results are checked with it on by test_paged_kernels_match_reference."""
     import platform
 
