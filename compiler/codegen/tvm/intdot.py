@@ -421,9 +421,9 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
     VNNI, measured on Zen 4 (2 threads, interleaved A/B, SmolLM2's four linear shapes): 8 x 1
     blocks for 4-bit codes at M >= 8. The 8 x 2 tile this replaced kept 16 float accumulators
     and 16 unpacked code vectors live and spilled ~120 stack accesses per iteration; 8 x 1 fits
-    the 32 registers. All linears of an 8-row step: 2.9 vs 4.5-4.8 ms with the weights from
-    DRAM, 2.9-3.5 vs 3.3-4.4 ms cache-resident; 16 rows 5.5 vs 8.5 ms; 512 rows (prefill)
-    12-27% less per call; one thread 5.3 vs 7.6 ms (8 rows, DRAM). 8-bit codes (the LM head of a batch) take 8 x 1
+    the 32 registers. All linears of an 8-row step: 5.3-5.7 vs 6.6-6.9 ms with the weights from
+    DRAM, 3.3 vs 4.0-4.4 ms cache-resident; 16 rows 7.4 vs 8.8 ms (DRAM), 6.0 vs 7.4 (cached);
+    512 rows (prefill) 12-27% less per call. 8-bit codes (the LM head of a batch) take 8 x 1
     on every ISA: one thread's CPU time at 49152 x 576, M = 8, 16, 64, against 2 x 8 (VNNI)
     and 4 x 1 (AVX2): 1.9-2.3 vs 3.3-3.9 ms, 4.2 vs 5.2 ms, 13.9 vs 15.6 ms (VNNI), 4.1 vs 4.8
     ms at M = 8 (AVX2). Fewer rows than 8 take ``small_tiles``. A group's integer dot product is one expression (``_group_dot``), so a tile
@@ -457,8 +457,8 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
 def small_tiles(isa: IntDotIsa, n: int, bits: int, rows: int) -> Optional[tuple[int, int]]:
     """The tile for M < ``rows`` (2-7 decode tokens in a batch), or None when the big tile is
     small already: half-empty 8-row tiles would recompute their clamped rows (an 8 x 2 tile at
-    M = 4 cost 1.6x the 4 x 2 one). 4 x 1: at M = 4 the step's linears take 1.7 ms against
-    4 x 2's 1.8 (cache-resident) and 3.4 (weights from DRAM), 2 threads, Zen 4."""
+    M = 4 cost 1.6x the 4 x 2 one). 4 x 1: at M = 4 the step's linears take 2.0 ms against
+    4 x 2's 2.3 cache-resident, 5.1 against 5.0 with the weights from DRAM (2 threads, Zen 4)."""
     if rows <= 4:
         return None
     return 4, 1
