@@ -101,7 +101,7 @@ def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
                            softcap: float, rows: int, threads: int, sinks: bool = False, lanes: int = 16,
                            registers: int = 32, chunk: int = 0, alibi=None,
-                           kv_dtype: str = "float32", prefetch: bool = True) -> tir.PrimFunc:
+                           kv_dtype: str = "float32", prefetch: int = 1) -> tir.PrimFunc:
     """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
     query_start [B + 1], [sinks [hq],] out [T, hq, dv])`` for ``kv_dtype`` pools (float32 or
     float16, widened to float32 on load) of ``block_size`` positions per block, with tiles of
@@ -112,8 +112,9 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
     at p sees only keys j >= (p // chunk) * chunk (its own chunk; chunked attention). With
     ``alibi`` (one slope per query head) each logit gains slope_h * (j - p).
 
-    ``prefetch``: while a tile works on one key block it asks the cache for the next block's keys
-    and values (``llvm.prefetch`` into L2 and up). Blocks are scattered over the pool, so the
+    ``prefetch``: while a tile works on one key block it asks the cache for the keys and values
+    of the block ``prefetch`` blocks ahead (``llvm.prefetch`` into L2 and up; 0: none; 2 and 3
+    measured no better than 1 on a served step's real pools). Blocks are scattered over the pool, so the
     hardware prefetchers restart at every block, and a decode batch reads its KV once, from
     DRAM (a step's pools outgrow the L3). Pool cold, 2 threads, f16 KV: 8 sequences x 256
     positions 131-162 -> 98-108 us a layer, 8 of 97-362 positions 72-84 -> 60-69 us, one of 1024
@@ -125,7 +126,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
 
     LW = math.gcd(BS, lanes)  # lanes of the running softmax denominators
     LANES = 4 * threads  # parallel iterations (more than threads: a pool larger than planned still fills)
-    prefetch = bool(prefetch)  # TVMScript keeps only the taken branch of a Python bool, not of an int
+    AHEAD = int(prefetch)  # blocks ahead (True: 1)
     ELEM = 2 if kv_dtype == "float16" else 4
     LINE = 64 // ELEM  # pool entries per 64-byte cache line
     K_LINES = (d * BS * ELEM + 63) // 64
@@ -198,9 +199,10 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                 acc[r, g, e] = T.float32(0)
         for kb in range(first_block(p0), (p0 + nr - 1) // BS + 1):
             page: T.let[T.int64] = tables[seq, kb]
-            if prefetch:  # a Python constant: the next block's keys and values toward the cache
-                if kb + 1 <= (p0 + nr - 1) // BS:
-                    nxt: T.let[T.int64] = tables[seq, kb + 1]
+            for ahead in T.unroll(1, AHEAD + 1):  # AHEAD = 0: no loop at all
+                # block kb + AHEAD toward the cache; the first block also sends the ones before it
+                if (ahead == AHEAD or kb == first_block(p0)) and kb + ahead <= (p0 + nr - 1) // BS:
+                    nxt: T.let[T.int64] = tables[seq, kb + ahead]
                     for x in range(K_LINES):
                         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
                                                       T.address_of(kp[nxt, hk, x * LINE // BS, x * LINE % BS]), 0, 2, 1))
