@@ -215,6 +215,10 @@ class CudaExecutor:
         _check(self._driver.cuLaunchKernel(self.functions[name], grid[0], grid[1], grid[2], spec.threads, 1, 1,
                                            spec.shared, stream, pointers.ctypes.data, 0))
 
+    def copy_blocks(self, pairs) -> None:
+        """Block copies on torch's current stream, the one every launch goes to (ordered)."""
+        self.runner.copy_blocks(pairs)
+
     def step(self, batch: StepBatch) -> np.ndarray:
         batch.validate(self.num_blocks, self.block_size)
         decode = batch.num_tokens == batch.num_seqs and bool(np.all(np.diff(batch.query_start) == 1))

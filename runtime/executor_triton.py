@@ -112,6 +112,9 @@ class TritonExecutor:
             raise RuntimeError(f"kernel {name} failed: {exc}") from exc
         self.launches += 1
 
+    def copy_blocks(self, pairs) -> None:
+        self.runner.copy_blocks(pairs)
+
     def step(self, batch: StepBatch) -> np.ndarray:
         batch.validate(self.num_blocks, self.block_size)
         return self.runner.step(batch)

@@ -97,6 +97,15 @@ class PlanRunner:
     def pools(self) -> list[torch.Tensor]:
         return [self.persistent[n] for n in self.plan["outputs"]["pools"]]
 
+    def copy_blocks(self, pairs) -> None:
+        """Copy KV block ``src`` over block ``dst`` in every pool (block-major: [NB, ...]), for
+        each (src, dst): the engine shares a partly filled block by copying it."""
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.int64, device=self.device)
+        for pool in self.pools():
+            rows = pool.view(self.num_blocks, -1)
+            rows[dst] = rows[src]
+
     def step(self, batch: StepBatch) -> np.ndarray:
         arrays = {n: torch.from_numpy(np.ascontiguousarray(getattr(batch, n), dtype=np.int64))
                   for n in self.plan["step_args"]}

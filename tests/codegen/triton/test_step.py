@@ -70,3 +70,32 @@ def test_unsupported_block_size_is_refused():
     paged = optimized(import_hf_model(tiny_model("llama")), block_size=8)
     with pytest.raises(CodegenError, match="--kv-block-size 16"):
         lower_to_plan(paged)
+
+
+def test_engine_shares_a_partly_filled_block_on_the_triton_executor(tmp_path):
+    """PlanRunner.copy_blocks (the cuda and Triton executors): a repeated prompt is served from
+    a copy of its partly filled last block, with the first run's tokens and log-probabilities."""
+    from llmc.runtime.engine import Engine
+    from llmc.runtime.sampler import SamplingParams
+
+    model = tiny_model("llama")
+    imported = import_hf_model(model)
+    plan = lower_to_plan(optimized(imported), PlanOptions(arch="interpret", dtype="f32"))
+    plan.write_sources(str(tmp_path / "src"))
+    executor = TritonExecutor(plan.to_json(), str(tmp_path / "src"), imported.weights, num_blocks=16,
+                              max_model_len=128, vocab_size=model.config.vocab_size, interpret=True)
+    engine = Engine(executor)
+    prompt = [(5 * i) % 90 + 4 for i in range(21)]  # a full block of 16 + 5
+
+    def run():
+        engine.add_request(prompt, SamplingParams(max_tokens=3, ignore_eos=True, logprobs=3))
+        samples = []
+        while engine.has_unfinished():
+            samples += [x for o in engine.iterate() for x in o.new_samples]
+        return [x.token for x in samples], [dict(x.top_logprobs) for x in samples]
+
+    tokens1, top1 = run()
+    tokens2, top2 = run()
+    assert engine.blocks.partial_hits == 1 and tokens1 == tokens2
+    for a, b in zip(top1, top2):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
