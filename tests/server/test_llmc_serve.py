@@ -119,8 +119,9 @@ def test_smollm2_serves_chat_and_comes_up_fast(tmp_path):
         c = client_for(live, "k")
         # The chat reply is the completion of the model's chat template (greedy: the same text).
         # Its first token is a near-tie for the 4-bit model ("L'Étoile..." -2.0 against "The
-        # capital..." -2.3 log-probability; transformers' fp32 dequantized weights pick "The"), so
-        # the fact is checked on a prompt the quantized model is sure of.
+        # capital..." -2.3 log-probability; transformers' fp32 dequantized weights pick "The",
+        # llama.cpp on the same Q4_1 file answers "L'Étoile, la Cité, ..."), so the fact is checked
+        # on a prompt the quantized model is sure of.
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         r = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=20, temperature=0)
         rendered = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
