@@ -119,14 +119,7 @@ class BlockManager:
         """Release ``seq``'s blocks. Tail blocks go first into the LRU order, so a later
         eviction takes a sequence's last blocks before its (more shareable) first ones."""
         for block in reversed(seq.table):
-            self.ref_count[block] -= 1
-            if self.ref_count[block] < 0:
-                raise RuntimeError(f"block {block} freed more often than allocated")
-            if self.ref_count[block] == 0:
-                if self._cached(block):
-                    self._cached_free[block] = None
-                else:
-                    self._uncached_free.append(block)
+            self._unpin(block)
         mine = set(seq.table)  # a copy into a block given back is void (its source unpinned)
         for src, dst in [c for c in self._copies if c[1] in mine]:
             self._copies.remove((src, dst))
@@ -159,9 +152,7 @@ class BlockManager:
             block = self._by_hash.get(h)
             if block is None:
                 break
-            if self.ref_count[block] == 0:
-                del self._cached_free[block]
-            self.ref_count[block] += 1
+            self._pin(block)
             seq.table.append(block)
         self.prefix_hits += len(seq.table)
         del seq.hashes[len(seq.table):]
@@ -191,12 +182,16 @@ class BlockManager:
         return 0
 
     def _pin(self, block: int) -> None:
+        """Take one more reference (a free cached block leaves the LRU order)."""
         if self.ref_count[block] == 0:
             del self._cached_free[block]
         self.ref_count[block] += 1
 
     def _unpin(self, block: int) -> None:
+        """Drop one reference; the last one returns the block to a free list."""
         self.ref_count[block] -= 1
+        if self.ref_count[block] < 0:
+            raise RuntimeError(f"block {block} freed more often than allocated")
         if self.ref_count[block] == 0:
             if self._cached(block):
                 self._cached_free[block] = None

@@ -89,8 +89,9 @@ class Engine:
         self._slot_of: dict[str, int] = {}
         # partly filled blocks are shared by copying them (copy on write): executors that can
         # copy a block between pool slots offer ``copy_blocks``
+        self._copy_blocks = getattr(executor, "copy_blocks", None)
         self.blocks = BlockManager(executor.num_blocks, executor.block_size, enable_prefix_caching,
-                                   partial=callable(getattr(executor, "copy_blocks", None)))
+                                   partial=callable(self._copy_blocks))
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.max_model_len = min(executor.max_model_len, executor.num_blocks * executor.block_size)
         self.max_seq_len = self.max_model_len  # the single-sequence name
@@ -251,7 +252,7 @@ class Engine:
             return []
         for victim in sched.preempted:  # recomputed from its first token later: a fresh slot then
             self._release_slot(victim)
-        self.blocks.run_copies(getattr(self.executor, "copy_blocks", None))  # partly filled blocks shared
+        self.blocks.run_copies(self._copy_blocks)  # partly filled blocks shared before the step writes them
         logits = self.executor.step(self.build_batch(sched.chunks))
         self.steps += 1
         ready, rows = [], []

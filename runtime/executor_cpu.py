@@ -15,14 +15,13 @@ from typing import Optional
 import numpy as np
 
 from .artifact import ArtifactError, Manifest
-from .hugepages import Arena
+from .hugepages import ALIGN, Arena, aligned_empty, aligned_zeros
 from .step import StepBatch
 from .threads import configure_threads
 
 TVM_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
                       "I8": np.int8, "U8": np.uint8}
-ALIGN = 64  # TVM refuses to share (DLPack) memory aligned to less
 
 
 def keep_torch_out() -> None:
@@ -46,21 +45,6 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
             raise ArtifactError(f"{path} is not a safetensors file; compile the model again") from None
     header.pop("__metadata__", None)
     return header, 8 + size
-
-
-def aligned_zeros(shape: tuple, dtype: str) -> np.ndarray:
-    """A zeroed array of ``shape`` starting ALIGN-byte aligned (lazily mapped zero pages)."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = np.zeros(nbytes + ALIGN, dtype=np.uint8)
-    offset = (-buf.ctypes.data) % ALIGN
-    return buf[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-def aligned_empty(nbytes: int) -> np.ndarray:
-    """An uninitialized uint8 buffer of ``nbytes`` whose start is ALIGN-byte aligned."""
-    buf = np.empty(nbytes + ALIGN, dtype=np.uint8)
-    offset = (-buf.ctypes.data) % ALIGN
-    return buf[offset:offset + nbytes]
 
 
 def pack_int64(arrays) -> list:

@@ -149,9 +149,9 @@ def test_register_tiles_fit_the_register_file():
     rb, cb = intdot.tiles(bw, 3072, decode=False)
     r2, c2 = intdot.tiles(narrow, 3072, decode=False)
     assert 2 * rb * cb + 2 * cb <= 24 and 2 * r2 * c2 + 2 * c2 <= 12 and rb * cb > r2 * c2
-    assert intdot.tiles(wide, 3072, decode=False) == (8, 1) and intdot.small_tiles(wide, 3072, 4, 8) == (4, 1)
-    assert intdot.tiles(wide, 3072, decode=False, bits=8) == (8, 1) and intdot.small_tiles(wide, 3072, 8, 8) == (4, 1)
-    assert intdot.tiles(wide, 16 * 129, decode=False) == (8, 1) and intdot.small_tiles(wide, 16 * 129, 4, 4) is None
+    assert intdot.tiles(wide, 3072, decode=False) == (8, 1) and intdot.small_tiles(8) == (4, 1)
+    assert intdot.tiles(wide, 3072, decode=False, bits=8) == (8, 1)
+    assert intdot.tiles(wide, 16 * 129, decode=False) == (8, 1) and intdot.small_tiles(4) is None
     assert intdot.tiles(wide, 3072, decode=True)[0] == 1
     # decode: as wide as the registers hold (two accumulators a block + 6 shared), >= 4 items
     assert intdot.tiles(wide, 1536, decode=True) == (1, 8) and intdot.tiles(narrow, 1536, decode=True) == (1, 4)
@@ -323,7 +323,7 @@ def test_neon_kernels_emit_sdot(mcpu, bits, signed):
 def test_neon_tiles():
     """NEON: 32 registers of 4 lanes take VNNI's tile rules (int32 dots, float accumulators)."""
     isa = intdot.IntDotIsa("neondot", 4, 32)
-    assert intdot.tiles(isa, 3072, decode=False) == (8, 1) and intdot.small_tiles(isa, 3072, 4, 8) == (4, 1)
+    assert intdot.tiles(isa, 3072, decode=False) == (8, 1) and intdot.small_tiles(8) == (4, 1)
     assert intdot.tiles(isa, 3072, decode=False, bits=8) == (8, 1)
     for n in (64, 192, 576, 1536, 49152):
         _, c = intdot.tiles(isa, n, decode=True)

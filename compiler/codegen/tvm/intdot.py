@@ -439,11 +439,10 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
             if blocks % c == 0 and blocks // c >= 4 and 2 * c + 6 <= isa.registers:
                 return 1, c
         return 1, 1
-    if bits == 8:
+    # NEON: VNNI's tiles by analogy (int32 dots, 32 registers; not measured)
+    if bits == 8 or isa.name == "avx512vnni" or isa.neon:
         return 8, 1
     budget = isa.registers * 3 // 4
-    if isa.name == "avx512vnni" or isa.neon:  # NEON: VNNI's tiles by analogy (int32 dots, 32 registers; not measured)
-        return 8, 1
     best = (1, 1)
     for c in (1, 2):
         if blocks % c:
@@ -454,7 +453,7 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
     return best
 
 
-def small_tiles(isa: IntDotIsa, n: int, bits: int, rows: int) -> Optional[tuple[int, int]]:
+def small_tiles(rows: int) -> Optional[tuple[int, int]]:
     """The tile for M < ``rows`` (2-7 decode tokens in a batch), or None when the big tile is
     small already: half-empty 8-row tiles would recompute their clamped rows (an 8 x 2 tile at
     M = 4 cost 1.6x the 4 x 2 one). 4 x 1: at M = 4 the step's linears take 2.0 ms against
@@ -574,7 +573,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
     Rows past M re-read the last row and are not written."""
     L = isa.lanes
     R, C = tile or tiles(isa, n, decode, bits)  # ``tile``: an explicit (rows, blocks), for measuring
-    small_tile = None if tile or decode else small_tiles(isa, n, bits, R)
+    small_tile = None if tile or decode else small_tiles(R)
     G, NB = k // BLOCK, n // L
     H = halves(group)
     W = bits * L  # int32 words of codes per column block and 32-block
