@@ -33,7 +33,8 @@ LAYER = [(576, 576, 2), (192, 576, 2), (1536, 576, 2), (576, 1536, 1)]
 LAYERS = 30
 
 
-def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads: int = 1) -> float:
+def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads: int = 1,
+            prefetch=None) -> float:
     """Median microseconds of one call of the integer-dot linear (Q4_1 layout: unsigned codes, mins)."""
     import numpy as np
     import tvm
@@ -42,7 +43,8 @@ def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads
 
     rng = np.random.default_rng(0)
     L, ilv = isa.lanes, intdot.weight_interleave(isa, n, 4)
-    kernel = intdot.intdot_linear_kernel(isa, n, k, 32, False, True, "float16", m == 1, ilv=ilv)
+    kernel = intdot.intdot_linear_kernel(isa, n, k, 32, False, True, "float16", m == 1, ilv=ilv,
+                                           prefetch=prefetch)
     target = tvm.target.Target(cpu.tvm_target(threads))
     f = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target).jit()["main"]
     q = tvm.runtime.tensor(rng.integers(-127, 127, (m, k // 4), dtype=np.int32))

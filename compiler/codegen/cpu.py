@@ -192,7 +192,7 @@ class CpuTarget:
     @staticmethod
     def _cache_key(module: Module, mcpu: str, threads: int, tvm_version: str) -> str:
         """Content hash of what determines the kernels: the IR (weights excluded), the options,
-        and the code generator's own source."""
+        and the code generator's own source (this module's too: it sets up the build)."""
         from .tvm import attention, intdot, kernels, lower, schedule
 
         h = hashlib.sha256()
@@ -200,8 +200,8 @@ class CpuTarget:
         text = "\n".join(line for line in text.splitlines() if "config = " not in line)
         h.update(text.encode())
         h.update(json.dumps([mcpu, threads, tvm_version]).encode())
-        for mod in (attention, intdot, kernels, lower, schedule):
-            with open(mod.__file__, "rb") as f:
+        for path in [mod.__file__ for mod in (attention, intdot, kernels, lower, schedule)] + [__file__]:
+            with open(path, "rb") as f:
                 h.update(f.read())
         return h.hexdigest()[:32]
 

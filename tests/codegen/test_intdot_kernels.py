@@ -80,7 +80,9 @@ def test_gemv_and_gemm_equal_the_integer_scheme(isa, layout):
     group, signed, mins = layout
     # n = 512: the widest decode tile (8 blocks on AVX-512, 4 on AVX2) and its interleaved
     # layout, read by the prefill tiles too (m = 13, 5); n = 64: the narrowest, not interleaved
-    for m, n, decode in ((1, 512, True), (1, 64, True), (13, 64, False), (13, 512, False), (5, 512, False)):
+    # m = 8: one 8-row VNNI tile, the prefetching body (``batch_prefetch``) over the interleaved codes
+    for m, n, decode in ((1, 512, True), (1, 64, True), (13, 64, False), (13, 512, False), (5, 512, False),
+                         (8, 512, False)):
         got, exact, floats = run(isa, m, n, 256, group, signed, mins, decode, seed=group + m + n)
         scale = 1 + np.abs(exact).max()
         assert np.abs(got - exact).max() <= 1e-5 * scale
@@ -168,7 +170,7 @@ def test_vnni_tiles_on_batch_rows(bits, m):
     at batched-decode row counts, including a partial last row tile, equal the exact integer
     scheme."""
     mcpu, spec = ISAS["avx512vnni"]
-    n, k = 16 * 24, 128
+    n, k = 16 * 24, 384  # 12 32-blocks: the prefetch of 8 ahead runs past the end (clamped)
     assert intdot.tiles(spec, n, False, bits) == (8, 1)
     g = torch.Generator().manual_seed(17 + m + bits)
     lo, hi = code_range(bits, bits == 8)
@@ -192,6 +194,32 @@ def test_vnni_tiles_on_batch_rows(bits, m):
     w = dequantize(codes, scales, mn, bits=bits, group_size=32, signed=bits == 8).numpy()
     exact = qx.reshape(m, k) @ w.T
     assert np.abs(y.numpy() - exact).max() <= 1e-5 * (1 + np.abs(exact).max())
+
+
+def test_decode_batch_tiles_prefetch_on_vnni_only():
+    """A decode batch's tiles (at most one tile of rows: every weight from DRAM) prefetch the
+    32-blocks ahead on VNNI, in the 8-row and the smaller tile, never in the tall body (prefill)
+    nor the one-row GEMV; AVX2 measured slower with it and has none. Results with the prefetch
+    on: test_gemv_and_gemm_equal_the_integer_scheme (m = 5, 8) and test_vnni_tiles_on_batch_rows."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("checks x86 prefetch instructions")
+
+    def asm(isa_name, decode, prefetch=None):
+        mcpu, spec = ISAS[isa_name]
+        func = intdot.intdot_linear_kernel(spec, 512, 1024, 32, False, True, "float16", decode,
+                                           ilv=intdot.weight_interleave(spec, 512, 4), prefetch=prefetch)
+        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+        return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target
+                           ).mod.inspect_source("asm")
+
+    assert intdot.batch_prefetch(ISAS["avx512vnni"][1]) > 0 and intdot.batch_prefetch(ISAS["avx2"][1]) == 0
+    # 8-row and 4-row tiles: codes (4 lines), scales and mins each; the tall body and the GEMV: none
+    assert asm("avx512vnni", False).count("prefetcht1") == 2 * 6
+    assert "prefetch" not in asm("avx512vnni", False, prefetch=0)
+    assert "prefetch" not in asm("avx512vnni", True)
+    assert "prefetch" not in asm("avx2", False)
 
 
 @pytest.mark.parametrize("isa", [_case("avx512vnni"), _case("avx2")])
