@@ -11,6 +11,10 @@ reads them from DRAM; "hot" reuses one copy (cache-resident: the arithmetic alon
 is timed by its CPU clock; ``--threads 2`` by the wall clock (needs an idle machine), where
 two threads share the memory bandwidth the single row is bound by.
 
+The weight copies lie in one huge-page region, as a loaded artifact's do. ``--prefetch N``
+sets the batched tiles' prefetch distance in 32-blocks (default ``intdot.batch_prefetch``: 8 on
+VNNI, else none; 0 turns it off), for A/B runs of it.
+
     python benchmarks/batch_bound.py [--mcpu znver4] [--json benchmarks/results/batch_bound.json]
 """
 
@@ -33,6 +37,17 @@ LAYER = [(576, 576, 2), (192, 576, 2), (1536, 576, 2), (576, 1536, 1)]
 LAYERS = 30
 
 
+def on_huge_pages(array, arena):
+    """A TVM tensor over a copy of ``array`` carved from ``arena``: the weights of a loaded
+    artifact lie in one huge-page region (runtime/hugepages.py), so the copies here do too (on
+    4 KiB pages the cold figures would pay TLB misses the runtime does not)."""
+    import tvm
+
+    view = arena.take(array.nbytes).view(array.dtype).reshape(array.shape)
+    view[...] = array
+    return tvm.runtime.from_dlpack(view)
+
+
 def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads: int = 1,
             prefetch=None) -> float:
     """Median microseconds of one call of the integer-dot linear (Q4_1 layout: unsigned codes, mins)."""
@@ -40,6 +55,7 @@ def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads
     import tvm
 
     from llmc.compiler.codegen.tvm import intdot
+    from llmc.runtime.hugepages import Arena
 
     rng = np.random.default_rng(0)
     L, ilv = isa.lanes, intdot.weight_interleave(isa, n, 4)
@@ -51,10 +67,11 @@ def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads
     d = tvm.runtime.tensor(rng.random((m, k // 32), dtype=np.float32))
     ds = tvm.runtime.tensor(rng.random((m, k // 32), dtype=np.float32))
     nb = n // L
-    weights = [(tvm.runtime.tensor(rng.integers(0, 2**31, (nb // ilv, k // 32, ilv * 4 * L), dtype=np.int32)),
-                tvm.runtime.tensor(rng.random((nb // ilv, k // 32, ilv * L)).astype(np.float16)),
-                tvm.runtime.tensor(rng.random((nb // ilv, k // 32, ilv * L)).astype(np.float16)))
-               for _ in range(copies)]
+    arrays = [(rng.integers(0, 2**31, (nb // ilv, k // 32, ilv * 4 * L), dtype=np.int32),
+               rng.random((nb // ilv, k // 32, ilv * L)).astype(np.float16),
+               rng.random((nb // ilv, k // 32, ilv * L)).astype(np.float16)) for _ in range(copies)]
+    arena = Arena([a.nbytes for copy in arrays for a in copy], 64)
+    weights = [tuple(on_huge_pages(a, arena) for a in copy) for copy in arrays]
     y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
     for w in weights[:2]:
         f(q, d, ds, *w, y)
@@ -73,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mcpu", default=None, help="LLVM CPU (default: this host's)")
     ap.add_argument("--repeats", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prefetch", type=int, default=None,
+                    help="32-blocks ahead the batched tiles prefetch (default: intdot.batch_prefetch; 0: none)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from llmc.compiler.codegen.llvm_cpu import resolve_cpu
@@ -91,8 +110,8 @@ def main(argv=None) -> int:
         copies = max(2, (64 << 20) // (n * k // 2))  # > 64 MB of weights: past every cache
         r = {"n": n, "k": k, "calls": count * LAYERS,
              "m1_cold": measure(isa, built, n, k, 1, copies, args.repeats, args.threads),
-             "m8_hot": measure(isa, built, n, k, 8, 1, args.repeats, args.threads),
-             "m8_cold": measure(isa, built, n, k, 8, copies, args.repeats, args.threads)}
+             "m8_hot": measure(isa, built, n, k, 8, 1, args.repeats, args.threads, args.prefetch),
+             "m8_cold": measure(isa, built, n, k, 8, copies, args.repeats, args.threads, args.prefetch)}
         rows.append(r)
         for key in totals:
             totals[key] += r[key] * r["calls"] / 1e3
