@@ -476,7 +476,11 @@ def batch_prefetch(isa: IntDotIsa) -> int:
     4.5 ms; 6 rows 4.9 -> 4.4; cache-resident unchanged. Whole 8-sequence steps of SmolLM2
     (benchmarks/step_profile.py, two artifacts in lockstep): 12.75 -> 11.82 and 13.20 -> 12.45 ms.
     8 ahead measured no worse than 2, 4, 6 or 12; a branch instead of the clamp made the loop 2x
-    slower (AVX2). Tall steps (prefill) keep the tile without it (prefill-128/512 unchanged).
+    slower (AVX2). Tall steps (prefill) keep the tile without it (prefill-128/512 unchanged). The
+    8-bit LM head (not interleaved: a contiguous walk) measured 15% slower with it alone (49152 x
+    576, 8 rows, 1.07-1.20 vs 1.25-1.47 ms, six pairs), yet whole steps without it for that kernel
+    only were 0.1 ms slower (three lockstep triples: 11.93 / 12.03, 14.47 / 14.56, 13.12 / 13.25
+    ms, against 13.43 / 16.50 / 14.44 with no prefetch at all), so it keeps it.
     AVX2 (4-row tiles): 12% slower at 4 rows, so none; NEON is not measured, so none."""
     return 8 if isa.vnni and not isa.neon else 0
 
