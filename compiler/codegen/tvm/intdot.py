@@ -542,7 +542,7 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
     AHEAD = int(prefetch)
     CODE_LINES = (W * 4 + 63) // 64
 
-    def fetch(address):  # a read prefetch into every cache level
+    def fetch(address):  # a read prefetch into L2 and up (PREFETCH_LOCALITY)
         return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, PREFETCH_LOCALITY, 1))
 
     @T.macro
