@@ -55,7 +55,7 @@ def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads
     import tvm
 
     from llmc.compiler.codegen.tvm import intdot
-    from llmc.runtime.hugepages import Arena
+    from llmc.runtime.hugepages import ALIGN, Arena
 
     rng = np.random.default_rng(0)
     L, ilv = isa.lanes, intdot.weight_interleave(isa, n, 4)
@@ -70,7 +70,7 @@ def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads
     arrays = [(rng.integers(0, 2**31, (nb // ilv, k // 32, ilv * 4 * L), dtype=np.int32),
                rng.random((nb // ilv, k // 32, ilv * L)).astype(np.float16),
                rng.random((nb // ilv, k // 32, ilv * L)).astype(np.float16)) for _ in range(copies)]
-    arena = Arena([a.nbytes for copy in arrays for a in copy], 64)
+    arena = Arena([a.nbytes for copy in arrays for a in copy], ALIGN)
     weights = [tuple(on_huge_pages(a, arena) for a in copy) for copy in arrays]
     y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
     for w in weights[:2]:

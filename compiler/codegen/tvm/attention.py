@@ -49,6 +49,13 @@ def fast_exp(x):
     return p * tir.reinterpret(f32, bits)
 
 
+def prefetch_to_l2(address):
+    """A read prefetch of the cache line at ``address`` into L2 and up (``prefetcht1`` on x86:
+    locality 2), as a TIR statement: the kernels that stream from DRAM ask for what they will
+    read next (the paged KV blocks here, the batched integer linears' weights in intdot.py)."""
+    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 2, 1))
+
+
 def tile_rows(group: int, block_size: int, lanes: int, registers: int) -> int:
     """Query rows per tile: as many as keep rows x group x (block_size / lanes) score vectors
     within three quarters of the vector registers (the rest hold keys and the query scalar)."""
@@ -204,12 +211,10 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                 if (ahead == AHEAD or kb == first_block(p0)) and kb + ahead <= (p0 + nr - 1) // BS:
                     nxt: T.let[T.int64] = tables[seq, kb + ahead]
                     for x in range(K_LINES):
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                                      T.address_of(kp[nxt, hk, x * LINE // BS, x * LINE % BS]), 0, 2, 1))
+                        prefetch_to_l2(T.address_of(kp[nxt, hk, x * LINE // BS, x * LINE % BS]))
                     for jj in range(BS):
                         for x in T.unroll(V_LINES):
-                            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                                          T.address_of(vp[nxt, jj, hk, x * LINE]), 0, 2, 1))
+                            prefetch_to_l2(T.address_of(vp[nxt, jj, hk, x * LINE]))
             for r, g in T.grid(nr, G):
                 for jj in T.vectorized(BS):
                     s[r, g, jj] = T.float32(0)

@@ -38,6 +38,8 @@ import numpy as np
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
+from .attention import prefetch_to_l2
+
 BLOCK = 32  # activations quantized per block of 32 along K
 _F32X = {4: T.float32x4, 8: T.float32x8, 16: T.float32x16}
 
@@ -463,9 +465,6 @@ def small_tiles(rows: int) -> Optional[tuple[int, int]]:
     return 4, 1
 
 
-PREFETCH_LOCALITY = 2  # llvm.prefetch locality 2: into L2 and up (prefetcht1)
-
-
 def batch_prefetch(isa: IntDotIsa) -> int:
     """32-blocks ahead a decode batch's tiles (at most one tile of rows: every weight read once,
     from DRAM) prefetch their codes, scales and mins. The hardware prefetchers do not keep up
@@ -540,10 +539,8 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
         off -= 128.0
     W = bits * L  # int32 words of codes per column block and 32-block
     AHEAD = int(prefetch)
-    CODE_LINES = (W * 4 + 63) // 64
-
-    def fetch(address):  # a read prefetch into L2 and up (PREFETCH_LOCALITY)
-        return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, PREFETCH_LOCALITY, 1))
+    LINE = 64 // 4  # int32 words per 64-byte cache line
+    CODE_LINES = (W + LINE - 1) // LINE
 
     @T.macro
     def tile(q, d, ds, codes, scales, mins, y, up, m, ct, r0):
@@ -558,10 +555,10 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
                 ga: T.let[T.int32] = T.min(g + AHEAD, G - 1)
                 for c in T.unroll(C):
                     for x in T.unroll(CODE_LINES):
-                        fetch(T.address_of(codes[(ct * C + c) // ilv, ga, (ct * C + c) % ilv * W + x * 16]))
-                    fetch(T.address_of(scales[(ct * C + c) // ilv, ga // GS * H, (ct * C + c) % ilv * L]))
+                        prefetch_to_l2(T.address_of(codes[(ct * C + c) // ilv, ga, (ct * C + c) % ilv * W + x * LINE]))
+                    prefetch_to_l2(T.address_of(scales[(ct * C + c) // ilv, ga // GS * H, (ct * C + c) % ilv * L]))
                     if has_mins:
-                        fetch(T.address_of(mins[(ct * C + c) // ilv, ga // GS * H, (ct * C + c) % ilv * L]))
+                        prefetch_to_l2(T.address_of(mins[(ct * C + c) // ilv, ga // GS * H, (ct * C + c) % ilv * L]))
             if H == 2:
                 for c in T.unroll(C):
                     _half_groups(isa, R, L, bits, codes, q, d, ds, scales, mins, facc, m, ct, r0, C, c, g, ilv,
