@@ -451,9 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens one sequence may hold, prompt and output (default 2048)")
     c.add_argument("--kv-block-size", type=positive_int,
                    help="positions per block of the paged KV cache (default: 32 for cpu, 16 for GPUs)")
-    c.add_argument("--kv-dtype", choices=("auto", "float32", "float16"),
+    c.add_argument("--kv-dtype", choices=("auto", "float32", "float16", "int8"),
                    help="cpu: dtype of the KV cache (arithmetic stays float32); auto (default): float16 when the "
-                        "linear weights are quantized (a GGUF's own blocks, --quant SCHEME), float32 for float ones")
+                        "linear weights are quantized (a GGUF's own blocks, --quant SCHEME), float32 for float ones; "
+                        "int8: half of float16's memory (codes and a float32 scale per position and head)")
     c.add_argument("-O", dest="opt_level", type=int, default=2, choices=range(4), metavar="{0,1,2,3}",
                    help="optimization level: the pipeline `llmc passes` lists (default 2)")
     c.add_argument("--print-after", action="append", default=[], metavar="PASS",

@@ -19,7 +19,7 @@ from .hugepages import ALIGN, Arena, aligned_empty, aligned_zeros
 from .step import StepBatch
 from .threads import configure_threads
 
-TVM_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+TVM_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i8": "int8"}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
                       "I8": np.int8, "U8": np.uint8}
 
@@ -93,9 +93,10 @@ class CpuExecutor:
         # (kv_heads, head_dim, value_dim) per layer: listed when layers differ, else layer 0's for all
         shapes = geom.get("layer_shapes") or [(geom["kv_heads"], geom["head_dim"], geom["value_dim"])] * geom["layers"]
         self.pools, self._pool_arrays = [], []
+        extra = int(geom.get("scale_bytes", 0))  # int8 pools: each position's float32 scale beside its codes
         for heads, head_dim, value_dim in shapes:
-            k_shape = (self.num_blocks, heads, head_dim, self.block_size)
-            v_shape = (self.num_blocks, self.block_size, heads, value_dim)
+            k_shape = (self.num_blocks, heads, head_dim + extra, self.block_size)
+            v_shape = (self.num_blocks, self.block_size, heads, value_dim + extra)
             # zeroed: masked lanes of a block are multiplied by zero probabilities, which must not
             # meet NaN garbage. Shared with numpy's calloc'ed memory (DLPack, no copy), so pages
             # become resident only when a block is first written: a large pool costs nothing

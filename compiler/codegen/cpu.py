@@ -49,7 +49,7 @@ def pack_weight(array: np.ndarray, pack: int) -> np.ndarray:
     return np.ascontiguousarray(array.reshape(n // pack, pack, k).transpose(0, 2, 1))
 
 
-KV_DTYPES = {"float32": "f32", "float16": "f16"}  # --kv-dtype -> the manifest's (IR) dtype name
+KV_DTYPES = {"float32": "f32", "float16": "f16", "int8": "i8"}  # --kv-dtype -> the manifest's (IR) dtype name
 
 
 def kv_dtype(option: Optional[str], module: Module, required_flags: list[str], arch: str) -> str:
@@ -63,7 +63,7 @@ def kv_dtype(option: Optional[str], module: Module, required_flags: list[str], a
         vector_f16 = arch == "aarch64" or "f16c" in required_flags
         return "f16" if quantized and vector_f16 else "f32"
     if option not in KV_DTYPES:
-        raise TargetError(f"--kv-dtype {option}: expected auto, float32 or float16")
+        raise TargetError(f"--kv-dtype {option}: expected auto, float32, float16 or int8")
     return KV_DTYPES[option]
 
 
@@ -169,8 +169,13 @@ class CpuTarget:
                              "head_dim": geom.head_dim, "value_dim": geom.value_dim, "dtype": geom.dtype,
                              "max_model_len": options.max_seq_len, "bytes_per_block": geom.bytes_per_block,
                              **({"layer_shapes": [list(x) for x in geom.per_layer]} if geom.per_layer else {}),
-                             "k_layout": "[blocks, kv_heads, head_dim, block_size]",
-                             "v_layout": "[blocks, block_size, kv_heads, value_dim]"},
+                             **({"scale_bytes": geom.scale_bytes} if geom.scale_bytes else {}),
+                             "k_layout": "[blocks, kv_heads, head_dim, block_size]" if not geom.scale_bytes else
+                             "[blocks, kv_heads, head_dim + scale_bytes, block_size] (int8 codes; the last "
+                             "scale_bytes rows: each position's float32 scale)",
+                             "v_layout": "[blocks, block_size, kv_heads, value_dim]" if not geom.scale_bytes else
+                             "[blocks, block_size, kv_heads, value_dim + scale_bytes] (int8 codes, then the "
+                             "position's float32 scale)"},
                 "tokenizer": tok,
             }
             if layout.get("states"):  # recurrent state: one slot per running sequence (runtime/engine.py)

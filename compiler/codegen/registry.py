@@ -20,7 +20,7 @@ class CompileOptions:
     kv_block_size: Optional[int] = None  # positions per KV block (default: the target's)
     arch: Optional[str] = None         # cuda/rocm: sm_80|sm_89|sm_90, gfx90a|gfx942|gfx1100 (default sm_90 / gfx942)
     dtype: Optional[str] = None        # cuda/rocm: activations, weights and KV cache: bf16 (default), f16, f32
-    kv_dtype: Optional[str] = None     # cpu: KV pools auto (default: float16 for quantized linears), float32, float16
+    kv_dtype: Optional[str] = None     # cpu: KV pools auto (default: float16 for quantized linears), float32, float16, int8
     cache_dir: Optional[str] = None    # compiled-kernel cache (default <cache root>/kernels, see compiler/cache.py)
     extra: dict = field(default_factory=dict)
 

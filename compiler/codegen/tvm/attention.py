@@ -20,6 +20,16 @@ Pools may be float16 (``--kv-dtype``): ``kv_append`` rounds to nearest on the st
 ``paged_attention`` widens each loaded key / value vector to float32 in registers (F16C
 ``vcvtph2ps`` on x86-64-v3 and up, ``fcvtl`` on AArch64), so every product, max, exp and sum
 stays float32 and only the pool's memory traffic halves.
+
+Pools may also be int8 (``--kv-dtype int8``, a quarter of float32's bytes): each position's
+key or value vector of one head is stored as round(x * 127 / max|x|) with its float32 scale
+max|x| / 127 beside it, in ``SCALE_BYTES`` extra int8 entries of the pool (keys
+``[blocks, kv_heads, head_dim + 4, block_size]``: four byte rows after the head_dim rows hold
+the block's per-position scales; values ``[blocks, block_size, kv_heads, value_dim + 4]``).
+The kernels read those bytes through a float32 view of the same memory. Attention widens the
+codes to float32 like float16 ones and applies the scales once per score (keys) and once per
+probability (values), so the arithmetic stays float32. A decode batch reads its pools from
+DRAM (they outgrow the L3), which is where the halved traffic pays.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import math
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
+SCALE_BYTES = 4  # int8 pools: one float32 scale per position and head, stored in the pool itself
 NEG = -3.0e38  # "minus infinity" that stays finite, so exp(NEG - NEG) is never NaN
 
 
@@ -63,6 +74,17 @@ def tile_rows(group: int, block_size: int, lanes: int, registers: int) -> int:
     return max(1, min(4, (registers * 3 // 4) // vectors_per_row))
 
 
+def pool_extent(dim: int, dtype: str) -> int:
+    """Entries a pool keeps per head_dim (keys' rows) or value_dim (values' columns): int8 pools
+    keep each position's scale in ``SCALE_BYTES`` more. Their float32 view needs dim % 4 == 0."""
+    if dtype != "int8":
+        return dim
+    if dim % SCALE_BYTES:
+        raise ValueError(f"int8 KV pools need head dims that are multiples of {SCALE_BYTES}, got {dim}; "
+                         f"compile with --kv-dtype float16 instead")
+    return dim + SCALE_BYTES
+
+
 def _conversion(source: str, dtype: str):
     """``x -> x`` as ``dtype`` for an ``x`` of ``source``: no Cast node when they agree (float32
     pools keep today's kernels)."""
@@ -76,9 +98,12 @@ def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype
     """In-place write of this step's keys (pool [NB, Hkv, D, BS]) or values (pool [NB, BS, Hkv, Dv])
     into their slots; a slot outside the pool (negative: a padding token) writes nothing.
     ``dtype``: the incoming keys / values; ``pool_dtype`` (default ``dtype``): the pool's, the
-    store rounding to nearest when it is narrower."""
+    store rounding to nearest when it is narrower; int8 pools get codes and scales (see the
+    module docstring)."""
     H, BS = kv_heads, block_size
     pool_dtype = pool_dtype or dtype
+    if pool_dtype == "int8":
+        return _kv_append_int8(kv_heads, dim, block_size, keys, dtype)
     stored = _conversion(dtype, pool_dtype)
 
     @T.prim_func(private=True, check_well_formed=False)
@@ -105,13 +130,64 @@ def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype
     return kv_append
 
 
+def _kv_append_int8(kv_heads: int, dim: int, block_size: int, keys: bool, dtype: str):
+    """kv_append into an int8 pool: per (token, head) the scale max|x| / 127 and the codes
+    round(x * 127 / max|x|) (all zero for an all-zero vector)."""
+    H, BS, E = kv_heads, block_size, pool_extent(dim, "int8")
+    f32 = "float32"
+
+    def code(x, inverse):  # round to nearest, within [-127, 127] (float rounding can reach 127.00001)
+        v = tir.round(tir.Cast(f32, x) * inverse)
+        return tir.Cast("int8", tir.max(tir.min(v, tir.const(127.0, f32)), tir.const(-127.0, f32)))
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kv_append(var_x: T.handle, var_slots: T.handle, var_pool: T.handle):
+        T.func_attr({"tirx.noalias": True, "llmc.kind": "kv_append"})
+        t = T.int64()
+        nb = T.int64()
+        x = T.match_buffer(var_x, (t, H, dim), dtype)
+        slots = T.match_buffer(var_slots, (t,), "int64")
+        amax = T.alloc_buffer((1,), f32, scope="global")
+        if keys:  # a Python constant: the parser keeps only the taken branch
+            pool = T.match_buffer(var_pool, (nb, H, E, BS), "int8")
+            scales = T.decl_buffer((nb * H * E * BS // 4,), f32, data=pool.data)  # the scale rows as float32
+            for i in range(t):
+                if slots[i] >= T.int64(0) and slots[i] < nb * BS:
+                    for h in range(H):
+                        amax[0] = T.float32(0)
+                        for d in range(dim):
+                            amax[0] = T.max(amax[0], T.abs(T.Cast(f32, x[i, h, d])))
+                        inverse: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0),
+                                                                   T.float32(127) / amax[0], T.float32(0))
+                        for d in range(dim):
+                            pool[slots[i] // BS, h, d, slots[i] % BS] = code(x[i, h, d], inverse)
+                        scales[((slots[i] // BS * H + h) * E + dim) * BS // 4 + slots[i] % BS] = amax[0] / T.float32(127)
+        else:
+            pool = T.match_buffer(var_pool, (nb, BS, H, E), "int8")
+            scales = T.decl_buffer((nb * BS * H * E // 4,), f32, data=pool.data)
+            for i in range(t):
+                if slots[i] >= T.int64(0) and slots[i] < nb * BS:
+                    for h in range(H):
+                        amax[0] = T.float32(0)
+                        for d in range(dim):
+                            amax[0] = T.max(amax[0], T.abs(T.Cast(f32, x[i, h, d])))
+                        inverse: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0),
+                                                                   T.float32(127) / amax[0], T.float32(0))
+                        for d in T.vectorized(dim):
+                            pool[slots[i] // BS, slots[i] % BS, h, d] = code(x[i, h, d], inverse)
+                        scales[(slots[i] * H + h) * E // 4 + dim // 4] = amax[0] / T.float32(127)
+
+    return kv_append
+
+
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
                            softcap: float, rows: int, threads: int, sinks: bool = False, lanes: int = 16,
                            registers: int = 32, chunk: int = 0, alibi=None,
                            kv_dtype: str = "float32", prefetch: int = 1) -> tir.PrimFunc:
     """PrimFunc ``(q [T, hq, d], k_pool, v_pool, block_tables [B, MB], seq_lens [B],
-    query_start [B + 1], [sinks [hq],] out [T, hq, dv])`` for ``kv_dtype`` pools (float32 or
-    float16, widened to float32 on load) of ``block_size`` positions per block, with tiles of
+    query_start [B + 1], [sinks [hq],] out [T, hq, dv])`` for ``kv_dtype`` pools (float32,
+    float16 or int8 with per-position scales, widened to float32 on load) of ``block_size``
+    positions per block, with tiles of
     ``rows`` query rows; ``threads`` is the parallel width
     the work items are interleaved for (each thread gets an even share of early and late
     tiles). With ``sinks``, each row's online softmax starts from its head's sink logit
@@ -134,10 +210,14 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
     LW = math.gcd(BS, lanes)  # lanes of the running softmax denominators
     LANES = 4 * threads  # parallel iterations (more than threads: a pool larger than planned still fills)
     AHEAD = int(prefetch)  # blocks ahead (True: 1)
-    ELEM = 2 if kv_dtype == "float16" else 4
+    ELEM = {"float16": 2, "int8": 1}.get(kv_dtype, 4)
     LINE = 64 // ELEM  # pool entries per 64-byte cache line
-    K_LINES = (d * BS * ELEM + 63) // 64
-    V_LINES = (dv * ELEM + 63) // 64
+    if kv_dtype not in ("float32", "float16", "int8"):
+        raise ValueError(f"the cpu attention kernel reads float32, float16 or int8 KV pools, not {kv_dtype}")
+    KE, VE = pool_extent(d, kv_dtype), pool_extent(dv, kv_dtype)  # a pool's key rows / value columns
+    SCALED = kv_dtype == "int8"
+    K_LINES = (KE * BS * ELEM + 63) // 64
+    V_LINES = (VE * ELEM + 63) // 64
     TREE = BS >= 2 and BS & (BS - 1) == 0 and BS <= 512  # power of two: the block max as a halving tree
 
     def pv_columns(nr):  # P.V output columns per pass: nr x G x chunk / lanes accumulators fit the registers
@@ -171,9 +251,6 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
 
     slopes = [float(x) for x in (alibi or [])]
 
-    if kv_dtype not in ("float32", "float16"):
-        raise ValueError(f"the cpu attention kernel reads float32 or float16 KV pools, not {kv_dtype}")
-
     widen = _conversion(kv_dtype, "float32")  # a loaded key / value as float32 (vectorized with its loop)
 
     def biased(x, head, distance):  # ALiBi: slope_h * (j - p), the slope picked by a select chain
@@ -185,8 +262,13 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
             slope = tir.Select(head == tir.const(h, "int64"), tir.const(slopes[h], "float32"), slope)
         return x + slope * tir.Cast("float32", distance)
 
+    def key_scaled(x, kf, page, hk, jj):  # an int8 pool's score times its key's scale
+        if not SCALED:
+            return x
+        return x * kf[((page * hkv + hk) * KE + d) * BS // 4 + jj]
+
     @T.macro
-    def tile(q, kp, vp, tables, out, seq, row, p0, hk, nr, sk):
+    def tile(q, kp, vp, kf, vf, tables, out, seq, row, p0, hk, nr, sk):
         # nr query rows from T row `row` on, at positions p0 .. p0 + nr - 1, of sequence `seq`
         s = T.alloc_local((nr, G, BS), "float32")
         p = T.alloc_local((nr, G, BS), "float32")
@@ -194,6 +276,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         m = T.alloc_buffer((nr, G), "float32", scope="global")
         lv = T.alloc_local((nr, G, LW), "float32")  # per-lane partial sums of the softmax denominator
         red = T.alloc_buffer((BS,), "float32", scope="global")
+        vs = T.alloc_buffer((BS if SCALED else 1,), "float32", scope="global")  # int8: the block's value scales
         for r, g in T.grid(nr, G):
             for x in T.vectorized(LW):
                 lv[r, g, x] = T.float32(0)
@@ -223,10 +306,14 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                     for g in T.unroll(G):
                         for jj in T.vectorized(BS):
                             s[r, g, jj] = s[r, g, jj] + q[row + r, hk * G + g, kd] * widen(kp[page, hk, kd, jj])
+            if SCALED:  # a Python constant: the parser keeps only the taken branch
+                for jj in range(BS):
+                    vs[jj] = vf[((page * BS + jj) * hkv + hk) * VE // 4 + dv // 4]
             for r, g in T.grid(nr, G):
                 for jj in T.vectorized(BS):
                     s[r, g, jj] = T.if_then_else(allowed(kb * BS + jj, p0 + r),
-                                                 biased(capped(s[r, g, jj]), hk * G + g, kb * BS + jj - (p0 + r)),
+                                                 biased(capped(key_scaled(s[r, g, jj], kf, page, hk, jj)),
+                                                        hk * G + g, kb * BS + jj - (p0 + r)),
                                                  T.float32(NEG))
                 # the block's max as a tree of halving vector maxes (no serial chain of BS scalar maxes)
                 if TREE:  # a Python constant: the parser keeps only the taken branch
@@ -273,6 +360,9 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                         lv[r, g, x] = lv[r, g, x] + p[r, g, (c + 1) * LW + x]
                 for e in T.vectorized(dv):
                     acc[r, g, e] = acc[r, g, e] * rescale
+                if SCALED:  # the denominator took the plain probabilities; P.V takes them times the value scales
+                    for jj in T.vectorized(BS):
+                        p[r, g, jj] = p[r, g, jj] * vs[jj]
             # P.V register-tiled: EW output columns of every row stay in registers over the block's keys
             for ec in T.unroll(dv // pv_columns(nr)):
                 for jj in range(BS):
@@ -290,7 +380,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                 out[row + r, hk * G + g, e] = acc[r, g, e] / total[0]
 
     @T.macro
-    def run(q, kp, vp, tables, lens, starts, out, sk, t, b):
+    def run(q, kp, vp, kf, vf, tables, lens, starts, out, sk, t, b):
         for i, h, e in T.grid(t - starts[b], hq, dv):  # rows no sequence owns
             out[starts[b] + i, h, e] = T.float32(0)
         # Each sequence's rows split into tiles of R; (t + R - 1) // R + b bounds their count.
@@ -326,10 +416,10 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                     row: T.let[T.int64] = starts[seq] + first_row
                     p0: T.let[T.int64] = lens[seq] - n + first_row
                     if first_row + R <= n:
-                        tile(q, kp, vp, tables, out, seq, row, p0, hk, R, sk)
+                        tile(q, kp, vp, kf, vf, tables, out, seq, row, p0, hk, R, sk)
                     else:
                         for r0 in range(n - first_row):
-                            tile(q, kp, vp, tables, out, seq, row + r0, p0 + r0, hk, 1, sk)
+                            tile(q, kp, vp, kf, vf, tables, out, seq, row + r0, p0 + r0, hk, 1, sk)
 
     if sinks:
         @T.prim_func(private=True, check_well_formed=False)
@@ -342,14 +432,16 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
             b = T.int64()
             mb = T.int64()
             q = T.match_buffer(var_q, (t, hq, d), "float32")
-            kp = T.match_buffer(var_k, (nb, hkv, d, BS), kv_dtype)
-            vp = T.match_buffer(var_v, (nb, BS, hkv, dv), kv_dtype)
+            kp = T.match_buffer(var_k, (nb, hkv, KE, BS), kv_dtype)
+            vp = T.match_buffer(var_v, (nb, BS, hkv, VE), kv_dtype)
             tables = T.match_buffer(var_tables, (b, mb), "int64")
             lens = T.match_buffer(var_lens, (b,), "int64")
             starts = T.match_buffer(var_starts, (b + 1,), "int64")
             sk = T.match_buffer(var_sinks, (hq,), "float32")
             out = T.match_buffer(var_out, (t, hq, dv), "float32")
-            run(q, kp, vp, tables, lens, starts, out, sk, t, b)
+            kf = T.decl_buffer((nb * hkv * KE * BS * ELEM // 4,), "float32", data=kp.data)  # (int8: the scales)
+            vf = T.decl_buffer((nb * BS * hkv * VE * ELEM // 4,), "float32", data=vp.data)
+            run(q, kp, vp, kf, vf, tables, lens, starts, out, sk, t, b)
 
         return paged_attention_sinks
 
@@ -362,12 +454,14 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         b = T.int64()
         mb = T.int64()
         q = T.match_buffer(var_q, (t, hq, d), "float32")
-        kp = T.match_buffer(var_k, (nb, hkv, d, BS), kv_dtype)
-        vp = T.match_buffer(var_v, (nb, BS, hkv, dv), kv_dtype)
+        kp = T.match_buffer(var_k, (nb, hkv, KE, BS), kv_dtype)
+        vp = T.match_buffer(var_v, (nb, BS, hkv, VE), kv_dtype)
         tables = T.match_buffer(var_tables, (b, mb), "int64")
         lens = T.match_buffer(var_lens, (b,), "int64")
         starts = T.match_buffer(var_starts, (b + 1,), "int64")
         out = T.match_buffer(var_out, (t, hq, dv), "float32")
-        run(q, kp, vp, tables, lens, starts, out, None, t, b)
+        kf = T.decl_buffer((nb * hkv * KE * BS * ELEM // 4,), "float32", data=kp.data)  # (int8: the scales)
+        vf = T.decl_buffer((nb * BS * hkv * VE * ELEM // 4,), "float32", data=vp.data)
+        run(q, kp, vp, kf, vf, tables, lens, starts, out, None, t, b)
 
     return paged_attention

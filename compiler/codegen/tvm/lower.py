@@ -24,7 +24,7 @@ import tvm
 from tvm import relax, tirx as tir
 
 from ...ir import Block, Module, Op, Value
-from .attention import kv_append_kernel, paged_attention_kernel, tile_rows
+from .attention import SCALE_BYTES, kv_append_kernel, paged_attention_kernel, tile_rows
 from .intdot import (BLOCK, IntDotIsa, eligible, halves, intdot_linear_kernel, quantize_rows_kernel, storage_bits,
                      weight_interleave)
 from .kernels import BUILDERS, PACK, TVM_DTYPES, DimMap, IntDotWeight, PackedWeight, Scalar
@@ -58,18 +58,23 @@ class CacheGeometry:
         h, d, dv = self.per_layer[index]
         return CacheGeometry(1, self.block_size, h, d, dv, self.dtype)
 
+    @property
+    def scale_bytes(self) -> int:
+        """Entries an int8 pool adds to each head_dim / value_dim: the position's float32 scale."""
+        return SCALE_BYTES if self.dtype == "i8" else 0
+
     def shape(self, blocks, value: bool = False) -> list:
         """Keys [blocks, Hkv, D, BS] (transposed in a block: scores vectorize over positions);
-        values [blocks, BS, Hkv, Dv]."""
+        values [blocks, BS, Hkv, Dv]; int8 pools have ``scale_bytes`` more in D and Dv."""
         if value:
-            return [blocks, self.block_size, self.kv_heads, self.value_dim]
-        return [blocks, self.kv_heads, self.head_dim, self.block_size]
+            return [blocks, self.block_size, self.kv_heads, self.value_dim + self.scale_bytes]
+        return [blocks, self.kv_heads, self.head_dim + self.scale_bytes, self.block_size]
 
     @property
     def bytes_per_block(self) -> int:
-        itemsize = {"f32": 4, "f16": 2, "bf16": 2}[self.dtype]
+        itemsize = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1}[self.dtype]
         shapes = self.per_layer or [(self.kv_heads, self.head_dim, self.value_dim)] * self.layers
-        return sum(self.block_size * h * (d + dv) * itemsize for h, d, dv in shapes)
+        return sum(self.block_size * h * (d + dv + 2 * self.scale_bytes) * itemsize for h, d, dv in shapes)
 
 
 def cache_geometry(module: Module) -> CacheGeometry:
@@ -446,8 +451,8 @@ class _FunctionLowering:
             kernel = self.backend.paged_attention_kernel(op, g, self.decode, dtype)
             out_type = relax.TensorType(self.dims.shape(op.result.type.shape), dtype)
             return self.bb.emit(relax.call_tir(self.bb.add_func(kernel, "paged_attention"), list(operands), out_type))
-        if g.dtype not in ("f32", "f16"):
-            raise CodegenError(f"the cpu attention kernel reads float32 or float16 KV pools, not {g.dtype}")
+        if g.dtype not in ("f32", "f16", "i8"):
+            raise CodegenError(f"the cpu attention kernel reads float32, float16 or int8 KV pools, not {g.dtype}")
         hq = int(op.operands[0].type.shape[1])
         rows = 1 if self.decode else tile_rows(hq // g.kv_heads, g.block_size, opts.lanes, opts.registers)
         kernel = paged_attention_kernel(hq, g.kv_heads, g.head_dim, g.value_dim, g.block_size, op.attrs["scale"],

@@ -1,8 +1,8 @@
-"""float16 KV pools on the cpu target (--kv-dtype): a mixed paged batch through the compiled
-step gives each sequence exactly the logits it gets alone (batching must not change results),
-within float16 storage of the float32 reference; and ``auto`` picks float16 only for quantized
-linears on a CPU that converts float16 in vectors. (The kernels themselves are checked against
-torch references with float16 pools in test_attention_kernels.py.)"""
+"""float16 and int8 KV pools on the cpu target (--kv-dtype): a mixed paged batch through the
+compiled step gives each sequence exactly the logits it gets alone (batching must not change
+results), within the storage's rounding of the float32 reference; and ``auto`` picks float16
+only for quantized linears on a CPU that converts float16 in vectors. (The kernels themselves
+are checked against torch references with float16 and int8 pools in test_attention_kernels.py.)"""
 
 import numpy as np
 import pytest
@@ -23,8 +23,16 @@ from tests.paged import MIXED_SCHEDULE, PagedBatcher, alone_logits
 from tests.tiny_models import tiny_model
 
 
-def test_f16_pools_batched_equal_alone(tmp_path):
+# --kv-dtype: (manifest dtype, TVM dtype, bytes per entry, entries per head added for the scale,
+# bound on the logits' distance from the float32 reference: measured 2.8e-4 for float16, 5.7e-3
+# for int8 (per-position scales: ~0.4% of a vector's largest entry per entry))
+KV_DTYPES = {"float16": ("f16", "float16", 2, 0, 2e-3), "int8": ("i8", "int8", 1, 4, 2e-2)}
+
+
+@pytest.mark.parametrize("kv", sorted(KV_DTYPES))
+def test_narrow_pools_batched_equal_alone(tmp_path, kv):
     """gemma2: sliding window 6 over blocks of 8, attention softcap, grouped heads."""
+    name, tvm_dtype, itemsize, extra, tolerance = KV_DTYPES[kv]
     model = tiny_model("gemma2")
     imported = import_hf_model(model)
     before = parse_module(print_module(imported.module))
@@ -32,12 +40,14 @@ def test_f16_pools_batched_equal_alone(tmp_path):
     paged = parse_module(print_module(before))
     PagedKV(8).run(paged)
     compile_cpu(imported, tmp_path / "a", max_seq_len=128, cache_dir=tmp_path / "cache", kv_block_size=8,
-                kv_dtype="float16")
+                kv_dtype=kv)
     manifest = read_manifest(str(tmp_path / "a"))
-    assert manifest.kv_cache["dtype"] == "f16"
-    assert manifest.kv_cache["bytes_per_block"] == 2 * 8 * 2 * 2 * (16 + 16)  # layers, BS, heads, 2 bytes, D + Dv
+    assert manifest.kv_cache["dtype"] == name
+    # layers, BS, heads, bytes, D + Dv (+ a float32 scale each for int8)
+    assert manifest.kv_cache["bytes_per_block"] == 2 * 8 * 2 * itemsize * (16 + 16 + 2 * extra)
     executor = CpuExecutor(manifest, num_blocks=64)
-    assert all(str(p.dtype) == "float16" for p in executor.pools)
+    assert all(str(p.dtype) == tvm_dtype for p in executor.pools)
+    assert executor.pools[0].shape == (64, 2, 16 + extra, 8) and executor.pools[1].shape == (64, 8, 2, 16 + extra)
 
     g = torch.Generator().manual_seed(0)
     chunks_of: dict[int, list[int]] = {}
@@ -65,7 +75,7 @@ def test_f16_pools_batched_equal_alone(tmp_path):
             at += n
             assert np.array_equal(got, batched[seq][i]), f"sequence {seq}, chunk {i}: batched != alone"
             worst = max(worst, float(np.abs(got - reference[i].numpy()).max()))
-    assert worst <= 2e-3, f"float16 KV: logits {worst:.1e} from the float32 reference"
+    assert worst <= tolerance, f"{kv} KV: logits {worst:.1e} from the float32 reference"
 
 
 def test_auto_kv_dtype_follows_the_linears_and_the_cpu():
@@ -80,5 +90,6 @@ def test_auto_kv_dtype_follows_the_linears_and_the_cpu():
     assert kv_dtype(None, quantized, [], "aarch64") == "f16"
     assert kv_dtype(None, quantized, ["sse4_2"], "x86_64") == "f32"  # no F16C: a scalar convert per element
     assert kv_dtype("float32", quantized, ["avx2", "f16c"], "x86_64") == "f32"
-    with pytest.raises(TargetError, match="expected auto, float32 or float16"):
+    assert kv_dtype("int8", quantized, ["avx2"], "x86_64") == "i8"
+    with pytest.raises(TargetError, match="expected auto, float32, float16 or int8"):
         kv_dtype("bf16", quantized, ["f16c"], "x86_64")
