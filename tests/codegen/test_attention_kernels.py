@@ -12,7 +12,8 @@ import pytest
 import torch
 import tvm
 
-from llmc.compiler.codegen.tvm.attention import SCALE_BYTES, fast_exp, kv_append_kernel, paged_attention_kernel
+from llmc.compiler.codegen.tvm.attention import (SCALE_BYTES, fast_exp, from_int8_layouts, kv_append_kernel,
+                                                 paged_attention_kernel, to_int8_layouts)
 from llmc.compiler.ir.interpreter import kv_append_reference, paged_attention_reference
 from llmc.runtime.cpu_features import host_mcpu
 
@@ -40,36 +41,6 @@ def _compile(func):
 def to_cpu_layouts(k_pool, v_pool):
     """IR pool layout [NB, BS, H, D] -> the cpu target's (keys transposed per block)."""
     return np.ascontiguousarray(k_pool.numpy().transpose(0, 2, 3, 1)), np.ascontiguousarray(v_pool.numpy())
-
-
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Codes and scales of vectors (last axis) as the int8 pools hold them."""
-    amax = np.abs(x).max(axis=-1, keepdims=True).astype(np.float32)
-    inverse = np.where(amax > 0, np.float32(127) / np.maximum(amax, np.float32(1e-30)), np.float32(0))
-    return np.clip(np.round(x * inverse), -127, 127).astype(np.int8), (amax / np.float32(127))[..., 0]
-
-
-def to_int8_layouts(k_pool: np.ndarray, v_pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """IR pools [NB, BS, H, D] quantized into the cpu target's int8 layouts (scales in the pool)."""
-    nb, bs, h, d = k_pool.shape
-    kc, ks = quantize_int8(k_pool)                       # [NB, BS, H, D], [NB, BS, H]
-    kp = np.zeros((nb, h, d + SCALE_BYTES, bs), np.int8)
-    kp[:, :, :d, :] = kc.transpose(0, 2, 3, 1)
-    kp[:, :, d:, :] = np.ascontiguousarray(ks.transpose(0, 2, 1)).view(np.int8).reshape(nb, h, SCALE_BYTES, bs)
-    vc, vs = quantize_int8(v_pool)
-    vp = np.concatenate([vc, np.ascontiguousarray(vs[..., None]).view(np.int8)], axis=-1)
-    return kp, vp
-
-
-def from_int8_layouts(kp: np.ndarray, vp: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The values int8 pools stand for, in the IR layout [NB, BS, H, D]."""
-    nb, h, rows, bs = kp.shape
-    d = rows - SCALE_BYTES
-    ks = np.ascontiguousarray(kp[:, :, d:, :]).reshape(nb, h, SCALE_BYTES * bs).view(np.float32)   # [NB, H, BS]
-    k = (kp[:, :, :d, :].astype(np.float32) * ks[:, :, None, :]).transpose(0, 3, 1, 2)
-    vs = np.ascontiguousarray(vp[..., -SCALE_BYTES:]).view(np.float32)                              # [NB, BS, H, 1]
-    v = vp[..., :-SCALE_BYTES].astype(np.float32) * vs
-    return torch.from_numpy(np.ascontiguousarray(k)), torch.from_numpy(np.ascontiguousarray(v))
 
 
 def paged_batch(name: str, kv_dtype: str) -> dict:
@@ -161,14 +132,14 @@ def test_int8_pools_match_reference(name):
     kp0, vp0 = to_int8_layouts(b["k_pool"].numpy(), b["v_pool"].numpy())
     kp, vp = tvm.runtime.tensor(kp0), tvm.runtime.tensor(vp0)
     out = run_kernels(name, "int8", kp, vp, b)
-    held_k, held_v = from_int8_layouts(kp.numpy(), vp.numpy())
+    held_k, held_v = (torch.from_numpy(a) for a in from_int8_layouts(kp.numpy(), vp.numpy()))
     written = b["slot_mapping"] >= 0
     slots = b["slot_mapping"][written]
     for new, held in ((b["k"][written], held_k), (b["v"][written], held_v)):
         got = held.reshape(-1, *held.shape[2:])[slots]
         step = new.abs().amax(-1, keepdim=True) / 254
         assert ((got - new).abs() <= step * 1.001 + 1e-7).all()
-    before_k, before_v = from_int8_layouts(kp0, vp0)
+    before_k, before_v = (torch.from_numpy(a) for a in from_int8_layouts(kp0, vp0))
     untouched = torch.ones(held_k.shape[0] * bs, dtype=torch.bool)
     untouched[slots] = False
     assert torch.equal(held_k.reshape(-1, *held_k.shape[2:])[untouched], before_k.reshape(-1, *held_k.shape[2:])[untouched])

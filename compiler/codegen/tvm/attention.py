@@ -35,6 +35,8 @@ DRAM (they outgrow the L3), which is where the halved traffic pays.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
@@ -465,3 +467,34 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         run(q, kp, vp, kf, vf, tables, lens, starts, out, None, t, b)
 
     return paged_attention
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and scales of vectors (last axis) as the int8 pools hold them (numpy: the kernels'
+    meaning, for tests and benchmarks)."""
+    amax = np.abs(x).max(axis=-1, keepdims=True).astype(np.float32)
+    inverse = np.where(amax > 0, np.float32(127) / np.maximum(amax, np.float32(1e-30)), np.float32(0))
+    return np.clip(np.round(x * inverse), -127, 127).astype(np.int8), (amax / np.float32(127))[..., 0]
+
+
+def to_int8_layouts(k_pool: np.ndarray, v_pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IR pools [NB, BS, H, D] quantized into the cpu target's int8 layouts (scales in the pool)."""
+    nb, bs, h, d = k_pool.shape
+    kc, ks = quantize_int8(k_pool)                       # [NB, BS, H, D], [NB, BS, H]
+    kp = np.zeros((nb, h, d + SCALE_BYTES, bs), np.int8)
+    kp[:, :, :d, :] = kc.transpose(0, 2, 3, 1)
+    kp[:, :, d:, :] = np.ascontiguousarray(ks.transpose(0, 2, 1)).view(np.int8).reshape(nb, h, SCALE_BYTES, bs)
+    vc, vs = quantize_int8(v_pool)
+    vp = np.concatenate([vc, np.ascontiguousarray(vs[..., None]).view(np.int8)], axis=-1)
+    return kp, vp
+
+
+def from_int8_layouts(kp: np.ndarray, vp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The values int8 pools stand for, in the IR layout [NB, BS, H, D]."""
+    nb, h, rows, bs = kp.shape
+    d = rows - SCALE_BYTES
+    ks = np.ascontiguousarray(kp[:, :, d:, :]).reshape(nb, h, SCALE_BYTES * bs).view(np.float32)   # [NB, H, BS]
+    k = (kp[:, :, :d, :].astype(np.float32) * ks[:, :, None, :]).transpose(0, 3, 1, 2)
+    vs = np.ascontiguousarray(vp[..., -SCALE_BYTES:]).view(np.float32)                              # [NB, BS, H, 1]
+    v = vp[..., :-SCALE_BYTES].astype(np.float32) * vs
+    return np.ascontiguousarray(k), np.ascontiguousarray(v)
