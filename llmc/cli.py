@@ -222,7 +222,7 @@ def cmd_run(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from llmc.runtime.server import run_server
+        from llmc.runtime.server import DEFAULT_HTTP_NICE, run_server
     except ImportError as exc:
         raise CliError(f"llmc serve needs the serve extra ({exc.name} is missing): pip install 'llmc[serve]'") from None
     api_key = args.api_key or os.environ.get("LLMC_API_KEY") or None
@@ -236,7 +236,8 @@ def cmd_serve(args) -> int:
           f"{ex.block_size} positions, {args.max_num_seqs} sequences at most, context {engine.max_model_len}; "
           f"http://{args.host}:{args.port}/v1" + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
     run_server(engine, name, host=args.host, port=args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
-               drain_seconds=args.drain_seconds, log_level="info" if args.verbose else "warning")
+               drain_seconds=args.drain_seconds, log_level="info" if args.verbose else "warning",
+               http_nice=DEFAULT_HTTP_NICE if args.http_nice is None else args.http_nice)
     return 0
 
 
@@ -519,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest request body accepted (default 1 MiB)")
     sv.add_argument("--drain-seconds", type=float, default=30.0,
                     help="on SIGTERM, how long running requests may take to finish (default 30)")
+    sv.add_argument("--http-nice", type=int, choices=range(20), metavar="{0..19}",
+                    help="Linux: scheduling niceness of the HTTP event loop's thread, so it runs between kernels "
+                         "instead of preempting the kernels' threads (default 19; 0: the engine's priority)")
     sv.add_argument("-v", "--verbose", action="store_true", help="log every request")
     sv.set_defaults(func=cmd_serve)
 

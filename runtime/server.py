@@ -12,6 +12,9 @@ import asyncio
 import hmac
 import json
 import logging
+import os
+import sys
+import threading
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
@@ -438,14 +441,42 @@ def build_asgi(server: Server):
 __all__ = ["ApiError", "Server", "build_asgi", "create_app"]
 
 
+DEFAULT_HTTP_NICE = 19
+
+
+def lower_this_thread(nice: int) -> bool:
+    """Give the calling thread (only) the scheduling niceness ``nice`` if that lowers its
+    priority; True when done. Linux keeps a niceness per thread; elsewhere setpriority would
+    take the whole process (the kernels' threads too), so nothing happens there.
+
+    Why: the event loop's work per streamed token (HTTP framing, JSON, socket writes) competes
+    for the cores with the kernels' threads, which wait for each other at every parallel loop,
+    so each time the loop preempts one of them the whole step waits. At a low priority the loop
+    runs when a kernel thread yields (between kernels) instead of preempting one mid-kernel."""
+    if not sys.platform.startswith("linux") or nice <= 0:
+        return False
+    tid = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) >= nice:
+            return False
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError:
+        return False
+    return True
+
+
 def run_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_seconds: float = 30.0,
-               log_level: str = "info") -> None:
+               log_level: str = "info", http_nice: int = DEFAULT_HTTP_NICE) -> None:
     """Serve ``engine`` until SIGTERM/SIGINT. On the signal uvicorn stops accepting, lets the
-    requests in flight finish for at most ``drain_seconds``, then the engine thread stops."""
+    requests in flight finish for at most ``drain_seconds``, then the engine thread stops.
+    The event loop runs on this thread at niceness ``http_nice`` (Linux; see
+    ``lower_this_thread``), lowered after the engine thread (and the kernel threads it starts)
+    began at this thread's priority; 0 leaves it alone."""
     import uvicorn
 
     async_engine = AsyncEngine(engine).start()
+    lower_this_thread(http_nice)
     server = Server(async_engine, model_name, api_key, max_body_bytes)
     config = uvicorn.Config(build_asgi(server), host=host, port=port, log_level=log_level, lifespan="off",
                             timeout_graceful_shutdown=drain_seconds, access_log=log_level == "debug")

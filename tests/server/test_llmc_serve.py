@@ -4,7 +4,9 @@ Batched results must equal alone results token for token, also when the pool is 
 that requests are preempted; SIGTERM drains running requests within a bound."""
 
 import concurrent.futures as cf
+import os
 import signal
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -101,6 +103,28 @@ def test_sigterm_lets_running_requests_finish(tiny_artifact):
         live.process.wait(30)
         with pytest.raises(OSError):
             live.get("/health")
+
+
+def thread_niceness(pid: int) -> dict[int, int]:
+    """Niceness of each thread of a process (Linux: /proc/PID/task/TID/stat, field 19)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_http_loop_runs_below_the_kernel_threads(tiny_artifact):
+    """The event loop's thread (the main one) runs at --http-nice while the engine thread and
+    the kernel threads it started keep the process's priority; --http-nice 0 changes nothing."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for flag, loop_nice in (([], max(base, 19)), (["--http-nice", "0"], base)):
+        with llmc_serve(tiny_artifact, "--served-model-name", "tiny", "--threads", "2", *flag) as live:
+            ask(client_for(live), "tiny", "w1 w2", 4)  # the kernels' thread pool exists from the first step
+            nice = thread_niceness(live.process.pid)
+            assert nice[live.process.pid] == loop_nice
+            assert sum(1 for tid, n in nice.items() if tid != live.process.pid and n == base) >= 2
 
 
 @pytest.mark.model
