@@ -137,6 +137,21 @@ def _kv_append_int8(kv_heads: int, dim: int, block_size: int, keys: bool, dtype:
     round(x * 127 / max|x|) (all zero for an all-zero vector)."""
     H, BS, E = kv_heads, block_size, pool_extent(dim, "int8")
     f32 = "float32"
+    shape = (lambda nb: (nb, H, E, BS)) if keys else (lambda nb: (nb, BS, H, E))
+    # where entry d of head h at slot s goes, and (in the pool's float32 view) its vector's scale
+    if keys:
+        def entry(s, h, d):
+            return (s // BS, h, d, s % BS)
+
+        def scale_index(s, h):  # the scale rows after the head's dim rows, one float per position
+            return ((s // BS * H + h) * E + dim) * BS // 4 + s % BS
+    else:
+        def entry(s, h, d):
+            return (s // BS, s % BS, h, d)
+
+        def scale_index(s, h):  # the float after the position's codes of head h
+            return (s * H + h) * E // 4 + dim // 4
+    lanes = T.serial if keys else T.vectorized  # keys' codes of one position are a block apart
 
     def code(x, inverse):  # round to nearest, within [-127, 127] (float rounding can reach 127.00001)
         v = tir.round(tir.Cast(f32, x) * inverse)
@@ -149,35 +164,20 @@ def _kv_append_int8(kv_heads: int, dim: int, block_size: int, keys: bool, dtype:
         nb = T.int64()
         x = T.match_buffer(var_x, (t, H, dim), dtype)
         slots = T.match_buffer(var_slots, (t,), "int64")
+        pool = T.match_buffer(var_pool, shape(nb), "int8")
         amax = T.alloc_buffer((1,), f32, scope="global")
-        if keys:  # a Python constant: the parser keeps only the taken branch
-            pool = T.match_buffer(var_pool, (nb, H, E, BS), "int8")
-            scales = T.decl_buffer((nb * H * E * BS // 4,), f32, data=pool.data)  # the scale rows as float32
-            for i in range(t):
-                if slots[i] >= T.int64(0) and slots[i] < nb * BS:
-                    for h in range(H):
-                        amax[0] = T.float32(0)
-                        for d in range(dim):
-                            amax[0] = T.max(amax[0], T.abs(T.Cast(f32, x[i, h, d])))
-                        inverse: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0),
-                                                                   T.float32(127) / amax[0], T.float32(0))
-                        for d in range(dim):
-                            pool[slots[i] // BS, h, d, slots[i] % BS] = code(x[i, h, d], inverse)
-                        scales[((slots[i] // BS * H + h) * E + dim) * BS // 4 + slots[i] % BS] = amax[0] / T.float32(127)
-        else:
-            pool = T.match_buffer(var_pool, (nb, BS, H, E), "int8")
-            scales = T.decl_buffer((nb * BS * H * E // 4,), f32, data=pool.data)
-            for i in range(t):
-                if slots[i] >= T.int64(0) and slots[i] < nb * BS:
-                    for h in range(H):
-                        amax[0] = T.float32(0)
-                        for d in range(dim):
-                            amax[0] = T.max(amax[0], T.abs(T.Cast(f32, x[i, h, d])))
-                        inverse: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0),
-                                                                   T.float32(127) / amax[0], T.float32(0))
-                        for d in T.vectorized(dim):
-                            pool[slots[i] // BS, slots[i] % BS, h, d] = code(x[i, h, d], inverse)
-                        scales[(slots[i] * H + h) * E // 4 + dim // 4] = amax[0] / T.float32(127)
+        scales = T.decl_buffer((nb * H * E * BS // 4,), f32, data=pool.data)  # the pool as float32
+        for i in range(t):
+            if slots[i] >= T.int64(0) and slots[i] < nb * BS:
+                for h in range(H):
+                    amax[0] = T.float32(0)
+                    for d in range(dim):
+                        amax[0] = T.max(amax[0], T.abs(T.Cast(f32, x[i, h, d])))
+                    inverse: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0),
+                                                               T.float32(127) / amax[0], T.float32(0))
+                    for d in lanes(dim):
+                        pool[entry(slots[i], h, d)] = code(x[i, h, d], inverse)
+                    scales[scale_index(slots[i], h)] = amax[0] / T.float32(127)
 
     return kv_append
 
