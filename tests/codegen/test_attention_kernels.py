@@ -33,8 +33,8 @@ NEW = (45, 29, 1, 1)        # tokens each sequence adds in the batch
 ROWS = 4
 
 
-def _compile(func):
-    target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": 2})
+def _compile(func, mcpu=None):
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu or host_mcpu(), "num-cores": 2})
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()["main"]
 
 
@@ -70,15 +70,15 @@ def paged_batch(name: str, kv_dtype: str) -> dict:
                 alibi=ALIBI.get(name))
 
 
-def run_kernels(name: str, kv_dtype: str, kp, vp, b: dict) -> np.ndarray:
+def run_kernels(name: str, kv_dtype: str, kp, vp, b: dict, mcpu=None) -> np.ndarray:
     """kv_append of the batch's keys and values into (kp, vp), then paged_attention's output."""
     hq, hkv, d, dv, window, softcap, bs = CONFIGS[name]
     slots = tvm.runtime.tensor(b["slot_mapping"].numpy())
-    _compile(kv_append_kernel(hkv, d, bs, True, "float32", kv_dtype))(tvm.runtime.tensor(b["k"].numpy()), slots, kp)
-    _compile(kv_append_kernel(hkv, dv, bs, False, "float32", kv_dtype))(tvm.runtime.tensor(b["v"].numpy()), slots, vp)
+    _compile(kv_append_kernel(hkv, d, bs, True, "float32", kv_dtype), mcpu)(tvm.runtime.tensor(b["k"].numpy()), slots, kp)
+    _compile(kv_append_kernel(hkv, dv, bs, False, "float32", kv_dtype), mcpu)(tvm.runtime.tensor(b["v"].numpy()), slots, vp)
     kernel = _compile(paged_attention_kernel(hq, hkv, d, dv, bs, *b["args"], ROWS, threads=2,
                                              sinks=b["sinks"] is not None, chunk=b["chunk"], alibi=b["alibi"],
-                                             kv_dtype=kv_dtype))
+                                             kv_dtype=kv_dtype), mcpu)
     out = tvm.runtime.tensor(np.full((b["t"], hq, dv), np.nan, np.float32))
     extra = [] if b["sinks"] is None else [tvm.runtime.tensor(b["sinks"].numpy())]
     kernel(tvm.runtime.tensor(b["q"].numpy()), kp, vp,
@@ -118,11 +118,15 @@ def test_paged_kernels_match_reference(name, kv_dtype):
         assert np.abs(out - exact_attention(b)).max() <= 1e-2
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_int8_pools_match_reference(name):
+@pytest.mark.parametrize("name,mcpu", [(n, None) for n in sorted(CONFIGS)] + [("gqa-smollm2", "x86-64-v3")])
+def test_int8_pools_match_reference(name, mcpu):
     """int8 pools: the append stores every new vector within half a step (max|x| / 254) of its
     values and leaves the rest of the pool alone; attention matches the reference over what the
     pools then hold, and stays within int8 storage of the exact (float64, unrounded) result."""
+    import platform
+
+    if mcpu and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the x86-64-v3 (AVX2) build runs on x86-64 hosts only")
     hq, hkv, d, dv, window, softcap, bs = CONFIGS[name]
     b = paged_batch(name, "int8")
     if d % SCALE_BYTES or dv % SCALE_BYTES:
@@ -131,7 +135,7 @@ def test_int8_pools_match_reference(name):
         return
     kp0, vp0 = to_int8_layouts(b["k_pool"].numpy(), b["v_pool"].numpy())
     kp, vp = tvm.runtime.tensor(kp0), tvm.runtime.tensor(vp0)
-    out = run_kernels(name, "int8", kp, vp, b)
+    out = run_kernels(name, "int8", kp, vp, b, mcpu)
     held_k, held_v = (torch.from_numpy(a) for a in from_int8_layouts(kp.numpy(), vp.numpy()))
     written = b["slot_mapping"] >= 0
     slots = b["slot_mapping"][written]
