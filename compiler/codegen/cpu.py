@@ -106,6 +106,11 @@ class CpuTarget:
         cached = os.path.join(cache_dir, f"{key}.so")
         geom = cache_geometry(module)
         geom.dtype = kv
+        if kv == "i8":  # the pools' float32 view of their scales needs 4-byte rows (attention.pool_extent)
+            dims = sorted({d for h, hd, vd in (geom.per_layer or [(0, geom.head_dim, geom.value_dim)]) for d in (hd, vd)})
+            if any(d % 4 for d in dims):
+                raise TargetError(f"--kv-dtype int8 needs head dims that are multiples of 4; this model's are "
+                                  f"{dims}: use --kv-dtype float16")
         layout = {"cache": geom, "packed": sorted(packed_params(module, isa)),
                   "weight_order": weight_order(module), "pack": PACK, "intdot": intdot_params(module, isa),
                   "states": [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}

@@ -93,3 +93,18 @@ def test_auto_kv_dtype_follows_the_linears_and_the_cpu():
     assert kv_dtype("int8", quantized, ["avx2"], "x86_64") == "i8"
     with pytest.raises(TargetError, match="expected auto, float32, float16 or int8"):
         kv_dtype("bf16", quantized, ["f16c"], "x86_64")
+
+
+def test_int8_pools_refuse_head_dims_not_multiple_of_4(tmp_path):
+    """Each position's float32 scale sits in the pool's own rows, read through a float32 view:
+    head dims must be multiples of 4. Refused before anything is built or written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.tiny_models import BASE
+
+    config = AutoConfig.for_model("llama", **{**BASE, "hidden_size": 24, "head_dim": 6})  # 4 heads of 6
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(TargetError, match=r"multiples of 4; this model's are \[6\]: use --kv-dtype float16"):
+        compile_cpu(import_hf_model(model), tmp_path / "a", max_seq_len=64, cache_dir=tmp_path / "cache",
+                    kv_dtype="int8")
+    assert not (tmp_path / "a").exists()
