@@ -162,17 +162,18 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> floa
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
-def start_llmc(artifact: str, threads: int, max_num_seqs: int) -> tuple[subprocess.Popen, str, str]:
+def start_llmc(artifact: str, threads: int, max_num_seqs: int, extra=()) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "llmc.cli", "serve", artifact, "--port", str(port), "--threads", str(threads),
-           "--max-num-seqs", str(max_num_seqs), "--served-model-name", "model"]
+           "--max-num-seqs", str(max_num_seqs), "--served-model-name", "model", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}", "model"
 
 
-def start_llama(binary: str, gguf: str, threads: int, parallel: int, ctx_per_slot: int) -> tuple[subprocess.Popen, str, str]:
+def start_llama(binary: str, gguf: str, threads: int, parallel: int, ctx_per_slot: int,
+                extra=()) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
     cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb", str(threads),
-           "--parallel", str(parallel), "-c", str(ctx_per_slot * parallel), "--cont-batching", "--no-webui"]
+           "--parallel", str(parallel), "-c", str(ctx_per_slot * parallel), "--cont-batching", "--no-webui", *extra]
     return (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
             f"http://127.0.0.1:{port}", "model")
 
@@ -218,6 +219,12 @@ def main(argv=None) -> int:
                          "llama-server's slots) can serve any of it: every request pays its whole prefill")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="send only one warm-up request instead of every prompt once before measuring")
+    ap.add_argument("--llmc-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for llmc serve (repeatable; e.g. --llmc-arg=--http-nice --llmc-arg=0)")
+    ap.add_argument("--llama-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for llama-server (repeatable; e.g. its quantized KV cache: "
+                         "--llama-arg=-ctk --llama-arg=q8_0 --llama-arg=-ctv --llama-arg=q8_0 --llama-arg=-fa "
+                         "--llama-arg=on, beside an llmc artifact built with --kv-dtype int8)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
@@ -225,10 +232,12 @@ def main(argv=None) -> int:
     if args.url:
         servers.append(("url", None))
     if args.artifact:
-        servers.append(("llmc", lambda: start_llmc(args.artifact, args.threads, max(args.parallel, max(counts)))))
+        servers.append(("llmc", lambda: start_llmc(args.artifact, args.threads, max(args.parallel, max(counts)),
+                                                   args.llmc_arg)))
     if args.llama_server:
         gguf = args.gguf or bundled_gguf()
-        servers.append(("llama.cpp", lambda: start_llama(args.llama_server, gguf, args.threads, args.parallel, 1024)))
+        servers.append(("llama.cpp", lambda: start_llama(args.llama_server, gguf, args.threads, args.parallel, 1024,
+                                                         args.llama_arg)))
     if not servers:
         ap.error("give --artifact, --llama-server and/or --url")
     report = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
