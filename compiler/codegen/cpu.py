@@ -106,11 +106,12 @@ class CpuTarget:
         cached = os.path.join(cache_dir, f"{key}.so")
         geom = cache_geometry(module)
         geom.dtype = kv
-        if kv == "i8":  # the pools' float32 view of their scales needs 4-byte rows (attention.pool_extent)
-            dims = sorted({d for h, hd, vd in (geom.per_layer or [(0, geom.head_dim, geom.value_dim)]) for d in (hd, vd)})
-            if any(d % 4 for d in dims):
-                raise TargetError(f"--kv-dtype int8 needs head dims that are multiples of 4; this model's are "
-                                  f"{dims}: use --kv-dtype float16")
+        if geom.scale_bytes:  # int8: the pools' float32 view of their scales needs rows of whole floats
+            shapes = geom.per_layer or [(geom.kv_heads, geom.head_dim, geom.value_dim)]
+            dims = sorted({d for _, head_dim, value_dim in shapes for d in (head_dim, value_dim)})
+            if any(d % geom.scale_bytes for d in dims):
+                raise TargetError(f"--kv-dtype int8 needs head dims that are multiples of {geom.scale_bytes}; "
+                                  f"this model's are {dims}: use --kv-dtype float16")
         layout = {"cache": geom, "packed": sorted(packed_params(module, isa)),
                   "weight_order": weight_order(module), "pack": PACK, "intdot": intdot_params(module, isa),
                   "states": [{"name": a.name, "shape": [int(d) for d in a.type.shape[1:]], "dtype": a.type.dtype}

@@ -87,6 +87,18 @@ def pool_extent(dim: int, dtype: str) -> int:
     return dim + SCALE_BYTES
 
 
+def key_scale_index(block, head, position, heads: int, dim: int, block_size: int):
+    """Where an int8 key pool's float32 view holds the scale of (block, head, position): the
+    ``SCALE_BYTES`` byte rows after the head's ``dim`` rows, one float per position."""
+    return ((block * heads + head) * (dim + SCALE_BYTES) + dim) * block_size // SCALE_BYTES + position
+
+
+def value_scale_index(block, position, head, heads: int, dim: int, block_size: int):
+    """Where an int8 value pool's float32 view holds the scale of (block, position, head): the
+    float after that position's ``dim`` codes of the head."""
+    return (((block * block_size + position) * heads + head) * (dim + SCALE_BYTES) + dim) // SCALE_BYTES
+
+
 def _conversion(source: str, dtype: str):
     """``x -> x`` as ``dtype`` for an ``x`` of ``source``: no Cast node when they agree (float32
     pools keep today's kernels)."""
@@ -143,14 +155,14 @@ def _kv_append_int8(kv_heads: int, dim: int, block_size: int, keys: bool, dtype:
         def entry(s, h, d):
             return (s // BS, h, d, s % BS)
 
-        def scale_index(s, h):  # the scale rows after the head's dim rows, one float per position
-            return ((s // BS * H + h) * E + dim) * BS // 4 + s % BS
+        def scale_index(s, h):
+            return key_scale_index(s // BS, h, s % BS, H, dim, BS)
     else:
         def entry(s, h, d):
             return (s // BS, s % BS, h, d)
 
-        def scale_index(s, h):  # the float after the position's codes of head h
-            return (s * H + h) * E // 4 + dim // 4
+        def scale_index(s, h):
+            return value_scale_index(s // BS, s % BS, h, H, dim, BS)
     lanes = T.serial if keys else T.vectorized  # keys' codes of one position are a block apart
 
     def code(x, inverse):  # round to nearest, within [-127, 127] (float rounding can reach 127.00001)
@@ -166,7 +178,7 @@ def _kv_append_int8(kv_heads: int, dim: int, block_size: int, keys: bool, dtype:
         slots = T.match_buffer(var_slots, (t,), "int64")
         pool = T.match_buffer(var_pool, shape(nb), "int8")
         amax = T.alloc_buffer((1,), f32, scope="global")
-        scales = T.decl_buffer((nb * H * E * BS // 4,), f32, data=pool.data)  # the pool as float32
+        scales = T.decl_buffer((nb * H * E * BS // SCALE_BYTES,), f32, data=pool.data)  # the pool as float32
         for i in range(t):
             if slots[i] >= T.int64(0) and slots[i] < nb * BS:
                 for h in range(H):
@@ -267,7 +279,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
     def key_scaled(x, kf, page, hk, jj):  # an int8 pool's score times its key's scale
         if not SCALED:
             return x
-        return x * kf[((page * hkv + hk) * KE + d) * BS // 4 + jj]
+        return x * kf[key_scale_index(page, hk, jj, hkv, d, BS)]
 
     @T.macro
     def tile(q, kp, vp, kf, vf, tables, out, seq, row, p0, hk, nr, sk):
@@ -310,7 +322,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                             s[r, g, jj] = s[r, g, jj] + q[row + r, hk * G + g, kd] * widen(kp[page, hk, kd, jj])
             if SCALED:  # a Python constant: the parser keeps only the taken branch
                 for jj in range(BS):
-                    vs[jj] = vf[((page * BS + jj) * hkv + hk) * VE // 4 + dv // 4]
+                    vs[jj] = vf[value_scale_index(page, jj, hk, hkv, dv, BS)]
             for r, g in T.grid(nr, G):
                 for jj in T.vectorized(BS):
                     s[r, g, jj] = T.if_then_else(allowed(kb * BS + jj, p0 + r),
