@@ -90,6 +90,7 @@ class CpuTarget:
         from .tvm.lower import (PACK, AttentionOptions, cache_geometry, intdot_params, lower_to_relax, packed_params,
                                 state_pools, weight_order)
         from .tvm.schedule import schedule_module
+        from .tvm import vm_pipeline
 
         cpu = resolve_cpu(options.mcpu)
         mcpu = cpu.mcpu
@@ -137,7 +138,7 @@ class CpuTarget:
                 log.info("lowered to TVM Relax: %d kernels (%.1fs)", len(kernels), time.perf_counter() - t0)
                 scheduled = schedule_module(relax_mod)
                 log.info("scheduled %d kernels", len(kernels))
-                executable = tvm.compile(scheduled, target=target)
+                executable = tvm.compile(scheduled, target=target, relax_pipeline=vm_pipeline.relax_pipeline())
                 executable.export_library(library, fcompile=link)
                 if use_cache:
                     self._store_in_cache(cache_dir, cached, library, kernels)
@@ -204,14 +205,14 @@ class CpuTarget:
     def _cache_key(module: Module, mcpu: str, threads: int, tvm_version: str) -> str:
         """Content hash of what determines the kernels: the IR (weights excluded), the options,
         and the code generator's own source (this module's too: it sets up the build)."""
-        from .tvm import attention, intdot, kernels, lower, schedule
+        from .tvm import attention, intdot, kernels, lower, schedule, vm_pipeline
 
         h = hashlib.sha256()
         text = print_module(module)
         text = "\n".join(line for line in text.splitlines() if "config = " not in line)
         h.update(text.encode())
         h.update(json.dumps([mcpu, threads, tvm_version]).encode())
-        for path in [mod.__file__ for mod in (attention, intdot, kernels, lower, schedule)] + [__file__]:
+        for path in [mod.__file__ for mod in (attention, intdot, kernels, lower, schedule, vm_pipeline)] + [__file__]:
             with open(path, "rb") as f:
                 h.update(f.read())
         return h.hexdigest()[:32]
