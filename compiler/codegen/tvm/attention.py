@@ -194,6 +194,28 @@ def _kv_append_int8(kv_heads: int, dim: int, block_size: int, keys: bool, dtype:
     return kv_append
 
 
+def tile_locator(rows: int):
+    """A TVMScript macro ``locate(found, tile_index, starts, b)``: which sequence owns tile
+    ``tile_index`` when each sequence's rows (``starts``, B + 1 offsets) are cut into tiles of
+    ``rows``. Sets ``found`` (3 int64) to (that sequence, its first tile, tiles counted), or
+    found[0] = -1 when no sequence does. Shared by the cpu and gpu attention kernels."""
+    R = rows
+
+    @T.macro
+    def locate(found, tile_index, starts, b):
+        found[0] = T.int64(-1)
+        found[2] = T.int64(0)
+        for sq in range(b):
+            if found[0] < T.int64(0):
+                n_tiles: T.let[T.int64] = (starts[sq + 1] - starts[sq] + R - 1) // R
+                if tile_index < found[2] + n_tiles:
+                    found[0] = sq
+                    found[1] = found[2]
+                found[2] = found[2] + n_tiles
+
+    return locate
+
+
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
                            softcap: float, rows: int, threads: int, sinks: bool = False, lanes: int = 16,
                            registers: int = 32, chunk: int = 0, alibi=None,
@@ -298,18 +320,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
             for x in T.unroll(V_LINES):
                 prefetch_to_l2(T.address_of(vp[page, jj, hk, x * LINE]))
 
-    @T.macro
-    def locate(found, tile_index, starts, b):
-        # found <- (the sequence owning tile ``tile_index``, its first tile, tiles counted); -1: none
-        found[0] = T.int64(-1)
-        found[2] = T.int64(0)
-        for sq in range(b):
-            if found[0] < T.int64(0):
-                n_tiles: T.let[T.int64] = (starts[sq + 1] - starts[sq] + R - 1) // R
-                if tile_index < found[2] + n_tiles:
-                    found[0] = sq
-                    found[1] = found[2]
-                found[2] = found[2] + n_tiles
+    locate = tile_locator(R)
 
     @T.macro
     def tile(q, kp, vp, kf, vf, tables, out, seq, row, p0, hk, nr, sk):

@@ -28,7 +28,7 @@ from __future__ import annotations
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
-from .attention import NEG
+from .attention import NEG, tile_locator
 
 KV_THREADS = 256  # threads per token of a kv_append
 
@@ -145,18 +145,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
     def widen(e):
         return e.astype(f32) if dtype != f32 else e
 
-    @T.macro
-    def locate(starts, b, item, found):
-        # which sequence owns this threadgroup's tile: found = (sequence, its first tile, tiles so far)
-        found[0] = T.int64(-1)
-        found[2] = T.int64(0)
-        for sq in range(b):
-            if found[0] < T.int64(0):
-                n_tiles = (starts[sq + 1] - starts[sq] + R - 1) // R
-                if item // hkv < found[2] + n_tiles:
-                    found[0] = sq
-                    found[1] = found[2]
-                found[2] = found[2] + n_tiles
+    locate = tile_locator(R)  # which sequence owns this threadgroup's tile
 
     @T.macro
     def zero_unowned(starts, out, t, b, item, tid):
@@ -172,7 +161,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         found = T.alloc_local((3,), i64)
         qv = T.alloc_local((d,), f32)
         s = T.alloc_local((BS,), f32)
-        locate(starts, b, item, found)
+        locate(found, item // hkv, starts, b)
         lane = tid % L
         g = tid // L % G
         r = tid // (L * G)
@@ -227,7 +216,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
     def write_own(starts, out, b, item, tid, acc, stat):
         # L == 1: the thread's own result is the row's
         found = T.alloc_local((3,), i64)
-        locate(starts, b, item, found)
+        locate(found, item // hkv, starts, b)
         g = tid % G
         r = tid // G
         if found[0] >= T.int64(0):
@@ -243,7 +232,7 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
         # phase 2: the lanes' partial softmaxes merged; lane writes columns lane, lane + L, ...
         found = T.alloc_local((3,), i64)
         tot = T.alloc_local((2,), f32)  # common max, common sum
-        locate(starts, b, item, found)
+        locate(found, item // hkv, starts, b)
         lane = tid % L
         g = tid // L % G
         r = tid // (L * G)

@@ -15,6 +15,11 @@ looks free to drop (its memory is planned storage), but the storage returns to t
 allocator's pool only when its last view dies, and the next allocation of that size then takes
 it while it is still in the cache: without the tensor kills one-token steps measured 1.5-3%
 slower (every allocation of a step got memory of its own).
+
+Measured and not taken: relax.build's ``exec_mode="compiled"`` (the VM program as machine
+code, no bytecode interpreter): one-token steps 4.15 -> 4.05 ms, 8-sequence steps 12.29 ->
+12.16 (lockstep), but SmolLM2's compile took 311 s instead of ~210 (LLVM on the two step
+functions of ~3,600 calls each).
 """
 
 from __future__ import annotations
