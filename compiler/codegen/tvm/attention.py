@@ -164,6 +164,10 @@ def _kv_append_int8(kv_heads: int, dim: int, block_size: int, keys: bool, dtype:
         def scale_index(s, h):
             return value_scale_index(s // BS, s % BS, h, H, dim, BS)
     lanes = T.serial if keys else T.vectorized  # keys' codes of one position are a block apart
+    # max |x| in W vector lanes, then across them, not as a serial chain of ``dim`` dependent
+    # maxes (8 tokens, pools cold: values 4.20 -> 3.62 us a call, keys 8.62 -> 8.34: their
+    # stores, 34 lines a token and head, dominate)
+    W = math.gcd(dim, 16)
 
     def code(x, inverse):  # round to nearest, within [-127, 127] (float rounding can reach 127.00001)
         v = tir.round(tir.Cast(f32, x) * inverse)
@@ -178,13 +182,19 @@ def _kv_append_int8(kv_heads: int, dim: int, block_size: int, keys: bool, dtype:
         slots = T.match_buffer(var_slots, (t,), "int64")
         pool = T.match_buffer(var_pool, shape(nb), "int8")
         amax = T.alloc_buffer((1,), f32, scope="global")
+        part = T.alloc_buffer((W,), f32, scope="global")  # W lanes of running |x| maxima
         scales = T.decl_buffer((nb * H * E * BS // SCALE_BYTES,), f32, data=pool.data)  # the pool as float32
         for i in range(t):
             if slots[i] >= T.int64(0) and slots[i] < nb * BS:
                 for h in range(H):
+                    for w in T.vectorized(W):
+                        part[w] = T.abs(T.Cast(f32, x[i, h, w]))
+                    for c in range(1, dim // W):
+                        for w in T.vectorized(W):
+                            part[w] = T.max(part[w], T.abs(T.Cast(f32, x[i, h, c * W + w])))
                     amax[0] = T.float32(0)
-                    for d in range(dim):
-                        amax[0] = T.max(amax[0], T.abs(T.Cast(f32, x[i, h, d])))
+                    for w in range(W):
+                        amax[0] = T.max(amax[0], part[w])
                     inverse: T.let[T.float32] = T.if_then_else(amax[0] > T.float32(0),
                                                                T.float32(127) / amax[0], T.float32(0))
                     for d in lanes(dim):
