@@ -299,6 +299,9 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
             first = tir.max(tir.floordiv(lowest_position, chunk) * chunk, first)
         return first // BS
 
+    def tile_position(lens, starts, seq, first_row):  # the position of a tile's first query row
+        return lens[seq] - (starts[seq + 1] - starts[seq]) + first_row
+
     def capped(s):
         if softcap > 0:
             return tir.const(softcap, "float32") * tir.tanh(s * tir.const(scale / softcap, "float32"))
@@ -467,19 +470,19 @@ def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, 
                     # computes (a decode item is a few blocks long, so its first block's wait was
                     # a large part of its time with the pools in DRAM)
                     ahead_item = T.alloc_buffer((3,), "int64", scope="global")
-                    if idx + LANES < items:
-                        locate(ahead_item, (idx + LANES) // hkv, starts, b)
+                    a_idx: T.let[T.int64] = idx + LANES
+                    if a_idx < items:
+                        locate(ahead_item, a_idx // hkv, starts, b)
                         if ahead_item[0] >= T.int64(0):
-                            a_seq: T.let[T.int64] = ahead_item[0]
-                            a_p0: T.let[T.int64] = (lens[a_seq] - (starts[a_seq + 1] - starts[a_seq])
-                                                    + ((idx + LANES) // hkv - ahead_item[1]) * R)
-                            fetch_block(kp, vp, tables[a_seq, first_block(a_p0)], (idx + LANES) % hkv)
+                            a_p0: T.let[T.int64] = tile_position(lens, starts, ahead_item[0],
+                                                                 (a_idx // hkv - ahead_item[1]) * R)
+                            fetch_block(kp, vp, tables[ahead_item[0], first_block(a_p0)], a_idx % hkv)
                 if found[0] >= T.int64(0):
                     seq: T.let[T.int64] = found[0]
                     n: T.let[T.int64] = starts[seq + 1] - starts[seq]
                     first_row: T.let[T.int64] = (tile_index - found[1]) * R
                     row: T.let[T.int64] = starts[seq] + first_row
-                    p0: T.let[T.int64] = lens[seq] - n + first_row
+                    p0: T.let[T.int64] = tile_position(lens, starts, seq, first_row)
                     if first_row + R <= n:
                         tile(q, kp, vp, kf, vf, tables, out, seq, row, p0, hk, R, sk)
                     else:

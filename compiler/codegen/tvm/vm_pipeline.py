@@ -84,18 +84,8 @@ def dedupe_make_shape(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
                         global_infos=mod.global_infos)
 
 
-def passes() -> list:
-    """``tvm.compile``'s default Relax pipeline for llvm targets (``relax.get_pipeline("default")``:
-    the module arrives scheduled, so nothing fuses) with ``dedupe_make_shape``. RewriteCUDAGraph
-    is left out: it does nothing for a cpu target."""
-    t = relax.transform
-    return [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(), t.LegalizeOps(),
-            t.RewriteDataflowReshape(), t.ToNonDataflow(), t.RemovePurityChecking(), t.CallTIRRewrite(),
-            t.StaticPlanBlockMemory(), t.LowerAllocTensor(), t.KillAfterLastUse(),
-            t.LowerRuntimeBuiltin(), t.ComputePrimValue(), t.VMShapeLower(), dedupe_make_shape,
-            t.AttachGlobalSymbol()]
-
-
 def relax_pipeline() -> tvm.transform.Pass:
-    """The pipeline ``tvm.compile`` runs on the step's Relax module for a cpu target."""
-    return tvm.transform.Sequential(passes(), name="LlmcCpuPipeline")
+    """The pipeline ``tvm.compile`` runs on the step's Relax module for a cpu target: TVM's
+    default one for llvm (``relax.get_pipeline("default")``: the module arrives scheduled, so
+    nothing fuses), then ``dedupe_make_shape``."""
+    return tvm.transform.Sequential([relax.get_pipeline("default"), dedupe_make_shape], name="LlmcCpuPipeline")
