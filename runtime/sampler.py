@@ -4,8 +4,8 @@ The runtime serves without torch, so sampling is a few numpy operations per logi
 request has its own ``Sampler`` holding its parameters and its own random generator (seeded
 from ``seed``), and draws exactly one uniform number per sampled token, so a seeded request
 gives the same tokens whatever else shares its batch. Order (as in transformers, vLLM and
-llama.cpp): penalties (repetition over prompt and output, presence/frequency over the output),
-then greedy argmax if temperature is 0, else temperature, top-k, min-p, top-p and the draw.
+llama.cpp): penalties (repetition over prompt and output, presence/frequency over the output)
+and logit biases (OpenAI's ``logit_bias``: a number added to given tokens' logits), then greedy argmax if temperature is 0, else temperature, top-k, min-p, top-p and the draw.
 Log-probabilities are those of the penalized logits before temperature (the model's view).
 No full-vocabulary sort per token: top-k and top-logprobs use argpartition, top-p sorts only
 the smallest top slice whose mass reaches p (growing it 4x at a time when needed).
@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
 
 def _is_int(value) -> bool:
@@ -48,6 +49,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Optional[int] = None    # None: none; k: the chosen token's logprob and the top k
     skip_special_tokens: bool = True
+    logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit (in [-100, 100])
 
     def __post_init__(self):
         def bad(name: str, allowed: str):
@@ -86,6 +88,12 @@ class SamplingParams:
         self.stop = tuple(stop)
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    _is_int(k) and k >= 0 and _is_number(v) and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS
+                    for k, v in self.logit_bias.items()):
+                bad("logit_bias", f"a mapping of token ids >= 0 to numbers in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
 
     @property
     def greedy(self) -> bool:
@@ -93,7 +101,10 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """Whether the logits change before sampling (penalties or biases): such rows take the
+        per-request path of ``sample_batch``."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
 
 
 @dataclass
@@ -160,7 +171,8 @@ class Sampler:
 
     def penalize(self, logits: np.ndarray, previous_ids: Sequence[int], output_ids: Optional[Sequence[int]]) -> np.ndarray:
         """Penalized float64 copy of ``logits``: repetition over ``previous_ids`` (prompt and
-        output, CTRL/transformers style), presence and frequency over ``output_ids`` (OpenAI)."""
+        output, CTRL/transformers style), presence and frequency over ``output_ids`` (OpenAI),
+        then the logit biases (ids past the vocabulary are ignored; the server refuses them)."""
         p = self.params
         logits = logits.astype(np.float64, copy=True)
         vocab = logits.size
@@ -175,6 +187,10 @@ class Sampler:
             keep = (ids >= 0) & (ids < vocab)
             ids, counts = ids[keep], counts[keep]
             logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        if p.logit_bias:
+            for token, bias in p.logit_bias.items():
+                if token < vocab:
+                    logits[token] += bias
         return logits
 
     def sample(self, logits: np.ndarray, previous_ids: Sequence[int] = (), output_ids: Optional[Sequence[int]] = None) -> int:
@@ -285,5 +301,5 @@ def sample_batch(samplers: Sequence[Sampler], logits: np.ndarray, previous: Sequ
     return results  # type: ignore[return-value]
 
 
-__all__ = ["MAX_LOGPROBS", "Sample", "Sampler", "SamplingParams", "draw_rows", "inverse_cdf", "log_softmax",
+__all__ = ["MAX_LOGIT_BIAS", "MAX_LOGPROBS", "Sample", "Sampler", "SamplingParams", "draw_rows", "inverse_cdf", "log_softmax",
            "sample_batch", "top_indices"]

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn; the ``serve`` extra).
 
 Routes: ``/v1/completions``, ``/v1/chat/completions`` (the model's chat template), both with
-server-sent-event streaming in OpenAI's chunk format; ``/v1/models``; ``/health``; Prometheus
+``n`` samples (several prompts too, for completions; see choices.py) and server-sent-event
+streaming in OpenAI's chunk format; ``/v1/models``; ``/health``; Prometheus
 ``/metrics``. Errors are OpenAI's error JSON. The kernels run on the engine thread
 (async_engine.py); this module only parses, tokenizes and formats.
 """
@@ -24,14 +25,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import choices as choices_
 from .async_engine import AsyncEngine, EngineDeadError
-from .engine import RequestOutput
 from .metrics import ServerMetrics
-from .sampler import MAX_LOGPROBS, SamplingParams
+from .sampler import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 log = logging.getLogger("llmc.server")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+MAX_CHOICES = 64  # choices one request may ask for: its prompts times n
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -69,14 +71,15 @@ class _Common(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    logit_bias: Optional[dict[str, float]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
 
 
 class CompletionBody(_Common):
-    prompt: Union[str, list[int], list[str]]
+    prompt: Union[str, list[int], list[str], list[list[int]]]
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
@@ -123,7 +126,10 @@ class Server:
         self.created = int(time.time())
 
     # sampling parameters from a body
-    def params(self, body: _Common, max_tokens: Optional[int], prompt_len: int, logprobs: Optional[int]) -> SamplingParams:
+    def params(self, body: _Common, max_tokens: Optional[int], prompt_len: int, logprobs: Optional[int],
+               sample: int = 0) -> SamplingParams:
+        """Sample ``sample`` of n: with a seed, sample s draws from seed + s (sample 0 is the
+        n=1 request with that seed)."""
         limit = self.engine.engine.max_model_len
         room = limit - prompt_len
         if max_tokens is not None and max_tokens > room:
@@ -135,11 +141,61 @@ class Server:
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
                 presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed,
+                repetition_penalty=body.repetition_penalty or 1.0,
+                seed=None if body.seed is None else body.seed + sample,
                 max_tokens=max_tokens if max_tokens is not None else room, stop=body.stop or (),
-                stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos, logprobs=logprobs)
+                stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos, logprobs=logprobs,
+                logit_bias=self.logit_bias(body))
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+
+    def logit_bias(self, body: _Common) -> Optional[dict[int, float]]:
+        """OpenAI's ``logit_bias`` (token id strings -> [-100, 100]) as token ids, checked
+        against the vocabulary."""
+        if not body.logit_bias:
+            return None
+        vocab = self.engine.engine.vocab_size
+        out = {}
+        for key, value in body.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise ApiError(400, f"logit_bias: {key!r} is not a token id", "logit_bias") from None
+            if token < 0 or (vocab and token >= vocab):
+                raise ApiError(400, f"logit_bias: token id {token} is outside the vocabulary [0, {vocab})",
+                               "logit_bias")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ApiError(400, f"logit_bias: {value} for token {token} is outside "
+                                    f"[{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", "logit_bias")
+            out[token] = value
+        return out
+
+    def completion_prompts(self, body: "CompletionBody") -> list[list[int]]:
+        """The token ids of each prompt: a string, a list of strings, token ids, or lists of them."""
+        prompt = body.prompt
+        if not isinstance(prompt, str) and not prompt:
+            raise ApiError(400, "prompt is an empty list", "prompt")
+        texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt[0], str) else None
+        if texts is None:
+            batches = [prompt] if isinstance(prompt[0], int) else prompt
+            if not all(batches):
+                raise ApiError(400, "prompt: a token-id prompt is empty", "prompt")
+            return [list(ids) for ids in batches]
+        if self.tokenizer is None:
+            raise ApiError(400, "this artifact has no tokenizer: send the prompt as a list of token ids", "prompt")
+        return [self.tokenizer.encode(text) for text in texts]
+
+    def check_choices(self, prompts: int, n: int) -> None:
+        if prompts * n > MAX_CHOICES:
+            raise ApiError(400, f"{prompts} prompt(s) x n={n} asks for {prompts * n} choices; at most {MAX_CHOICES} "
+                                f"per request", "n")
+
+    async def start(self, prompts: list[list[int]], n: int, params, rid: str) -> list:
+        """Every choice started (see choices.py); a refused prompt is a 400."""
+        try:
+            return await choices_.start(self.engine.generate, prompts, n, params, rid)
+        except choices_.PromptRefused as exc:
+            raise ApiError(400, str(exc), "prompt") from None
 
     def check_model(self, body: _Common) -> None:
         if body.model != self.model_name:
@@ -157,10 +213,14 @@ class Server:
         return self.tokenizer.decode([token]) if self.tokenizer else str(token)
 
 
-def usage(out: RequestOutput) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+def usage(lasts: dict, n: int) -> dict:
+    """A request's usage from each choice's last output: every prompt counted once (by its
+    first sample: the others reuse its cached blocks), every choice's generated tokens."""
+    leaders = [out for c, out in lasts.items() if c.index % n == 0]
+    prompt = sum(out.prompt_tokens for out in leaders)
+    completion = sum(out.completion_tokens for out in lasts.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(out.cached_tokens for out in leaders)}}
 
 
 def sse(data: Any) -> str:
@@ -214,37 +274,31 @@ def create_app(server: Server) -> FastAPI:
         server.check_model(body)
         if body.echo:
             raise ApiError(400, "echo is not supported", "echo")
-        if server.tokenizer is None and not all(isinstance(x, int) for x in body.prompt):
-            raise ApiError(400, "this artifact has no tokenizer: send the prompt as a list of token ids", "prompt")
-        if isinstance(body.prompt, str):
-            ids = server.tokenizer.encode(body.prompt)
-        elif body.prompt and all(isinstance(x, str) for x in body.prompt):
-            if len(body.prompt) != 1:
-                raise ApiError(400, "only one prompt per request is supported (n=1, one prompt string)", "prompt")
-            ids = server.tokenizer.encode(body.prompt[0])
-        else:
-            ids = list(body.prompt)
-        server.check_prompt(ids)
+        prompts = server.completion_prompts(body)
+        server.check_choices(len(prompts), body.n)
+        for ids in prompts:
+            server.check_prompt(ids)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        params = server.params(body, max_tokens, len(ids), body.logprobs)
+        params = [[server.params(body, max_tokens, len(ids), body.logprobs, s) for s in range(body.n)] for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = server.engine.generate(ids, params, rid)
+        started = await server.start(prompts, body.n, lambda p, s: params[p][s], rid)
         if body.stream:
-            first = await _first(gen)
-            return StreamingResponse(_completion_stream(server, rid, first, gen, include_usage, body.logprobs),
+            return StreamingResponse(_completion_stream(server, rid, started, body.n, include_usage, body.logprobs),
                                      media_type="text/event-stream")
-        text, samples, last = await _collect(gen, request)
-        choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
-                  "logprobs": _completion_logprobs(server, samples, 0) if body.logprobs is not None else None}
+        results = await _collect(started, request)
+        out = [{"index": c.index, "text": r.text, "finish_reason": r.last.finish_reason,
+                "logprobs": _completion_logprobs(server, r.samples, 0) if body.logprobs is not None else None}
+               for c, r in zip(started, results)]
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": server.model_name,
-                "choices": [choice], "usage": usage(last)}
+                "choices": out, "usage": usage({c: r.last for c, r in zip(started, results)}, body.n)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         server.check_model(body)
         if server.tokenizer is None:
             raise ApiError(400, "this artifact has no tokenizer, so it cannot chat")
+        server.check_choices(1, body.n)
         messages = []
         for m in body.messages:
             content = m.content
@@ -260,49 +314,29 @@ def create_app(server: Server) -> FastAPI:
         top = body.top_logprobs if body.logprobs else None
         logprobs = (top or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = server.params(body, max_tokens, len(ids), logprobs)
+        params = [server.params(body, max_tokens, len(ids), logprobs, s) for s in range(body.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = server.engine.generate(ids, params, rid)
+        started = await server.start([ids], body.n, lambda p, s: params[s], rid)
         if body.stream:
-            first = await _first(gen)
-            return StreamingResponse(_chat_stream(server, rid, first, gen, include_usage, logprobs is not None),
+            return StreamingResponse(_chat_stream(server, rid, started, body.n, include_usage, logprobs is not None),
                                      media_type="text/event-stream")
-        text, samples, last = await _collect(gen, request)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": {"content": _chat_logprobs(server, samples)} if logprobs is not None else None,
-                  "finish_reason": last.finish_reason}
+        results = await _collect(started, request)
+        out = [{"index": c.index, "message": {"role": "assistant", "content": r.text},
+                "logprobs": {"content": _chat_logprobs(server, r.samples)} if logprobs is not None else None,
+                "finish_reason": r.last.finish_reason} for c, r in zip(started, results)]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": server.model_name,
-                "choices": [choice], "usage": usage(last)}
+                "choices": out, "usage": usage({c: r.last for c, r in zip(started, results)}, body.n)}
 
     return app
 
 
-async def _collect(gen, request: Request):
-    """All of a non-streamed request's outputs; a client that disconnects meanwhile aborts it."""
-    async def consume():
-        text, samples, last = "", [], None
-        async for out in gen:
-            text, samples, last = text + out.text, samples + out.new_samples, out
-        return text, samples, last
-
-    task = asyncio.ensure_future(consume())
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.25)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            await gen.aclose()
-            raise ApiError(499, "the client closed the request")
-
-
-async def _first(gen):
-    """The first output, awaited before the response starts, so a refused prompt is a 4xx."""
-    try:
-        return await gen.__anext__()
-    except ValueError as exc:
-        raise ApiError(400, str(exc), "prompt") from None
+async def _collect(started: list, request: Request) -> list:
+    """Every choice's whole output; a client that disconnects meanwhile aborts them all."""
+    results = await choices_.collect(started, request.is_disconnected)
+    if results is None:
+        raise ApiError(499, "the client closed the request")
+    return results
 
 
 def _completion_logprobs(server: Server, samples, offset: int) -> dict:
@@ -326,54 +360,48 @@ def _chat_logprobs(server: Server, samples) -> list:
             for s in samples]
 
 
-async def _outputs(first, gen):
-    yield first
-    if not first.finished:
-        async for out in gen:
-            yield out
-
-
-async def _completion_stream(server: Server, rid: str, first, gen, include_usage: bool, logprobs: Optional[int]):
-    created, last, offset = int(time.time()), None, 0
+async def _completion_stream(server: Server, rid: str, started: list, n: int, include_usage: bool,
+                             logprobs: Optional[int]):
+    created, lasts, offsets = int(time.time()), {}, {}
+    head = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
     try:
-        async for out in _outputs(first, gen):
-            last = out
+        async for c, out in choices_.merged(started):
+            lasts[c] = out
             if not out.text and not out.finished and logprobs is None:
                 continue
-            choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
+            choice = {"index": c.index, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
                       "logprobs": None}
             if logprobs is not None:
-                choice["logprobs"] = _completion_logprobs(server, out.new_samples, offset)
-            offset += len(out.text)
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                       "choices": [choice]})
-        if include_usage and last is not None:
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                       "choices": [], "usage": usage(last)})
+                choice["logprobs"] = _completion_logprobs(server, out.new_samples, offsets.get(c, 0))
+            offsets[c] = offsets.get(c, 0) + len(out.text)
+            yield sse({**head, "choices": [choice]})
+        if include_usage and lasts:
+            yield sse({**head, "choices": [], "usage": usage(lasts, n)})
         yield "data: [DONE]\n\n"
     finally:
-        await gen.aclose()  # a disconnected client aborts its request (frees its blocks)
+        await choices_.close(started)  # a disconnected client aborts its requests (frees their blocks)
 
 
-async def _chat_stream(server: Server, rid: str, first, gen, include_usage: bool, logprobs: bool):
-    created, last = int(time.time()), None
+async def _chat_stream(server: Server, rid: str, started: list, n: int, include_usage: bool, logprobs: bool):
+    created, lasts = int(time.time()), {}
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
     try:
-        yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
-        async for out in _outputs(first, gen):
-            last = out
+        for c in started:
+            yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        async for c, out in choices_.merged(started):
+            lasts[c] = out
             if not out.text and not out.finished and not logprobs:
                 continue
             delta = {"content": out.text} if out.text or not out.finished else {}
-            choice = {"index": 0, "delta": delta, "finish_reason": out.finish_reason if out.finished else None,
+            choice = {"index": c.index, "delta": delta, "finish_reason": out.finish_reason if out.finished else None,
                       "logprobs": {"content": _chat_logprobs(server, out.new_samples)} if logprobs else None}
             yield sse({**head, "choices": [choice]})
-        if include_usage and last is not None:
-            yield sse({**head, "choices": [], "usage": usage(last)})
+        if include_usage and lasts:
+            yield sse({**head, "choices": [], "usage": usage(lasts, n)})
         yield "data: [DONE]\n\n"
     finally:
-        await gen.aclose()
+        await choices_.close(started)
 
 
 # --- middleware: API key and body size -------------------------------------------------------

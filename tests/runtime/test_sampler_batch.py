@@ -35,6 +35,18 @@ def test_presence_and_frequency_penalties():
     assert Sampler(SamplingParams(repetition_penalty=1.5)).sample(logits, [0], []) == 1
 
 
+def test_logit_bias_moves_greedy_and_drawn_tokens_alike():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(3, 300)).astype(np.float32)
+    top = int(np.argmax(logits[0]))
+    params = [SamplingParams(logit_bias={7: 100.0}), SamplingParams(logit_bias={top: -100.0}),
+              SamplingParams(temperature=1.0, seed=1, logit_bias={9: 100.0, 10_000: 5.0})]  # 10_000: past the vocab
+    batched = sample_batch([Sampler(p) for p in params], np.stack([logits[0]] * 3), [[]] * 3, [[]] * 3)
+    assert [s.token for s in batched][0::2] == [7, 9] and batched[1].token not in (top,)
+    lp = Sampler(SamplingParams(logprobs=1, logit_bias={7: 100.0})).sample_full(logits[0])
+    assert lp.token == 7 and lp.logprob > -1e-6  # logprobs see the biased logits, as with penalties
+
+
 def test_batched_sampling_equals_one_by_one():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(6, 300)).astype(np.float32)
@@ -51,7 +63,8 @@ def test_batched_sampling_equals_one_by_one():
 
 @pytest.mark.parametrize("field, value", [
     ("presence_penalty", 2.5), ("frequency_penalty", -3), ("stop", [""]), ("stop", 5), ("logprobs", 21),
-    ("logprobs", -1),
+    ("logprobs", -1), ("logit_bias", {1: 101}), ("logit_bias", {-1: 1.0}), ("logit_bias", {"5": 1.0}),
+    ("logit_bias", [1]),
 ])
 def test_new_fields_are_validated(field, value):
     with pytest.raises(ValueError, match=field):

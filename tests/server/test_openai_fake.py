@@ -180,7 +180,7 @@ BAD = [
     ({"model": "fake", "prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"model": "fake", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ({"model": "fake", "prompt": "x", "stream": "yes"}, 400, "stream"),
-    ({"model": "fake", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "fake", "prompt": "x", "n": 0}, 400, "n"),
     ({"model": "fake", "prompt": "x", "logprobs": 50}, 400, "logprobs"),
     ({"model": "fake", "prompt": []}, 400, "prompt"),
 ]
