@@ -73,6 +73,26 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     logit_bias: Optional[dict[str, float]] = None
+    # OpenAI fields this server does not implement: named in a 400 when they would change the
+    # output, rather than silently ignored like unknown fields
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    prompt_logprobs: Any = None
+
+    def unsupported(self) -> Optional[str]:
+        """The first field set to something this server would not honour."""
+        harmless = {"tools": lambda v: not v, "functions": lambda v: not v,
+                    "tool_choice": lambda v: v in (None, "none", "auto"),
+                    "function_call": lambda v: v in (None, "none", "auto"),
+                    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+                    "suffix": lambda v: not v, "best_of": lambda v: v is None or v == self.n,
+                    "prompt_logprobs": lambda v: v is None}
+        return next((name for name, ok in harmless.items() if not ok(getattr(self, name))), None)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -198,9 +218,13 @@ class Server:
             raise ApiError(400, str(exc), "prompt") from None
 
     def check_model(self, body: _Common) -> None:
+        """The model name, then fields this server does not implement (a 400 naming them)."""
         if body.model != self.model_name:
             raise ApiError(404, f"the model '{body.model}' does not exist; this server serves "
                                 f"'{self.model_name}' (GET /v1/models)", "model", "model_not_found")
+        name = body.unsupported()
+        if name:
+            raise ApiError(400, f"{name} is not supported by this server (llmc); leave it out", name)
 
     def check_prompt(self, ids: list[int]) -> None:
         try:

@@ -125,6 +125,11 @@ BAD = [
     ({"logit_bias": {"-1": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"5": "high"}}, "logit_bias"),
+    ({"suffix": "end"}, "suffix"),  # fields not implemented: refused, not silently ignored
+    ({"best_of": 3}, "best_of"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
 ]
 
 
@@ -135,6 +140,15 @@ def test_bad_choice_requests(live, extra, param):
     error = json.loads(text)["error"]
     assert error["param"] and error["param"].startswith(param), error
     assert live.get("/health")[0] == 200
+
+
+def test_harmless_defaults_of_unimplemented_fields_pass(live):
+    body = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "tools": [],
+            "tool_choice": "none", "response_format": {"type": "text"}, "user": "u1", "metadata": {"k": "v"}}
+    code, text = live.post("/v1/chat/completions", body)
+    assert code == 200, text
+    code, text = live.post("/v1/chat/completions", {**body, "response_format": {"type": "json_schema"}})
+    assert code == 400 and json.loads(text)["error"]["param"] == "response_format"
 
 
 def test_disconnect_frees_every_choice(byte_tokenizer):
