@@ -205,6 +205,21 @@ class Server:
             raise ApiError(400, "this artifact has no tokenizer: send the prompt as a list of token ids", "prompt")
         return [self.tokenizer.encode(text) for text in texts]
 
+    def echoed(self, body: "CompletionBody", prompts: list[list[int]]) -> Optional[list[str]]:
+        """With ``echo``, each prompt's text (what the choices start with); None without."""
+        if not body.echo:
+            return None
+        if body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs needs the prompt tokens' logprobs, which llmc does not compute; "
+                                "drop one of them", "echo")
+        if isinstance(body.prompt, str):
+            return [body.prompt]
+        if body.prompt and isinstance(body.prompt[0], str):
+            return list(body.prompt)
+        if self.tokenizer is None:
+            raise ApiError(400, "echo of token-id prompts needs the artifact's tokenizer", "echo")
+        return [self.tokenizer.decode(ids) for ids in prompts]
+
     def check_choices(self, prompts: int, n: int) -> None:
         if prompts * n > MAX_CHOICES:
             raise ApiError(400, f"{prompts} prompt(s) x n={n} asks for {prompts * n} choices; at most {MAX_CHOICES} "
@@ -296,9 +311,8 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         server.check_model(body)
-        if body.echo:
-            raise ApiError(400, "echo is not supported", "echo")
         prompts = server.completion_prompts(body)
+        echoed = server.echoed(body, prompts)
         server.check_choices(len(prompts), body.n)
         for ids in prompts:
             server.check_prompt(ids)
@@ -308,10 +322,11 @@ def create_app(server: Server) -> FastAPI:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         started = await server.start(prompts, body.n, lambda p, s: params[p][s], rid)
         if body.stream:
-            return StreamingResponse(_completion_stream(server, rid, started, body.n, include_usage, body.logprobs),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_completion_stream(server, rid, started, body.n, include_usage, body.logprobs,
+                                                        echoed), media_type="text/event-stream")
         results = await _collect(started, request)
-        out = [{"index": c.index, "text": r.text, "finish_reason": r.last.finish_reason,
+        out = [{"index": c.index, "text": (echoed[c.prompt] if echoed else "") + r.text,
+                "finish_reason": r.last.finish_reason,
                 "logprobs": _completion_logprobs(server, r.samples, 0) if body.logprobs is not None else None}
                for c, r in zip(started, results)]
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": server.model_name,
@@ -385,10 +400,13 @@ def _chat_logprobs(server: Server, samples) -> list:
 
 
 async def _completion_stream(server: Server, rid: str, started: list, n: int, include_usage: bool,
-                             logprobs: Optional[int]):
+                             logprobs: Optional[int], echoed: Optional[list[str]] = None):
     created, lasts, offsets = int(time.time()), {}, {}
     head = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
     try:
+        for c in started if echoed else ():  # echo: each choice starts with its prompt's text
+            yield sse({**head, "choices": [{"index": c.index, "text": echoed[c.prompt], "finish_reason": None,
+                                            "logprobs": None}]})
         async for c, out in choices_.merged(started):
             lasts[c] = out
             if not out.text and not out.finished and logprobs is None:

@@ -114,6 +114,20 @@ def test_logit_bias(client):
     assert drawn.choices[0].text == "q" * 20
 
 
+def test_echo(client, byte_tokenizer):
+    plain = sampled(client, ["echo me", "and me"], 2, n=2)
+    echoed = sampled(client, ["echo me", "and me"], 2, n=2, echo=True)
+    assert [c.text for c in echoed.choices] == [p + c.text for p, c in zip(["echo me"] * 2 + ["and me"] * 2,
+                                                                          plain.choices)]
+    streamed = {}
+    for chunk in sampled(client, "echo me", 2, echo=True, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed[0] == echoed.choices[0].text
+    by_ids = sampled(client, byte_tokenizer.encode("echo me"), 2, echo=True)
+    assert by_ids.choices[0].text == echoed.choices[0].text
+
+
 BAD = [
     ({"n": 0}, "n"),
     ({"n": 65}, "n"),
@@ -125,6 +139,7 @@ BAD = [
     ({"logit_bias": {"-1": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"5": "high"}}, "logit_bias"),
+    ({"echo": True, "logprobs": 1}, "echo"),
     ({"suffix": "end"}, "suffix"),  # fields not implemented: refused, not silently ignored
     ({"best_of": 3}, "best_of"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
