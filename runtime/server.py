@@ -9,7 +9,6 @@ streaming in OpenAI's chunk format; ``/v1/models``; ``/health``; Prometheus
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -18,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

@@ -5,23 +5,10 @@ sharing between the samples of a prompt, ``logit_bias``, and disconnects freeing
 import http.client
 import json
 
-import openai
 import pytest
 
 from tests.runtime.fake import VOCAB
 from tests.server.helpers import fake_server
-
-
-@pytest.fixture(scope="module")
-def live(byte_tokenizer):
-    with fake_server(tokenizer=byte_tokenizer, num_blocks=256, max_model_len=256, max_num_seqs=16,
-                     max_num_batched_tokens=64) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
 
 
 def sampled(client, prompt, seed, n=1, **kw):

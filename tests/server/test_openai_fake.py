@@ -14,18 +14,6 @@ from tests.runtime.fake import alone_reference
 from tests.server.helpers import fake_server
 
 
-@pytest.fixture(scope="module")
-def live(byte_tokenizer):
-    with fake_server(tokenizer=byte_tokenizer, num_blocks=256, max_model_len=256, max_num_seqs=16,
-                     max_num_batched_tokens=64) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
-
-
 def expected_text(tok, prompt: str, max_tokens: int) -> str:
     ids = alone_reference(tok.encode(prompt), max_tokens)
     return tok.decode([i for i in ids if i != 0])
