@@ -53,8 +53,11 @@ async def start(generate: Callable[[Sequence[int], SamplingParams, str], AsyncIt
     return choices
 
 
-async def close(choices: Sequence[Choice]) -> None:
-    """Close every choice's stream (an unfinished one aborts its request, freeing its blocks)."""
+async def close(choices: Sequence[Choice], stream: Optional[AsyncIterator] = None) -> None:
+    """Close ``stream`` (a ``merged`` iterator: its tasks stop), then every choice's stream
+    (an unfinished one aborts its request, freeing its blocks)."""
+    if stream is not None:
+        await stream.aclose()
     for c in choices:
         try:
             await c.gen.aclose()

@@ -402,11 +402,12 @@ async def _completion_stream(server: Server, rid: str, started: list, n: int, in
                              logprobs: Optional[int], echoed: Optional[list[str]] = None):
     created, lasts, offsets = int(time.time()), {}, {}
     head = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
+    outputs = choices_.merged(started)
     try:
         for c in started if echoed else ():  # echo: each choice starts with its prompt's text
             yield sse({**head, "choices": [{"index": c.index, "text": echoed[c.prompt], "finish_reason": None,
                                             "logprobs": None}]})
-        async for c, out in choices_.merged(started):
+        async for c, out in outputs:
             lasts[c] = out
             if not out.text and not out.finished and logprobs is None:
                 continue
@@ -420,17 +421,18 @@ async def _completion_stream(server: Server, rid: str, started: list, n: int, in
             yield sse({**head, "choices": [], "usage": usage(lasts, n)})
         yield "data: [DONE]\n\n"
     finally:
-        await choices_.close(started)  # a disconnected client aborts its requests (frees their blocks)
+        await choices_.close(started, outputs)  # a disconnected client aborts its requests (frees their blocks)
 
 
 async def _chat_stream(server: Server, rid: str, started: list, n: int, include_usage: bool, logprobs: bool):
     created, lasts = int(time.time()), {}
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
+    outputs = choices_.merged(started)
     try:
         for c in started:
             yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
-        async for c, out in choices_.merged(started):
+        async for c, out in outputs:
             lasts[c] = out
             if not out.text and not out.finished and not logprobs:
                 continue
@@ -442,7 +444,7 @@ async def _chat_stream(server: Server, rid: str, started: list, n: int, include_
             yield sse({**head, "choices": [], "usage": usage(lasts, n)})
         yield "data: [DONE]\n\n"
     finally:
-        await choices_.close(started)
+        await choices_.close(started, outputs)
 
 
 # --- middleware: API key and body size -------------------------------------------------------
