@@ -237,7 +237,8 @@ def cmd_serve(args) -> int:
           f"http://{args.host}:{args.port}/v1" + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
     run_server(engine, name, host=args.host, port=args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
                drain_seconds=args.drain_seconds, log_level="info" if args.verbose else "warning",
-               http_nice=DEFAULT_HTTP_NICE if args.http_nice is None else args.http_nice)
+               http_nice=DEFAULT_HTTP_NICE if args.http_nice is None else args.http_nice,
+               max_concurrent=args.max_concurrent_requests)
     return 0
 
 
@@ -516,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV blocks in the pool (default: 512 MiB worth, at least one full-length sequence)")
     sv.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of equal prefixes")
     sv.add_argument("--threads", type=positive_int, help="threads to run with (default: all cores)")
+    sv.add_argument("--max-concurrent-requests", type=positive_int, default=256,
+                    help="requests (each choice of an n > 1 request counts) running or waiting at most; more get "
+                         "HTTP 429 with Retry-After (default 256)")
     sv.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
                     help="largest request body accepted (default 1 MiB)")
     sv.add_argument("--drain-seconds", type=float, default=30.0,

@@ -44,6 +44,11 @@ class AsyncEngine:
         return self
 
     @property
+    def active_requests(self) -> int:
+        """Requests started through ``generate`` and not yet finished or aborted."""
+        return len(self._streams)
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop
 

@@ -56,7 +56,12 @@ class ServerMetrics(EngineMetrics):
                              buckets=LATENCY_BUCKETS)
         self.finished_requests = Counter("llmc_requests_finished", "Requests finished, by reason", ["reason"],
                                          registry=self.registry)
+        self.rejected_requests = Counter("llmc_requests_rejected", "Requests refused with HTTP 429 (at the "
+                                         "concurrency limit)", registry=self.registry)
         async_engine.engine.metrics = self
+
+    def rejected(self) -> None:
+        self.rejected_requests.inc()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

@@ -32,14 +32,16 @@ from .sampler import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 log = logging.getLogger("llmc.server")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_CONCURRENT = 256  # engine requests (choices) in flight before new requests get a 429
 MAX_CHOICES = 64  # choices one request may ask for: its prompts times n
 
 
 # --- errors ----------------------------------------------------------------------------------
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
                    code: Optional[str] = None) -> JSONResponse:
+    headers = {"retry-after": "1"} if status == 429 else None  # overloaded: clients back off and retry
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 class ApiError(Exception):
@@ -135,8 +137,10 @@ class Server:
     """Holds what the routes share: the engine, names, limits, metrics."""
 
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: Optional[str] = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: Optional[ServerMetrics] = None):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: Optional[ServerMetrics] = None,
+                 max_concurrent: int = DEFAULT_MAX_CONCURRENT):
         self.engine = engine
+        self.max_concurrent = max_concurrent
         self.model_name = model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
@@ -220,9 +224,17 @@ class Server:
         return [self.tokenizer.decode(ids) for ids in prompts]
 
     def check_choices(self, prompts: int, n: int) -> None:
+        """At most MAX_CHOICES a request (a 400), and room for them under ``max_concurrent``
+        (a 429 with Retry-After: the queue stays bounded when more clients come than it serves)."""
         if prompts * n > MAX_CHOICES:
             raise ApiError(400, f"{prompts} prompt(s) x n={n} asks for {prompts * n} choices; at most {MAX_CHOICES} "
                                 f"per request", "n")
+        active = self.engine.active_requests
+        if active + prompts * n > self.max_concurrent:
+            self.metrics.rejected()
+            raise ApiError(429, f"the server is at its limit of {self.max_concurrent} concurrent requests "
+                                f"({active} running or waiting); retry shortly", None, "server_overloaded",
+                           "server_overloaded")
 
     async def start(self, prompts: list[list[int]], n: int, params, rid: str) -> list:
         """Every choice started (see choices.py); a refused prompt is a 400."""
@@ -538,7 +550,8 @@ def lower_this_thread(nice: int) -> bool:
 
 def run_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_seconds: float = 30.0,
-               log_level: str = "info", http_nice: int = DEFAULT_HTTP_NICE) -> None:
+               log_level: str = "info", http_nice: int = DEFAULT_HTTP_NICE,
+               max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> None:
     """Serve ``engine`` until SIGTERM/SIGINT. On the signal uvicorn stops accepting, lets the
     requests in flight finish for at most ``drain_seconds``, then the engine thread stops.
     The event loop runs on this thread at niceness ``http_nice`` (Linux; see
@@ -548,7 +561,7 @@ def run_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 800
 
     async_engine = AsyncEngine(engine).start()
     lower_this_thread(http_nice)
-    server = Server(async_engine, model_name, api_key, max_body_bytes)
+    server = Server(async_engine, model_name, api_key, max_body_bytes, max_concurrent=max_concurrent)
     config = uvicorn.Config(build_asgi(server), host=host, port=port, log_level=log_level, lifespan="off",
                             timeout_graceful_shutdown=drain_seconds, access_log=log_level == "debug")
     uv = uvicorn.Server(config)

@@ -71,7 +71,8 @@ def request(method: str, url: str, data: Optional[bytes] = None, headers=None) -
 
 
 @contextmanager
-def fake_server(api_key: Optional[str] = None, max_body_bytes: int = 1 << 16, tokenizer=None, **engine_kwargs):
+def fake_server(api_key: Optional[str] = None, max_body_bytes: int = 1 << 16, tokenizer=None,
+                max_concurrent: int = 256, **engine_kwargs):
     """An in-process server over the fake executor (uvicorn on a thread, engine on its own)."""
     import uvicorn
 
@@ -80,7 +81,7 @@ def fake_server(api_key: Optional[str] = None, max_body_bytes: int = 1 << 16, to
     executor_kwargs.setdefault("delay_per_step", 0.002)
     engine = Engine(FakeExecutor(**executor_kwargs), tokenizer, **engine_kwargs)
     async_engine = AsyncEngine(engine).start()
-    server = Server(async_engine, "fake", api_key, max_body_bytes)
+    server = Server(async_engine, "fake", api_key, max_body_bytes, max_concurrent=max_concurrent)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(build_asgi(server), host="127.0.0.1", port=port, log_level="warning",
                                        lifespan="off"))

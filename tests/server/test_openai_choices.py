@@ -153,6 +153,32 @@ def test_harmless_defaults_of_unimplemented_fields_pass(live):
     assert code == 400 and json.loads(text)["error"]["param"] == "response_format"
 
 
+def test_concurrency_limit_answers_429_and_recovers(byte_tokenizer):
+    with fake_server(tokenizer=byte_tokenizer, max_model_len=256, delay_per_step=0.01, max_concurrent=4) as s:
+        host, port = s.url.split("//")[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        body = {"model": "fake", "prompt": "busy", "max_tokens": 100, "stream": True, "n": 3, "temperature": 1.0,
+                "ignore_eos": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        resp.fp.readline()  # three choices running: one more fits, two do not
+        other = http.client.HTTPConnection(host, int(port), timeout=10)
+        other.request("POST", "/v1/completions", json.dumps({**body, "stream": False, "n": 2, "max_tokens": 2}),
+                      {"content-type": "application/json"})
+        refused = other.getresponse()
+        assert refused.status == 429 and refused.getheader("retry-after") == "1"
+        assert json.loads(refused.read())["error"]["code"] == "server_overloaded"
+        code, _ = s.post("/v1/completions", {**body, "stream": False, "n": 1, "max_tokens": 2})
+        assert code == 200
+        assert s.metrics()["llmc_requests_rejected_total"] == 1
+        conn.sock.close()
+        conn.close()
+        s.wait_idle(5.0)
+        code, _ = s.post("/v1/completions", {**body, "stream": False, "n": 4, "max_tokens": 2})
+        assert code == 200  # room again once the stream is gone
+
+
 def test_disconnect_frees_every_choice(byte_tokenizer):
     with fake_server(tokenizer=byte_tokenizer, max_model_len=256, delay_per_step=0.01) as s:
         host, port = s.url.split("//")[1].split(":")
