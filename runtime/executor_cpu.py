@@ -121,7 +121,6 @@ class CpuExecutor:
         memory the device tensor then shares (DLPack, no copy). The file is not memory-mapped (the
         memory is anonymous, on huge pages: runtime/hugepages.py), so a loaded artifact holds its
         weights once and loading peaks at that plus nothing."""
-        tvm = self._tvm
         path = manifest.path("weights.safetensors")
         header, base = read_safetensors_header(path)
         for name in plan["weight_order"]:
