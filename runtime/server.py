@@ -33,6 +33,7 @@ log = logging.getLogger("llmc.server")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_CONCURRENT = 256  # engine requests (choices) in flight before new requests get a 429
+PROTECTED = ("/v1", "/tokenize", "/detokenize")  # the routes --api-key guards (not /health, /metrics)
 MAX_CHOICES = 64  # choices one request may ask for: its prompts times n
 
 
@@ -117,6 +118,23 @@ class ChatBody(_Common):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class TokenizeBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: Optional[str] = None
+    tokens: list[int]
 
 
 def validation_message(exc: Union[RequestValidationError, ValidationError]) -> tuple[str, Optional[str]]:
@@ -223,6 +241,27 @@ class Server:
             raise ApiError(400, "echo of token-id prompts needs the artifact's tokenizer", "echo")
         return [self.tokenizer.decode(ids) for ids in prompts]
 
+    def chat_ids(self, messages: list, add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of a conversation rendered by the model's chat template."""
+        plain = []
+        for m in messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            plain.append({"role": m.role, "content": content or ""})
+        try:
+            prompt = self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation
+            raise ApiError(400, f"the chat template cannot format these messages: {exc}", "messages") from None
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def check_tokenizer_request(self, model: Optional[str]) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+                           "model", "model_not_found")
+        if self.tokenizer is None:
+            raise ApiError(400, "this artifact has no tokenizer")
+
     def check_choices(self, prompts: int, n: int) -> None:
         """At most MAX_CHOICES a request (a 400), and room for them under ``max_concurrent``
         (a 429 with Retry-After: the queue stays bounded when more clients come than it serves)."""
@@ -319,6 +358,26 @@ def create_app(server: Server) -> FastAPI:
                                             "owned_by": "llmc",
                                             "max_model_len": server.engine.engine.max_model_len}]}
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        """vLLM's extra route: a prompt's (or a conversation's) token ids and count."""
+        server.check_tokenizer_request(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt or messages", "prompt")
+        ids = (server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+               if body.prompt is not None else server.chat_ids(body.messages, body.add_generation_prompt))
+        return {"count": len(ids), "max_model_len": server.engine.engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        """vLLM's extra route: the text of token ids."""
+        server.check_tokenizer_request(body.model)
+        vocab = server.engine.engine.vocab_size
+        bad = [t for t in body.tokens if t < 0 or (vocab and t >= vocab)]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+        return {"prompt": server.tokenizer.decode(body.tokens)}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         server.check_model(body)
@@ -349,17 +408,7 @@ def create_app(server: Server) -> FastAPI:
         if server.tokenizer is None:
             raise ApiError(400, "this artifact has no tokenizer, so it cannot chat")
         server.check_choices(1, body.n)
-        messages = []
-        for m in body.messages:
-            content = m.content
-            if isinstance(content, list):
-                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-            messages.append({"role": m.role, "content": content or ""})
-        try:
-            prompt = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation
-            raise ApiError(400, f"the chat template cannot format these messages: {exc}", "messages") from None
-        ids = server.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = server.chat_ids(body.messages)
         server.check_prompt(ids)
         top = body.top_logprobs if body.logprobs else None
         logprobs = (top or 0) if body.logprobs else None
@@ -478,7 +527,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         key = self.server.api_key
-        if key and scope["path"].startswith("/v1"):
+        if key and scope["path"].startswith(PROTECTED):
             headers = dict(scope["headers"])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""

@@ -115,6 +115,31 @@ def test_echo(client, byte_tokenizer):
     assert by_ids.choices[0].text == echoed.choices[0].text
 
 
+def test_tokenize_and_detokenize(live, byte_tokenizer):
+    code, text = live.post("/tokenize", {"model": "fake", "prompt": "Hello"})
+    body = json.loads(text)
+    assert code == 200 and body["tokens"] == byte_tokenizer.encode("Hello") and body["count"] == 5
+    assert body["max_model_len"] == 256
+    msgs = [{"role": "user", "content": "hi"}]
+    code, text = live.post("/tokenize", {"messages": msgs})
+    want = byte_tokenizer.encode(byte_tokenizer.apply_chat_template(msgs), add_special_tokens=False)
+    assert code == 200 and json.loads(text)["tokens"] == want
+    chat = sampled_chat_usage(live, msgs)
+    assert chat == len(want)  # what /tokenize counts is what a chat request's prompt costs
+    code, text = live.post("/detokenize", {"tokens": byte_tokenizer.encode("round trip")})
+    assert code == 200 and json.loads(text)["prompt"] == "round trip"
+    for path, body, param in (("/tokenize", {"prompt": "x", "messages": msgs}, "prompt"), ("/tokenize", {}, "prompt"),
+                              ("/detokenize", {"tokens": [VOCAB]}, "tokens"), ("/detokenize", {"tokens": "x"}, "tokens"),
+                              ("/tokenize", {"model": "other", "prompt": "x"}, "model")):
+        code, text = live.post(path, body)
+        assert code in (400, 404) and json.loads(text)["error"]["param"] == param, (path, body, text)
+
+
+def sampled_chat_usage(live, msgs) -> int:
+    code, text = live.post("/v1/chat/completions", {"model": "fake", "messages": msgs, "max_tokens": 1})
+    return json.loads(text)["usage"]["prompt_tokens"]
+
+
 BAD = [
     ({"n": 0}, "n"),
     ({"n": 65}, "n"),

@@ -208,6 +208,7 @@ def test_api_key(byte_tokenizer):
             code, text = s.post("/v1/completions", {"model": "fake", "prompt": "x"}, headers)
             assert code == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
         assert s.get("/v1/models")[0] == 401
+        assert s.post("/tokenize", {"prompt": "x"})[0] == 401  # vLLM's extra routes are guarded too
         assert s.get("/health")[0] == 200 and s.get("/metrics")[0] == 200  # not under /v1
         ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sesame", max_retries=0)
         assert ok.models.list().data[0].id == "fake"
