@@ -174,8 +174,12 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model holds at most "
                              f"{self.max_model_len} tokens (prompt + output), so the prompt may have at most "
                              f"{self.max_model_len - 1}; shorten it")
-        if self.vocab_size:
-            lo, hi = min(prompt_ids), max(prompt_ids)
+        self.check_token_ids(prompt_ids)
+
+    def check_token_ids(self, ids: Sequence[int]) -> None:
+        """Raise ValueError when a token id is outside the vocabulary (no-op when it is unknown)."""
+        if self.vocab_size and len(ids):
+            lo, hi = int(min(ids)), int(max(ids))
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"token id out of range [0, {self.vocab_size}): {lo}..{hi}")
 
@@ -363,8 +367,7 @@ class Engine:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("step needs at least one token")
-        if self.vocab_size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.vocab_size}): {int(ids.min())}..{int(ids.max())}")
+        self.check_token_ids(ids)
         end = self.position + ids.size
         if end > self.max_model_len:
             raise ValueError(f"the sequence would be {end} tokens, over this artifact's limit of "

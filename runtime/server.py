@@ -167,26 +167,27 @@ class Server:
         self.created = int(time.time())
 
     # sampling parameters from a body
-    def params(self, body: _Common, max_tokens: Optional[int], prompt_len: int, logprobs: Optional[int],
-               sample: int = 0) -> SamplingParams:
-        """Sample ``sample`` of n: with a seed, sample s draws from seed + s (sample 0 is the
-        n=1 request with that seed)."""
+    def params(self, body: _Common, max_tokens: Optional[int], prompt_len: int,
+               logprobs: Optional[int]) -> list[SamplingParams]:
+        """The parameters of each of the body's n samples of one prompt: with a seed, sample s
+        draws from seed + s (sample 0 is the n=1 request with that seed)."""
         limit = self.engine.engine.max_model_len
         room = limit - prompt_len
         if max_tokens is not None and max_tokens > room:
             raise ApiError(400, f"this model's maximum context length is {limit} tokens; the prompt has "
                                 f"{prompt_len} and max_tokens asks for {max_tokens} more ({prompt_len + max_tokens}); "
                                 f"lower max_tokens or shorten the prompt", "max_tokens", "context_length_exceeded")
+        bias = self.logit_bias(body)
         try:
-            return SamplingParams(
+            return [SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
                 presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
                 repetition_penalty=body.repetition_penalty or 1.0,
-                seed=None if body.seed is None else body.seed + sample,
+                seed=None if body.seed is None else body.seed + s,
                 max_tokens=max_tokens if max_tokens is not None else room, stop=body.stop or (),
                 stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos, logprobs=logprobs,
-                logit_bias=self.logit_bias(body))
+                logit_bias=bias) for s in range(body.n)]
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -211,8 +212,9 @@ class Server:
             out[token] = value
         return out
 
-    def completion_prompts(self, body: "CompletionBody") -> list[list[int]]:
-        """The token ids of each prompt: a string, a list of strings, token ids, or lists of them."""
+    def completion_prompts(self, body: "CompletionBody") -> tuple[Optional[list[str]], list[list[int]]]:
+        """Each prompt's text (None when the prompts came as token ids) and token ids: the body
+        holds a string, a list of strings, token ids, or lists of them."""
         prompt = body.prompt
         if not isinstance(prompt, str) and not prompt:
             raise ApiError(400, "prompt is an empty list", "prompt")
@@ -221,22 +223,20 @@ class Server:
             batches = [prompt] if isinstance(prompt[0], int) else prompt
             if not all(batches):
                 raise ApiError(400, "prompt: a token-id prompt is empty", "prompt")
-            return [list(ids) for ids in batches]
+            return None, [list(ids) for ids in batches]
         if self.tokenizer is None:
             raise ApiError(400, "this artifact has no tokenizer: send the prompt as a list of token ids", "prompt")
-        return [self.tokenizer.encode(text) for text in texts]
+        return list(texts), [self.tokenizer.encode(text) for text in texts]
 
-    def echoed(self, body: "CompletionBody", prompts: list[list[int]]) -> Optional[list[str]]:
+    def echoed(self, body: "CompletionBody", texts: Optional[list[str]], prompts: list[list[int]]) -> Optional[list[str]]:
         """With ``echo``, each prompt's text (what the choices start with); None without."""
         if not body.echo:
             return None
         if body.logprobs is not None:
             raise ApiError(400, "echo with logprobs needs the prompt tokens' logprobs, which llmc does not compute; "
                                 "drop one of them", "echo")
-        if isinstance(body.prompt, str):
-            return [body.prompt]
-        if body.prompt and isinstance(body.prompt[0], str):
-            return list(body.prompt)
+        if texts is not None:
+            return texts
         if self.tokenizer is None:
             raise ApiError(400, "echo of token-id prompts needs the artifact's tokenizer", "echo")
         return [self.tokenizer.decode(ids) for ids in prompts]
@@ -256,9 +256,8 @@ class Server:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def check_tokenizer_request(self, model: Optional[str]) -> None:
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
-                           "model", "model_not_found")
+        if model is not None:
+            self.check_model_name(model)
         if self.tokenizer is None:
             raise ApiError(400, "this artifact has no tokenizer")
 
@@ -282,11 +281,14 @@ class Server:
         except choices_.PromptRefused as exc:
             raise ApiError(400, str(exc), "prompt") from None
 
+    def check_model_name(self, model: str) -> None:
+        if model != self.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves "
+                                f"'{self.model_name}' (GET /v1/models)", "model", "model_not_found")
+
     def check_model(self, body: _Common) -> None:
         """The model name, then fields this server does not implement (a 400 naming them)."""
-        if body.model != self.model_name:
-            raise ApiError(404, f"the model '{body.model}' does not exist; this server serves "
-                                f"'{self.model_name}' (GET /v1/models)", "model", "model_not_found")
+        self.check_model_name(body.model)
         name = body.unsupported()
         if name:
             raise ApiError(400, f"{name} is not supported by this server (llmc); leave it out", name)
@@ -372,22 +374,22 @@ def create_app(server: Server) -> FastAPI:
     async def detokenize(body: DetokenizeBody):
         """vLLM's extra route: the text of token ids."""
         server.check_tokenizer_request(body.model)
-        vocab = server.engine.engine.vocab_size
-        bad = [t for t in body.tokens if t < 0 or (vocab and t >= vocab)]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+        try:
+            server.engine.engine.check_token_ids(body.tokens)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "tokens") from None
         return {"prompt": server.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         server.check_model(body)
-        prompts = server.completion_prompts(body)
-        echoed = server.echoed(body, prompts)
+        texts, prompts = server.completion_prompts(body)
+        echoed = server.echoed(body, texts, prompts)
         server.check_choices(len(prompts), body.n)
         for ids in prompts:
             server.check_prompt(ids)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        params = [[server.params(body, max_tokens, len(ids), body.logprobs, s) for s in range(body.n)] for ids in prompts]
+        params = [server.params(body, max_tokens, len(ids), body.logprobs) for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         started = await server.start(prompts, body.n, lambda p, s: params[p][s], rid)
@@ -413,7 +415,7 @@ def create_app(server: Server) -> FastAPI:
         top = body.top_logprobs if body.logprobs else None
         logprobs = (top or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = [server.params(body, max_tokens, len(ids), logprobs, s) for s in range(body.n)]
+        params = server.params(body, max_tokens, len(ids), logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         started = await server.start([ids], body.n, lambda p, s: params[s], rid)
