@@ -43,13 +43,18 @@ async def start(generate: Callable[[Sequence[int], SamplingParams, str], AsyncIt
     before any response starts). ``params(prompt, sample)`` gives each choice's parameters."""
     choices = [Choice(p * n + s, p, generate(ids, params(p, s), f"{request_id}-{p * n + s}"))
                for p, ids in enumerate(prompts) for s in range(n)]
-    try:
-        leaders = [c for c in choices if c.index % n == 0]
-        await asyncio.gather(*(_first(c) for c in leaders))
-        await asyncio.gather(*(_first(c) for c in choices if c.index % n))
-    except BaseException:
-        await close(choices)
-        raise
+    for group in ([c for c in choices if c.index % n == 0], [c for c in choices if c.index % n]):
+        tasks = [asyncio.ensure_future(_first(c)) for c in group]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # the others are still waiting on their first output: stop them (their requests
+            # abort) before closing every stream
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await close(choices)
+            raise
     return choices
 
 
@@ -59,10 +64,7 @@ async def close(choices: Sequence[Choice], stream: Optional[AsyncIterator] = Non
     if stream is not None:
         await stream.aclose()
     for c in choices:
-        try:
-            await c.gen.aclose()
-        except RuntimeError:  # still running in a task being cancelled: it closes itself
-            pass
+        await c.gen.aclose()
 
 
 async def _outputs(choice: Choice) -> AsyncIterator[RequestOutput]:
