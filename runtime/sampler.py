@@ -5,7 +5,8 @@ request has its own ``Sampler`` holding its parameters and its own random genera
 from ``seed``), and draws exactly one uniform number per sampled token, so a seeded request
 gives the same tokens whatever else shares its batch. Order (as in transformers, vLLM and
 llama.cpp): penalties (repetition over prompt and output, presence/frequency over the output)
-and logit biases (OpenAI's ``logit_bias``: a number added to given tokens' logits), then greedy argmax if temperature is 0, else temperature, top-k, min-p, top-p and the draw.
+and logit biases (OpenAI's ``logit_bias``: a number added to given tokens' logits), then
+greedy argmax if temperature is 0, else temperature, top-k, min-p, top-p and the draw.
 Log-probabilities are those of the penalized logits before temperature (the model's view).
 No full-vocabulary sort per token: top-k and top-logprobs use argpartition, top-p sorts only
 the smallest top slice whose mass reaches p (growing it 4x at a time when needed).
@@ -301,5 +302,5 @@ def sample_batch(samplers: Sequence[Sampler], logits: np.ndarray, previous: Sequ
     return results  # type: ignore[return-value]
 
 
-__all__ = ["MAX_LOGIT_BIAS", "MAX_LOGPROBS", "Sample", "Sampler", "SamplingParams", "draw_rows", "inverse_cdf", "log_softmax",
-           "sample_batch", "top_indices"]
+__all__ = ["MAX_LOGIT_BIAS", "MAX_LOGPROBS", "Sample", "Sampler", "SamplingParams", "draw_rows", "inverse_cdf",
+           "log_softmax", "sample_batch", "top_indices"]
