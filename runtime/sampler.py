@@ -93,7 +93,8 @@ class SamplingParams:
             if not isinstance(self.logit_bias, dict) or not all(
                     _is_int(k) and k >= 0 and _is_number(v) and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS
                     for k, v in self.logit_bias.items()):
-                bad("logit_bias", f"a mapping of token ids >= 0 to numbers in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+                bad("logit_bias",
+                    f"a mapping of token ids >= 0 to numbers in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
 
     @property

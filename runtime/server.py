@@ -228,7 +228,8 @@ class Server:
             raise ApiError(400, "this artifact has no tokenizer: send the prompt as a list of token ids", "prompt")
         return list(texts), [self.tokenizer.encode(text) for text in texts]
 
-    def echoed(self, body: "CompletionBody", texts: Optional[list[str]], prompts: list[list[int]]) -> Optional[list[str]]:
+    def echoed(self, body: "CompletionBody", texts: Optional[list[str]],
+               prompts: list[list[int]]) -> Optional[list[str]]:
         """With ``echo``, each prompt's text (what the choices start with); None without."""
         if not body.echo:
             return None

@@ -129,7 +129,8 @@ def test_tokenize_and_detokenize(live, byte_tokenizer):
     code, text = live.post("/detokenize", {"tokens": byte_tokenizer.encode("round trip")})
     assert code == 200 and json.loads(text)["prompt"] == "round trip"
     for path, body, param in (("/tokenize", {"prompt": "x", "messages": msgs}, "prompt"), ("/tokenize", {}, "prompt"),
-                              ("/detokenize", {"tokens": [VOCAB]}, "tokens"), ("/detokenize", {"tokens": "x"}, "tokens"),
+                              ("/detokenize", {"tokens": [VOCAB]}, "tokens"),
+                              ("/detokenize", {"tokens": "x"}, "tokens"),
                               ("/tokenize", {"model": "other", "prompt": "x"}, "model")):
         code, text = live.post(path, body)
         assert code in (400, 404) and json.loads(text)["error"]["param"] == param, (path, body, text)
