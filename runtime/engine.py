@@ -27,6 +27,7 @@ from .request import Request, Status
 from .sampler import Sample, SamplingParams, sample_batch
 from .scheduler import Scheduler
 from .step import Executor, StepBatch
+from .structured import Grammars
 from .tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_BYTES = 512 << 20
@@ -97,6 +98,9 @@ class Engine:
         self.max_seq_len = self.max_model_len  # the single-sequence name
         self.vocab_size = int(executor.vocab_size) or None
         self.eos_token_ids = set(tokenizer.eos_token_ids) if tokenizer else set()
+        # structured output: llguidance builds its token table on a request's first grammar
+        self._grammars = Grammars(tokenizer.to_json, self.vocab_size or tokenizer.vocab_size,
+                                  self.eos_token_ids) if tokenizer else None
         self.metrics = metrics or EngineMetrics()
         self.requests: dict[str, Request] = {}
         self._texts: dict[str, IncrementalText] = {}
@@ -183,13 +187,27 @@ class Engine:
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"token id out of range [0, {self.vocab_size}): {lo}..{hi}")
 
+    @property
+    def grammars(self) -> Grammars:
+        """llguidance over this model's tokenizer, for requests with a grammar (structured output)."""
+        if self._grammars is None:
+            raise ValueError("structured output needs the artifact's tokenizer, and this artifact has none")
+        return self._grammars
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise ValueError (a GrammarError) naming the problem when ``grammar`` cannot constrain
+        this model's output."""
+        self.grammars.check(grammar)
+
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
                     request_id: Optional[str] = None) -> Request:
         self.check_prompt(prompt_ids)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         req = Request(rid, [int(t) for t in prompt_ids], params)
+        req.matcher = matcher
         self.requests[rid] = req
         if self.tokenizer is not None:
             self._texts[rid] = IncrementalText(self.tokenizer, params.stop, params.skip_special_tokens)
@@ -270,6 +288,12 @@ class Engine:
             return []
         if len(rows) < len(logits):  # (a decode-only step samples every row: no 1.5 MB copy)
             logits = logits[rows]
+        guided = [j for j, req in enumerate(ready) if req.matcher is not None]
+        if guided:  # structured output: tokens outside each request's grammar get -inf
+            if not logits.flags.writeable:
+                logits = np.array(logits)
+            for j in guided:
+                ready[j].matcher.mask(logits[j])
         samples = sample_batch([r.sampler for r in ready], logits, [r.tokens for r in ready],
                                [r.output_ids for r in ready])
         now = time.monotonic()
@@ -300,6 +324,8 @@ class Engine:
                 out.text = text.push(token)
                 if text.stopped is not None:
                     reason = "stop"
+        if reason is None and req.matcher is not None and req.matcher.accept(token):
+            reason = "stop"  # the grammar is complete: only an end-of-sequence token could follow
         if reason is None and len(req.output_ids) >= p.max_tokens:
             reason = "length"
         if reason is None and req.num_tokens >= self.max_model_len:

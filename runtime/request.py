@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .block_manager import SeqBlocks
 from .sampler import Sample, Sampler, SamplingParams
@@ -41,6 +41,7 @@ class Request:
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     sampler: Sampler = field(init=False)
+    matcher: Any = None  # a GrammarMatcher when params.grammar constrains the output
     tokens: list[int] = field(init=False)
 
     def __post_init__(self):

@@ -51,6 +51,7 @@ class SamplingParams:
     logprobs: Optional[int] = None    # None: none; k: the chosen token's logprob and the top k
     skip_special_tokens: bool = True
     logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit (in [-100, 100])
+    grammar: Optional[str] = None     # llguidance grammar the output must follow (runtime/structured.py)
 
     def __post_init__(self):
         def bad(name: str, allowed: str):
@@ -96,6 +97,8 @@ class SamplingParams:
                 bad("logit_bias",
                     f"a mapping of token ids >= 0 to numbers in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
+        if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar):
+            bad("grammar", "None or a grammar string (runtime.structured.grammar_from)")
 
     @property
     def greedy(self) -> bool:
@@ -212,8 +215,8 @@ class Sampler:
         if p.logprobs is not None:
             lp = log_softmax(logits)
             out.logprob = float(lp[token])
-            if p.logprobs:
-                out.top_logprobs = [(int(i), float(lp[i])) for i in top_indices(lp, p.logprobs)]
+            if p.logprobs:  # (a grammar's excluded tokens, at -inf, are no alternatives)
+                out.top_logprobs = [(int(i), float(lp[i])) for i in top_indices(lp, p.logprobs) if lp[i] > -np.inf]
         return out
 
     def _draw(self, logits: np.ndarray) -> int:

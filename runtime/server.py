@@ -9,6 +9,7 @@ streaming in OpenAI's chunk format; ``/v1/models``; ``/health``; Prometheus
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ from . import choices as choices_
 from .async_engine import AsyncEngine, EngineDeadError
 from .metrics import ServerMetrics
 from .sampler import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+from .structured import GrammarError, grammar_from
 
 log = logging.getLogger("llmc.server")
 
@@ -81,7 +83,14 @@ class _Common(BaseModel):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
+    # structured output (runtime/structured.py): OpenAI's response_format, vLLM's
+    # structured_outputs and its older guided_* fields
     response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
     suffix: Any = None
     best_of: Any = None
     prompt_logprobs: Any = None
@@ -91,13 +100,49 @@ class _Common(BaseModel):
         harmless = {"tools": lambda v: not v, "functions": lambda v: not v,
                     "tool_choice": lambda v: v in (None, "none", "auto"),
                     "function_call": lambda v: v in (None, "none", "auto"),
-                    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
                     "suffix": lambda v: not v, "best_of": lambda v: v is None or v == self.n,
                     "prompt_logprobs": lambda v: v is None}
         return next((name for name, ok in harmless.items() if not ok(getattr(self, name))), None)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+
+    def constraint(self) -> Optional[tuple[str, str, Any]]:
+        """The one output constraint the body asks for, as (field, kind, spec); None for none."""
+        found = []
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type") if isinstance(fmt, dict) else None
+            if kind == "json_object":
+                found.append(("response_format", "json_object", None))
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict):
+                    raise ApiError(400, "response_format.json_schema must be an object holding the schema under "
+                                        "'schema'", "response_format")
+                found.append(("response_format", "json_schema", spec.get("schema", {"type": "object"})))
+            elif kind != "text":
+                raise ApiError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got "
+                                    f"{kind!r}", "response_format")
+        outputs = self.structured_outputs
+        if outputs is not None:
+            if not isinstance(outputs, dict):
+                raise ApiError(400, "structured_outputs must be an object (json, regex, choice, grammar or "
+                                    "json_object)", "structured_outputs")
+            kinds = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+            for key, value in outputs.items():
+                if key in kinds and value is not None:
+                    found.append(("structured_outputs", kinds[key], value))
+                elif key == "json_object" and value:
+                    found.append(("structured_outputs", "json_object", None))
+        for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                found.append((name, kind, getattr(self, name)))
+        if len(found) > 1:
+            raise ApiError(400, f"the request asks for {len(found)} output constraints "
+                                f"({', '.join(f[0] for f in found)}); give one", found[1][0])
+        return found[0] if found else None
 
 
 class CompletionBody(_Common):
@@ -168,9 +213,10 @@ class Server:
 
     # sampling parameters from a body
     def params(self, body: _Common, max_tokens: Optional[int], prompt_len: int,
-               logprobs: Optional[int]) -> list[SamplingParams]:
+               logprobs: Optional[int], grammar: Optional[str] = None) -> list[SamplingParams]:
         """The parameters of each of the body's n samples of one prompt: with a seed, sample s
-        draws from seed + s (sample 0 is the n=1 request with that seed)."""
+        draws from seed + s (sample 0 is the n=1 request with that seed); ``grammar`` from
+        ``grammar()``."""
         limit = self.engine.engine.max_model_len
         room = limit - prompt_len
         if max_tokens is not None and max_tokens > room:
@@ -187,9 +233,28 @@ class Server:
                 seed=None if body.seed is None else body.seed + s,
                 max_tokens=max_tokens if max_tokens is not None else room, stop=body.stop or (),
                 stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos, logprobs=logprobs,
-                logit_bias=bias) for s in range(body.n)]
+                logit_bias=bias, grammar=grammar) for s in range(body.n)]
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+
+    async def grammar(self, body: _Common) -> Optional[str]:
+        """The llguidance grammar of the body's output constraint, checked against the model's
+        tokenizer (a 400 naming the field when it cannot be used). Off the event loop: the first
+        one builds the token table (~0.3 s) and a large schema compiles for a while."""
+        found = body.constraint()
+        if found is None:
+            return None
+        field, kind, spec = found
+
+        def build() -> str:
+            grammar = grammar_from(kind, spec)
+            self.engine.engine.check_grammar(grammar)
+            return grammar
+
+        try:
+            return await asyncio.to_thread(build)
+        except (GrammarError, ValueError) as exc:
+            raise ApiError(400, f"{field}: {exc}", field) from None
 
     def logit_bias(self, body: _Common) -> Optional[dict[int, float]]:
         """OpenAI's ``logit_bias`` (token id strings -> [-100, 100]) as token ids, checked
@@ -390,7 +455,8 @@ def create_app(server: Server) -> FastAPI:
         for ids in prompts:
             server.check_prompt(ids)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        params = [server.params(body, max_tokens, len(ids), body.logprobs) for ids in prompts]
+        grammar = await server.grammar(body)
+        params = [server.params(body, max_tokens, len(ids), body.logprobs, grammar) for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         started = await server.start(prompts, body.n, lambda p, s: params[p][s], rid)
@@ -416,7 +482,7 @@ def create_app(server: Server) -> FastAPI:
         top = body.top_logprobs if body.logprobs else None
         logprobs = (top or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = server.params(body, max_tokens, len(ids), logprobs)
+        params = server.params(body, max_tokens, len(ids), logprobs, await server.grammar(body))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         started = await server.start([ids], body.n, lambda p, s: params[s], rid)

@@ -65,6 +65,10 @@ class Tokenizer:
             self.eos_token_ids.add(self._tok.token_to_id(eos_token))
         self._template: Optional[jinja2.Template] = None
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizers JSON (what llguidance reads for structured output)."""
+        return self._tok.to_str()
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

@@ -155,7 +155,7 @@ BAD = [
     ({"echo": True, "logprobs": 1}, "echo"),
     ({"suffix": "end"}, "suffix"),  # fields not implemented: refused, not silently ignored
     ({"best_of": 3}, "best_of"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
 ]
