@@ -190,12 +190,35 @@ def _load_engine(artifact: str, **options):
         raise CliError(str(exc)) from None
 
 
+def run_constraint(args) -> "str | None":
+    """The llguidance grammar of ``llmc run``'s --json-schema / --regex / --choice / --grammar."""
+    from llmc.runtime.structured import grammar_from
+
+    given = [(flag, kind, value) for flag, kind, value in (
+        ("--json-schema", "json_schema", args.json_schema), ("--regex", "regex", args.regex),
+        ("--choice", "choice", args.choice), ("--grammar", "grammar", args.grammar)) if value is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise CliError(f"give one output constraint, not {' and '.join(g[0] for g in given)}")
+    flag, kind, value = given[0]
+    if kind in ("json_schema", "grammar") and os.path.isfile(value):  # a file, or the text itself
+        with open(value, encoding="utf-8") as f:
+            value = f.read()
+    try:
+        return grammar_from(kind, value)
+    except ValueError as exc:
+        raise CliError(f"{flag}: {exc}") from None
+
+
 def cmd_run(args) -> int:
     from llmc.runtime import SamplingParams
 
+    grammar = run_constraint(args)
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed, max_tokens=args.max_tokens, skip_special_tokens=False)
+                                seed=args.seed, max_tokens=args.max_tokens, skip_special_tokens=False,
+                                grammar=grammar)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     # one sequence: a KV pool of one full-length sequence is all `llmc run` needs
@@ -204,6 +227,8 @@ def cmd_run(args) -> int:
     if tok is None:
         raise CliError(f"{args.artifact} has no tokenizer; compile a model that ships one")
     try:
+        if grammar is not None:
+            engine.check_grammar(grammar)
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         ids = tok.encode(text, add_special_tokens=not args.chat)
         for out in engine.generate(ids, params):  # the serving engine, one request
@@ -499,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int)
     run.add_argument("--threads", type=positive_int, help="threads to run with (default: all cores)")
+    shape = run.add_argument_group("structured output (one of; needs llguidance, in llmc[serve])")
+    shape.add_argument("--json-schema", metavar="SCHEMA", help="a JSON Schema (file or JSON text) the output follows")
+    shape.add_argument("--regex", help="a regular expression the whole output matches")
+    shape.add_argument("--choice", nargs="+", metavar="TEXT", help="the output is exactly one of these strings")
+    shape.add_argument("--grammar", metavar="LARK", help="a Lark grammar (file or text) the output follows")
     run.add_argument("-v", "--verbose", action="store_true", help="print prefill/decode speed")
     run.set_defaults(func=cmd_run)
 

@@ -1,5 +1,6 @@
 """The installed ``llmc`` command: compile to IR, print/verify IR, clear errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -118,6 +119,13 @@ def test_second_compile_of_the_bundled_model_reuses_both_caches(tmp_path):
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     out = llmc("run", str(tmp_path / "b"), "--prompt", "The capital of France is", "--max-tokens", "8")
     assert out.returncode == 0 and "Paris" in out.stdout, out.stdout + out.stderr
+    schema = '{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}'
+    out = llmc("run", str(tmp_path / "b"), "--chat", "--prompt", "The capital of France, as JSON with key city.",
+               "--max-tokens", "40", "--json-schema", schema)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["city"] == "Paris", out.stdout
+    out = llmc("run", str(tmp_path / "b"), "--prompt", "x", "--regex", "([a-z]")
+    assert out.returncode == 2 and "invalid constraint" in out.stderr and "unclosed group" in out.stderr
 
 
 def test_unreadable_models_are_clear_errors(tmp_path):
@@ -136,6 +144,14 @@ def test_unreadable_models_are_clear_errors(tmp_path):
     out = llmc("compile", str(weird), "--emit", "ir", "-o", str(tmp_path / "w.llmc.ir"), "-q")
     assert out.returncode == 2 and "transformers cannot load" in out.stderr and "Traceback" not in out.stderr
     assert "loading" not in out.stderr
+
+
+def test_run_constraints_are_checked_before_loading(tmp_path):
+    out = llmc("run", "nowhere", "--prompt", "x", "--regex", "a+", "--choice", "a", "b")
+    assert out.returncode == 2 and "give one output constraint, not --regex and --choice" in out.stderr
+    out = llmc("run", "nowhere", "--prompt", "x", "--json-schema", "{not json")
+    assert out.returncode == 2 and "--json-schema: the JSON schema is not valid JSON" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_zero_or_negative_sizes_are_refused_by_the_parser():
