@@ -2,7 +2,8 @@
 expression, a choice of strings, a Lark grammar), so the text a request returns parses.
 
 Why llguidance: for the whole vocabulary it computes which tokens keep the output inside the
-grammar in ~0.1-0.2 ms a step (a token trie walked against an Earley parser), it needs no torch,
+grammar in microseconds a step (~7 us for 49k tokens inside a JSON object: a token trie walked
+against an Earley parser), it needs no torch,
 and it reads the artifact's tokenizer.json as it is. The engine only masks each constrained
 row of logits with that set before sampling (the other tokens get -inf) and feeds every sampled
 token back; a grammar that is complete ends its request (finish reason "stop"). Whitespace
@@ -113,6 +114,11 @@ class Grammars:
                               self.eos_token_ids)
 
 
+# _BYTE_MASKS[b]: the additive mask of the 8 tokens whose bits are byte b (0 allowed, -inf not)
+_BYTE_MASKS = np.where(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 1,
+                       np.float32(0), np.float32(-np.inf)).astype(np.float32)
+
+
 class GrammarMatcher:
     """Where one request stands in its grammar: which tokens may come next, and whether the
     grammar is complete."""
@@ -123,19 +129,17 @@ class GrammarMatcher:
         self._eos = eos_token_ids
         self._words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
-    def allowed(self) -> np.ndarray:
-        """A bool mask [vocab] of the tokens the grammar allows next. When it allows none (the
-        matcher hit an error: logged), the end-of-sequence tokens, so the request ends."""
-        self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-        allowed = np.unpackbits(self._words.view(np.uint8), count=self._vocab, bitorder="little").view(bool)
-        if not allowed.any():
-            log.warning("grammar allows no token (%s); ending the request", self._matcher.get_error() or "no error")
-            allowed[self._eos] = True
-        return allowed
-
     def mask(self, logits_row: np.ndarray) -> None:
-        """Set the logits of every token the grammar does not allow next to -inf, in place."""
-        logits_row[~self.allowed()] = -np.inf
+        """Add -inf to the logits of every token the grammar does not allow next, in place. When
+        it allows none (the matcher hit an error: logged), the end-of-sequence tokens stay, so
+        the request ends."""
+        self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        if not self._words.any():
+            log.warning("grammar allows no token (%s); ending the request", self._matcher.get_error() or "no error")
+            for token in self._eos:
+                self._words[token // 32] |= np.int32(1 << (token % 32)) if token % 32 < 31 else np.int32(-(1 << 31))
+        # one gather of 8 floats a mask byte (~20 us for 49k tokens; a boolean index costs ~80)
+        logits_row += np.take(_BYTE_MASKS, self._words.view(np.uint8), axis=0).reshape(-1)[:self._vocab]
 
     def accept(self, token: int) -> bool:
         """Feed the sampled token; True when the grammar is complete (nothing may follow)."""

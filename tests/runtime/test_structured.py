@@ -163,3 +163,21 @@ def test_bad_constraints_are_refused_by_name(tok):
     no_tokenizer = Engine(FakeExecutor())
     with pytest.raises(ValueError, match="tokenizer"):
         no_tokenizer.check_grammar(grammar_from("regex", "a+"))
+
+
+def test_a_matcher_that_allows_nothing_leaves_the_end_tokens():
+    import ctypes
+
+    from llmc.runtime.structured import GrammarMatcher
+
+    class Stuck:  # an llguidance matcher in an error state: an empty mask
+        def unsafe_compute_mask_ptr(self, pointer, size):
+            ctypes.memset(pointer, 0, size)
+
+        def get_error(self):
+            return "stuck"
+
+    row = np.linspace(-1, 1, 100).astype(np.float32)
+    GrammarMatcher(Stuck(), 100, [0, 63, 95]).mask(row)
+    assert np.flatnonzero(np.isfinite(row)).tolist() == [0, 63, 95]
+    assert row[63] == np.float32(np.linspace(-1, 1, 100)[63])
