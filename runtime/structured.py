@@ -3,8 +3,7 @@ expression, a choice of strings, a Lark grammar), so the text a request returns 
 
 Why llguidance: for the whole vocabulary it computes which tokens keep the output inside the
 grammar in microseconds a step (~7 us for 49k tokens inside a JSON object: a token trie walked
-against an Earley parser), it needs no torch,
-and it reads the artifact's tokenizer.json as it is. The engine only masks each constrained
+against an Earley parser), it needs no torch, and it reads the artifact's tokenizer.json as it is. The engine only masks each constrained
 row of logits with that set before sampling (the other tokens get -inf) and feeds every sampled
 token back; a grammar that is complete ends its request (finish reason "stop"). Whitespace
 inside JSON is fixed (``", "`` and ``": "``, no newlines): a model that may put any whitespace
