@@ -24,7 +24,7 @@ from .block_manager import BlockManager, SeqBlocks
 from .cpu_features import cpu_flags
 from .detokenizer import IncrementalText
 from .request import Request, Status
-from .sampler import Sample, SamplingParams, sample_batch
+from .sampler import Sample, SamplingParams, sample_batch, scored_tokens
 from .scheduler import Scheduler
 from .step import Executor, StepBatch
 from .structured import Grammars
@@ -51,6 +51,7 @@ class RequestOutput:
     text: str = ""                 # new final text (stop strings applied)
     finished: bool = False
     finish_reason: Optional[str] = None  # "stop", "length", "abort"
+    prompt_logprobs: Optional[list] = None  # on a request's first output, with params.prompt_logprobs
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -205,9 +206,14 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        if params.prompt_logprobs is not None and self.num_state_slots:
+            raise ValueError("prompt logprobs need a model whose every layer is attention; this one keeps "
+                             "recurrent state")
         matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         req = Request(rid, [int(t) for t in prompt_ids], params)
         req.matcher = matcher
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(req.prompt_ids)
         self.requests[rid] = req
         if self.tokenizer is not None:
             self._texts[rid] = IncrementalText(self.tokenizer, params.stop, params.skip_special_tokens)
@@ -233,26 +239,40 @@ class Engine:
         return len(self.scheduler.waiting)
 
     # --- one iteration ------------------------------------------------------------------------
-    def build_batch(self, chunks: list[tuple[Request, int]]) -> StepBatch:
+    def build_batch(self, chunks: list[tuple[Request, int]]) -> tuple[StepBatch, list[range]]:
+        """The step's inputs, and each chunk's logits rows (one, or one per token). A chunk of a request that scores
+        its prompt (``prompt_logprobs``) becomes one single-token sequence per position, all on
+        the request's block table: every layer writes the whole step's K/V before attending, so
+        each position sees those before it, as in a prefill, and gets a logits row of its own."""
         bs = self.executor.block_size
-        ids, positions, slots, starts, lens = [], [], [], [0], []
-        width = max(len(req.blocks.table) for req, _ in chunks)
-        tables = np.zeros((len(chunks), width), dtype=np.int64)
-        for b, (req, n) in enumerate(chunks):
+        ids, positions, slots, tables, lens, counts, chunk_rows = [], [], [], [], [], [], []
+        for req, n in chunks:
             start = req.num_computed
             table = np.asarray(req.blocks.table, dtype=np.int64)
             pos = np.arange(start, start + n, dtype=np.int64)
             ids.append(np.asarray(req.tokens[start:start + n], dtype=np.int64))
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
-            starts.append(starts[-1] + n)
-            lens.append(start + n)
-            tables[b, :table.size] = table
-        query_start = np.asarray(starts, dtype=np.int64)
+            first = len(counts)
+            if req.prompt_logprobs is not None and start < len(req.prompt_ids) - 1:
+                lens.extend(range(start + 1, start + n + 1))
+                tables.extend([table] * n)
+                counts.extend([1] * n)
+            else:
+                lens.append(start + n)
+                tables.append(table)
+                counts.append(n)
+            chunk_rows.append(range(first, len(counts)))
+        table_array = np.zeros((len(tables), max(t.size for t in tables)), dtype=np.int64)
+        for b, table in enumerate(tables):
+            table_array[b, :table.size] = table
+        query_start = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start[1:])
         state = np.asarray([self._state_slot(req) for req, _ in chunks], dtype=np.int64) \
             if self.num_state_slots else None
-        return StepBatch(np.concatenate(ids), np.concatenate(positions), np.concatenate(slots), tables,
-                         np.asarray(lens, dtype=np.int64), query_start, query_start[1:] - 1, state)
+        batch = StepBatch(np.concatenate(ids), np.concatenate(positions), np.concatenate(slots), table_array,
+                          np.asarray(lens, dtype=np.int64), query_start, query_start[1:] - 1, state)
+        return batch, chunk_rows
 
     def _state_slot(self, req: Request) -> int:
         slot = self._slot_of.get(req.request_id)
@@ -275,17 +295,28 @@ class Engine:
         for victim in sched.preempted:  # recomputed from its first token later: a fresh slot then
             self._release_slot(victim)
         self.blocks.run_copies(self._copy_blocks)  # partly filled blocks shared before the step writes them
-        logits = self.executor.step(self.build_batch(sched.chunks))
+        batch, chunk_rows = self.build_batch(sched.chunks)
+        logits = self.executor.step(batch)
         self.steps += 1
         ready, rows = [], []
-        for b, (req, n) in enumerate(sched.chunks):
+        for (req, n), span in zip(sched.chunks, chunk_rows):
+            if req.prompt_logprobs is not None and len(span) == n:  # a row per position: score them
+                self._score_prompt(req, logits[span.start:span.stop])
             req.num_computed += n
             self.blocks.register(req.blocks, req.tokens, req.num_computed)
             if req.num_pending == 0:
                 ready.append(req)
-                rows.append(b)
+                rows.append(span.stop - 1)
+        outputs = []
+        if any(req.params.max_tokens == 0 for req in ready):  # prompt scored, nothing to generate
+            for req in [r for r in ready if r.params.max_tokens == 0]:
+                out = self._finish(req, "length")
+                out.prompt_logprobs = req.prompt_logprobs
+                outputs.append(out)
+            rows = [row for row, req in zip(rows, ready) if req.params.max_tokens]
+            ready = [req for req in ready if req.params.max_tokens]
         if not ready:
-            return []
+            return outputs
         if len(rows) < len(logits):  # (a decode-only step samples every row: no 1.5 MB copy)
             logits = logits[rows]
         guided = [j for j, req in enumerate(ready) if req.matcher is not None]
@@ -297,10 +328,18 @@ class Engine:
         samples = sample_batch([r.sampler for r in ready], logits, [r.tokens for r in ready],
                                [r.output_ids for r in ready])
         now = time.monotonic()
-        outputs = []
         for req, sample in zip(ready, samples):
             outputs.append(self._accept(req, sample, now))
         return outputs
+
+    def _score_prompt(self, req: Request, rows: np.ndarray) -> None:
+        """Record the prompt tokens that the logits ``rows`` (one per position of this chunk,
+        from num_computed on) predict: row j scores the token at position num_computed + j + 1."""
+        first = req.num_computed + 1
+        count = min(len(rows), len(req.prompt_ids) - first)
+        if count > 0:
+            scored = scored_tokens(rows[:count], req.prompt_ids[first:first + count], req.params.prompt_logprobs)
+            req.prompt_logprobs[first:first + count] = scored
 
     def _accept(self, req: Request, sample: Sample, now: float) -> RequestOutput:
         if req.first_token_time is None:
@@ -313,6 +352,8 @@ class Engine:
         req.append(sample)
         self.generation_tokens += 1
         out = RequestOutput(req.request_id, [sample])
+        if len(req.output_ids) == 1:
+            out.prompt_logprobs = req.prompt_logprobs
         p = req.params
         token = sample.token
         reason = None

@@ -42,6 +42,8 @@ class Request:
     last_token_time: Optional[float] = None
     sampler: Sampler = field(init=False)
     matcher: Any = None  # a GrammarMatcher when params.grammar constrains the output
+    # with params.prompt_logprobs: one Sample per prompt position (None for the first token)
+    prompt_logprobs: Optional[list] = None
     tokens: list[int] = field(init=False)
 
     def __post_init__(self):

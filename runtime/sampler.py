@@ -52,6 +52,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit (in [-100, 100])
     grammar: Optional[str] = None     # llguidance grammar the output must follow (runtime/structured.py)
+    prompt_logprobs: Optional[int] = None  # k: each prompt token's logprob, rank and the top k (model's view)
 
     def __post_init__(self):
         def bad(name: str, allowed: str):
@@ -75,8 +76,8 @@ class SamplingParams:
                 bad(name, "a number in [-2, 2] (0 means off)")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             bad("seed", "None or an integer >= 0")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            bad("max_tokens", "an integer >= 1")
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
+            bad("max_tokens", "an integer >= 0 (0: score the prompt, generate nothing)")
         try:
             ids = tuple(self.stop_token_ids)
         except TypeError:
@@ -97,6 +98,9 @@ class SamplingParams:
                 bad("logit_bias",
                     f"a mapping of token ids >= 0 to numbers in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            bad("prompt_logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
         if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar):
             bad("grammar", "None or a grammar string (runtime.structured.grammar_from)")
 
@@ -119,11 +123,27 @@ class Sample:
     token: int
     logprob: Optional[float] = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    rank: Optional[int] = None  # 1 + how many tokens were likelier (prompt logprobs)
 
 
 def log_softmax(row: np.ndarray) -> np.ndarray:
     shifted = row - row.max()
     return shifted - np.log(np.exp(shifted).sum())
+
+
+def scored_tokens(rows: np.ndarray, tokens: Sequence[int], k: int) -> list[Sample]:
+    """Given tokens scored under logits ``rows`` [m, vocab] (prompt logprobs: row j is the
+    model's prediction before token j): each one's logprob, rank and the top ``k``, from the raw
+    logits (no penalties, no temperature)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    lse = np.log(np.exp(rows - rows.max(axis=1, keepdims=True)).sum(axis=1)) + rows.max(axis=1)
+    picked = rows[np.arange(len(tokens)), np.asarray(tokens, dtype=np.int64)]
+    ranks = (rows > picked[:, None]).sum(axis=1) + 1
+    out = []
+    for j, token in enumerate(tokens):
+        top = [(int(i), float(rows[j, i] - lse[j])) for i in top_indices(rows[j], k)] if k else []
+        out.append(Sample(int(token), float(picked[j] - lse[j]), top, int(ranks[j])))
+    return out
 
 
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:
@@ -307,4 +327,4 @@ def sample_batch(samplers: Sequence[Sampler], logits: np.ndarray, previous: Sequ
 
 
 __all__ = ["MAX_LOGIT_BIAS", "MAX_LOGPROBS", "Sample", "Sampler", "SamplingParams", "draw_rows", "inverse_cdf",
-           "log_softmax", "sample_batch", "top_indices"]
+           "log_softmax", "sample_batch", "scored_tokens", "top_indices"]

@@ -77,7 +77,7 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
-            if not req.blocks.table:
+            if not req.blocks.table and req.params.prompt_logprobs is None:  # scoring computes every position
                 req.num_computed = self.blocks.match_prefix(req.blocks, req.tokens)
                 if req.preemptions == 0:
                     req.num_cached_prompt = req.num_computed

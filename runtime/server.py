@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -95,6 +95,8 @@ class _Common(BaseModel):
     best_of: Any = None
     prompt_logprobs: Any = None
 
+    IMPLEMENTED: ClassVar[tuple] = ()  # of the fields below, those a body type does honour
+
     def unsupported(self) -> Optional[str]:
         """The first field set to something this server would not honour."""
         harmless = {"tools": lambda v: not v, "functions": lambda v: not v,
@@ -102,7 +104,8 @@ class _Common(BaseModel):
                     "function_call": lambda v: v in (None, "none", "auto"),
                     "suffix": lambda v: not v, "best_of": lambda v: v is None or v == self.n,
                     "prompt_logprobs": lambda v: v is None}
-        return next((name for name, ok in harmless.items() if not ok(getattr(self, name))), None)
+        return next((name for name, ok in harmless.items()
+                     if name not in self.IMPLEMENTED and not ok(getattr(self, name))), None)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -146,9 +149,19 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
+    IMPLEMENTED: ClassVar[tuple] = ("prompt_logprobs",)
+
     prompt: Union[str, list[int], list[str], list[list[int]]]
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0: score the prompt only (with echo or prompt_logprobs)
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: per prompt token
+
+    def scoring(self) -> Optional[int]:
+        """How many alternatives a prompt token's logprobs carry, when the prompt is scored
+        (``echo`` with ``logprobs``, or ``prompt_logprobs``); None when it is not."""
+        wanted = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(wanted) if wanted else None
 
 
 class ChatMessage(BaseModel):
@@ -213,10 +226,12 @@ class Server:
 
     # sampling parameters from a body
     def params(self, body: _Common, max_tokens: Optional[int], prompt_len: int,
-               logprobs: Optional[int], grammar: Optional[str] = None) -> list[SamplingParams]:
+               logprobs: Optional[int], grammar: Optional[str] = None,
+               prompt_logprobs: Optional[int] = None) -> list[SamplingParams]:
         """The parameters of each of the body's n samples of one prompt: with a seed, sample s
         draws from seed + s (sample 0 is the n=1 request with that seed); ``grammar`` from
-        ``grammar()``."""
+        ``grammar()``; ``prompt_logprobs`` for sample 0 only (the prompt is scored once; the
+        other samples take its blocks from the prefix cache)."""
         limit = self.engine.engine.max_model_len
         room = limit - prompt_len
         if max_tokens is not None and max_tokens > room:
@@ -233,7 +248,8 @@ class Server:
                 seed=None if body.seed is None else body.seed + s,
                 max_tokens=max_tokens if max_tokens is not None else room, stop=body.stop or (),
                 stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos, logprobs=logprobs,
-                logit_bias=bias, grammar=grammar) for s in range(body.n)]
+                logit_bias=bias, grammar=grammar, prompt_logprobs=None if s else prompt_logprobs)
+                for s in range(body.n)]
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -298,9 +314,6 @@ class Server:
         """With ``echo``, each prompt's text (what the choices start with); None without."""
         if not body.echo:
             return None
-        if body.logprobs is not None:
-            raise ApiError(400, "echo with logprobs needs the prompt tokens' logprobs, which llmc does not compute; "
-                                "drop one of them", "echo")
         if texts is not None:
             return texts
         if self.tokenizer is None:
@@ -455,19 +468,34 @@ def create_app(server: Server) -> FastAPI:
         for ids in prompts:
             server.check_prompt(ids)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        scoring = body.scoring()
+        if max_tokens == 0 and scoring is None and not body.echo:
+            raise ApiError(400, "max_tokens=0 generates nothing; it scores the prompt only, with echo and logprobs "
+                                "or prompt_logprobs", "max_tokens")
+        if scoring is not None and body.stream:
+            raise ApiError(400, "the prompt's logprobs (echo with logprobs, or prompt_logprobs) come with "
+                                "stream=false", "stream")
         grammar = await server.grammar(body)
-        params = [server.params(body, max_tokens, len(ids), body.logprobs, grammar) for ids in prompts]
+        params = [server.params(body, max_tokens, len(ids), body.logprobs, grammar, scoring) for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         started = await server.start(prompts, body.n, lambda p, s: params[p][s], rid)
         if body.stream:
             return StreamingResponse(_completion_stream(server, rid, started, body.n, include_usage, body.logprobs,
                                                         echoed), media_type="text/event-stream")
+        scored = {c.prompt: c.first.prompt_logprobs for c in started if c.index % body.n == 0}
         results = await _collect(started, request)
-        out = [{"index": c.index, "text": (echoed[c.prompt] if echoed else "") + r.text,
-                "finish_reason": r.last.finish_reason,
-                "logprobs": _completion_logprobs(server, r.samples, 0) if body.logprobs is not None else None}
-               for c, r in zip(started, results)]
+        out = []
+        for c, r in zip(started, results):
+            choice = {"index": c.index, "text": (echoed[c.prompt] if echoed else "") + r.text,
+                      "finish_reason": r.last.finish_reason, "logprobs": None}
+            if body.logprobs is not None:
+                head = scored[c.prompt] if echoed else None  # echo: the prompt's tokens come first
+                choice["logprobs"] = _completion_logprobs(server, r.samples, 0, prompts[c.prompt] if head else None,
+                                                          head, body.logprobs)
+            if body.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = _vllm_prompt_logprobs(server, scored[c.prompt], body.prompt_logprobs)
+            out.append(choice)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": server.model_name,
                 "choices": out, "usage": usage({c: r.last for c, r in zip(started, results)}, body.n)}
 
@@ -507,16 +535,39 @@ async def _collect(started: list, request: Request) -> list:
     return results
 
 
-def _completion_logprobs(server: Server, samples, offset: int) -> dict:
-    tokens, offsets = [], []
+def _completion_logprobs(server: Server, samples, offset: int, prompt: Optional[list[int]] = None,
+                         scored: Optional[list] = None, k: int = 0) -> dict:
+    """OpenAI's completion logprobs of ``samples``; with echo, the ``prompt`` tokens' first
+    (``scored``: one Sample per position, None for the first token, which has no logprob)."""
+    tokens, offsets, logprobs, tops = [], [], [], []
+    for sample in scored if prompt else []:
+        logprobs.append(sample.logprob if sample else None)
+        tops.append({server.token_text(t): lp for t, lp in sample.top_logprobs[:k]} if sample else None)
     for s in samples:
+        logprobs.append(s.logprob)
+        tops.append({server.token_text(t): lp for t, lp in s.top_logprobs})
+    for token in list(prompt or []) + [s.token for s in samples]:
         offsets.append(offset)
-        text = server.token_text(s.token)
+        text = server.token_text(token)
         tokens.append(text)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [s.logprob for s in samples],
-            "top_logprobs": [{server.token_text(t): lp for t, lp in s.top_logprobs} for s in samples],
-            "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _vllm_prompt_logprobs(server: Server, scored: list, k: int) -> list:
+    """vLLM's ``prompt_logprobs``: per prompt position None (the first) or {token id: {logprob,
+    rank, decoded_token}} for the prompt's token and the k likeliest."""
+    out = []
+    for sample in scored:
+        if sample is None:
+            out.append(None)
+            continue
+        entry = {str(sample.token): {"logprob": sample.logprob, "rank": sample.rank,
+                                     "decoded_token": server.token_text(sample.token)}}
+        for rank, (token, lp) in enumerate(sample.top_logprobs[:k], start=1):
+            entry.setdefault(str(token), {"logprob": lp, "rank": rank, "decoded_token": server.token_text(token)})
+        out.append(entry)
+    return out
 
 
 def _chat_logprobs(server: Server, samples) -> list:

@@ -10,7 +10,6 @@ on what else is in the batch, so batched and alone runs must agree exactly.
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np

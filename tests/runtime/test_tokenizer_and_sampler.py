@@ -178,7 +178,7 @@ def test_repetition_penalty_lowers_repeated_token():
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.1), ("temperature", float("nan")), ("top_k", -1), ("top_k", 1.5),
     ("top_p", 0.0), ("top_p", 1.5), ("min_p", -0.1), ("min_p", 2.0), ("repetition_penalty", 0.0),
-    ("seed", -1), ("seed", "x"), ("max_tokens", 0), ("stop_token_ids", [1, -2]), ("stop_token_ids", 3),
+    ("seed", -1), ("seed", "x"), ("max_tokens", -1), ("prompt_logprobs", 21), ("stop_token_ids", [1, -2]), ("stop_token_ids", 3),
 ])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

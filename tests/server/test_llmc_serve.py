@@ -149,6 +149,23 @@ def test_structured_output_on_compiled_kernels(tiny_artifact):
         live.wait_idle()
 
 
+def test_scored_prompt_equals_generation_on_compiled_kernels(tiny_artifact):
+    """A scored prompt runs as one single-token sequence per position on one block table; on
+    the compiled kernels its logprobs are those that generating the same tokens gave."""
+    from llmc.runtime import Engine, SamplingParams
+
+    engine = Engine.load(tiny_artifact, threads=2, max_num_batched_tokens=24)  # chunks of 24: 3 steps
+    prompt = [5] + list(range(70, 89))
+    req = engine.add_request(prompt, SamplingParams(max_tokens=40, logprobs=0, ignore_eos=True))
+    engine.run_to_completion()
+    scored = engine.add_request(prompt + req.output_ids, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    engine.run_to_completion()
+    assert [s.token for s in scored.prompt_logprobs[len(prompt):]] == req.output_ids
+    assert [s.logprob for s in scored.prompt_logprobs[len(prompt):]] == pytest.approx(
+        [s.logprob for s in req.samples], abs=2e-3)
+    assert all(s.rank == 1 for s in scored.prompt_logprobs[len(prompt):])  # greedy tokens: the likeliest
+
+
 @pytest.mark.model
 @pytest.mark.slow
 def test_smollm2_serves_chat_and_comes_up_fast(tmp_path):

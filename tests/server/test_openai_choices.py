@@ -152,7 +152,10 @@ BAD = [
     ({"logit_bias": {"-1": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"5": "high"}}, "logit_bias"),
-    ({"echo": True, "logprobs": 1}, "echo"),
+    ({"echo": True, "logprobs": 1, "stream": True}, "stream"),  # prompt logprobs are not streamed
+    ({"prompt_logprobs": 1, "stream": True}, "stream"),
+    ({"max_tokens": 0}, "max_tokens"),  # 0 only scores: with echo or prompt_logprobs
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"suffix": "end"}, "suffix"),  # fields not implemented: refused, not silently ignored
     ({"best_of": 3}, "best_of"),
     ({"response_format": {"type": "xml"}}, "response_format"),
