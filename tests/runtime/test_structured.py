@@ -181,3 +181,16 @@ def test_a_matcher_that_allows_nothing_leaves_the_end_tokens():
     GrammarMatcher(Stuck(), 100, [0, 63, 95]).mask(row)
     assert np.flatnonzero(np.isfinite(row)).tolist() == [0, 63, 95]
     assert row[63] == np.float32(np.linspace(-1, 1, 100)[63])
+
+
+def test_checked_grammars_are_compiled_once(tok):
+    engine = engine_for(tok)
+    grammar = grammar_from("json_schema", SCHEMA)
+    engine.check_grammar(grammar)  # the server's thread: compiles and keeps it
+    template = engine.grammars._templates[grammar]
+    a, b = engine.grammars.matcher(grammar), engine.grammars.matcher(grammar)
+    assert engine.grammars._templates[grammar] is template and a._matcher is not b._matcher
+    a.accept(ord("{") + 1)  # advancing one copy leaves the template and the other copy at the start
+    row = np.zeros(257, dtype=np.float32)
+    b.mask(row)
+    assert np.flatnonzero(np.isfinite(row)).tolist() == [ord("{") + 1]
