@@ -263,7 +263,7 @@ def cmd_serve(args) -> int:
     run_server(engine, name, host=args.host, port=args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
                drain_seconds=args.drain_seconds, log_level="info" if args.verbose else "warning",
                http_nice=DEFAULT_HTTP_NICE if args.http_nice is None else args.http_nice,
-               max_concurrent=args.max_concurrent_requests)
+               max_concurrent=args.max_concurrent_requests, tool_call_parser=args.tool_call_parser)
     return 0
 
 
@@ -541,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set LLMC_API_KEY)")
     sv.add_argument("--served-model-name", help="the model name clients send (default: the artifact's folder name)")
     sv.add_argument("--max-num-seqs", type=positive_int, default=16, help="most sequences in one batch (default 16)")
+    sv.add_argument("--tool-call-parser", default="auto", choices=("auto", "none", "hermes", "llama3_json", "mistral"),
+                    help="how the model writes tool calls (default auto: from its chat template; none: tools are "
+                         "rendered, never parsed)")
     sv.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
                     help="token budget of one step; longer prompts are prefilled in chunks (default 512)")
     sv.add_argument("--kv-cache-blocks", type=positive_int,

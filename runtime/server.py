@@ -30,6 +30,7 @@ from .async_engine import AsyncEngine, EngineDeadError
 from .metrics import ServerMetrics
 from .sampler import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from .structured import GrammarError, grammar_from
+from . import tool_calls as tools_
 
 log = logging.getLogger("llmc.server")
 
@@ -169,9 +170,14 @@ class ChatMessage(BaseModel):
 
     role: str
     content: Optional[Union[str, list[dict[str, Any]]]] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None                  # a tool message: the call it answers
+    name: Optional[str] = None
 
 
 class ChatBody(_Common):
+    IMPLEMENTED: ClassVar[tuple] = ("tools", "tool_choice")
+
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -214,7 +220,7 @@ class Server:
 
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: Optional[str] = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: Optional[ServerMetrics] = None,
-                 max_concurrent: int = DEFAULT_MAX_CONCURRENT):
+                 max_concurrent: int = DEFAULT_MAX_CONCURRENT, tool_call_parser: str = "auto"):
         self.engine = engine
         self.max_concurrent = max_concurrent
         self.model_name = model_name
@@ -223,6 +229,13 @@ class Server:
         self.metrics = metrics or ServerMetrics(engine)
         self.tokenizer = engine.engine.tokenizer
         self.created = int(time.time())
+        # the format tool calls take in this model's answers (runtime/tool_calls.py); None: no tools
+        template = self.tokenizer.chat_template if self.tokenizer else None
+        if tool_call_parser not in ("auto", "none", *tools_.FORMATS):
+            raise ValueError(f"unknown tool-call parser {tool_call_parser!r}; expected auto, none or one of "
+                             f"{', '.join(tools_.FORMATS)}")
+        self.tool_format = (tools_.detect_format(template) if tool_call_parser == "auto" else
+                            None if tool_call_parser == "none" else tool_call_parser)
 
     # sampling parameters from a body
     def params(self, body: _Common, max_tokens: Optional[int], prompt_len: int,
@@ -253,11 +266,17 @@ class Server:
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 
-    async def grammar(self, body: _Common) -> Optional[str]:
+    async def grammar(self, body: _Common, tool_grammar: Optional[str] = None) -> Optional[str]:
         """The llguidance grammar of the body's output constraint, checked against the model's
         tokenizer (a 400 naming the field when it cannot be used). Off the event loop: the first
-        one builds the token table (~0.3 s) and a large schema compiles for a while."""
+        one builds the token table (~0.3 s) and a large schema compiles for a while.
+        ``tool_grammar``: the calls a tool_choice forces (Lark), the constraint then."""
         found = body.constraint()
+        if tool_grammar is not None:
+            if found is not None:
+                raise ApiError(400, f"tool_choice forces a tool call, which {found[0]} would constrain too; give one",
+                               found[0])
+            found = ("tool_choice", "grammar", tool_grammar)
         if found is None:
             return None
         field, kind, spec = found
@@ -320,19 +339,53 @@ class Server:
             raise ApiError(400, "echo of token-id prompts needs the artifact's tokenizer", "echo")
         return [self.tokenizer.decode(ids) for ids in prompts]
 
-    def chat_ids(self, messages: list, add_generation_prompt: bool = True) -> list[int]:
-        """The token ids of a conversation rendered by the model's chat template."""
+    def chat_ids(self, messages: list, add_generation_prompt: bool = True,
+                 tools: Optional[list[dict]] = None) -> list[int]:
+        """The token ids of a conversation rendered by the model's chat template (with the
+        ``tools`` when given; earlier calls' arguments as objects, as templates expect them)."""
         plain = []
         for m in messages:
             content = m.content
             if isinstance(content, list):
                 content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-            plain.append({"role": m.role, "content": content or ""})
+            message = {"role": m.role, "content": content or ""}
+            if m.tool_calls:
+                message["tool_calls"] = [_template_call(call) for call in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                message["name"] = m.name
+            plain.append(message)
+        extra = {"tools": tools} if tools else {}
         try:
-            prompt = self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+            prompt = self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, **extra)
         except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation
             raise ApiError(400, f"the chat template cannot format these messages: {exc}", "messages") from None
         return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def tools(self, body: "ChatBody") -> tuple[Optional[list[dict]], Optional[str], Optional[str]]:
+        """(the tools the template renders, the format to find calls in the answer (None: do not
+        look), the Lark grammar of the calls a tool_choice forces)."""
+        if not body.tools:
+            if body.tool_choice not in (None, "none", "auto"):
+                raise ApiError(400, "tool_choice asks for a tool call, but the request has no tools", "tool_choice")
+            return None, None, None
+        try:
+            tools = tools_.check_tools(body.tools)
+        except tools_.ToolError as exc:
+            raise ApiError(400, str(exc), "tools") from None
+        try:
+            mode, forced = tools_.chosen_tools(tools, body.tool_choice)
+        except tools_.ToolError as exc:
+            raise ApiError(400, str(exc), "tool_choice") from None
+        if mode == "none":
+            return tools, None, None
+        if self.tool_format is None:
+            raise ApiError(400, "this model's chat template renders no tools (or in a format llmc does not know), so "
+                                "it cannot call them; start llmc serve with --tool-call-parser "
+                                f"{{{','.join(tools_.FORMATS)}}} if its template does", "tools")
+        grammar = tools_.call_grammar(self.tool_format, forced) if mode == "required" else None
+        return tools, self.tool_format, grammar
 
     def check_tokenizer_request(self, model: Optional[str]) -> None:
         if model is not None:
@@ -505,26 +558,49 @@ def create_app(server: Server) -> FastAPI:
         if server.tokenizer is None:
             raise ApiError(400, "this artifact has no tokenizer, so it cannot chat")
         server.check_choices(1, body.n)
-        ids = server.chat_ids(body.messages)
+        tools, tool_format, tool_grammar = server.tools(body)
+        ids = server.chat_ids(body.messages, tools=tools)
         server.check_prompt(ids)
         top = body.top_logprobs if body.logprobs else None
         logprobs = (top or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = server.params(body, max_tokens, len(ids), logprobs, await server.grammar(body))
+        params = server.params(body, max_tokens, len(ids), logprobs, await server.grammar(body, tool_grammar))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         started = await server.start([ids], body.n, lambda p, s: params[s], rid)
         if body.stream:
-            return StreamingResponse(_chat_stream(server, rid, started, body.n, include_usage, logprobs is not None),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_chat_stream(server, rid, started, body.n, include_usage, logprobs is not None,
+                                                  tool_format), media_type="text/event-stream")
         results = await _collect(started, request)
-        out = [{"index": c.index, "message": {"role": "assistant", "content": r.text},
-                "logprobs": {"content": _chat_logprobs(server, r.samples)} if logprobs is not None else None,
-                "finish_reason": r.last.finish_reason} for c, r in zip(started, results)]
+        out = []
+        for c, r in zip(started, results):
+            message, finish = {"role": "assistant", "content": r.text}, r.last.finish_reason
+            content, calls = tools_.parse(tool_format, r.text) if tool_format else (r.text, [])
+            if calls:
+                message, finish = {"role": "assistant", "content": content,
+                                   "tool_calls": [call.as_openai() for call in calls]}, "tool_calls"
+            out.append({"index": c.index, "message": message, "finish_reason": finish,
+                        "logprobs": {"content": _chat_logprobs(server, r.samples)} if logprobs is not None else None})
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": server.model_name,
                 "choices": out, "usage": usage({c: r.last for c, r in zip(started, results)}, body.n)}
 
     return app
+
+
+def _template_call(call: dict) -> dict:
+    """An earlier tool call as chat templates read it: the arguments as an object (OpenAI sends
+    them as a JSON string; templates render them with ``tojson``)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ApiError(400, "messages: a tool call must be {'id', 'type': 'function', 'function': {'name', "
+                            "'arguments'}}", "messages")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise ApiError(400, f"messages: the arguments of the call to {fn['name']} are not JSON", "messages") from None
+    return {**call, "function": {**fn, "arguments": args}}
 
 
 async def _collect(started: list, request: Request) -> list:
@@ -605,20 +681,39 @@ async def _completion_stream(server: Server, rid: str, started: list, n: int, in
         await choices_.close(started, outputs)  # a disconnected client aborts its requests (frees their blocks)
 
 
-async def _chat_stream(server: Server, rid: str, started: list, n: int, include_usage: bool, logprobs: bool):
+async def _chat_stream(server: Server, rid: str, started: list, n: int, include_usage: bool, logprobs: bool,
+                       tool_format: Optional[str] = None):
+    """With ``tool_format``, text that may begin a tool call is held back; the calls found go
+    out in one ``tool_calls`` delta before the final chunk (finish_reason "tool_calls")."""
     created, lasts = int(time.time()), {}
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
     outputs = choices_.merged(started)
+    answers = {c: tools_.StreamedAnswer(tool_format) for c in started} if tool_format else {}
     try:
         for c in started:
             yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
         async for c, out in outputs:
             lasts[c] = out
-            if not out.text and not out.finished and not logprobs:
+            text, finish = out.text, out.finish_reason if out.finished else None
+            if answers:
+                text = answers[c].push(out.text)
+                if out.finished:
+                    rest, calls = answers[c].finish()
+                    text += rest
+                    if calls:
+                        if text:
+                            yield sse({**head, "choices": [{"index": c.index, "delta": {"content": text},
+                                                            "logprobs": None, "finish_reason": None}]})
+                            text = ""
+                        deltas = [{"index": i, **call.as_openai()} for i, call in enumerate(calls)]
+                        yield sse({**head, "choices": [{"index": c.index, "delta": {"tool_calls": deltas},
+                                                        "logprobs": None, "finish_reason": None}]})
+                        finish = "tool_calls"
+            if not text and not out.finished and not logprobs:
                 continue
-            delta = {"content": out.text} if out.text or not out.finished else {}
-            choice = {"index": c.index, "delta": delta, "finish_reason": out.finish_reason if out.finished else None,
+            delta = {"content": text} if text or not out.finished else {}
+            choice = {"index": c.index, "delta": delta, "finish_reason": finish,
                       "logprobs": {"content": _chat_logprobs(server, out.new_samples)} if logprobs else None}
             yield sse({**head, "choices": [choice]})
         if include_usage and lasts:
@@ -720,7 +815,7 @@ def lower_this_thread(nice: int) -> bool:
 def run_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_seconds: float = 30.0,
                log_level: str = "info", http_nice: int = DEFAULT_HTTP_NICE,
-               max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> None:
+               max_concurrent: int = DEFAULT_MAX_CONCURRENT, tool_call_parser: str = "auto") -> None:
     """Serve ``engine`` until SIGTERM/SIGINT. On the signal uvicorn stops accepting, lets the
     requests in flight finish for at most ``drain_seconds``, then the engine thread stops.
     The event loop runs on this thread at niceness ``http_nice`` (Linux; see
@@ -730,7 +825,8 @@ def run_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 800
 
     async_engine = AsyncEngine(engine).start()
     lower_this_thread(http_nice)
-    server = Server(async_engine, model_name, api_key, max_body_bytes, max_concurrent=max_concurrent)
+    server = Server(async_engine, model_name, api_key, max_body_bytes, max_concurrent=max_concurrent,
+                    tool_call_parser=tool_call_parser)
     config = uvicorn.Config(build_asgi(server), host=host, port=port, log_level=log_level, lifespan="off",
                             timeout_graceful_shutdown=drain_seconds, access_log=log_level == "debug")
     uv = uvicorn.Server(config)

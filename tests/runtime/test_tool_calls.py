@@ -1,0 +1,114 @@
+"""Tool calls: finding them in answers of each format, holding streamed text back only while it
+may begin a call, the grammar that forces calls (checked with llguidance against every
+format), and the checks of ``tools`` / ``tool_choice``."""
+
+import json
+
+import pytest
+
+from llmc.runtime.tool_calls import (ToolError, StreamedAnswer, call_grammar, check_tools, chosen_tools,
+                                     detect_format, parse)
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+ANSWERS = {
+    "hermes": ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "get_time", "arguments": "{}"}\n</tool_call>', "Let me check."),
+    "llama3_json": ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+                    '{"name": "get_time", "parameters": {}}', None),
+    "mistral": ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                '{"name": "get_time", "arguments": {}}]', None),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(ANSWERS))
+def test_calls_are_found_in_each_format(fmt):
+    text, content = ANSWERS[fmt]
+    got_content, calls = parse(fmt, text)
+    assert got_content == content
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    wire = calls[0].as_openai()
+    assert wire["type"] == "function" and json.loads(wire["function"]["arguments"]) == {"city": "Paris"}
+    assert wire["id"].startswith("call_")
+    plain = "The weather in Paris is mild; no tool needed."
+    assert parse(fmt, plain) == (plain, [])
+
+
+@pytest.mark.parametrize("fmt", sorted(ANSWERS))
+def test_broken_calls_stay_text(fmt):
+    broken = {"hermes": "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": </tool_call>",
+              "llama3_json": '{"name": "get_weather", "parameters": [1, 2]}',
+              "mistral": '[TOOL_CALLS]{"name": "get_weather"}'}[fmt]
+    assert parse(fmt, broken) == (broken, [])
+
+
+@pytest.mark.parametrize("fmt", sorted(ANSWERS))
+def test_streaming_holds_back_only_what_may_begin_a_call(fmt):
+    text, content = ANSWERS[fmt]
+    stream = StreamedAnswer(fmt)
+    sent = "".join(stream.push(text[i:i + 3]) for i in range(0, len(text), 3))
+    rest, calls = stream.finish()
+    assert rest == "" and len(calls) == 2
+    assert sent.strip() == (content or "")
+    plain = "Plain text with a < and a [ and { braces } in it."
+    stream = StreamedAnswer(fmt)
+    pieces = [stream.push(plain[i:i + 2]) for i in range(0, len(plain), 2)]
+    rest, calls = stream.finish()
+    assert "".join(pieces) + rest == plain and calls == []
+    if fmt != "llama3_json":  # text goes out as it comes, except a possible marker's first characters
+        assert len("".join(pieces)) >= len(plain) - 2
+
+
+def test_templates_name_their_format():
+    assert detect_format("{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>") == "hermes"
+    assert detect_format("{% if tools %}[AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]") == "mistral"
+    assert detect_format("{% if tools %}{{ '<|python_tag|>' }}{% endif %}") == "llama3_json"
+    assert detect_format("{{ messages }}") is None and detect_format(None) is None
+
+
+def test_tool_and_choice_checks():
+    check_tools([WEATHER, TIME])
+    for bad, match in (([], "non-empty"), ([{"type": "function"}], "tools\\[0\\]"),
+                       ([{"type": "function", "function": {"name": "bad name"}}], "letters"),
+                       ([WEATHER, WEATHER], "twice"),
+                       ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], "JSON Schema")):
+        with pytest.raises(ToolError, match=match):
+            check_tools(bad)
+    assert chosen_tools([WEATHER, TIME], None) == ("auto", [WEATHER, TIME])
+    assert chosen_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}) == \
+        ("required", [TIME])
+    with pytest.raises(ToolError, match="not among the tools"):
+        chosen_tools([WEATHER], {"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(ToolError, match="tool_choice must be"):
+        chosen_tools([WEATHER], "sometimes")
+
+
+@pytest.mark.parametrize("fmt", sorted(ANSWERS))
+def test_call_grammars_accept_calls_and_nothing_else(fmt):
+    llguidance = pytest.importorskip("llguidance")
+    grammar = call_grammar(fmt, [WEATHER, TIME])
+    assert llguidance.LLMatcher.validate_grammar(grammar) == ""
+    compact = {"hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+               "llama3_json": '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+               "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'}[fmt]
+    wrong = compact.replace("get_weather", "get_wether")
+    tok = llguidance.LLTokenizer(_byte_tokenizer_json())
+
+    def accepts(text):
+        m = llguidance.LLMatcher(tok, grammar)
+        ok = all(m.consume_token(b + 1) for b in text.encode())
+        return ok and m.is_accepting()
+
+    assert accepts(compact) and not accepts(wrong) and not accepts("hello")
+    assert parse(fmt, compact)[1][0].arguments == {"city": "Paris"}
+
+
+def _byte_tokenizer_json():
+    import tempfile
+
+    from tests.runtime.fake import make_tokenizer
+
+    return make_tokenizer(tempfile.mkdtemp()).to_json()
