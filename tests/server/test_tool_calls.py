@@ -41,6 +41,17 @@ def tools_client(byte_tokenizer):
         yield live, openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
 
 
+def streamed(client, **kw):
+    """(content, tool call deltas, finish_reason) of a streamed chat completion."""
+    content, calls, finish = "", [], None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            calls += c.delta.tool_calls or []
+            finish = c.finish_reason or finish
+    return content, calls, finish
+
+
 def check_calls(calls, allowed=("get_weather", "get_time")):
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     assert calls
@@ -73,12 +84,7 @@ def test_streamed_calls_equal_plain(tools_client):
     _, client = tools_client
     kw = dict(model="fake", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=300, temperature=0)
     plain = client.chat.completions.create(**kw).choices[0].message.tool_calls
-    content, calls, finish = "", [], None
-    for chunk in client.chat.completions.create(stream=True, **kw):
-        for c in chunk.choices:
-            content += c.delta.content or ""
-            calls += c.delta.tool_calls or []
-            finish = c.finish_reason or finish
+    content, calls, finish = streamed(client, **kw)
     assert content == "" and finish == "tool_calls"
     assert [(c.function.name, c.function.arguments) for c in calls] == \
         [(c.function.name, c.function.arguments) for c in plain]
@@ -97,12 +103,7 @@ def test_auto_finds_calls_the_model_writes(tools_client):
             c = client.chat.completions.create(**kw).choices[0]
             content, calls, finish = c.message.content, c.message.tool_calls, c.finish_reason
         else:
-            content, calls, finish = "", [], None
-            for chunk in client.chat.completions.create(stream=True, **kw):
-                for c in chunk.choices:
-                    content += c.delta.content or ""
-                    calls += c.delta.tool_calls or []
-                    finish = c.finish_reason or finish
+            content, calls, finish = streamed(client, **kw)
         assert content.strip() == "Checking." and finish == "tool_calls"
         assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_time", {"zone": "UTC"})]
     plain = client.chat.completions.create(model="fake", messages=ASK, tools=TOOLS, max_tokens=20, temperature=0)
