@@ -222,7 +222,8 @@ def cmd_run(args) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     # one sequence: a KV pool of one full-length sequence is all `llmc run` needs
-    engine = _load_engine(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1, without_torch=True)
+    engine = _load_engine(args.artifact, threads=args.threads, kv_cache_bytes=1, max_num_seqs=1, without_torch=True,
+                          speculative_tokens=args.speculative_tokens)
     tok = engine.tokenizer
     if tok is None:
         raise CliError(f"{args.artifact} has no tokenizer; compile a model that ships one")
@@ -242,6 +243,9 @@ def cmd_run(args) -> int:
              s.prompt_tokens, s.prefill_seconds, s.prompt_tokens / max(s.prefill_seconds, 1e-9),
              s.generated_tokens, s.decode_seconds, max(s.generated_tokens - 1, 0) / max(s.decode_seconds, 1e-9),
              s.stop_reason)
+    if engine.draft_tokens:
+        log.info("speculative decoding: %d of %d guessed tokens held (%d steps for %d tokens)",
+                 engine.accepted_tokens, engine.draft_tokens, engine.steps, s.generated_tokens)
     return 0
 
 
@@ -254,7 +258,8 @@ def cmd_serve(args) -> int:
     t0 = time.perf_counter()
     engine = _load_engine(args.artifact, threads=args.threads, num_blocks=args.kv_cache_blocks,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_prefix_caching=not args.no_prefix_caching, without_torch=True)
+                          enable_prefix_caching=not args.no_prefix_caching, without_torch=True,
+                          speculative_tokens=args.speculative_tokens, speculative_max_seqs=args.speculative_max_seqs)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
     ex = engine.executor
     print(f"llmc serve: {name} loaded in {time.perf_counter() - t0:.1f}s; {ex.num_blocks} KV blocks of "
@@ -424,15 +429,23 @@ def cmd_interpret(args) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a thread count or a length of 0 is a mistake, not a default)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def int_at_least(low: int):
+    """argparse type: an integer >= ``low`` (a thread count or a length of 0 is a mistake, not a
+    default; a count of 0 guessed tokens turns the guessing off)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -524,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int)
     run.add_argument("--threads", type=positive_int, help="threads to run with (default: all cores)")
+    run.add_argument("--speculative-tokens", type=non_negative_int, default=0, metavar="K",
+                     help="speculative decoding: check up to K tokens guessed from earlier text each step "
+                          "(greedy only; same output, fewer steps; default 0: off)")
     shape = run.add_argument_group("structured output (one of; needs llguidance, in llmc[serve])")
     shape.add_argument("--json-schema", metavar="SCHEMA", help="a JSON Schema (file or JSON text) the output follows")
     shape.add_argument("--regex", help="a regular expression the whole output matches")
@@ -541,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set LLMC_API_KEY)")
     sv.add_argument("--served-model-name", help="the model name clients send (default: the artifact's folder name)")
     sv.add_argument("--max-num-seqs", type=positive_int, default=16, help="most sequences in one batch (default 16)")
+    sv.add_argument("--speculative-tokens", type=non_negative_int, default=0, metavar="K",
+                    help="speculative decoding for greedy requests: up to K guessed tokens checked a step "
+                         "(default 0: off)")
+    sv.add_argument("--speculative-max-seqs", type=positive_int, default=2, metavar="N",
+                    help="guess only while at most N requests run (larger batches are compute-bound; default 2)")
     sv.add_argument("--tool-call-parser", default="auto", choices=("auto", "none", "hermes", "llama3_json", "mistral"),
                     help="how the model writes tool calls (default auto: from its chat template; none: tools are "
                          "rendered, never parsed)")

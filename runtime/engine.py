@@ -25,6 +25,7 @@ from .cpu_features import cpu_flags
 from .detokenizer import IncrementalText
 from .request import Request, Status
 from .sampler import Sample, SamplingParams, sample_batch, scored_tokens
+from .speculative import propose
 from .scheduler import Scheduler
 from .step import Executor, StepBatch
 from .structured import Grammars
@@ -72,7 +73,8 @@ class EngineMetrics:
 class Engine:
     def __init__(self, executor: Executor, tokenizer: Optional[Tokenizer] = None, manifest=None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
-                 metrics: Optional[EngineMetrics] = None):
+                 metrics: Optional[EngineMetrics] = None, speculative_tokens: int = 0,
+                 speculative_max_seqs: int = 2):
         self.manifest = manifest
         self.executor = executor
         self.tokenizer = tokenizer
@@ -103,6 +105,17 @@ class Engine:
         self._grammars = Grammars(tokenizer.to_json, self.vocab_size or tokenizer.vocab_size,
                                   self.eos_token_ids) if tokenizer else None
         self.metrics = metrics or EngineMetrics()
+        # speculative decoding (runtime/speculative.py): up to ``speculative_tokens`` guessed
+        # tokens checked a step for greedy requests, while at most ``speculative_max_seqs``
+        # run (a larger batch is compute-bound: extra rows would cost as much as they save).
+        # Off for recurrent models, whose state cannot step back over a rejected guess.
+        if speculative_tokens < 0 or speculative_max_seqs < 1:
+            raise ValueError(f"speculative_tokens must be >= 0 and speculative_max_seqs >= 1, got "
+                             f"{speculative_tokens}, {speculative_max_seqs}")
+        self.speculative_tokens = 0 if self.num_state_slots else int(speculative_tokens)
+        self.speculative_max_seqs = int(speculative_max_seqs)
+        self.draft_tokens = 0      # guessed tokens checked
+        self.accepted_tokens = 0   # of those, the ones greedy decoding produced
         self.requests: dict[str, Request] = {}
         self._texts: dict[str, IncrementalText] = {}
         self._ids = itertools.count()
@@ -241,7 +254,7 @@ class Engine:
     # --- one iteration ------------------------------------------------------------------------
     def build_batch(self, chunks: list[tuple[Request, int]]) -> tuple[StepBatch, list[range]]:
         """The step's inputs, and each chunk's logits rows (one, or one per token). A chunk of a request that scores
-        its prompt (``prompt_logprobs``) becomes one single-token sequence per position, all on
+        its prompt (``prompt_logprobs``) or checks a draft becomes one single-token sequence per position, all on
         the request's block table: every layer writes the whole step's K/V before attending, so
         each position sees those before it, as in a prefill, and gets a logits row of its own."""
         bs = self.executor.block_size
@@ -254,7 +267,7 @@ class Engine:
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             first = len(counts)
-            if req.prompt_logprobs is not None and start < len(req.prompt_ids) - 1:
+            if req.draft or (req.prompt_logprobs is not None and start < len(req.prompt_ids) - 1):
                 lens.extend(range(start + 1, start + n + 1))
                 tables.extend([table] * n)
                 counts.extend([1] * n)
@@ -289,7 +302,10 @@ class Engine:
 
     def iterate(self) -> list[RequestOutput]:
         """Run one scheduled step; returns what each request that moved gained."""
+        drafted = self._draft() if self.speculative_tokens else []
         sched = self.scheduler.schedule()
+        if drafted:
+            self._fit_drafts(drafted, sched.chunks)
         if not sched.chunks:
             return []
         for victim in sched.preempted:  # recomputed from its first token later: a fresh slot then
@@ -298,8 +314,11 @@ class Engine:
         batch, chunk_rows = self.build_batch(sched.chunks)
         logits = self.executor.step(batch)
         self.steps += 1
-        ready, rows = [], []
+        ready, rows, checked = [], [], []
         for (req, n), span in zip(sched.chunks, chunk_rows):
+            if req.draft:
+                checked.append((req, logits[span.start:span.stop]))
+                continue
             if req.prompt_logprobs is not None and len(span) == n:  # a row per position: score them
                 self._score_prompt(req, logits[span.start:span.stop])
             req.num_computed += n
@@ -307,7 +326,7 @@ class Engine:
             if req.num_pending == 0:
                 ready.append(req)
                 rows.append(span.stop - 1)
-        outputs = []
+        outputs = [self._check_draft(req, rows_of, time.monotonic()) for req, rows_of in checked]
         if any(req.params.max_tokens == 0 for req in ready):  # prompt scored, nothing to generate
             for req in [r for r in ready if r.params.max_tokens == 0]:
                 out = self._finish(req, "length")
@@ -331,6 +350,66 @@ class Engine:
         for req, sample in zip(ready, samples):
             outputs.append(self._accept(req, sample, now))
         return outputs
+
+    # --- speculative decoding -------------------------------------------------------------------
+    def _draft(self) -> list[Request]:
+        """Guess the next tokens of each running greedy request (appended to its tokens for
+        this step); the requests that got a guess."""
+        running = self.scheduler.running
+        if not running or len(running) > self.speculative_max_seqs:
+            return []
+        drafted = []
+        for req in running:
+            p = req.params
+            if (req.num_pending != 1 or not p.greedy or p.penalized or p.logprobs is not None
+                    or req.matcher is not None or req.prompt_logprobs is not None):
+                continue
+            room = min(p.max_tokens - len(req.output_ids), self.max_model_len - req.num_tokens) - 1
+            draft = propose(req.tokens, min(self.speculative_tokens, room))
+            if draft:
+                req.draft = draft
+                req.tokens.extend(draft)
+                drafted.append(req)
+        return drafted
+
+    @staticmethod
+    def _fit_drafts(drafted: list[Request], chunks: list[tuple[Request, int]]) -> None:
+        """Drop the guessed tokens the scheduler did not give room (the token budget, or a
+        preemption that sent the request back to the queue)."""
+        scheduled = {id(req): n for req, n in chunks}
+        for req in drafted:
+            keep = max(scheduled.get(id(req), 1) - 1, 0)
+            if len(req.draft) > keep:
+                del req.tokens[len(req.tokens) - (len(req.draft) - keep):]
+                req.draft = req.draft[:keep]
+
+    def _check_draft(self, req: Request, rows: np.ndarray, now: float) -> RequestOutput:
+        """Keep the longest prefix of the guess that greedy decoding gives (row j is the
+        prediction after position j of the step) and the token the first mismatch predicts."""
+        draft, req.draft = req.draft, []
+        del req.tokens[len(req.tokens) - len(draft):]
+        predicted = np.argmax(rows, axis=1).tolist()
+        m = 0
+        while m < len(draft) and predicted[m] == draft[m]:
+            m += 1
+        self.draft_tokens += len(draft)
+        self.accepted_tokens += m
+        req.num_computed += 1 + m  # the last real token and the accepted guesses are in the cache
+        out = None
+        for token in draft[:m] + [predicted[m]]:
+            step = self._accept(req, Sample(int(token)), now)
+            if out is None:
+                out = step
+            else:  # one output a step: the tokens and their text together
+                out.new_samples += step.new_samples
+                out.text += step.text
+                out.finished, out.finish_reason = step.finished, step.finish_reason
+                out.completion_tokens = step.completion_tokens
+            if step.finished:
+                break
+        if not out.finished:
+            self.blocks.register(req.blocks, req.tokens, req.num_computed)
+        return out
 
     def _score_prompt(self, req: Request, rows: np.ndarray) -> None:
         """Record the prompt tokens that the logits ``rows`` (one per position of this chunk,

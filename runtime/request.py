@@ -44,6 +44,8 @@ class Request:
     matcher: Any = None  # a GrammarMatcher when params.grammar constrains the output
     # with params.prompt_logprobs: one Sample per prompt position (None for the first token)
     prompt_logprobs: Optional[list] = None
+    # speculative decoding: guessed next tokens, appended to ``tokens`` for one step only
+    draft: list[int] = field(default_factory=list)
     tokens: list[int] = field(init=False)
 
     def __post_init__(self):

@@ -166,6 +166,23 @@ def test_scored_prompt_equals_generation_on_compiled_kernels(tiny_artifact):
     assert all(s.rank == 1 for s in scored.prompt_logprobs[len(prompt):])  # greedy tokens: the likeliest
 
 
+def test_speculative_decoding_on_compiled_kernels_keeps_the_greedy_output(tiny_artifact):
+    """Guesses checked as extra positions of the compiled step (one single-token sequence each)
+    leave greedy decoding's tokens as they are."""
+    from llmc.runtime import Engine, SamplingParams
+
+    plain = Engine.load(tiny_artifact, threads=2)
+    fast = Engine.load(tiny_artifact, threads=2, speculative_tokens=4)
+    prompts = [[5, 70, 71, 72, 73, 70, 71, 72, 73, 70, 71], list(range(40, 60)) * 2, [9, 9, 9, 9, 9, 9]]
+    for prompt in prompts:
+        want = plain.add_request(prompt, SamplingParams(max_tokens=48, ignore_eos=True))
+        plain.run_to_completion()
+        got = fast.add_request(prompt, SamplingParams(max_tokens=48, ignore_eos=True))
+        fast.run_to_completion()
+        assert got.output_ids == want.output_ids
+    assert fast.accepted_tokens > 0 and fast.steps < plain.steps  # some guesses held (7 of 20 here)
+
+
 @pytest.mark.model
 @pytest.mark.slow
 def test_smollm2_serves_chat_and_comes_up_fast(tmp_path):

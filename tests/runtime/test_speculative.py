@@ -1,0 +1,100 @@
+"""Speculative decoding with prompt-lookup drafts, over a fake model that mostly repeats itself:
+the output equals plain greedy decoding token for token (stops, max_tokens, EOS and
+preemption in the middle of a guess included) in fewer steps; only greedy requests guess, and
+only while few requests run."""
+
+import numpy as np
+import pytest
+
+from llmc.runtime.engine import Engine
+from llmc.runtime.sampler import SamplingParams
+from llmc.runtime.speculative import propose
+from tests.runtime.fake import FakeExecutor, make_tokenizer
+
+
+class Repeating(FakeExecutor):
+    """Greedy continuation: the token ``period`` positions back, except every 7th position,
+    where the pseudo-random logits of the plain fake decide (so some guesses fail)."""
+
+    period = 5
+
+    def logits_for(self, context):
+        logits = super().logits_for(context)
+        if len(context) % 7 and len(context) >= self.period:
+            logits[int(context[-self.period])] += 50.0
+        return logits
+
+
+PROMPTS = [[(3 * i + 11 * j) % 90 + 33 for j in range(4 + 6 * i)] for i in range(4)]
+
+
+def run(engine, prompts, params):
+    reqs = [engine.add_request(p, params) for p in prompts]
+    text, tokens, reasons = ({r.request_id: "" for r in reqs}, {r.request_id: [] for r in reqs}, {})
+    while engine.has_unfinished():
+        for out in engine.iterate():
+            tokens[out.request_id] += out.new_token_ids
+            text[out.request_id] += out.text
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        engine.blocks.check()
+    assert engine.blocks.num_used == 0
+    return [(tokens[r.request_id], text[r.request_id], reasons[r.request_id]) for r in reqs]
+
+
+def engines(tok=None, max_seqs=2, **kw):
+    plain = Engine(Repeating(num_blocks=256), tok, **kw)
+    fast = Engine(Repeating(num_blocks=256), tok, speculative_tokens=4, speculative_max_seqs=max_seqs, **kw)
+    return plain, fast
+
+
+@pytest.mark.parametrize("concurrent", [1, 2])
+def test_greedy_output_unchanged_in_fewer_steps(concurrent):
+    plain, fast = engines()
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    for i in range(0, len(PROMPTS), concurrent):
+        assert run(fast, PROMPTS[i:i + concurrent], params) == run(plain, PROMPTS[i:i + concurrent], params)
+    assert fast.accepted_tokens > 0 and fast.draft_tokens > fast.accepted_tokens  # hits and misses
+    assert fast.steps < 0.7 * plain.steps
+    decode_rows = [s for s, t in fast.executor.batches if s > concurrent and s == t]
+    assert decode_rows and max(decode_rows) <= concurrent * 5  # a guess is 4 tokens at most, beside the real one
+
+
+def test_stops_inside_a_guess(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    plain, fast = engines(tok, max_seqs=4)
+    for params in (SamplingParams(max_tokens=23, ignore_eos=True),  # max_tokens lands inside guesses
+                   SamplingParams(max_tokens=60),                  # EOS (token 0) may come up
+                   SamplingParams(max_tokens=60, ignore_eos=True, stop=[tok.decode(PROMPTS[1][2:4])]),
+                   SamplingParams(max_tokens=60, ignore_eos=True, stop_token_ids=[PROMPTS[2][3]])):
+        assert run(fast, PROMPTS, params) == run(plain, PROMPTS, params), params
+    assert fast.accepted_tokens > 0
+
+
+def test_preemption_during_guesses():
+    small = dict(enable_prefix_caching=False, max_num_batched_tokens=16)
+    plain = Engine(Repeating(num_blocks=30, block_size=4), **small)
+    fast = Engine(Repeating(num_blocks=30, block_size=4), speculative_tokens=4, speculative_max_seqs=4, **small)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    assert run(fast, PROMPTS, params) == run(plain, PROMPTS, params)
+    assert fast.scheduler.num_preemptions > 0 and fast.accepted_tokens > 0
+
+
+def test_only_greedy_requests_guess_and_only_few_at_once():
+    _, fast = engines()
+    run(fast, PROMPTS[:1], SamplingParams(max_tokens=30, temperature=0.8, seed=1, ignore_eos=True))
+    run(fast, PROMPTS[:1], SamplingParams(max_tokens=30, logprobs=1, ignore_eos=True))
+    run(fast, PROMPTS[:1], SamplingParams(max_tokens=30, repetition_penalty=1.2, ignore_eos=True))
+    run(fast, PROMPTS[:3], SamplingParams(max_tokens=30, ignore_eos=True))  # 3 running > speculative_max_seqs=2
+    assert fast.draft_tokens == 0
+
+
+def test_propose_finds_the_latest_repeat():
+    assert propose([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [7, 8, 1]  # the latest occurrence wins
+    assert propose([5, 6, 7, 5, 6], 4) == [7, 5, 6]  # a 2-token tail when 3 never repeated
+    assert propose([1, 2, 3, 4], 4) == [] and propose([1, 1], 2) == [] and propose([4, 5, 4, 5], 0) == []
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, 400).tolist()
+    for k in (1, 4, 8):
+        draft = propose(tokens, k)
+        assert len(draft) <= k
