@@ -42,6 +42,10 @@ class _EngineCollector:
         yield c("llmc_generation_tokens", "Tokens generated", value=engine.generation_tokens)
         yield c("llmc_prompt_tokens", "Prompt tokens of requests that produced a token", value=engine.prompt_tokens)
         yield c("llmc_engine_steps", "Steps the engine ran", value=engine.steps)
+        yield c("llmc_speculative_draft_tokens", "Guessed tokens checked (speculative decoding)",
+                value=engine.draft_tokens)
+        yield c("llmc_speculative_accepted_tokens", "Guessed tokens that greedy decoding produced",
+                value=engine.accepted_tokens)
 
 
 class ServerMetrics(EngineMetrics):

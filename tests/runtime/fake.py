@@ -107,6 +107,19 @@ class FakeExecutor:
         return out
 
 
+class Repeating(FakeExecutor):
+    """Greedy continuation: the token ``period`` positions back, except every 7th position,
+    where the pseudo-random logits of the plain fake decide (so some guesses fail)."""
+
+    period = 5
+
+    def logits_for(self, context):
+        logits = super().logits_for(context)
+        if len(context) % 7 and len(context) >= self.period:
+            logits[int(context[-self.period])] += 50.0
+        return logits
+
+
 def alone_reference(prompt_ids, max_tokens: int, vocab_size: int = VOCAB, eos: int = 0) -> list[int]:
     """Greedy tokens straight from the fake's function, without any engine (the ground truth)."""
     ex = FakeExecutor(vocab_size=vocab_size)

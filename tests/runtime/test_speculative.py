@@ -9,20 +9,7 @@ import pytest
 from llmc.runtime.engine import Engine
 from llmc.runtime.sampler import SamplingParams
 from llmc.runtime.speculative import propose
-from tests.runtime.fake import FakeExecutor, make_tokenizer
-
-
-class Repeating(FakeExecutor):
-    """Greedy continuation: the token ``period`` positions back, except every 7th position,
-    where the pseudo-random logits of the plain fake decide (so some guesses fail)."""
-
-    period = 5
-
-    def logits_for(self, context):
-        logits = super().logits_for(context)
-        if len(context) % 7 and len(context) >= self.period:
-            logits[int(context[-self.period])] += 50.0
-        return logits
+from tests.runtime.fake import Repeating, make_tokenizer
 
 
 PROMPTS = [[(3 * i + 11 * j) % 90 + 33 for j in range(4 + 6 * i)] for i in range(4)]

@@ -72,14 +72,14 @@ def request(method: str, url: str, data: Optional[bytes] = None, headers=None) -
 
 @contextmanager
 def fake_server(api_key: Optional[str] = None, max_body_bytes: int = 1 << 16, tokenizer=None,
-                max_concurrent: int = 256, **engine_kwargs):
+                max_concurrent: int = 256, executor_class=FakeExecutor, **engine_kwargs):
     """An in-process server over the fake executor (uvicorn on a thread, engine on its own)."""
     import uvicorn
 
     executor_kwargs = {k: engine_kwargs.pop(k) for k in list(engine_kwargs)
                        if k in ("num_blocks", "block_size", "max_model_len", "delay_per_token", "delay_per_step")}
     executor_kwargs.setdefault("delay_per_step", 0.002)
-    engine = Engine(FakeExecutor(**executor_kwargs), tokenizer, **engine_kwargs)
+    engine = Engine(executor_class(**executor_kwargs), tokenizer, **engine_kwargs)
     async_engine = AsyncEngine(engine).start()
     server = Server(async_engine, "fake", api_key, max_body_bytes, max_concurrent=max_concurrent)
     port = free_port()
