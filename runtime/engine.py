@@ -25,7 +25,7 @@ from .cpu_features import cpu_flags
 from .detokenizer import IncrementalText
 from .request import Request, Status
 from .sampler import Sample, SamplingParams, sample_batch, scored_tokens
-from .speculative import propose
+from .speculative import next_guess, propose
 from .scheduler import Scheduler
 from .step import Executor, StepBatch
 from .structured import Grammars
@@ -364,8 +364,11 @@ class Engine:
             if (req.num_pending != 1 or not p.greedy or p.penalized or p.logprobs is not None
                     or req.matcher is not None or req.prompt_logprobs is not None):
                 continue
+            if req.guess_wait:
+                req.guess_wait -= 1
+                continue
             room = min(p.max_tokens - len(req.output_ids), self.max_model_len - req.num_tokens) - 1
-            draft = propose(req.tokens, min(self.speculative_tokens, room))
+            draft = propose(req.tokens, min(req.guess_len or self.speculative_tokens, room))
             if draft:
                 req.draft = draft
                 req.tokens.extend(draft)
@@ -394,6 +397,8 @@ class Engine:
             m += 1
         self.draft_tokens += len(draft)
         self.accepted_tokens += m
+        req.guess_len, req.guess_misses, req.guess_wait = next_guess(self.speculative_tokens, len(draft), m,
+                                                                     req.guess_misses)
         req.num_computed += 1 + m  # the last real token and the accepted guesses are in the cache
         out = None
         for token in draft[:m] + [predicted[m]]:

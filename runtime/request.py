@@ -44,8 +44,14 @@ class Request:
     matcher: Any = None  # a GrammarMatcher when params.grammar constrains the output
     # with params.prompt_logprobs: one Sample per prompt position (None for the first token)
     prompt_logprobs: Optional[list] = None
-    # speculative decoding: guessed next tokens, appended to ``tokens`` for one step only
+    # speculative decoding: guessed next tokens, appended to ``tokens`` for one step only; the
+    # next guess's length follows how much of the last one held, and after guesses that all
+    # failed the request waits before guessing again (text that does not repeat should not pay
+    # for checking guesses every step)
     draft: list[int] = field(default_factory=list)
+    guess_len: int = 0       # the next guess's length (0: the engine's speculative_tokens)
+    guess_misses: int = 0
+    guess_wait: int = 0
     tokens: list[int] = field(init=False)
 
     def __post_init__(self):

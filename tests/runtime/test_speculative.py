@@ -8,7 +8,7 @@ import pytest
 
 from llmc.runtime.engine import Engine
 from llmc.runtime.sampler import SamplingParams
-from llmc.runtime.speculative import propose
+from llmc.runtime.speculative import MAX_WAIT, next_guess, propose
 from tests.runtime.fake import Repeating, make_tokenizer
 
 
@@ -85,3 +85,16 @@ def test_propose_finds_the_latest_repeat():
     for k in (1, 4, 8):
         draft = propose(tokens, k)
         assert len(draft) <= k
+
+
+def test_guess_length_follows_what_held():
+    assert next_guess(4, 4, 4, 0) == (4, 0, 0)   # all held: guess as long again (capped at 4)
+    assert next_guess(4, 4, 2, 0) == (3, 0, 0)   # two held: one more than that
+    assert next_guess(4, 3, 0, 0) == (1, 1, 1)   # none: one token, after a step's wait
+    waits = []
+    misses = 0
+    for _ in range(6):
+        _, misses, wait = next_guess(4, 1, 0, misses)
+        waits.append(wait)
+    assert waits == [1, 3, 7, MAX_WAIT, MAX_WAIT, MAX_WAIT]
+    assert next_guess(4, 1, 1, 5) == (2, 0, 0)   # a hit ends the waiting
