@@ -176,9 +176,10 @@ class ChatMessage(BaseModel):
 
 
 class ChatBody(_Common):
-    IMPLEMENTED: ClassVar[tuple] = ("tools", "tool_choice")
+    IMPLEMENTED: ClassVar[tuple] = ("tools", "tool_choice", "prompt_logprobs")
 
     messages: list[ChatMessage] = Field(min_length=1)
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: the rendered prompt's
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -564,7 +565,10 @@ def create_app(server: Server) -> FastAPI:
         top = body.top_logprobs if body.logprobs else None
         logprobs = (top or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = server.params(body, max_tokens, len(ids), logprobs, await server.grammar(body, tool_grammar))
+        if body.prompt_logprobs is not None and body.stream:
+            raise ApiError(400, "prompt_logprobs come with stream=false", "stream")
+        params = server.params(body, max_tokens, len(ids), logprobs, await server.grammar(body, tool_grammar),
+                               body.prompt_logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         started = await server.start([ids], body.n, lambda p, s: params[s], rid)
@@ -581,8 +585,12 @@ def create_app(server: Server) -> FastAPI:
                                    "tool_calls": [call.as_openai() for call in calls]}, "tool_calls"
             out.append({"index": c.index, "message": message, "finish_reason": finish,
                         "logprobs": {"content": _chat_logprobs(server, r.samples)} if logprobs is not None else None})
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": server.model_name,
-                "choices": out, "usage": usage({c: r.last for c, r in zip(started, results)}, body.n)}
+        reply = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": server.model_name,
+                 "choices": out, "usage": usage({c: r.last for c, r in zip(started, results)}, body.n)}
+        if body.prompt_logprobs is not None:  # vLLM puts the one prompt's beside the choices
+            reply["prompt_logprobs"] = _vllm_prompt_logprobs(server, started[0].first.prompt_logprobs,
+                                                             body.prompt_logprobs)
+        return reply
 
     return app
 

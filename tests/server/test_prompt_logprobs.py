@@ -71,6 +71,15 @@ def test_vllm_prompt_logprobs(live, byte_tokenizer):
         assert entry["logprob"] == pytest.approx(expected[p], abs=1e-4)
         assert entry["decoded_token"] == byte_tokenizer.decode([ids[p]]) and entry["rank"] >= 1
         assert sorted(e["rank"] for e in scored[p].values())[:3] == [1, 2, 3]  # the top 3, and the token
-    code, text = live.post("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "x"}],
-                                                    "prompt_logprobs": 1})
-    assert code == 400 and json.loads(text)["error"]["param"] == "prompt_logprobs"  # completions only
+    messages = [{"role": "user", "content": "chat form"}]
+    code, text = live.post("/v1/chat/completions", {"model": "fake", "messages": messages, "max_tokens": 1,
+                                                    "prompt_logprobs": 0})
+    assert code == 200, text
+    chat_ids = byte_tokenizer.encode(byte_tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    scored = json.loads(text)["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(chat_ids)
+    assert [scored[p][str(chat_ids[p])]["logprob"] for p in range(1, len(chat_ids))] == \
+        pytest.approx(model_logprobs(chat_ids)[1:], abs=1e-4)
+    code, text = live.post("/v1/chat/completions", {"model": "fake", "messages": messages, "prompt_logprobs": 0,
+                                                    "stream": True})
+    assert code == 400 and json.loads(text)["error"]["param"] == "stream"
