@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 0: off)")
     sv.add_argument("--speculative-max-seqs", type=positive_int, default=2, metavar="N",
                     help="guess only while at most N requests run (larger batches are compute-bound; default 2)")
-    sv.add_argument("--tool-call-parser", default="auto", choices=("auto", "none", "hermes", "llama3_json", "mistral"),
+    sv.add_argument("--tool-call-parser", default="auto", choices=("auto", "none", "hermes", "llama3_json", "mistral", "qwen3_xml"),
                     help="how the model writes tool calls (default auto: from its chat template; none: tools are "
                          "rendered, never parsed)")
     sv.add_argument("--max-num-batched-tokens", type=positive_int, default=512,

@@ -180,6 +180,7 @@ class ChatBody(_Common):
 
     messages: list[ChatMessage] = Field(min_length=1)
     prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: the rendered prompt's
+    parallel_tool_calls: Optional[bool] = None  # False: at most one tool call an answer
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -385,7 +386,8 @@ class Server:
             raise ApiError(400, "this model's chat template renders no tools (or in a format llmc does not know), so "
                                 "it cannot call them; start llmc serve with --tool-call-parser "
                                 f"{{{','.join(tools_.FORMATS)}}} if its template does", "tools")
-        grammar = tools_.call_grammar(self.tool_format, forced) if mode == "required" else None
+        one = body.parallel_tool_calls is False
+        grammar = tools_.call_grammar(self.tool_format, forced, parallel=not one) if mode == "required" else None
         return tools, self.tool_format, grammar
 
     def check_tokenizer_request(self, model: Optional[str]) -> None:
@@ -574,15 +576,17 @@ def create_app(server: Server) -> FastAPI:
         started = await server.start([ids], body.n, lambda p, s: params[s], rid)
         if body.stream:
             return StreamingResponse(_chat_stream(server, rid, started, body.n, include_usage, logprobs is not None,
-                                                  tool_format), media_type="text/event-stream")
+                                                  tool_format, tools, body.parallel_tool_calls is False),
+                                     media_type="text/event-stream")
         results = await _collect(started, request)
         out = []
         for c, r in zip(started, results):
             message, finish = {"role": "assistant", "content": r.text}, r.last.finish_reason
-            content, calls = tools_.parse(tool_format, r.text) if tool_format else (r.text, [])
+            content, calls = tools_.parse(tool_format, r.text, tools) if tool_format else (r.text, [])
+            calls = calls[:1] if body.parallel_tool_calls is False else calls
             if calls:
                 message, finish = {"role": "assistant", "content": content,
-                                   "tool_calls": [call.as_openai() for call in calls]}, "tool_calls"
+                                   "tool_calls": [call.as_openai(tool_format) for call in calls]}, "tool_calls"
             out.append({"index": c.index, "message": message, "finish_reason": finish,
                         "logprobs": {"content": _chat_logprobs(server, r.samples)} if logprobs is not None else None})
         reply = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": server.model_name,
@@ -690,13 +694,14 @@ async def _completion_stream(server: Server, rid: str, started: list, n: int, in
 
 
 async def _chat_stream(server: Server, rid: str, started: list, n: int, include_usage: bool, logprobs: bool,
-                       tool_format: Optional[str] = None):
+                       tool_format: Optional[str] = None, tools: Optional[list[dict]] = None,
+                       single_call: bool = False):
     """With ``tool_format``, text that may begin a tool call is held back; the calls found go
     out in one ``tool_calls`` delta before the final chunk (finish_reason "tool_calls")."""
     created, lasts = int(time.time()), {}
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
     outputs = choices_.merged(started)
-    answers = {c: tools_.StreamedAnswer(tool_format) for c in started} if tool_format else {}
+    answers = {c: tools_.StreamedAnswer(tool_format, tools) for c in started} if tool_format else {}
     try:
         for c in started:
             yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
@@ -714,7 +719,8 @@ async def _chat_stream(server: Server, rid: str, started: list, n: int, include_
                             yield sse({**head, "choices": [{"index": c.index, "delta": {"content": text},
                                                             "logprobs": None, "finish_reason": None}]})
                             text = ""
-                        deltas = [{"index": i, **call.as_openai()} for i, call in enumerate(calls)]
+                        calls = calls[:1] if single_call else calls
+                        deltas = [{"index": i, **call.as_openai(tool_format)} for i, call in enumerate(calls)]
                         yield sse({**head, "choices": [{"index": c.index, "delta": {"tool_calls": deltas},
                                                         "logprobs": None, "finish_reason": None}]})
                         finish = "tool_calls"

@@ -10,7 +10,10 @@ renders past calls the same way). Three are recognized, as vLLM's parsers of the
   ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, one block a call;
 - ``llama3_json`` (Llama 3.1-3.3): the answer is ``{"name": ..., "parameters": {...}}``,
   optionally after ``<|python_tag|>``, several separated by ``;``;
-- ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``.
+- ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`` (call ids of 9 letters
+  and digits, which its template checks);
+- ``qwen3_xml`` (Qwen3-Coder, Qwen3.5): ``<tool_call>\n<function=NAME>\n<parameter=ARG>\nVALUE\n
+  </parameter>\n...</function>\n</tool_call>``, each value raw text (strings) or JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Optional
 
 from .structured import JSON_OPTIONS
 
-FORMATS = ("hermes", "llama3_json", "mistral")
+FORMATS = ("hermes", "llama3_json", "mistral", "qwen3_xml")
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -36,8 +39,10 @@ class ToolCall:
     name: str
     arguments: dict
 
-    def as_openai(self) -> dict:
-        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+    def as_openai(self, fmt: str = "hermes") -> dict:
+        """OpenAI's form; the id is one the format's template takes back in a later turn."""
+        call_id = uuid.uuid4().hex[:9] if fmt == "mistral" else f"call_{uuid.uuid4().hex[:24]}"
+        return {"id": call_id, "type": "function",
                 "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
 
 
@@ -45,11 +50,14 @@ def detect_format(chat_template: Optional[str]) -> Optional[str]:
     """The tool-call format a chat template renders, or None when it renders no tools."""
     if not chat_template or "tools" not in chat_template:
         return None
+    if "<function=" in chat_template and "<parameter=" in chat_template:
+        return "qwen3_xml"
     if "<tool_call>" in chat_template:
         return "hermes"
     if "[TOOL_CALLS]" in chat_template:
         return "mistral"
-    if "<|python_tag|>" in chat_template or "<|eom_id|>" in chat_template:
+    if ("<|python_tag|>" in chat_template or "<|eom_id|>" in chat_template
+            or ('"parameters"' in chat_template and "ipython" in chat_template)):  # Llama 3.1-3.3
         return "llama3_json"
     return None
 
@@ -92,24 +100,84 @@ def chosen_tools(tools: list[dict], tool_choice: Any) -> tuple[str, list[dict]]:
     return "required", named
 
 
-def call_grammar(fmt: str, tools: list[dict]) -> str:
+def call_grammar(fmt: str, tools: list[dict], parallel: bool = True) -> str:
     """A Lark grammar (llguidance's, with %json) whose sentences are one or more calls of
-    ``tools`` in format ``fmt``, each call's arguments following its function's parameters."""
+    ``tools`` in format ``fmt`` (exactly one unless ``parallel``), each call's arguments
+    following its function's parameters."""
+    more = ' ("\\n" call)*' if parallel else ""
     key = "parameters" if fmt == "llama3_json" else "arguments"
     calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
                                                key: t["function"].get("parameters", {"type": "object"})},
               "required": ["name", key], "additionalProperties": False} for t in tools]
     one = {"anyOf": calls, "x-guidance": JSON_OPTIONS} if len(calls) > 1 else {**calls[0], "x-guidance": JSON_OPTIONS}
     if fmt == "hermes":
-        return ('start: call ("\\n" call)*\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json '
-                + json.dumps(one))
+        return f'start: call{more}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json ' + json.dumps(one)
     if fmt == "llama3_json":
         return "start: body\nbody: %json " + json.dumps(one)
     if fmt == "mistral":
         many = {"type": "array", "items": {k: v for k, v in one.items() if k != "x-guidance"}, "minItems": 1,
-                "x-guidance": JSON_OPTIONS}
+                **({} if parallel else {"maxItems": 1}), "x-guidance": JSON_OPTIONS}
         return 'start: "[TOOL_CALLS]" body\nbody: %json ' + json.dumps(many)
+    if fmt == "qwen3_xml":
+        return _xml_grammar(tools, more)
     raise ToolError(f"unknown tool-call format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _raw_text(schema: Any) -> bool:
+    """Whether qwen3_xml writes a parameter's value as raw text: a string or an enum of strings."""
+    if not isinstance(schema, dict):
+        return False
+    enum = schema.get("enum")
+    return schema.get("type") == "string" or (bool(enum) and all(isinstance(v, str) for v in enum))
+
+
+def _xml_grammar(tools: list[dict], more: str) -> str:
+    """qwen3_xml calls: each tool's parameters in its schema's order (the required ones always),
+    string values as one line of raw text without '<' (enums: one of their strings; a forced
+    call cannot hold a multi-line string), the others as JSON of their schema."""
+    rules, calls = [], []
+    for t, tool in enumerate(tools):
+        fn = tool["function"]
+        schema = fn.get("parameters", {"type": "object"})
+        required = set(schema.get("required", []))
+        parts = []
+        for a, (arg, sub) in enumerate((schema.get("properties") or {}).items()):
+            value = f"v{t}_{a}"
+            if _raw_text(sub) and "enum" in sub:
+                rules.append(f"{value}: " + " | ".join(json.dumps(v, ensure_ascii=False) for v in sub["enum"]))
+            elif _raw_text(sub):  # one line: the lexer takes the longest match, and would take the "\n" too
+                low, high = max(1, int(sub.get("minLength", 1))), sub.get("maxLength")
+                rules.append(f"{value}: /[^<\\n]{{{low},{'' if high is None else int(high)}}}/")
+            else:
+                rules.append(f"{value}: %json " + json.dumps({**(sub if isinstance(sub, dict) else {}),
+                                                                 "x-guidance": JSON_OPTIONS}))
+            part = f'"<parameter={arg}>\\n" {value} "\\n</parameter>\\n"'
+            parts.append(part if arg in required else f"({part})?")
+        rules.append(f'c{t}: "<tool_call>\\n<function={fn["name"]}>\\n" {" ".join(parts)} '
+                     f'"</function>\\n</tool_call>"')
+        calls.append(f"c{t}")
+    call = " | ".join(calls)
+    return f"start: call{more}\ncall: " + call + "\n" + "\n".join(rules)
+
+
+def _xml_calls(text: str, tools: Optional[list[dict]]) -> Optional[list[ToolCall]]:
+    """The calls of a qwen3_xml answer; a value is JSON unless its parameter is a string (by
+    the tool's schema) or it does not parse as JSON."""
+    schemas = {t["function"]["name"]: (t["function"].get("parameters") or {}).get("properties") or {}
+               for t in tools or []}
+    calls = []
+    for body in re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S):
+        m = re.fullmatch(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", body, flags=re.S)
+        if m is None:
+            return None
+        name, args = m.group(1).strip(), {}
+        for arg, value in re.findall(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", m.group(2), flags=re.S):
+            try:
+                args[arg.strip()] = value if _raw_text(schemas.get(name, {}).get(arg.strip())) else json.loads(value)
+            except ValueError:
+                args[arg.strip()] = value
+        calls.append(ToolCall(name, args))
+    return calls or None
 
 
 def _call(obj: Any, key: str) -> Optional[ToolCall]:
@@ -139,9 +207,14 @@ def _json_values(text: str) -> Optional[list]:
         values.append(value)
 
 
-def parse(fmt: str, text: str) -> tuple[Optional[str], list[ToolCall]]:
+def parse(fmt: str, text: str, tools: Optional[list[dict]] = None) -> tuple[Optional[str], list[ToolCall]]:
     """(content, calls) of a model's answer. No calls (or calls that do not parse): the whole
-    text is content. With calls, the content is what came before them (None if nothing)."""
+    text is content. With calls, the content is what came before them (None if nothing).
+    ``tools`` types qwen3_xml's values."""
+    if fmt == "qwen3_xml":
+        start = text.find("<tool_call>")
+        calls = _xml_calls(text[start:], tools) if start >= 0 else None
+        return (text[:start].strip() or None, calls) if calls else (text, [])
     if fmt == "hermes":
         start = text.find("<tool_call>")
         if start < 0:
@@ -173,9 +246,10 @@ class StreamedAnswer:
     """One streamed choice's text, split into content to send now and calls found at the end:
     text that may begin a call is held back until it does or cannot."""
 
-    def __init__(self, fmt: str):
+    def __init__(self, fmt: str, tools: Optional[list[dict]] = None):
         self.fmt = fmt
-        self.marker = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}.get(fmt)
+        self.tools = tools
+        self.marker = {"hermes": "<tool_call>", "qwen3_xml": "<tool_call>", "mistral": "[TOOL_CALLS]"}.get(fmt)
         self.text = ""
         self.sent = 0          # text[:sent] went out as content
         self.holding = False   # a call began (or may have): nothing more goes out until the end
@@ -209,7 +283,7 @@ class StreamedAnswer:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """(content not sent yet, the calls) once the answer is complete."""
-        _, calls = parse(self.fmt, self.text)
+        _, calls = parse(self.fmt, self.text, self.tools)
         return ("", calls) if calls else (self.text[self.sent:], [])
 
 

@@ -21,6 +21,9 @@ ANSWERS = {
                     '{"name": "get_time", "parameters": {}}', None),
     "mistral": ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
                 '{"name": "get_time", "arguments": {}}]', None),
+    "qwen3_xml": ('Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n'
+                  '</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n</function>\n</tool_call>',
+                  "Let me check."),
 }
 
 
@@ -41,7 +44,8 @@ def test_calls_are_found_in_each_format(fmt):
 def test_broken_calls_stay_text(fmt):
     broken = {"hermes": "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": </tool_call>",
               "llama3_json": '{"name": "get_weather", "parameters": [1, 2]}',
-              "mistral": '[TOOL_CALLS]{"name": "get_weather"}'}[fmt]
+              "mistral": '[TOOL_CALLS]{"name": "get_weather"}',
+              "qwen3_xml": "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis"}[fmt]
     assert parse(fmt, broken) == (broken, [])
 
 
@@ -66,7 +70,27 @@ def test_templates_name_their_format():
     assert detect_format("{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>") == "hermes"
     assert detect_format("{% if tools %}[AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]") == "mistral"
     assert detect_format("{% if tools %}{{ '<|python_tag|>' }}{% endif %}") == "llama3_json"
+    assert detect_format("{% if tools %}<tool_call>\n<function={{ name }}>\n<parameter={{ arg }}>"
+                         "{% endif %}") == "qwen3_xml"
+    assert detect_format('{% if tools %}{"name": function name, "parameters": ...}{% endif %}'
+                         "<|start_header_id|>ipython") == "llama3_json"  # Llama 3.2: no python_tag
     assert detect_format("{{ messages }}") is None and detect_format(None) is None
+
+
+def test_xml_values_follow_the_schema_types():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "code": {"type": "string"}, "n": {"type": "integer"}, "flags": {"type": "array"}, "level": {"enum": ["1", "2"]}}}}}]
+    text = ("<tool_call>\n<function=f>\n<parameter=code>\n42\n</parameter>\n<parameter=n>\n42\n</parameter>\n"
+            "<parameter=flags>\n[1, 2]\n</parameter>\n<parameter=level>\n2\n</parameter>\n</function>\n</tool_call>")
+    _, calls = parse("qwen3_xml", text, tools)
+    assert calls[0].arguments == {"code": "42", "n": 42, "flags": [1, 2], "level": "2"}
+
+
+def test_mistral_call_ids_are_nine_letters_and_digits():
+    from llmc.runtime.tool_calls import ToolCall
+
+    call_id = ToolCall("f", {}).as_openai("mistral")["id"]
+    assert len(call_id) == 9 and call_id.isalnum()
 
 
 def test_tool_and_choice_checks():
@@ -93,7 +117,9 @@ def test_call_grammars_accept_calls_and_nothing_else(fmt):
     assert llguidance.LLMatcher.validate_grammar(grammar) == ""
     compact = {"hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
                "llama3_json": '{"name": "get_weather", "parameters": {"city": "Paris"}}',
-               "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'}[fmt]
+               "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+               "qwen3_xml": "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+                            "<parameter=unit>\nf\n</parameter>\n</function>\n</tool_call>"}[fmt]
     wrong = compact.replace("get_weather", "get_wether")
     tok = llguidance.LLTokenizer(_byte_tokenizer_json())
 
@@ -103,7 +129,7 @@ def test_call_grammars_accept_calls_and_nothing_else(fmt):
         return ok and m.is_accepting()
 
     assert accepts(compact) and not accepts(wrong) and not accepts("hello")
-    assert parse(fmt, compact)[1][0].arguments == {"city": "Paris"}
+    assert parse(fmt, compact)[1][0].arguments["city"] == "Paris"
 
 
 def _byte_tokenizer_json():

@@ -153,3 +153,29 @@ def test_a_template_without_tools_refuses_them(live):
     assert code == 200  # tool_choice none: nothing to parse
     code, text = live.post("/v1/completions", {"model": "fake", "prompt": "x", "tools": TOOLS})
     assert code == 400 and json.loads(text)["error"]["param"] == "tools"  # chat only
+
+
+XML_TEMPLATE = (
+    "{% if tools %}<system>Tools:{% for t in tools %} {{ t['function'] | tojson }}{% endfor %} Call as "
+    "<tool_call>\n<function=NAME>\n<parameter=ARG>\nVALUE\n</parameter>\n</function>\n</tool_call>\n{% endif %}"
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_qwen3_xml_calls_forced_and_typed(byte_tokenizer):
+    tok = Tokenizer(byte_tokenizer.path, chat_template=XML_TEMPLATE, eos_token=EOS, eos_token_ids=[0])
+    with fake_server(tokenizer=tok, num_blocks=2048, max_model_len=1024, max_num_batched_tokens=1024) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        days = {"type": "function", "function": {"name": "forecast", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                             "days": {"type": "integer", "minimum": 1, "maximum": 9},
+                                             "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "days", "unit"]}}}
+        for seed in range(3):
+            r = client.chat.completions.create(model="fake", messages=ASK, tools=[days], tool_choice="required",
+                                               max_tokens=200, temperature=1.0, seed=seed, parallel_tool_calls=False)
+            c = r.choices[0]
+            assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1, c.message.content
+            args = json.loads(c.message.tool_calls[0].function.arguments)
+            assert isinstance(args["days"], int) and 1 <= args["days"] <= 9 and args["unit"] in ("c", "f")
+            assert isinstance(args["city"], str) and args["city"]
