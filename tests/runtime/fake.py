@@ -120,6 +120,24 @@ class Repeating(FakeExecutor):
         return logits
 
 
+def run_requests(engine, prompts, params, check_blocks: bool = False) -> list[tuple[list[int], str, str]]:
+    """Add one request per prompt (``params``: one SamplingParams for all, or a list), iterate
+    the engine to the end; (tokens, text, finish reason) per request. Every block is free again
+    at the end (and, with ``check_blocks``, the block manager's invariants hold every step)."""
+    reqs = [engine.add_request(p, params[i] if isinstance(params, list) else params) for i, p in enumerate(prompts)]
+    tokens, text, reasons = {r.request_id: [] for r in reqs}, {r.request_id: "" for r in reqs}, {}
+    while engine.has_unfinished():
+        for out in engine.iterate():
+            tokens[out.request_id] += out.new_token_ids
+            text[out.request_id] += out.text
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        if check_blocks:
+            engine.blocks.check()
+    assert engine.blocks.num_used == 0
+    return [(tokens[r.request_id], text[r.request_id], reasons[r.request_id]) for r in reqs]
+
+
 def alone_reference(prompt_ids, max_tokens: int, vocab_size: int = VOCAB, eos: int = 0) -> list[int]:
     """Greedy tokens straight from the fake's function, without any engine (the ground truth)."""
     ex = FakeExecutor(vocab_size=vocab_size)

@@ -9,24 +9,14 @@ import pytest
 from llmc.runtime.engine import Engine
 from llmc.runtime.sampler import SamplingParams
 from llmc.runtime.speculative import MAX_WAIT, next_guess, propose
-from tests.runtime.fake import Repeating, make_tokenizer
+from tests.runtime.fake import Repeating, make_tokenizer, run_requests
 
 
 PROMPTS = [[(3 * i + 11 * j) % 90 + 33 for j in range(4 + 6 * i)] for i in range(4)]
 
 
 def run(engine, prompts, params):
-    reqs = [engine.add_request(p, params) for p in prompts]
-    text, tokens, reasons = ({r.request_id: "" for r in reqs}, {r.request_id: [] for r in reqs}, {})
-    while engine.has_unfinished():
-        for out in engine.iterate():
-            tokens[out.request_id] += out.new_token_ids
-            text[out.request_id] += out.text
-            if out.finished:
-                reasons[out.request_id] = out.finish_reason
-        engine.blocks.check()
-    assert engine.blocks.num_used == 0
-    return [(tokens[r.request_id], text[r.request_id], reasons[r.request_id]) for r in reqs]
+    return run_requests(engine, prompts, params, check_blocks=True)
 
 
 def engines(tok=None, max_seqs=2, **kw):

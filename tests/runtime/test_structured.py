@@ -15,7 +15,7 @@ jsonschema = pytest.importorskip("jsonschema")
 from llmc.runtime.engine import Engine  # noqa: E402
 from llmc.runtime.sampler import SamplingParams  # noqa: E402
 from llmc.runtime.structured import GrammarError, grammar_from  # noqa: E402
-from tests.runtime.fake import FakeExecutor, make_tokenizer  # noqa: E402
+from tests.runtime.fake import FakeExecutor, make_tokenizer, run_requests as run  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -43,21 +43,6 @@ def tok(tmp_path_factory):
 def engine_for(tok, **kw):
     executor = FakeExecutor(**{k: kw.pop(k) for k in list(kw) if k in ("num_blocks", "block_size", "max_model_len")})
     return Engine(executor, tok, **kw)
-
-
-def run(engine, prompts, params):
-    reqs = [engine.add_request(p, params[i] if isinstance(params, list) else params) for i, p in enumerate(prompts)]
-    tokens = {r.request_id: [] for r in reqs}
-    text = {r.request_id: "" for r in reqs}
-    reason = {}
-    while engine.has_unfinished():
-        for out in engine.iterate():
-            tokens[out.request_id] += out.new_token_ids
-            text[out.request_id] += out.text
-            if out.finished:
-                reason[out.request_id] = out.finish_reason
-    assert engine.blocks.num_used == 0
-    return [(tokens[r.request_id], text[r.request_id], reason[r.request_id]) for r in reqs]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
