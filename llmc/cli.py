@@ -265,6 +265,15 @@ def cmd_serve(args) -> int:
     print(f"llmc serve: {name} loaded in {time.perf_counter() - t0:.1f}s; {ex.num_blocks} KV blocks of "
           f"{ex.block_size} positions, {args.max_num_seqs} sequences at most, context {engine.max_model_len}; "
           f"http://{args.host}:{args.port}/v1" + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
+    from llmc.runtime.tool_calls import detect_format
+
+    template = engine.tokenizer.chat_template if engine.tokenizer else None
+    calls = {"auto": detect_format(template), "none": None}.get(args.tool_call_parser, args.tool_call_parser)
+    print(f"llmc serve: tool calls {calls or 'off'}"
+          + (" (from the chat template)" if args.tool_call_parser == "auto" and calls else "")
+          + (f"; speculative decoding: up to {args.speculative_tokens} guessed tokens while at most "
+             f"{args.speculative_max_seqs} requests run" if args.speculative_tokens else ""),
+          file=sys.stderr, flush=True)
     run_server(engine, name, host=args.host, port=args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
                drain_seconds=args.drain_seconds, log_level="info" if args.verbose else "warning",
                http_nice=DEFAULT_HTTP_NICE if args.http_nice is None else args.http_nice,
