@@ -361,8 +361,8 @@ class Engine:
         drafted = []
         for req in running:
             p = req.params
-            if (req.num_pending != 1 or not p.greedy or p.penalized or p.logprobs is not None
-                    or req.matcher is not None or req.prompt_logprobs is not None):
+            if (req.num_pending != 1 or not p.greedy or p.penalized or req.matcher is not None
+                    or req.prompt_logprobs is not None):
                 continue
             if req.guess_wait:
                 req.guess_wait -= 1
@@ -400,9 +400,13 @@ class Engine:
         req.guess_len, req.guess_misses, req.guess_wait = next_guess(self.speculative_tokens, len(draft), m,
                                                                      req.guess_misses)
         req.num_computed += 1 + m  # the last real token and the accepted guesses are in the cache
+        kept = draft[:m] + [predicted[m]]
+        # greedy without penalties: the logprobs are the raw rows' (as the sampler's would be)
+        samples = scored_tokens(rows[:m + 1], kept, req.params.logprobs) if req.params.logprobs is not None \
+            else [Sample(int(token)) for token in kept]
         out = None
-        for token in draft[:m] + [predicted[m]]:
-            step = self._accept(req, Sample(int(token)), now)
+        for sample in samples:
+            step = self._accept(req, sample, now)
             if out is None:
                 out = step
             else:  # one output a step: the tokens and their text together

@@ -60,10 +60,22 @@ def test_preemption_during_guesses():
 def test_only_greedy_requests_guess_and_only_few_at_once():
     _, fast = engines()
     run(fast, PROMPTS[:1], SamplingParams(max_tokens=30, temperature=0.8, seed=1, ignore_eos=True))
-    run(fast, PROMPTS[:1], SamplingParams(max_tokens=30, logprobs=1, ignore_eos=True))
     run(fast, PROMPTS[:1], SamplingParams(max_tokens=30, repetition_penalty=1.2, ignore_eos=True))
     run(fast, PROMPTS[:3], SamplingParams(max_tokens=30, ignore_eos=True))  # 3 running > speculative_max_seqs=2
     assert fast.draft_tokens == 0
+
+
+def test_logprobs_of_guessed_tokens_equal_the_sampler_s():
+    plain, fast = engines()
+    params = SamplingParams(max_tokens=40, logprobs=3, ignore_eos=True)
+    a, b = plain.add_request(PROMPTS[2], params), fast.add_request(PROMPTS[2], params)
+    plain.run_to_completion()
+    fast.run_to_completion()
+    assert fast.accepted_tokens > 0 and b.output_ids == a.output_ids
+    for x, y in zip(a.samples, b.samples):
+        assert y.logprob == pytest.approx(x.logprob, abs=1e-4)
+        assert [t for t, _ in y.top_logprobs] == [t for t, _ in x.top_logprobs]
+        assert [lp for _, lp in y.top_logprobs] == pytest.approx([lp for _, lp in x.top_logprobs], abs=1e-4)
 
 
 def test_propose_finds_the_latest_repeat():
