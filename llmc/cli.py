@@ -265,10 +265,9 @@ def cmd_serve(args) -> int:
     print(f"llmc serve: {name} loaded in {time.perf_counter() - t0:.1f}s; {ex.num_blocks} KV blocks of "
           f"{ex.block_size} positions, {args.max_num_seqs} sequences at most, context {engine.max_model_len}; "
           f"http://{args.host}:{args.port}/v1" + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
-    from llmc.runtime.tool_calls import detect_format
+    from llmc.runtime.tool_calls import resolve_format
 
-    template = engine.tokenizer.chat_template if engine.tokenizer else None
-    calls = {"auto": detect_format(template), "none": None}.get(args.tool_call_parser, args.tool_call_parser)
+    calls = resolve_format(args.tool_call_parser, engine.tokenizer.chat_template if engine.tokenizer else None)
     print(f"llmc serve: tool calls {calls or 'off'}"
           + (" (from the chat template)" if args.tool_call_parser == "auto" and calls else "")
           + (f"; speculative decoding: up to {args.speculative_tokens} guessed tokens while at most "
@@ -571,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 0: off)")
     sv.add_argument("--speculative-max-seqs", type=positive_int, default=2, metavar="N",
                     help="guess only while at most N requests run (larger batches are compute-bound; default 2)")
-    sv.add_argument("--tool-call-parser", default="auto", choices=("auto", "none", "hermes", "llama3_json", "mistral", "qwen3_xml"),
+    sv.add_argument("--tool-call-parser", default="auto",
+                    choices=("auto", "none", "hermes", "llama3_json", "mistral", "qwen3_xml"),  # tool_calls.FORMATS
                     help="how the model writes tool calls (default auto: from its chat template; none: tools are "
                          "rendered, never parsed)")
     sv.add_argument("--max-num-batched-tokens", type=positive_int, default=512,

@@ -136,7 +136,8 @@ def scored_tokens(rows: np.ndarray, tokens: Sequence[int], k: int) -> list[Sampl
     model's prediction before token j): each one's logprob, rank and the top ``k``, from the raw
     logits (no penalties, no temperature)."""
     rows = np.asarray(rows, dtype=np.float32)
-    lse = np.log(np.exp(rows - rows.max(axis=1, keepdims=True)).sum(axis=1)) + rows.max(axis=1)
+    peak = rows.max(axis=1)
+    lse = np.log(np.exp(rows - peak[:, None]).sum(axis=1)) + peak
     picked = rows[np.arange(len(tokens)), np.asarray(tokens, dtype=np.int64)]
     ranks = (rows > picked[:, None]).sum(axis=1) + 1
     out = []

@@ -232,12 +232,8 @@ class Server:
         self.tokenizer = engine.engine.tokenizer
         self.created = int(time.time())
         # the format tool calls take in this model's answers (runtime/tool_calls.py); None: no tools
-        template = self.tokenizer.chat_template if self.tokenizer else None
-        if tool_call_parser not in ("auto", "none", *tools_.FORMATS):
-            raise ValueError(f"unknown tool-call parser {tool_call_parser!r}; expected auto, none or one of "
-                             f"{', '.join(tools_.FORMATS)}")
-        self.tool_format = (tools_.detect_format(template) if tool_call_parser == "auto" else
-                            None if tool_call_parser == "none" else tool_call_parser)
+        self.tool_format = tools_.resolve_format(tool_call_parser,
+                                                 self.tokenizer.chat_template if self.tokenizer else None)
 
     # sampling parameters from a body
     def params(self, body: _Common, max_tokens: Optional[int], prompt_len: int,

@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -167,10 +167,6 @@ class GrammarMatcher:
         """Feed the sampled token; True when the grammar is complete (nothing may follow)."""
         self._matcher.consume_token(int(token))
         return bool(self._matcher.is_stopped())
-
-    @property
-    def error(self) -> Optional[str]:
-        return self._matcher.get_error() or None
 
 
 __all__ = ["GrammarError", "GrammarMatcher", "Grammars", "KINDS", "grammar_from"]

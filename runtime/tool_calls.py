@@ -62,6 +62,18 @@ def detect_format(chat_template: Optional[str]) -> Optional[str]:
     return None
 
 
+def resolve_format(parser: str, chat_template: Optional[str]) -> Optional[str]:
+    """The format to read calls in for ``--tool-call-parser`` (auto: the template's; none: no
+    tool calls), or a ToolError naming the choices."""
+    if parser == "auto":
+        return detect_format(chat_template)
+    if parser == "none":
+        return None
+    if parser not in FORMATS:
+        raise ToolError(f"unknown tool-call parser {parser!r}; expected auto, none or one of {', '.join(FORMATS)}")
+    return parser
+
+
 def check_tools(tools: Any) -> list[dict]:
     """OpenAI's ``tools``: a list of {"type": "function", "function": {"name", "description"?,
     "parameters"?}}; returns it with every function's parameters (default: any object)."""
@@ -288,4 +300,5 @@ class StreamedAnswer:
 
 
 __all__ = ["FORMATS", "StreamedAnswer", "ToolCall", "ToolError", "call_grammar", "check_tools", "chosen_tools",
+           "resolve_format",
            "detect_format", "parse"]
