@@ -116,37 +116,21 @@ def _report_gguf_blocks(blocks) -> None:
             ", ".join(f"{t} x{n}" for t, n in sorted(types.items())), next(iter(inflated)), ", ".join(QUANT_TYPES))
 
 
-def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_dir: str,
-                     options: Optional[CompileOptions] = None, passes=None, manager_options=None,
-                     source: str = "", quant: Optional[str] = "none",
-                     quant_embedding: Optional[bool] = None, quant_calibration: Optional[str] = None,
-                     quant_method: str = "gptq") -> dict:
-    """Optimize ``imported`` (select-logits, then ``passes``, default -O2) and write the target's
-    artifact to ``out_dir``. Returns the stage timings. Nothing is written if a stage fails.
-
-    ``quant``: "none" (floats), "gguf" (a quantized GGUF's own blocks), a scheme such as
-    "q4_g32", or None for the default of the source and target (:func:`default_quant`).
-    ``quant_calibration``: a text file whose activations weight a scheme's scale search
-    (``compiler/calibration.py``); it must not be the text the artifact is evaluated on.
-    ``quant_method``: with calibration, "gptq" or "search" (:func:`quantize_pass`)."""
+def optimize_for_target(imported: ImportedModel, target_name: str, options: Optional[CompileOptions] = None,
+                        passes=None, manager_options=None, source: str = "", quant: str = "none",
+                        quant_embedding: Optional[bool] = None, calibration: Optional[list] = None,
+                        quant_method: str = "gptq"):
+    """Run select-logits, the quantize pass for ``quant`` and ``passes`` (default: the target's
+    -O2) over ``imported.module``, which becomes the optimized module: what the target's code
+    generator lowers. Returns the quantize pass (None without one) and the pass time."""
     from .passes import build_pipeline
     from .passes.registry import LOWERING
 
     from .codegen.registry import default_kv_block_size
 
-    target = resolve_target(target_name)
     options = options or CompileOptions()
     imported.module.attrs["kv_block_size"] = options.kv_block_size or default_kv_block_size(target_name)
     passes = list(build_pipeline(target_name, 2) if passes is None else passes)
-    quant = default_quant(source, target_name) if quant is None else quant
-    calibration = None
-    if quant_calibration is not None:
-        if quant == "none":
-            raise ValueError("--quant-calibration weights a scheme's scale search; add --quant q4_g32 (or another "
-                             "scheme), or drop --quant-calibration")
-        from .calibration import read_calibration_tokens
-
-        calibration = read_calibration_tokens(quant_calibration, tokenizer)
     qpass = quantize_pass(quant, imported, source, target_name, quant_embedding, calibration, quant_method)
     if qpass is not None:  # before fusion (it sees top-level linears only), else before the lowerings
         names = [p.name for p in passes]
@@ -159,13 +143,44 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
     logging.getLogger("llmc.progress").info("optimizing: %d passes", len(manager.passes))
     module = manager.run(imported.module)
     imported.module = module
-    timings = {"passes": time.perf_counter() - t0}
+    elapsed = time.perf_counter() - t0
     if qpass is not None:
         kinds = [op.kind for op in module.functions["forward"].body.walk()]
         logging.getLogger("llmc.progress").info("quantized (%s): %d linears, %d embeddings", quant,
                                                 kinds.count("quantized_linear"), kinds.count("quantized_embedding"))
         if quant == "gguf":
             _report_gguf_blocks(qpass.provider)
+    return qpass, elapsed
+
+
+def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_dir: str,
+                     options: Optional[CompileOptions] = None, passes=None, manager_options=None,
+                     source: str = "", quant: Optional[str] = "none",
+                     quant_embedding: Optional[bool] = None, quant_calibration: Optional[str] = None,
+                     quant_method: str = "gptq") -> dict:
+    """Optimize ``imported`` (:func:`optimize_for_target`) and write the target's artifact to
+    ``out_dir``. Returns the stage timings. Nothing is written if a stage fails.
+
+    ``quant``: "none" (floats), "gguf" (a quantized GGUF's own blocks), a scheme such as
+    "q4_g32", or None for the default of the source and target (:func:`default_quant`).
+    ``quant_calibration``: a text file whose activations weight a scheme's scale search
+    (``compiler/calibration.py``); it must not be the text the artifact is evaluated on.
+    ``quant_method``: with calibration, "gptq" or "search" (:func:`quantize_pass`)."""
+    target = resolve_target(target_name)
+    options = options or CompileOptions()
+    quant = default_quant(source, target_name) if quant is None else quant
+    calibration = None
+    if quant_calibration is not None:
+        if quant == "none":
+            raise ValueError("--quant-calibration weights a scheme's scale search; add --quant q4_g32 (or another "
+                             "scheme), or drop --quant-calibration")
+        from .calibration import read_calibration_tokens
+
+        calibration = read_calibration_tokens(quant_calibration, tokenizer)
+    _, elapsed = optimize_for_target(imported, target_name, options, passes, manager_options, source, quant,
+                                     quant_embedding, calibration, quant_method)
+    module = imported.module
+    timings = {"passes": elapsed}
     config = imported.config
     metadata = {"llmc_version": llmc.__version__, "name": module.name, "arch": module.attrs.get("arch"),
                 "vocab_size": int(config.get("vocab_size") or 0), "config": config, "source": source,

@@ -40,6 +40,8 @@ import numpy as np
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
+from .memo import memoized_kernel
+
 SCALE_BYTES = 4  # int8 pools: one float32 scale per position and head, stored in the pool itself
 NEG = -3.0e38  # "minus infinity" that stays finite, so exp(NEG - NEG) is never NaN
 
@@ -107,6 +109,7 @@ def _conversion(source: str, dtype: str):
     return lambda x: tir.Cast(dtype, x)
 
 
+@memoized_kernel
 def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype: str = "float32",
                      pool_dtype: str = ""):
     """In-place write of this step's keys (pool [NB, Hkv, D, BS]) or values (pool [NB, BS, Hkv, Dv])
@@ -226,6 +229,7 @@ def tile_locator(rows: int):
     return locate
 
 
+@memoized_kernel
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
                            softcap: float, rows: int, threads: int, sinks: bool = False, lanes: int = 16,
                            registers: int = 32, chunk: int = 0, alibi=None,

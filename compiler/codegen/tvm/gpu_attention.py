@@ -29,10 +29,12 @@ from tvm import tirx as tir
 from tvm.script import tirx as T
 
 from .attention import NEG, tile_locator
+from .memo import memoized_kernel
 
 KV_THREADS = 256  # threads per token of a kv_append
 
 
+@memoized_kernel
 def kv_append_kernel(kv_heads: int, dim: int, block_size: int, keys: bool, dtype: str = "float16",
                      gpu: bool = True):
     """In-place write of this step's keys or values into their slots: a threadgroup per token,
@@ -106,6 +108,7 @@ def attention_lanes(rows: int, group: int, dv: int) -> int:
     return lanes
 
 
+@memoized_kernel
 def paged_attention_kernel(hq: int, hkv: int, d: int, dv: int, block_size: int, scale: float, window: int,
                            softcap: float, rows: int, sinks: bool = False, dtype: str = "float16",
                            sink_dtype: str = "float32", out_dtype: str = None, gpu: bool = True,

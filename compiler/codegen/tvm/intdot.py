@@ -39,6 +39,7 @@ from tvm import tirx as tir
 from tvm.script import tirx as T
 
 from .attention import prefetch_to_l2
+from .memo import memoized_kernel
 
 BLOCK = 32  # activations quantized per block of 32 along K
 _F32X = {4: T.float32x4, 8: T.float32x8, 16: T.float32x16}
@@ -240,6 +241,7 @@ def code_at(codes, n, k, lanes: int, bits: int, ilv: int = 1):
 
 # ------------------------------------------------------------------------------ kernels
 
+@memoized_kernel
 def quantize_rows_kernel(k: int, parallel: bool = True, halves: int = 1):
     """x f32 [M, K] → (q: int8 x4 packed in i32 [M, K/4], d: f32 [M, K/32], ds: d * sum(q)).
     ``parallel=False`` for decode: one row is cheaper than waking the thread pool. ``halves=2``:
@@ -597,6 +599,7 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
     return tile
 
 
+@memoized_kernel
 def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: bool, has_mins: bool,
                          scale_dtype: str, decode: bool, threads: int = 2, glu: bool = False, bits: int = 4,
                          tile: Optional[tuple[int, int]] = None, ilv: int = 1, prefetch: Optional[int] = None):

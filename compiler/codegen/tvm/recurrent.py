@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from .memo import memoized_kernel
+
 
 def _lanes(n: int) -> int:
     return next((lanes for lanes in (16, 8, 4) if n % lanes == 0), 1)
 
 
+@memoized_kernel
 def conv_step_kernel(channels: int, width: int, bias: bool, dtype: str = "float32"):
     """PrimFunc (x [T, C], w [C, K], state_slots [B], seq_lens [B], query_start [B + 1], [bias [C],]
     pool [NS, K-1, C] (in place), out [T, C])."""
@@ -94,6 +97,7 @@ def conv_step_kernel(channels: int, width: int, bias: bool, dtype: str = "float3
     return causal_conv1d_step
 
 
+@memoized_kernel
 def delta_rule_step_kernel(heads: int, dk: int, dv: int, per_channel_gate: bool, delta: bool = True):
     """PrimFunc (q, k [T, H, dk], v [T, H, dv], g [T, H] or [T, H, dk], beta [T, H], state_slots [B],
     seq_lens [B], query_start [B + 1], pool [NS, H, dk, dv] (in place), out [T, H, dv]), float32."""
