@@ -80,9 +80,10 @@ def test_gemv_and_gemm_equal_the_integer_scheme(isa, layout):
     group, signed, mins = layout
     # n = 512: the widest decode tile (8 blocks on AVX-512, 4 on AVX2) and its interleaved
     # layout, read by the prefill tiles too (m = 13, 5); n = 64: the narrowest, not interleaved
-    # m = 8: one 8-row VNNI tile, the prefetching body (``batch_prefetch``) over the interleaved codes
+    # m = 8: one 8-row VNNI tile, the prefetching body (``batch_prefetch``) over the interleaved codes;
+    # m = 2, 3: the one-row decode tile row after row (``FEW_ROWS``); m = 4: the 4-row tile on VNNI
     for m, n, decode in ((1, 512, True), (1, 64, True), (13, 64, False), (13, 512, False), (5, 512, False),
-                         (8, 512, False)):
+                         (8, 512, False), (2, 512, False), (3, 64, False), (4, 512, False)):
         got, exact, floats = run(isa, m, n, 256, group, signed, mins, decode, seed=group + m + n)
         scale = 1 + np.abs(exact).max()
         assert np.abs(got - exact).max() <= 1e-5 * scale
@@ -164,11 +165,11 @@ def test_register_tiles_fit_the_register_file():
 
 
 @pytest.mark.skipif(not NEEDS["avx512vnni"] <= HOST_FLAGS, reason="host lacks avx512vnni")
-@pytest.mark.parametrize("bits,m", [(4, 8), (4, 6), (4, 13), (8, 8), (8, 3)])
+@pytest.mark.parametrize("bits,m", [(4, 8), (4, 6), (4, 13), (8, 8), (8, 3), (4, 2), (4, 4), (8, 5)])
 def test_vnni_tiles_on_batch_rows(bits, m):
-    """The VNNI prefill tiles (8 x 1 blocks, 4 x 1 below 8 rows)
-    at batched-decode row counts, including a partial last row tile, equal the exact integer
-    scheme."""
+    """The VNNI batch tiles (8 x 1 blocks; 4 x 1 at 4 rows; the one-row decode tile row after
+    row at 2-3 rows) at batched-decode row counts, including a partial last row tile and clamped
+    rows of the 8-row tile (5, 6 rows), equal the exact integer scheme."""
     mcpu, spec = ISAS["avx512vnni"]
     n, k = 16 * 24, 384  # 12 32-blocks: the prefetch of 8 ahead runs past the end (clamped)
     assert intdot.tiles(spec, n, False, bits) == (8, 1)

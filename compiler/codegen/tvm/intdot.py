@@ -430,7 +430,7 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
     512 rows (prefill) 12-27% less per call. 8-bit codes (the LM head of a batch) take 8 x 1
     on every ISA: one thread's CPU time at 49152 x 576, M = 8, 16, 64, against 2 x 8 (VNNI)
     and 4 x 1 (AVX2): 1.9-2.3 vs 3.3-3.9 ms, 4.2 vs 5.2 ms, 13.9 vs 15.6 ms (VNNI), 4.1 vs 4.8
-    ms at M = 8 (AVX2). Fewer rows than 8 take ``small_tiles``. A group's integer dot product is one expression (``_group_dot``), so a tile
+    ms at M = 8 (AVX2). Fewer rows take ``small_tiles`` and ``FEW_ROWS``. A group's integer dot product is one expression (``_group_dot``), so a tile
     holds float accumulators only.
 
     AArch64 (32 NEON registers of 4 lanes) takes VNNI's rules unchanged; they are only checked
@@ -458,13 +458,31 @@ def tiles(isa: IntDotIsa, n: int, decode: bool, bits: int = 4) -> tuple[int, int
 
 
 def small_tiles(rows: int) -> Optional[tuple[int, int]]:
-    """The tile for M < ``rows`` (2-7 decode tokens in a batch), or None when the big tile is
-    small already: half-empty 8-row tiles would recompute their clamped rows (an 8 x 2 tile at
-    M = 4 cost 1.6x the 4 x 2 one). 4 x 1: at M = 4 the step's linears take 2.0 ms against
-    4 x 2's 2.3 cache-resident, 5.1 against 5.0 with the weights from DRAM (2 threads, Zen 4)."""
-    if rows <= 4:
+    """The tile for ``FEW_ROWS`` < M <= ``SMALL_ROWS`` (a batch of 4 decode tokens), or None when
+    the big tile is small already. 4 x 1: at M = 4 the step's linears take 2.0 ms against 4 x 2's
+    2.3 cache-resident, 5.1 against 5.0 with the weights from DRAM (2 threads, Zen 4). Above 4
+    rows the big 8-row tile does better than two 4-row ones, clamped rows and all (each 4-row
+    tile streams every weight from DRAM again): all 4-bit linears of a 6-row step 6.28 ms
+    against 7.88 (VNNI, Zen 4, 2 threads, interleaved A/B)."""
+    if rows <= SMALL_ROWS:
         return None
-    return 4, 1
+    return SMALL_ROWS, 1
+
+
+SMALL_ROWS = 4
+
+# At most this many rows (2-3 decode tokens in a batch: a few clients, or one speculative
+# request checking its guesses) take the one-row decode tile, one row after the other: a
+# thread's consecutive work items are the rows under one weight tile, so the first row streams
+# the weights in the decode tile's interleaved order (sequential, which the hardware
+# prefetchers follow) and the others read them again from L2, where a taller tile walks one
+# column block of each interleaved group, 2 KB apart, and computes clamped rows. Interleaved
+# A/B (benchmarks/small_batch.py), all 4-bit linears of a SmolLM2 step with the weights from
+# DRAM, 2 threads, Zen 4: 2 rows 3.15 vs 4.36 ms (VNNI 4 x 1), 3 rows 4.45 vs 4.88; x86-64-v3
+# (AVX2 4 x 1): 2 rows 4.28 vs 6.39, 3 rows 7.21 vs 9.63; the 8-bit LM head (49152 x 576): 2 rows
+# 0.94 vs 1.38 (VNNI 8 x 1), 1.24 vs 2.97 (AVX2). At 4 rows the 4 x 1 tile wins on VNNI (4.71 vs
+# 5.20), so it stops at 3.
+FEW_ROWS = 3
 
 
 def batch_prefetch(isa: IntDotIsa) -> int:
@@ -636,12 +654,13 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
     # once, from DRAM, so the tile prefetches ``ahead`` 32-blocks (``batch_prefetch``).
     body = make_body(R, C)
     stream = make_body(R, C, ahead) if ahead > 0 and R > 1 and not decode else None
-    # fewer rows than a big tile holds (a batch of 2-7 decode tokens): the smaller tile, so no
-    # half-empty 8-row tile recomputes clamped rows
+    # a batch of SMALL_ROWS decode tokens: the smaller tile, no half-empty 8-row one
     small = make_body(*small_tile, ahead) if small_tile is not None else None
+    # 2-3 rows: the one-row decode tile, row after row (FEW_ROWS)
+    few = make_body(*tiles(isa, n, True, bits)) if not (tile or decode) and R > 1 else None
 
     @T.macro
-    def run(q, d, ds, codes, scales, mins, y, up, m):
+    def batch(q, d, ds, codes, scales, mins, y, up, m):
         # the Python-constant conditions first: the parser keeps only the taken branches
         if small is None and stream is None:
             body(q, d, ds, codes, scales, mins, y, up, m)
@@ -651,17 +670,27 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
             else:
                 stream(q, d, ds, codes, scales, mins, y, up, m)
         elif stream is None:
-            if m >= R:
+            if m > SMALL_ROWS:
                 body(q, d, ds, codes, scales, mins, y, up, m)
             else:
                 small(q, d, ds, codes, scales, mins, y, up, m)
         else:
             if m > R:
                 body(q, d, ds, codes, scales, mins, y, up, m)
-            elif m == R:
+            elif m > SMALL_ROWS:
                 stream(q, d, ds, codes, scales, mins, y, up, m)
             else:
                 small(q, d, ds, codes, scales, mins, y, up, m)
+
+    @T.macro
+    def run(q, d, ds, codes, scales, mins, y, up, m):
+        if few is None:
+            batch(q, d, ds, codes, scales, mins, y, up, m)
+        else:
+            if m <= FEW_ROWS:
+                few(q, d, ds, codes, scales, mins, y, up, m)
+            else:
+                batch(q, d, ds, codes, scales, mins, y, up, m)
 
     if glu:
         @T.prim_func(private=True, check_well_formed=False)
