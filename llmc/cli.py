@@ -49,15 +49,30 @@ def write_atomically(path: str, text: str) -> None:
         raise
 
 
+def _hush_environment() -> None:
+    """transformers' warnings and every tqdm bar off (the GGUF dequantization draws one beside
+    llmc's progress lines), set before anything imports them: tqdm reads its TQDM_* settings
+    once, at import, and the compiler's modules import torch and transformers."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _hush_transformers() -> None:
+    """transformers' own warnings and progress bars off (see ``_hush_environment``)."""
+    import warnings
+
+    _hush_environment()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def _import(model: str, verbose: bool, with_tokenizer: bool = False):
+    if not verbose:
+        _hush_transformers()
     from llmc.compiler.frontend import ModelSourceError, import_model
 
-    if not verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF dequantization draws a progress bar
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     try:
         return import_model(model, with_tokenizer=with_tokenizer)
     except ModelSourceError as exc:
@@ -282,6 +297,8 @@ def cmd_serve(args) -> int:
 
 def cmd_verify(args) -> int:
     """Run the artifact and the HF model on a few prompts; exit 1 beyond tolerance."""
+    if not args.verbose:
+        _hush_transformers()
     from llmc.compiler.frontend import ModelSourceError
     from llmc.compiler.frontend.hf import load_hf_model, resolve_source
     from llmc.compiler.verify import DEFAULT_PROMPTS, verify_artifact
@@ -296,15 +313,6 @@ def cmd_verify(args) -> int:
             raise CliError(f"cannot read --prompts {args.prompts}: {exc}") from None
         if not prompts:
             raise CliError(f"--prompts {args.prompts} has no prompts (one per line)")
-    if not args.verbose:
-        import warnings
-
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         model = load_hf_model(resolve_source(args.model))
     except (ModelSourceError, OSError, ValueError, KeyError) as exc:
@@ -640,6 +648,8 @@ def main(argv=None) -> int:
         return 2
     args.verbose = args.verbose or args.verbose_global
     _setup_logging(args.verbose, getattr(args, "quiet", False))
+    if not args.verbose:
+        _hush_environment()
     try:
         return args.func(args)
     except CliError as exc:
