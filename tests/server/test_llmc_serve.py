@@ -184,8 +184,9 @@ def test_speculative_decoding_on_compiled_kernels_keeps_the_greedy_output(tiny_a
 
 
 @pytest.mark.model
-@pytest.mark.slow
 def test_smollm2_serves_chat_and_comes_up_fast(tmp_path):
+    """The bundled model through `llmc compile` and `llmc serve` with the openai client (in the
+    default suite since compiling SmolLM2 takes ~1 minute, not ~4: it was --runslow only)."""
     from tests.conftest import require_bundled_model
     import subprocess
     import sys
