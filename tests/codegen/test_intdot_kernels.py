@@ -401,7 +401,7 @@ def test_groups_of_16_scale_each_half_block(isa, bits, signed, mins):
     sb = intdot.storage_bits(bits)
     packed = intdot.repack_any(codes.numpy(), L, bits, signed)
     qf = _compile(intdot.quantize_rows_kernel(k, halves=2), mcpu)
-    for m, decode in ((11, False), (1, True)):
+    for m, decode in ((11, False), (3, False), (1, True)):  # 3: the row loop (FEW_ROWS)
         ilv = intdot.weight_interleave(spec, n, sb)
         s = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(scales.numpy(), L), ilv))
         mt = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(mn.numpy(), L), ilv)) if mins else s

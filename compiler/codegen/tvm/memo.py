@@ -71,7 +71,7 @@ def memoized_kernel(builder: F) -> F:
         with fast_macro_lookup():
             return builder(*args, **kwargs)
 
-    cached = functools.lru_cache(maxsize=1024, typed=True)(fast)
+    cached = functools.lru_cache(maxsize=256, typed=True)(fast)
 
     @functools.wraps(builder)
     def build(*args, **kwargs):
