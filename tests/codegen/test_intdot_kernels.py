@@ -147,7 +147,7 @@ def test_isa_chosen_from_the_target_features():
 
 def test_register_tiles_fit_the_register_file():
     """AVX2's 16 registers get a smaller prefill tile than AVX-512's 32; VNNI takes the measured
-    tiles (8 x 1 blocks, a 4 x 1 tile below 8 rows); decode widens instead."""
+    tiles (8 x 1 blocks, a 4 x 1 tile at 4 rows); decode widens instead."""
     wide, bw, narrow = ISAS["avx512vnni"][1], ISAS["avx512bw"][1], ISAS["avx2"][1]
     rb, cb = intdot.tiles(bw, 3072, decode=False)
     r2, c2 = intdot.tiles(narrow, 3072, decode=False)
