@@ -91,7 +91,7 @@ def converted_dir(gguf_path: str, cache_dir: Optional[str] = None) -> str:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    log.info("converted GGUF in %.1fs", time.perf_counter() - t0)
+    progress.info("converted the GGUF in %.1fs", time.perf_counter() - t0)
     evict(root, keep=target)
     return target
 
