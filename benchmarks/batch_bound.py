@@ -48,6 +48,22 @@ def on_huge_pages(array, arena):
     return tvm.runtime.from_dlpack(view)
 
 
+def weight_copies(rng, n: int, k: int, lanes: int, ilv: int, bits: int, copies: int) -> list[tuple]:
+    """``copies`` random (codes, scales, mins) sets of an n x k integer-dot weight in its stored
+    layout (interleaved by ``ilv``; float16 scales and mins), on huge pages: a benchmark cycles
+    through them so that every call reads its weights from DRAM."""
+    import numpy as np
+
+    from llmc.runtime.hugepages import ALIGN, Arena
+
+    blocks = n // lanes
+    arrays = [(rng.integers(0, 2**31, (blocks // ilv, k // 32, ilv * bits * lanes), dtype=np.int32),
+               rng.random((blocks // ilv, k // 32, ilv * lanes)).astype(np.float16),
+               rng.random((blocks // ilv, k // 32, ilv * lanes)).astype(np.float16)) for _ in range(copies)]
+    arena = Arena([a.nbytes for copy in arrays for a in copy], ALIGN)
+    return [tuple(on_huge_pages(a, arena) for a in copy) for copy in arrays]
+
+
 def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads: int = 1,
             prefetch=None) -> float:
     """Median microseconds of one call of the integer-dot linear (Q4_1 layout: unsigned codes, mins)."""
@@ -55,7 +71,6 @@ def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads
     import tvm
 
     from llmc.compiler.codegen.tvm import intdot
-    from llmc.runtime.hugepages import ALIGN, Arena
 
     rng = np.random.default_rng(0)
     L, ilv = isa.lanes, intdot.weight_interleave(isa, n, 4)
@@ -66,12 +81,7 @@ def measure(isa, cpu, n: int, k: int, m: int, copies: int, repeats: int, threads
     q = tvm.runtime.tensor(rng.integers(-127, 127, (m, k // 4), dtype=np.int32))
     d = tvm.runtime.tensor(rng.random((m, k // 32), dtype=np.float32))
     ds = tvm.runtime.tensor(rng.random((m, k // 32), dtype=np.float32))
-    nb = n // L
-    arrays = [(rng.integers(0, 2**31, (nb // ilv, k // 32, ilv * 4 * L), dtype=np.int32),
-               rng.random((nb // ilv, k // 32, ilv * L)).astype(np.float16),
-               rng.random((nb // ilv, k // 32, ilv * L)).astype(np.float16)) for _ in range(copies)]
-    arena = Arena([a.nbytes for copy in arrays for a in copy], ALIGN)
-    weights = [tuple(on_huge_pages(a, arena) for a in copy) for copy in arrays]
+    weights = weight_copies(rng, n, k, L, ilv, 4, copies)
     y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
     for w in weights[:2]:
         f(q, d, ds, *w, y)

@@ -28,7 +28,7 @@ if "--threads" in sys.argv:  # the thread pool reads it once, at first use
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batch_bound import LAYER, LAYERS, on_huge_pages  # noqa: E402
+from batch_bound import LAYER, LAYERS, weight_copies  # noqa: E402
 
 LM_HEAD = (49152, 576)
 
@@ -63,24 +63,16 @@ def measure_shape(isa, cpu, n: int, k: int, bits: int, rows: int, specs: list[st
     import tvm
 
     from llmc.compiler.codegen.tvm import intdot
-    from llmc.runtime.hugepages import ALIGN, Arena
 
     rng = np.random.default_rng(rows)
     lanes, ilv = isa.lanes, intdot.weight_interleave(isa, n, bits)
-    blocks = n // lanes
     copies = max(2, (48 << 20) // (n * k * bits // 8))  # > 48 MB a variant: past every cache
     kernels = {s: build(isa, cpu, n, k, bits, s, threads) for s in specs}
     q = tvm.runtime.tensor(rng.integers(-127, 127, (rows, k // 4), dtype=np.int32))
     d = tvm.runtime.tensor(rng.random((rows, k // 32), dtype=np.float32))
     ds = tvm.runtime.tensor(rng.random((rows, k // 32), dtype=np.float32))
     y = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
-    weights = {}
-    for s in specs:
-        arrays = [(rng.integers(0, 2**31, (blocks // ilv, k // 32, ilv * bits * lanes), dtype=np.int32),
-                   rng.random((blocks // ilv, k // 32, ilv * lanes)).astype(np.float16),
-                   rng.random((blocks // ilv, k // 32, ilv * lanes)).astype(np.float16)) for _ in range(copies)]
-        arena = Arena([a.nbytes for copy in arrays for a in copy], ALIGN)
-        weights[s] = [tuple(on_huge_pages(a, arena) for a in copy) for copy in arrays]
+    weights = {s: weight_copies(rng, n, k, lanes, ilv, bits, copies) for s in specs}
     times: dict[str, list[int]] = {s: [] for s in specs}
     for r in range(repeats + 5):
         for s in specs:

@@ -122,7 +122,7 @@ def optimize_for_target(imported: ImportedModel, target_name: str, options: Opti
                         quant_method: str = "gptq"):
     """Run select-logits, the quantize pass for ``quant`` and ``passes`` (default: the target's
     -O2) over ``imported.module``, which becomes the optimized module: what the target's code
-    generator lowers. Returns the quantize pass (None without one) and the pass time."""
+    generator lowers. Returns the seconds the passes took."""
     from .passes import build_pipeline
     from .passes.registry import LOWERING
 
@@ -150,7 +150,7 @@ def optimize_for_target(imported: ImportedModel, target_name: str, options: Opti
                                                 kinds.count("quantized_linear"), kinds.count("quantized_embedding"))
         if quant == "gguf":
             _report_gguf_blocks(qpass.provider)
-    return qpass, elapsed
+    return elapsed
 
 
 def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_dir: str,
@@ -177,8 +177,8 @@ def compile_artifact(imported: ImportedModel, tokenizer, target_name: str, out_d
         from .calibration import read_calibration_tokens
 
         calibration = read_calibration_tokens(quant_calibration, tokenizer)
-    _, elapsed = optimize_for_target(imported, target_name, options, passes, manager_options, source, quant,
-                                     quant_embedding, calibration, quant_method)
+    elapsed = optimize_for_target(imported, target_name, options, passes, manager_options, source, quant,
+                                  quant_embedding, calibration, quant_method)
     module = imported.module
     timings = {"passes": elapsed}
     config = imported.config
