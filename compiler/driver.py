@@ -101,10 +101,15 @@ def quantize_pass(quant: str, imported: ImportedModel, source: str, target_name:
 def _report_gguf_blocks(blocks) -> None:
     """Say which GGUF block types the artifact keeps, and warn for every quantized tensor of the
     file that stays float (the artifact would then hold it inflated, silently)."""
+    from .frontend.gguf_scaled_codes import SCALED_TYPES
     from .frontend.gguf_weights import QUANT_TYPES
 
     progress = logging.getLogger("llmc.progress")
-    progress.info("GGUF blocks kept: %s", ", ".join(f"{t} x{n}" for t, n in blocks.kept().items()) or "none")
+    kept = blocks.kept()
+    progress.info("GGUF blocks kept: %s", ", ".join(f"{t} x{n}" for t, n in kept.items()) or "none")
+    wider = [f"{t} as {SCALED_TYPES[t][3]}-bit codes" for t in kept if t in SCALED_TYPES]
+    if wider:  # exact, but the artifact is bigger than the file (see README "Quantized weights")
+        progress.info("GGUF blocks read exactly into wider codes: %s", ", ".join(wider))
     inflated = blocks.inflated()
     if inflated:
         types: dict[str, int] = {}

@@ -1,7 +1,7 @@
 """GGUF tensors repacked into llmc's one quantized-weight layout, never inflated to float.
 
 Why one layout: every GGUF block type llmc supports (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
-Q6_K)
+Q6_K here; Q2_K, Q3_K, the IQ types, TQ1_0/TQ2_0, MXFP4 and NVFP4 in ``gguf_scaled_codes``)
 is, per group of 16 or 32 consecutive weights of a row, ``w = scale * code (+ min)`` with
 small integer codes. Repacked once at import into :class:`QuantWeight` (integer codes,
 per-group scales and optional per-group mins, fp32 or, where exact, fp16), one kernel family and one IR op
@@ -20,14 +20,17 @@ Code storage (row-major, along K):
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from ..ir.quant import QuantWeight, dequantize, pack_codes, unpack_codes  # noqa: F401 (re-exported)
+from .gguf_scaled_codes import SCALED_TYPES, repack_scaled
 
 QK_K = 256
+logger = logging.getLogger("llmc.frontend")
 
 
 # --------------------------------------------------------------------------- block repacking
@@ -130,6 +133,8 @@ _REPACKERS = {
     "Q5_K": (176, QK_K, _repack_q5_k),
     "Q6_K": (210, QK_K, _repack_q6_k),
 }
+_REPACKERS.update({name: (nbytes, per, lambda b, name=name: repack_scaled(b, name))
+                   for name, (nbytes, per, *_rest) in SCALED_TYPES.items()})
 QUANT_TYPES = tuple(_REPACKERS)
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
@@ -258,7 +263,12 @@ class GgufBlocks:
         if shape != tuple(weight.shape):
             self.declined.append(hf_name)
             return None
-        qw = repack_blocks(t.data, t.tensor_type.name, shape)
+        try:
+            qw = repack_blocks(t.data, t.tensor_type.name, shape)
+        except ValueError as e:  # not exactly scale * code (a corrupt block, an older gguf): stays float
+            logger.warning("GGUF tensor %s stays float: %s", gname, e)
+            self.declined.append(hf_name)
+            return None
         want = weight.detach().to(torch.float32)
         got = qw.dequantize()
         if torch.equal(got, want):

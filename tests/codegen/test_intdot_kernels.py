@@ -70,7 +70,7 @@ def run(isa_name, m, n, k, group, signed, mins, decode, seed=0):
     return y.numpy(), exact, floats
 
 
-CASES = [(isa, (32, False, True)) for isa in ISAS] + [("avx2", (128, True, False))]
+CASES = [(isa, (32, False, True)) for isa in ISAS] + [("avx2", (128, True, False)), ("avx2", (256, True, False))]
 SLOW = [(isa, layout) for isa in ISAS for layout in [(32, True, False), (64, False, True), (128, True, False)]
         if (isa, layout) not in CASES]
 
@@ -383,10 +383,13 @@ def test_code_at_reads_the_repacked_layout(bits, signed, ilv):
 
 @pytest.mark.parametrize("isa,bits,signed,mins", [_case("avx512vnni", 6, True, False), _case("avx2", 6, True, False),
                                                   _case("avx512vnni", 4, False, True), _case("avx2", 4, False, True),
+                                                  # Q3_K (4-bit signed), IQ2_XS/IQ2_S (8-bit), IQ1_M/NVFP4 (5-bit signed)
+                                                  _case("avx2", 4, True, False), _case("avx2", 8, True, False),
+                                                  _case("avx512vnni", 8, True, False), _case("avx2", 5, True, False),
                                                   _case("avx512bw", 4, True, False, slow=True),
                                                   _case("avx2", 5, False, True, slow=True)])
 def test_groups_of_16_scale_each_half_block(isa, bits, signed, mins):
-    """Weight groups of 16 (Q6_K's sub-blocks): each half of a 32-block has its own scale (and
+    """Weight groups of 16 (Q6_K's, Q2_K's, Q3_K's, IQ2_XS's sub-blocks): each half of a 32-block has its own scale (and
     min) and its own activation sum (quantize_rows with halves=2), on GEMM and GEMV tiles; the
     kernel equals the exact integer scheme."""
     mcpu, spec = ISAS[isa]

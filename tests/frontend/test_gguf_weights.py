@@ -9,23 +9,18 @@ from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from llmc.compiler.frontend.gguf_scaled_codes import available
 from llmc.compiler.frontend.gguf_weights import (QUANT_TYPES, float_tensor, pack_codes, repack_blocks,
                                                  unpack_codes)
+from tests.frontend import gguf_random
 
 N, K = 6, 512
-BLOCK = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q5_1": (24, 32), "Q8_0": (34, 32), "Q4_K": (144, 256), "Q5_K": (176, 256),
-         "Q6_K": (210, 256)}
-F16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+SCALED = tuple(available())  # the scaled-code types the installed gguf can dequantize
 
 
 def random_blocks(name: str, rng: np.random.Generator) -> np.ndarray:
-    """Random bytes for every field (all code bit patterns) with finite f16 super-scales."""
-    nbytes, per = BLOCK[name]
-    raw = rng.integers(0, 256, size=(N * K // per, nbytes), dtype=np.uint8)
-    for off in F16_AT[name]:
-        d = (rng.standard_normal(raw.shape[0]) * 0.01).astype(np.float16)
-        raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
-    return raw.reshape(N, -1)
+    """Random bytes for every field (all code bit patterns) with finite super-scales."""
+    return gguf_random.random_blocks(name, N, K, rng)
 
 
 def check_exact(raw: np.ndarray, name: str):
@@ -38,12 +33,55 @@ def check_exact(raw: np.ndarray, name: str):
     return qw
 
 
-@pytest.mark.parametrize("name", QUANT_TYPES)
+@pytest.mark.parametrize("name", [t for t in QUANT_TYPES if t not in SCALED or t in available()])
 def test_random_blocks_dequantize_exactly(name):
     qw = check_exact(random_blocks(name, np.random.default_rng(sum(map(ord, name)))), name)
     assert qw.source == name
-    assert qw.scales.dtype == (torch.float16 if name in ('Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q8_0') else torch.float32)
+    if name in ('Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q8_0', 'TQ1_0', 'TQ2_0', 'IQ4_NL'):  # the file's fp16 scale itself
+        assert qw.scales.dtype == torch.float16
+    elif name not in ("MXFP4", "NVFP4"):  # products of a scale and sub-scales (MX: powers of two, fp16 when in range)
+        assert qw.scales.dtype == torch.float32
     assert qw.codes.dtype in (torch.uint8, torch.int8)
+
+
+# the integer values each scaled-code type's weights are made of (scale * value)
+CODE_VALUES = {"Q2_K": range(0, 4), "Q3_K": range(-4, 4), "TQ1_0": range(-1, 2), "TQ2_0": range(-1, 3),  # TQ2_0: 2 bits, 3 unused by llama.cpp
+              
+               "MXFP4": (0, 1, 2, 3, 4, 6, 8, 12, -1, -2, -3, -4, -6, -8, -12),
+               "NVFP4": (0, 1, 2, 3, 4, 6, 8, 12, -1, -2, -3, -4, -6, -8, -12),
+               "IQ1_S": (-9, -7, -1, 1, 7, 9), "IQ1_M": (-9, -7, -1, 1, 7, 9),
+               "IQ2_XXS": (-43, -25, -8, 8, 25, 43), "IQ2_XS": (-43, -25, -8, 8, 25, 43), "IQ2_S": (-43, -25, -8, 8, 25, 43),
+               "IQ3_XXS": (4, 12, 20, 28, 36, 44, 52, 62, -4, -12, -20, -28, -36, -44, -52, -62),
+               "IQ3_S": tuple(range(-15, 16, 2)),
+               "IQ4_NL": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
+               "IQ4_XS": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)}
+
+
+@pytest.mark.parametrize("name", SCALED)
+def test_scaled_types_decode_their_own_scales(name):
+    """The codes recovered by division are the type's own integers (grid points, codebook
+    values, 2/3-bit codes), every one of them occurring, i.e. the decoded scales are the file's
+    and not a multiple or fraction of them that happens to divide exactly."""
+    qw = check_exact(random_blocks(name, np.random.default_rng(7)), name)
+    codes = set(unpack_codes(qw.codes, qw.bits, qw.signed).flatten().tolist())
+    assert codes == set(CODE_VALUES[name])
+
+
+def test_scaled_types_use_gguf_values_of_published_files():
+    """gguf's own quantizers (where it has one) give blocks that repack exactly too."""
+    w = np.random.default_rng(4).standard_normal((N, K)).astype(np.float32)
+    for name in ("TQ1_0", "TQ2_0", "MXFP4"):
+        if name in SCALED:
+            check_exact(gguf_quantize(np.clip(w, -1, 1) if name.startswith("TQ") else w, GT[name]), name)
+
+
+def test_a_value_no_scale_reaches_is_refused():
+    raw = random_blocks("IQ4_NL", np.random.default_rng(5))
+    raw[0, 2] ^= 0  # untouched: exact
+    check_exact(raw, "IQ4_NL")
+    raw[0, :2] = np.array([np.inf], np.float16).view(np.uint8)  # an infinite scale: inf * 0 is NaN
+    with pytest.raises(ValueError, match="not scale \\* integer code"):
+        repack_blocks(raw, "IQ4_NL", (N, K))
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
@@ -56,7 +94,10 @@ def test_layout_per_type():
     rng = np.random.default_rng(2)
     expect = {"Q4_0": (4, 32, True, False), "Q4_1": (4, 32, False, True), "Q5_0": (5, 32, True, False),
               "Q5_1": (5, 32, False, True), "Q8_0": (8, 32, True, False),
-              "Q4_K": (4, 32, False, True), "Q5_K": (5, 32, False, True), "Q6_K": (6, 16, True, False)}
+              "Q4_K": (4, 32, False, True), "Q5_K": (5, 32, False, True), "Q6_K": (6, 16, True, False),
+              "Q2_K": (4, 16, False, True), "Q3_K": (4, 16, True, False), "TQ2_0": (4, 256, True, False),
+              "MXFP4": (5, 32, True, False), "IQ1_M": (5, 16, True, False), "IQ2_XS": (8, 16, True, False),
+              "IQ4_XS": (8, 32, True, False)}
     for name, (bits, group, signed, has_mins) in expect.items():
         qw = repack_blocks(random_blocks(name, rng), name, (N, K))
         assert (qw.bits, qw.group_size, qw.signed, qw.mins is not None) == (bits, group, signed, has_mins)
@@ -87,7 +128,7 @@ def test_float_types_keep_their_dtype():
 
 def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match="not supported"):
-        repack_blocks(np.zeros((1, 10), np.uint8), "IQ2_XXS", (1, 256))
+        repack_blocks(np.zeros((1, 292), np.uint8), "Q8_K", (1, 256))
     with pytest.raises(ValueError, match="multiple of its block size"):
         repack_blocks(np.zeros((1, 18), np.uint8), "Q4_0", (1, 16))
 
@@ -116,8 +157,8 @@ def test_gguf_blocks_map_hf_names_and_undo_the_head_permutation(tmp_path, caplog
     types = {"blk.0.attn_q.weight": GT.Q4_1, "blk.0.attn_k.weight": GT.Q8_0, "token_embd.weight": GT.Q4_0}
     for name, raw in blocks.items():
         w.add_tensor(name, raw, raw_dtype=types[name])
-    # a block type llmc does not read (Q2_K: 84 bytes per 256 weights): it must be reported
-    w.add_tensor("blk.0.ffn_up.weight", rng.integers(0, 256, (8, 84), dtype=np.uint8), raw_dtype=GT.Q2_K)
+    # a block type llmc does not read (Q8_K, llama.cpp's activation type: 292 bytes per 256): it must be reported
+    w.add_tensor("blk.0.ffn_up.weight", rng.integers(0, 256, (8, 292), dtype=np.uint8), raw_dtype=GT.Q8_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -137,11 +178,11 @@ def test_gguf_blocks_map_hf_names_and_undo_the_head_permutation(tmp_path, caplog
     assert head is not None and head.source == "Q4_0"
     assert prov("model.layers.0.self_attn.q_proj.weight", q_w + 1e-3) is None  # not this file's weight
     assert "model.layers.0.self_attn.q_proj.weight" in prov.declined
-    assert prov("model.layers.0.mlp.up_proj.weight", torch.zeros(8, 256)) is None  # Q2_K: not read
+    assert prov("model.layers.0.mlp.up_proj.weight", torch.zeros(8, 256)) is None  # Q8_K: not read
     assert prov("model.layers.0.mlp.gate_proj.weight", torch.zeros(8, 64)) is None  # not in the file
     assert prov.kept() == {"Q4_0": 1, "Q4_1": 1, "Q8_0": 1}
-    assert prov.inflated() == {"blk.0.ffn_up.weight": "Q2_K"}
+    assert prov.inflated() == {"blk.0.ffn_up.weight": "Q8_K"}
     with caplog.at_level(logging.INFO):
         _report_gguf_blocks(prov)
     assert "GGUF blocks kept: Q4_0 x1, Q4_1 x1, Q8_0 x1" in caplog.text
-    assert "1 quantized GGUF tensors stay float in the artifact (Q2_K x1; first: blk.0.ffn_up.weight)" in caplog.text
+    assert "1 quantized GGUF tensors stay float in the artifact (Q8_K x1; first: blk.0.ffn_up.weight)" in caplog.text
