@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A real K-quant GGUF through llmc end to end: requantize the bundled SmolLM2 Q4_1 GGUF with
+"""A real K-quant or IQ GGUF through llmc end to end: requantize the bundled SmolLM2 Q4_1 GGUF with
 llama.cpp's own quantizer, compile it with llmc, and compare greedy tokens with transformers
 loading the same file.
 
@@ -43,12 +43,13 @@ def find_quantizer(explicit=None):
     return None
 
 
-def requantize(quantizer: str, src: str, out: str, qtype: str) -> str:
-    """``llama-quantize --allow-requantize src out qtype`` (skipped if ``out`` exists)."""
+def requantize(quantizer: str, src: str, out: str, qtype: str, imatrix=None) -> str:
+    """``llama-quantize --allow-requantize [--imatrix F] src out qtype`` (skipped if ``out`` exists)."""
     if not os.path.isfile(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = out + ".part"
-        proc = subprocess.run([quantizer, "--allow-requantize", src, tmp, qtype, "1"],
+        extra = ["--imatrix", imatrix] if imatrix else []
+        proc = subprocess.run([quantizer, "--allow-requantize", *extra, src, tmp, qtype, "1"],
                               capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"llama-quantize failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -104,6 +105,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--types", default="Q4_K_M", help="comma-separated llama-quantize types (default Q4_K_M)")
     p.add_argument("--out-dir", default="/tmp/kquant")
+    p.add_argument("--imatrix", help="llama-imatrix output to quantize with (llama.cpp needs one for IQ1_*, IQ2_*; "
+                                     "make it with llama-imatrix -m GGUF -f benchmarks/data/calibration.txt -o FILE)")
     p.add_argument("--llama-quantize", help="path of llama-quantize (else $LLMC_LLAMA_QUANTIZE, else PATH)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--mcpu", help="llmc compile --mcpu (default: this host)")
@@ -128,7 +131,7 @@ def main() -> int:
     stem = os.path.basename(src).rsplit(".", 2)[0]
     report = {"source": src, "quantizer": quantizer, "no_intdot": args.no_intdot, "files": {}}
     for qtype in [t.strip() for t in args.types.split(",") if t.strip()]:
-        path = requantize(quantizer, src, os.path.join(args.out_dir, f"{stem}.{qtype}.gguf"), qtype)
+        path = requantize(quantizer, src, os.path.join(args.out_dir, f"{stem}.{qtype}.gguf"), qtype, args.imatrix)
         artifact = os.path.join(args.out_dir, "art", qtype.lower() + ("-no-intdot" if args.no_intdot else ""))
         if not os.path.isfile(os.path.join(artifact, "manifest.json")):
             cmd = [sys.executable, "-m", "llmc.cli", "compile", path, "--target", "cpu", "-o", artifact]

@@ -1,5 +1,7 @@
 """Compile models to cpu artifacts in tests, and the HF greedy reference."""
 
+import os
+
 import torch
 
 from llmc.compiler.codegen import CompileOptions
@@ -15,6 +17,26 @@ def compile_cpu(imported: ImportedModel, out_dir, tokenizer=None, max_seq_len: i
     options = CompileOptions(max_seq_len=max_seq_len, cache_dir=str(cache_dir) if cache_dir else None, mcpu=mcpu,
                              kv_block_size=kv_block_size, kv_dtype=kv_dtype)
     return compile_artifact(copy, tokenizer, "cpu", str(out_dir), options, quant=quant)
+
+
+def compile_gguf_cpu(model, path: str, out_dir, tokenizer=None, float_activations: bool = False,
+                     max_seq_len: int = 256):
+    """A cpu artifact keeping the GGUF file's own blocks. ``float_activations``: every quantized
+    linear on float activations (LLMC_NO_INTDOT=1) and float32 KV pools, where llmc must equal
+    transformers to rounding (the default float16 pools alone move the logits by ~2e-2)."""
+    from llmc.compiler.frontend.hf import import_hf_model
+
+    saved = os.environ.pop("LLMC_NO_INTDOT", None)
+    try:
+        if float_activations:
+            os.environ["LLMC_NO_INTDOT"] = "1"
+        options = CompileOptions(max_seq_len=max_seq_len, kv_dtype="float32" if float_activations else None)
+        compile_artifact(import_hf_model(model), tokenizer, "cpu", str(out_dir), options, source=path, quant=None)
+    finally:
+        os.environ.pop("LLMC_NO_INTDOT", None)
+        if saved is not None:
+            os.environ["LLMC_NO_INTDOT"] = saved
+    return out_dir
 
 
 def hf_greedy(model, prompt_ids, new_tokens: int):

@@ -7,18 +7,16 @@ The model is random, so the check is logits along one token sequence (teacher-fo
 engines see the same tokens), not greedy text, which near-ties of a random model can flip."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from llmc.compiler.codegen import CompileOptions
-from llmc.compiler.driver import compile_artifact
 from llmc.compiler.frontend.gguf_scaled_codes import available
 from llmc.compiler.frontend.gguf_weights import QUANT_TYPES
-from llmc.compiler.frontend.hf import import_hf_model, load_hf_model, resolve_source
+from llmc.compiler.frontend.hf import load_hf_model, resolve_source
 from llmc.runtime import Engine
+from tests.codegen.helpers import compile_gguf_cpu
 from tests.frontend.gguf_random import write_tiny_llama
 
 # the 15 scaled-code types first, then one of the classic ones in the 16th matrix (the LM head)
@@ -37,17 +35,7 @@ def tiny(tmp_path_factory):
 def artifact(request, tiny, tmp_path_factory):
     path, _, model = tiny
     out = tmp_path_factory.mktemp(f"every-type-{request.param}") / "cpu"
-    saved = os.environ.pop("LLMC_NO_INTDOT", None)
-    try:
-        if request.param == "float-activations":
-            os.environ["LLMC_NO_INTDOT"] = "1"
-        kv = "float32" if request.param == "float-activations" else None
-        compile_artifact(import_hf_model(model), None, "cpu", str(out), CompileOptions(max_seq_len=64, kv_dtype=kv),
-                         source=path, quant=None)
-    finally:
-        os.environ.pop("LLMC_NO_INTDOT", None)
-        if saved is not None:
-            os.environ["LLMC_NO_INTDOT"] = saved
+    compile_gguf_cpu(model, path, out, float_activations=request.param == "float-activations", max_seq_len=64)
     return request.param, out
 
 
