@@ -4,12 +4,14 @@ TQ1_0/TQ2_0, MXFP4 and NVFP4.
 Each of these is, per group of 16, 32 or 256 weights, ``w = scale * c (+ min)`` where ``c`` is a
 small integer: a 2/3-bit code (Q2_K, Q3_K, TQ*), a signed lattice point of a grid (IQ2/IQ3:
 grid entries like 8, 25, 43 times a sign; IQ1: ``8 * g +- 1`` over ``scale = dl / 8``), or a
-codebook value (IQ4: -127..113; MXFP4/NVFP4: doubled e2m1 values -12..12). Rather than decode
+codebook value (IQ4: -127..113; MXFP4/NVFP4: doubled e2m1 values -12..12; these keep their
+4-bit index and the codebook, ``QuantWeight.codebook``). Rather than decode
 every grid and sign table a second time, llmc decodes only the scales (a few lines per type,
 below) and recovers the integer codes from gguf's own dequantization by division; every code is
 then checked to reproduce gguf's value bit for bit (``scale * code (+ min)`` in fp32), so a
 misread type fails loudly instead of drifting. The codes keep the narrowest width the kernels
-run (4, 5 or 8 bits): an IQ2 weight is exact but takes 8 bits a weight in the artifact.
+run (4, 5 or 8 bits): an IQ2 weight is exact but takes 8 bits a weight in the artifact; an IQ4
+one takes its 4.
 
 The scale formulas follow ``gguf.quants`` (and ggml's ``dequantize_row_*``); all of them are
 products of an fp16 super-scale and small integers, exact in fp32.
@@ -113,14 +115,18 @@ def _iq4_xs(b):
     return d * ((lo | (hi.astype(np.int32) << 4)) - 32).astype(np.float32), None
 
 
-# name -> (block bytes, weights per block, scales of a block, bits, group, signed)
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
+E2M1_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # MXFP4/NVFP4 (e2m1 doubled)
+
+# name -> (block bytes, weights per block, scales of a block, bits, group, signed[, codebook]):
+# with a codebook the stored 4-bit code is an index into it (the file's own 4 bits a weight)
 SCALED_TYPES = {
     "Q2_K": (84, QK_K, _q2_k, 4, 16, False),
     "Q3_K": (110, QK_K, _q3_k, 4, 16, True),
     "TQ1_0": (54, QK_K, _ternary(52), 4, QK_K, True),
     "TQ2_0": (66, QK_K, _ternary(64), 4, QK_K, True),
-    "MXFP4": (17, 32, _mxfp4, 5, 32, True),
-    "NVFP4": (36, 64, _nvfp4, 5, 16, True),
+    "MXFP4": (17, 32, _mxfp4, 4, 32, False, E2M1_VALUES),
+    "NVFP4": (36, 64, _nvfp4, 4, 16, False, E2M1_VALUES),
     "IQ1_S": (50, QK_K, _iq1_s, 5, 32, True),
     "IQ1_M": (56, QK_K, _iq1_m, 5, 16, True),
     "IQ2_XXS": (66, QK_K, _iq2_xxs, 8, 32, True),
@@ -128,8 +134,8 @@ SCALED_TYPES = {
     "IQ2_S": (82, QK_K, _iq2_sixteens(74), 8, 16, True),
     "IQ3_XXS": (98, QK_K, _iq3_xxs, 8, 32, True),
     "IQ3_S": (110, QK_K, _iq3_s, 5, 32, True),
-    "IQ4_NL": (18, 32, _iq4_nl, 8, 32, True),
-    "IQ4_XS": (136, QK_K, _iq4_xs, 8, 32, True),
+    "IQ4_NL": (18, 32, _iq4_nl, 4, 32, False, IQ4_VALUES),
+    "IQ4_XS": (136, QK_K, _iq4_xs, 4, 32, False, IQ4_VALUES),
 }
 
 _CHUNK_BLOCKS = 1 << 14  # blocks decoded at a time: float64 temporaries stay small
@@ -170,13 +176,27 @@ def _codes_of(values: np.ndarray, scale: np.ndarray, mn, name: str) -> np.ndarra
     return q.astype(np.int32)
 
 
+def _indices(values: np.ndarray, codebook: tuple, name: str) -> np.ndarray:
+    """Integer values -> their index in ``codebook`` (the first, where a value repeats)."""
+    lo = min(codebook)
+    table = np.full(max(codebook) - lo + 1, -1, np.int32)
+    for i, v in reversed(list(enumerate(codebook))):
+        table[v - lo] = i
+    inside = (values >= lo) & (values <= max(codebook))
+    idx = np.where(inside, table[np.clip(values - lo, 0, len(table) - 1)], -1)
+    if (idx < 0).any():
+        raise ValueError(f"{name}: {int((idx < 0).sum())} weights are no value of the type's codebook")
+    return idx
+
+
 def repack_scaled(blocks: np.ndarray, name: str):
     """Raw blocks ``[n_blocks, nbytes]`` of ``name`` -> (codes [n_blocks, per_block] int32,
-    scales [n_blocks, groups], mins or None, bits, group, signed)."""
+    scales [n_blocks, groups], mins or None, bits, group, signed, codebook or None)."""
     from gguf import GGMLQuantizationType as GT
     from gguf.quants import dequantize
 
-    _, per_block, scales_of, bits, group, signed = SCALED_TYPES[name]
+    _, per_block, scales_of, bits, group, signed, *book = SCALED_TYPES[name]
+    codebook = book[0] if book else None
     if name not in available():
         raise ValueError(f"{name} blocks need a newer gguf package (pip install -U gguf) to be read")
     codes, scales, mins = [], [], []
@@ -186,8 +206,12 @@ def repack_scaled(blocks: np.ndarray, name: str):
         scale, mn = scales_of(b)
         scale = np.broadcast_to(scale.reshape(b.shape[0], -1, 1), values.shape[:2] + (1,)).astype(np.float32)
         mn = None if mn is None else mn.reshape(b.shape[0], -1, 1).astype(np.float32)
-        codes.append(_codes_of(values, scale, mn, name).reshape(b.shape[0], per_block))
+        ints = _codes_of(values, scale, mn, name).reshape(b.shape[0], per_block)
+        if codebook is not None:  # a zero scale makes every value 0: any index serves
+            ints = np.where(np.broadcast_to(scale, values.shape).reshape(ints.shape) == 0, codebook[0], ints)
+            ints = _indices(ints, codebook, name)
+        codes.append(ints)
         scales.append(scale.reshape(b.shape[0], -1))
         mins.append(None if mn is None else mn.reshape(b.shape[0], -1))
     return (np.concatenate(codes), np.concatenate(scales), None if mins[0] is None else np.concatenate(mins),
-            bits, group, signed)
+            bits, group, signed, codebook)

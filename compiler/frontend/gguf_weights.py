@@ -158,11 +158,12 @@ def repack_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Qu
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, nbytes)
     if blocks.shape[0] != n * k // per_block:
         raise ValueError(f"{type_name} tensor [{n}, {k}] needs {n * k // per_block} blocks, got {blocks.shape[0]}")
-    q, scale, mn, bits, group, signed = fn(blocks)
+    q, scale, mn, bits, group, signed, *book = fn(blocks)
     codes = pack_codes(torch.from_numpy(q.reshape(n, k)), bits, signed)
     scales = _compact(np.ascontiguousarray(scale, dtype=np.float32).reshape(n, k // group))
     mins = None if mn is None else _compact(np.ascontiguousarray(mn, dtype=np.float32).reshape(n, k // group))
-    return QuantWeight(codes, scales, mins, bits, group, signed, source=type_name)
+    codebook = tuple(book[0]) if book and book[0] is not None else None
+    return QuantWeight(codes, scales, mins, bits, group, signed, source=type_name, codebook=codebook)
 
 
 def float_tensor(raw: np.ndarray, type_name: str, shape: tuple) -> torch.Tensor:

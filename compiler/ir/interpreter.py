@@ -261,7 +261,7 @@ def _embedding(xs, a, fr):
 @impl("quantized_linear")
 def _quantized_linear(xs, a, fr):
     w = dequantize(xs[1], xs[2], xs[3] if len(xs) == 4 else None, bits=a["bits"], group_size=a["group_size"],
-                   signed=a["signed"])
+                   signed=a["signed"], codebook=a.get("codebook"))
     return F.linear(xs[0], w.to(xs[0].dtype))
 
 
@@ -270,7 +270,7 @@ def _quantized_embedding(xs, a, fr):
     ids = xs[0].to(torch.int64)
     rows = ids.reshape(-1)
     w = dequantize(xs[1][rows], xs[2][rows], xs[3][rows] if len(xs) == 4 else None, bits=a["bits"],
-                   group_size=a["group_size"], signed=a["signed"])
+                   group_size=a["group_size"], signed=a["signed"], codebook=a.get("codebook"))
     return w.reshape(*ids.shape, w.shape[-1])
 
 

@@ -627,9 +627,12 @@ ELEMENTWISE_OPS = frozenset(UNARY_OPS + BINARY_OPS + ("gelu", "cast", "constant"
 
 # --------------------------------------------------------------------------- quantized weights
 # Layout and meaning: ir/quant.py. Codes u8 [N, K/2] (4-bit, two per byte) or i8/u8 [N, K];
-# scales (and optional mins) f32/f16 [N, K / group_size]; w = scale * code (+ min).
+# scales (and optional mins) f32/f16 [N, K / group_size]; w = scale * code (+ min), or
+# scale * codebook[code] (+ min) with the optional attribute codebook (16 int8 values, 4-bit
+# unsigned codes).
 
 QUANT_ATTRS = {"bits": "int", "group_size": "int", "signed": "bool"}
+QUANT_OPTIONAL = {"codebook": "ints"}
 
 
 def _quant_weight(types: list[TensorType], attrs: dict[str, Any], what: str) -> tuple:
@@ -639,6 +642,10 @@ def _quant_weight(types: list[TensorType], attrs: dict[str, Any], what: str) -> 
         raise TypeError(f"{what} bits must be 4, 5, 6 or 8, got {bits}")
     if group <= 0 or group % 2:
         raise TypeError(f"{what} group_size must be a positive even number, got {group}")
+    book = attrs.get("codebook")
+    if book is not None and (bits != 4 or signed or len(book) != 16 or not all(-128 <= v <= 127 for v in book)):
+        raise TypeError(f"{what} codebook must be 16 int8 values indexed by unsigned 4-bit codes, "
+                        f"got {len(book)} values for {bits}-bit {'signed' if signed else 'unsigned'} codes")
     codes, scales = types[0], types[1]
     want = "u8" if bits == 4 or not signed else "i8"
     if codes.rank != 2 or codes.dtype != want:
@@ -655,7 +662,7 @@ def _quant_weight(types: list[TensorType], attrs: dict[str, Any], what: str) -> 
     return codes.shape[0], normalize_dim(k)
 
 
-@register_op("quantized_linear", min_operands=3, attrs=QUANT_ATTRS)
+@register_op("quantized_linear", min_operands=3, attrs=QUANT_ATTRS, optional_attrs=QUANT_OPTIONAL)
 def _quantized_linear(types, attrs, ctx):
     """x [..., K] · dequantize(codes, scales[, mins])ᵀ -> [..., N]; the weight is [N, K] as in linear."""
     if len(types) not in (3, 4):
@@ -669,7 +676,7 @@ def _quantized_linear(types, attrs, ctx):
     return [TensorType(x.shape[:-1] + (n,), x.dtype)]
 
 
-@register_op("quantized_embedding", min_operands=3, attrs=QUANT_ATTRS)
+@register_op("quantized_embedding", min_operands=3, attrs=QUANT_ATTRS, optional_attrs=QUANT_OPTIONAL)
 def _quantized_embedding(types, attrs, ctx):
     """Row gather from a quantized table [V, D]: ids [...] (integer) -> f32 [..., D]."""
     if len(types) not in (3, 4):

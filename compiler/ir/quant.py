@@ -8,6 +8,8 @@ the interpreter dequantizes with :func:`dequantize` and the frontend/passes pack
              high nibble; signed codes are stored as ``code + 8``.
   bits 5..8: one code per byte: ``i8 [N, K]`` when signed, ``u8 [N, K]`` when not.
   scales, mins: ``f32`` or ``f16`` ``[N, K / group_size]``; ``w = scale * code (+ min)`` in f32.
+  codebook (optional, 4-bit unsigned codes only): 16 int8 values; the stored code is an index
+  and ``w = scale * codebook[code] (+ min)`` (GGUF's IQ4_NL/IQ4_XS values, MXFP4's e2m1 values).
 """
 
 from __future__ import annotations
@@ -54,9 +56,13 @@ def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     return codes.to(torch.int8 if signed else torch.uint8)
 
 
-def dequantize(codes, scales, mins, *, bits: int, group_size: int, signed: bool) -> torch.Tensor:
-    """The reference meaning of the layout: f32 ``w[n, k] = scale[n, g] * code[n, k] (+ min[n, g])``."""
-    q = unpack_codes(codes, bits, signed).to(torch.float32)
+def dequantize(codes, scales, mins, *, bits: int, group_size: int, signed: bool, codebook=None) -> torch.Tensor:
+    """The reference meaning of the layout: f32 ``w[n, k] = scale[n, g] * code[n, k] (+ min[n, g])``,
+    with ``codebook[code]`` in place of the code where there is a codebook."""
+    q = unpack_codes(codes, bits, signed)
+    if codebook is not None:
+        q = torch.tensor(list(codebook), dtype=torch.int32)[q.to(torch.int64)]
+    q = q.to(torch.float32)
     n, k = q.shape
     q = q.reshape(n, k // group_size, group_size)
     w = scales.to(torch.float32).unsqueeze(-1) * q
@@ -179,6 +185,7 @@ class QuantWeight:
     group_size: int
     signed: bool
     source: str = ""  # the GGUF block type or quantization scheme it came from
+    codebook: Optional[tuple[int, ...]] = None  # 4-bit codes index these 16 int8 values
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -188,11 +195,11 @@ class QuantWeight:
         """The rows ``index`` (a permutation or gather of output features), codes untouched."""
         return QuantWeight(self.codes[index], self.scales[index],
                            None if self.mins is None else self.mins[index],
-                           self.bits, self.group_size, self.signed, self.source)
+                           self.bits, self.group_size, self.signed, self.source, self.codebook)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.mins, bits=self.bits,
-                          group_size=self.group_size, signed=self.signed)
+                          group_size=self.group_size, signed=self.signed, codebook=self.codebook)

@@ -163,6 +163,8 @@ class Quantize(Pass):
                 wname, qw = target
                 qparams = self._params(module, wname, qw, param_ops, new_ops)
                 attrs = {"bits": qw.bits, "group_size": qw.group_size, "signed": qw.signed}
+                if qw.codebook is not None:
+                    attrs["codebook"] = list(qw.codebook)
                 if op.kind == "linear":
                     operands = [op.operands[0]] + qparams
                     kind = "quantized_linear"

@@ -32,6 +32,8 @@ ROOT = Path(os.environ.get("LLMC_AARCH64_ROOT", Path.home() / ".cache" / "llmc-a
 # (build CPU for LLVM, qemu's CPU model that runs it): neoverse-n1 has dotprod and no i8mm, and
 # qemu models it exactly; neoverse-n2 adds i8mm (usdot), which qemu's "max" CPU has
 ISAS = {"neondot": ("neoverse-n1", "neoverse-n1"), "neoni8mm": ("neoverse-n2", "max")}
+IQ4 = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+E2M1 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 
 
 def aarch64_python() -> list[str]:
@@ -73,7 +75,8 @@ class Cases:
         self.funcs[name] = func
         self.plan.append({"func": name, "args": args})
 
-    def linear(self, tag, m, n, k, group, signed, mins, decode, bits=4, glu=False, seed=0, raw=None, qx=None):
+    def linear(self, tag, m, n, k, group, signed, mins, decode, bits=4, glu=False, seed=0, raw=None, qx=None,
+               codebook=None):
         """One quantized linear fed by the quantize kernel (or by given int8 activations ``qx``
         with unit activation scales), checked against the exact integer scheme."""
         isa, L = self.isa, self.isa.lanes
@@ -118,8 +121,9 @@ class Cases:
             self.inputs[p + "up"] = up
             args.append(p + "up")
         self.add(p + "linear", intdot.intdot_linear_kernel(isa, n, k, group, signed, mins, "float16", decode, glu=glu,
-                                                          bits=sb, ilv=ilv), args + [p + "y"])
-        w = dequantize(codes, scales, mn, bits=bits, group_size=group, signed=signed).numpy().astype(np.float64)
+                                                          bits=sb, ilv=ilv, codebook=codebook), args + [p + "y"])
+        w = dequantize(codes, scales, mn, bits=bits, group_size=group, signed=signed,
+                       codebook=codebook).numpy().astype(np.float64)
         want = xq @ w.T
         if glu:
             want = want / (1 + np.exp(-want)) * up
@@ -144,7 +148,7 @@ def test_intdot_kernels_run_on_aarch64(isa_name, tmp_path):
     """The NEON integer kernels (sdot, or usdot with i8mm) built for an AArch64 CPU, executed
     under qemu for that CPU: quantized activations equal numpy's; 4-bit GEMV/GEMM tiles
     (interleaved and not), 5/6-bit bit-plane codes, groups of 16, 8-bit codes (sign trick or
-    usdot), the gated epilogue equal the exact integer scheme; codes and activations at their
+    usdot), 4-bit codebook indices (tbl), the gated epilogue equal the exact integer scheme; codes and activations at their
     extremes sum exactly."""
     mcpu, qemu_cpu = ISAS[isa_name]
     aarch64_python()  # skip early, before building
@@ -165,6 +169,10 @@ def test_intdot_kernels_run_on_aarch64(isa_name, tmp_path):
                                       (4, 16, False, True)):
         for m, decode in ((11, False), (1, True)):
             cases.linear(f"b{bits}_g{group}_{m}", m, 96, 128, group, signed, mins, decode, bits=bits, seed=bits + m)
+    # 4-bit codebook indices (IQ4_NL/IQ4_XS, MXFP4/NVFP4): a tbl per nibble vector, then 8-bit dots
+    for book, group in ((IQ4, 32), (E2M1, 16)):
+        for m, decode in ((9, False), (1, True)):
+            cases.linear(f"book{group}_{m}", m, 64, 128, group, False, False, decode, seed=group + m, codebook=book)
     for bits, signed in ((4, False), (4, True), (5, True), (6, False), (8, True), (8, False)):
         raw, q = extreme_codes_and_activations(bits, signed, 32, 128, bits * 2 + signed)
         for decode in (False, True):

@@ -420,3 +420,44 @@ def test_groups_of_16_scale_each_half_block(isa, bits, signed, mins):
         qx = np.round(xb * np.where(amax > 0, 127 / np.maximum(amax, 1e-30), 0)) * (amax / 127)
         exact = qx.reshape(m, k) @ w.T
         assert np.abs(y.numpy() - exact).max() <= 1e-5 * (1 + np.abs(exact).max()), (m, decode)
+
+
+IQ4 = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+E2M1 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+@pytest.mark.parametrize("isa,group,codebook", [_case("avx2", 32, IQ4), _case("avx2", 16, E2M1),
+                                                _case("avx512vnni", 32, IQ4), _case("avx512vnni", 16, E2M1),
+                                                _case("avxvnni", 32, E2M1, slow=True)])
+def test_codebook_indices_are_looked_up(isa, group, codebook):
+    """4-bit codes that index a codebook (IQ4_NL/IQ4_XS, MXFP4/NVFP4): one vpshufb per nibble
+    vector turns them into 8-bit codes, and the kernel equals the exact integer scheme on GEMM,
+    few-row and GEMV tiles (AArch64's tbl: test_aarch64_qemu.py); not eligible where 8-bit codes
+    are not."""
+    mcpu, spec = ISAS[isa]
+    n, k, L = 128, 256, spec.lanes
+    assert intdot.eligible(4, group, n, k, spec, codebook)
+    assert not intdot.eligible(4, group, n, k, intdot.IntDotIsa("avx512bw", 16, 32), codebook)  # no 8-bit dot there
+    g = torch.Generator().manual_seed(group + len(set(codebook)))
+    codes = pack_codes(torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32), 4, False)
+    scales = (torch.randn(n, k // group, generator=g) * 0.01).float()  # IQ4_XS: signed fp32 sub-block scales
+    w = dequantize(codes, scales, None, bits=4, group_size=group, signed=False, codebook=codebook).numpy()
+    packed = intdot.repack_any(codes.numpy(), L, 4, False)
+    h = intdot.halves(group)
+    qf = _compile(intdot.quantize_rows_kernel(k, halves=h), mcpu)
+    for m, decode in ((9, False), (2, False), (1, True)):
+        ilv = intdot.weight_interleave(spec, n, 4)
+        s = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(scales.numpy(), L), ilv))
+        lf = _compile(intdot.intdot_linear_kernel(spec, n, k, group, False, False, "float32", decode, ilv=ilv,
+                                                  codebook=codebook), mcpu)
+        x = torch.randn(m, k, generator=g)
+        bufs = [tvm.runtime.tensor(np.zeros(sh, dt)) for sh, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
+                                                                    ((m, h * k // 32), np.float32))]
+        qf(tvm.runtime.tensor(x.numpy()), *bufs)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lf(*bufs, tvm.runtime.tensor(intdot.interleave_blocks(packed, ilv)), s, s, y)
+        xb = x.numpy().reshape(m, k // 32, 32)
+        amax = np.abs(xb).max(-1, keepdims=True)
+        qx = np.round(xb * np.where(amax > 0, 127 / np.maximum(amax, 1e-30), 0)) * (amax / 127)
+        exact = qx.reshape(m, k) @ w.T
+        assert np.abs(y.numpy() - exact).max() <= 1e-5 * (1 + np.abs(exact).max()), (m, decode)

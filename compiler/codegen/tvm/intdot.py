@@ -103,12 +103,15 @@ def storage_bits(bits: int) -> int:
     return bits if bits in (4, 5, 6) else 8
 
 
-def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa]) -> bool:
+def eligible(bits: int, group: int, n, k, isa: Optional[IntDotIsa], codebook=None) -> bool:
     """Whether a quantized_linear of this layout and shape runs on the integer kernels: 4-bit
     codes everywhere; 8-bit with VNNI or i8mm (``vpdpbusd``/``usdot`` sum into int32), AVX2 or
     NEON dotprod (the sign trick of ``_dot_update8``); AVX-512BW has no 512-bit ``psignb``, and
-    ``vpmaddubsw`` alone would saturate int16 on codes up to 255."""
+    ``vpmaddubsw`` alone would saturate int16 on codes up to 255. 4-bit codebook indices
+    (``_lookup``: a ``vpshufb`` or ``tbl`` turns them into 8-bit codes) where 8-bit codes run."""
     bits = storage_bits(bits)
+    if codebook is not None and not (isa is not None and (isa.neon or isa.vnni or isa.name == "avx2")):
+        return False
     ok_bits = bits in (4, 5, 6) or (bits == 8 and isa is not None and (isa.vnni or isa.neon or isa.name == "avx2"))
     return (isa is not None and ok_bits and (group % BLOCK == 0 or group == BLOCK // 2) and isinstance(n, int)
             and isinstance(k, int) and n % isa.lanes == 0 and k % BLOCK == 0 and k % group == 0)
@@ -351,8 +354,30 @@ def _int16_updates(bits: int) -> int:
     return 32767 // (2 * ((1 << bits) - 1) * 127)
 
 
+def lut_words(codebook, lanes: int) -> list[int]:
+    """int32 lanes of the ``vpshufb`` table: byte ``i`` of every 16-byte lane holds
+    ``codebook[i] + 128`` (the stored form of a signed 8-bit code, ``repack_codes8``)."""
+    u = np.array([(v + 128) & 0xFF for v in codebook], np.uint8)
+    words = u.view("<i4").tolist()
+    return [words[i % 4] for i in range(lanes)]
+
+
+def _lookup(isa: IntDotIsa, codebook, nibbles):
+    """Bytes 0..15 of ``nibbles`` (int32 lanes of 4 indices) -> their codebook values + 128: one
+    ``vpshufb`` with the 16-entry table in every 128-bit lane (AVX2 ymm, AVX-512 zmm), or one
+    NEON ``tbl`` (AArch64, one 128-bit vector)."""
+    L = isa.lanes
+    table = tir.Shuffle([tir.const(w, "int32") for w in lut_words(codebook, L)], [tir.const(i, "int32") for i in range(L)])
+    if isa.neon:
+        name = "llvm.aarch64.neon.tbl1.v16i8"
+    else:
+        name = "llvm.x86.avx512.pshuf.b.512" if L == 16 else "llvm.x86.avx2.pshuf.b"
+    b = f"int8x{4 * L}"
+    return T.reinterpret(f"int32x{L}", T.call_llvm_pure_intrin(b, name, T.reinterpret(b, table), T.reinterpret(b, nibbles)))
+
+
 def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: bool, ilv: int = 1,
-               half: Optional[int] = None):
+               half: Optional[int] = None, codebook=None):
     """One (row, column block, 32-block) integer dot product as a single expression, in int32
     lanes: the accumulator chain lives in registers only (no accumulator array that LLVM zeroes
     and reloads from the stack every group). ``half`` 0 or 1: only elements 0-15 or 16-31
@@ -393,6 +418,8 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
             elif bits == 6:  # bits 2j, 2j + 1 of every byte of the half's word -> bits 4, 5
                 lo = lo | (shifted(planes[0], 4 - 2 * j) & const(0x30303030))
                 hi = hi | (shifted(planes[1], 4 - 2 * j) & const(0x30303030))
+            if codebook is not None:  # indices -> 8-bit codes (value + 128), dotted as 8-bit ones
+                lo, hi = _lookup(isa, codebook, lo), _lookup(isa, codebook, hi)
             updates += [(0, lo, act(j)), (1, hi, act(4 + j))]
     else:
         updates = [(j // 4, codes_at(j), act(j)) for j in range(8)]
@@ -515,7 +542,7 @@ def _silu(v):
 
 @T.macro
 def _half_groups(isa, R, L, bits, codes, q, d, ds, scales, mins, facc, m, ct, r0, C, c, g, ilv, off, has_mins,
-                 sign_trick):
+                 sign_trick, codebook):
     """A 32-block of column block ``ct * C + c`` against weight groups of 16: two dot products,
     each with its own scale, activation sum (and min)."""
     col: T.let[T.int64] = (ct * C + c) % ilv * L
@@ -527,9 +554,9 @@ def _half_groups(isa, R, L, bits, codes, q, d, ds, scales, mins, facc, m, ct, r0
         ds0: T.let[_F32X[L]] = T.broadcast(ds[row, 2 * g], L)
         ds1: T.let[_F32X[L]] = T.broadcast(ds[row, 2 * g + 1], L)
         dot0: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g, row, sign_trick,
-                                                                  ilv, 0))
+                                                                  ilv, 0, codebook))
         dot1: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g, row, sign_trick,
-                                                                  ilv, 1))
+                                                                  ilv, 1, codebook))
         t0: T.let[_F32X[L]] = dot0 * dg - T.broadcast(T.float32(off), L) * ds0
         t1: T.let[_F32X[L]] = dot1 * dg - T.broadcast(T.float32(off), L) * ds1
         if has_mins:
@@ -541,7 +568,7 @@ def _half_groups(isa, R, L, bits, codes, q, d, ds, scales, mins, facc, m, ct, r0
 
 
 def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool, has_mins: bool, bits: int,
-                glu: bool, ilv: int = 1, prefetch: int = 0):
+                glu: bool, ilv: int = 1, prefetch: int = 0, codebook=None):
     """The work of one parallel item: R rows from r0 x C column blocks from block ct * C, over all
     of K; ``glu``: y = silu(x · w) * up instead of y = x · w.
 
@@ -553,8 +580,9 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
     L = isa.lanes
     H = halves(group)
     G, GS = k // BLOCK, max(group // BLOCK, 1)
-    off = float(code_offset(bits, signed))
-    sign_trick = bits == 8 and not isa.vnni  # AVX2 8-bit: dot of (u - 128), so the offset shifts by 128
+    off = float(code_offset(8, True) if codebook is not None else code_offset(bits, signed))
+    # AVX2 8-bit (and codebook values, 8-bit after the lookup): dot of (u - 128), so the offset shifts by 128
+    sign_trick = (bits == 8 or codebook is not None) and not isa.vnni
     if sign_trick:
         off -= 128.0
     W = bits * L  # int32 words of codes per column block and 32-block
@@ -582,7 +610,7 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
             if H == 2:
                 for c in T.unroll(C):
                     _half_groups(isa, R, L, bits, codes, q, d, ds, scales, mins, facc, m, ct, r0, C, c, g, ilv,
-                                 off, has_mins, sign_trick)
+                                 off, has_mins, sign_trick, codebook)
             else:
                 for c in T.unroll(C):
                     s: T.let[_F32X[L]] = T.Cast(f"float32x{L}", scales[(ct * C + c) // ilv, g // GS,
@@ -590,7 +618,7 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
                     for r in T.unroll(R):
                         row: T.let[T.int64] = T.min(r0 + r, m - 1)
                         dot: T.let[_F32X[L]] = T.Cast(f"float32x{L}", _group_dot(isa, bits, codes, q, ct * C + c, g,
-                                                                                 row, sign_trick, ilv))
+                                                                                 row, sign_trick, ilv, None, codebook))
                         dg: T.let[_F32X[L]] = T.broadcast(d[row, g], L)
                         dsg: T.let[_F32X[L]] = T.broadcast(ds[row, g], L)
                         if off != 0.0:
@@ -620,14 +648,16 @@ def _tile_macro(isa: IntDotIsa, R: int, C: int, k: int, group: int, signed: bool
 @memoized_kernel
 def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: bool, has_mins: bool,
                          scale_dtype: str, decode: bool, threads: int = 2, glu: bool = False, bits: int = 4,
-                         tile: Optional[tuple[int, int]] = None, ilv: int = 1, prefetch: Optional[int] = None):
+                         tile: Optional[tuple[int, int]] = None, ilv: int = 1, prefetch: Optional[int] = None,
+                         codebook: Optional[tuple[int, ...]] = None):
     """y f32 [M, N] = x · w for 4-bit codes in the repacked layout, x given by ``quantize_rows``;
     ``glu``: y = silu(x · w) * up (the gated MLP's epilogue, ``up`` an extra [M, N] input).
 
     A parallel work item is a tile of R rows x C blocks of L columns; items of one column tile
     are consecutive, so a thread walks down the rows under one weight tile (reused from cache).
     Rows past M re-read the last row and are not written. ``prefetch``: 32-blocks ahead a step
-    of at most one tile of rows prefetches (default ``batch_prefetch``; 0: none)."""
+    of at most one tile of rows prefetches (default ``batch_prefetch``; 0: none). ``codebook``:
+    the 4-bit codes are indices into these 16 int8 values (IQ4_NL/IQ4_XS, MXFP4: ``_lookup``)."""
     L = isa.lanes
     R, C = tile or tiles(isa, n, decode, bits)  # ``tile``: an explicit (rows, blocks), for measuring
     small_tile = None if tile or decode else small_tiles(R)
@@ -639,7 +669,7 @@ def intdot_linear_kernel(isa: IntDotIsa, n: int, k: int, group: int, signed: boo
     ahead = batch_prefetch(isa) if prefetch is None else prefetch
 
     def make_body(R: int, C: int, ahead: int = 0):
-        tile_fn = _tile_macro(isa, R, C, k, group, signed, has_mins, bits, glu, ilv, ahead)
+        tile_fn = _tile_macro(isa, R, C, k, group, signed, has_mins, bits, glu, ilv, ahead, codebook)
 
         @T.macro
         def body(q, d, ds, codes, scales, mins, y, up, m):

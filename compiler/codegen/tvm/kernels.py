@@ -487,7 +487,18 @@ def _element(t):
     return (lambda n, c: t.at(n, c)) if isinstance(t, (PackedWeight, IntDotWeight)) else (lambda n, c: t[n, c])
 
 
-def dequantized(codes, scales, mins, bits: int, group: int, signed: bool, dtype: str = "float32"):
+def _codebook_value(q, codebook, dtype: str):
+    """``codebook[q]`` for an integer index 0..15: a binary tree of selects on the index's bits
+    (four compares; the float path of IQ4/MXFP4 codes, whose fast path is intdot's ``vpshufb``)."""
+    def pick(lo: int, width: int):
+        if width == 1:
+            return tir.const(float(codebook[lo]), dtype)
+        half = width // 2
+        return tir.Select(q < tir.const(lo + half, "int32"), pick(lo, half), pick(lo + half, half))
+    return pick(0, len(codebook))
+
+
+def dequantized(codes, scales, mins, bits: int, group: int, signed: bool, dtype: str = "float32", codebook=None):
     """``w(n, k)`` of llmc's quantized layout (ir/quant.py) as a TE expression: the code is
     unpacked and scaled in registers where the kernel reads it, never stored as float."""
     code_at, scale_at = _element(codes), _element(scales)
@@ -506,6 +517,8 @@ def dequantized(codes, scales, mins, bits: int, group: int, signed: bool, dtype:
                 q = q - tir.const(8, dtype)
         else:
             q = code_at(n, k).astype(dtype)
+        if codebook is not None:  # unsigned 4-bit indices
+            q = _codebook_value(q.astype("int32"), codebook, dtype)
         g = k // group
         v = scale_at(n, g).astype(dtype) * q
         return v + min_at(n, g).astype(dtype) if min_at is not None else v
@@ -517,7 +530,8 @@ def dequantized(codes, scales, mins, bits: int, group: int, signed: bool, dtype:
 def _quantized_linear(ops, attrs, out, ctx):
     x, codes, scales = ops[0], ops[1], ops[2]
     mins = ops[3] if len(ops) == 4 else None
-    weight = dequantized(codes, scales, mins, attrs["bits"], attrs["group_size"], attrs["signed"], x.dtype)
+    weight = dequantized(codes, scales, mins, attrs["bits"], attrs["group_size"], attrs["signed"], x.dtype,
+                         attrs.get("codebook"))
     return _linear_of(x, weight, isinstance(codes, PackedWeight), ctx.shape(out), prefix="linear_q")
 
 
@@ -529,7 +543,8 @@ def _quantized_embedding(ops, attrs, out, ctx):
         rows = int(codes.tensor.shape[0]) * codes.lanes * codes.interleave
     else:
         rows = codes.n if isinstance(codes, PackedWeight) else codes.shape[0]
-    weight = dequantized(codes, scales, mins, attrs["bits"], attrs["group_size"], attrs["signed"])
+    weight = dequantized(codes, scales, mins, attrs["bits"], attrs["group_size"], attrs["signed"],
+                         codebook=attrs.get("codebook"))
     last = tir.IntImm("int64", int(rows) - 1) if isinstance(rows, int) else rows - 1
 
     def f(*i):

@@ -137,7 +137,7 @@ def intdot_params(module: Module, isa: Optional[IntDotIsa]) -> dict[str, dict]:
         names = [_param_of(v, outer) for v in op.operands]
         if op.kind == "quantized_linear" and None not in names[1:]:
             n, k = op.result.type.shape[-1], op.operands[0].type.shape[-1]
-            if eligible(op.attrs["bits"], op.attrs["group_size"], n, k, isa):
+            if eligible(op.attrs["bits"], op.attrs["group_size"], n, k, isa, op.attrs.get("codebook")):
                 bits = storage_bits(op.attrs["bits"])
                 info = {"lanes": isa.lanes, "bits": bits, "signed": op.attrs["signed"],
                         "interleave": weight_interleave(isa, n, bits)}
@@ -366,7 +366,7 @@ class _FunctionLowering:
         bits = storage_bits(op.attrs["bits"])
         kernel = intdot_linear_kernel(isa, n, k, op.attrs["group_size"], op.attrs["signed"], len(operands) == 4,
                                       sdt, self.decode, self.attention.threads, glu=up is not None,
-                                      bits=bits, ilv=weight_interleave(isa, n, bits))
+                                      bits=bits, ilv=weight_interleave(isa, n, bits), codebook=op.attrs.get("codebook"))
         fn = self.bb.add_func(kernel, f"intdot_linear{'_glu' if up is not None else ''}_n{n}_k{k}")
         extra = []
         if up is not None:
