@@ -87,3 +87,52 @@ def test_verifier_names_bad_layouts():
     op.attrs["bits"] = 8
     with pytest.raises(VerifyError, match="codes must be i8"):  # i8 [N, K] for signed 8-bit
         verify(m)
+
+
+IQ4 = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+
+def codebook_module(codebook, bits=4, signed=False, op="quantized_linear"):
+    m = Module("q")
+    m.add_param("w.codes", TensorType((N, codes_cols(K, bits)), codes_dtype(bits, signed)))
+    m.add_param("w.scales", TensorType((N, K // 32), "f32"))
+    b = Builder(m)
+    x = b.arg("x", TensorType((T, K), "f32")) if op == "quantized_linear" else b.arg("ids", TensorType((T,), "i64"))
+    ws = [b.op("param", name="w.codes"), b.op("param", name="w.scales")]
+    b.ret(b.op(op, x, *ws, bits=bits, group_size=32, signed=signed, codebook=codebook))
+    m.add_function(Function("forward", b.block))
+    return m
+
+
+@pytest.mark.parametrize("op", ["quantized_linear", "quantized_embedding"])
+def test_codebook_codes_index_their_values(op):
+    """With a codebook (IQ4_NL/IQ4_XS, MXFP4) the 4-bit code is an index: w = scale * codebook[code];
+    the attribute survives the text form."""
+    m = codebook_module(IQ4, op=op)
+    verify(m)
+    again = parse_module(print_module(m))
+    assert print_module(again) == print_module(m)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
+    codes = (idx[:, 0::2] | (idx[:, 1::2] << 4)).to(torch.uint8)
+    scales = torch.randn(N, K // 32, generator=g)
+    w = scales.repeat_interleave(32, dim=1) * torch.tensor(IQ4, dtype=torch.float32)[idx.long()]
+    assert torch.equal(dequantize(codes, scales, None, bits=4, group_size=32, signed=False, codebook=IQ4), w)
+    weights = {"w.codes": codes, "w.scales": scales}
+    if op == "quantized_linear":
+        x = torch.randn(5, K, generator=g)
+        (got,) = Interpreter(again, weights).run([x])
+        torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
+    else:
+        ids = torch.tensor([3, 0, N - 1])
+        (got,) = Interpreter(again, weights).run([ids])
+        assert torch.equal(got, w[ids])
+
+
+@pytest.mark.parametrize("book,bits,signed,why", [(IQ4, 8, True, "codebook must be 16 int8 values"),
+                                                  (IQ4, 4, True, "unsigned 4-bit"),
+                                                  (IQ4[:8], 4, False, "got 8 values"),
+                                                  ([300] + IQ4[1:], 4, False, "16 int8 values")])
+def test_a_codebook_needs_unsigned_4_bit_codes_and_16_int8_values(book, bits, signed, why):
+    with pytest.raises((TypeError, VerifyError), match=why):
+        verify(codebook_module(book, bits=bits, signed=signed))
