@@ -89,10 +89,18 @@ def test_greedy_tokens_equal_transformers_on_the_same_file(artifact):
         assert diff.max() <= 1e-3
     else:
         # int8 activation blocks (d = max|x| / 127 per 32, as llama.cpp's Q8_K/Q8_0) feed every
-        # linear, the Q8_0 LM head included: measured max 0.52 (Q4_K_M) and 0.76 (IQ4_XS), 1.4%
-        # and 2.0% of the logits' spread of ~37; means 0.24%. They move near-ties: greedy text
-        # leaves transformers' after 13 tokens for IQ4_XS (and Q3_K_M after 9) while perplexity
-        # stays within 0.3% (benchmarks/results/perplexity_iq4_xs.json); the first tokens must agree
+        # linear, the Q8_0 LM head included. They shift all logits alike (IQ4_XS: by ~0.5, which
+        # softmax ignores) and move near-ties: greedy text leaves transformers' after 13 tokens for
+        # IQ4_XS (and Q3_K_M after 9) while perplexity stays within 0.3%
+        # (benchmarks/results/perplexity_iq4_xs.json). So: the first tokens agree, and the
+        # log-probabilities of the 20 likeliest tokens stay close
         assert got[:4] == want[:4]
-        spread = float(want_logits.max() - want_logits.min())
-        assert diff.max() <= 0.03 * spread and diff.mean() <= 0.005 * spread
+
+        def logp(z):
+            z = z.astype(np.float64) - z.max()
+            return z - np.log(np.exp(z).sum())
+
+        top = np.argsort(want_logits)[-20:]
+        dlogp = np.abs(logp(got_logits) - logp(want_logits))[top]
+        # measured max / mean 0.37 / 0.11 (Q4_K_M), 0.25 / 0.09 (IQ4_XS)
+        assert dlogp.max() <= 1.0 and dlogp.mean() <= 0.3, (dlogp.max(), dlogp.mean())
