@@ -323,12 +323,13 @@ def _neon_dot(unsigned_codes: bool, acc, c8, a8):
     return T.call_llvm_pure_intrin("int32x4", name, acc, c8, a8)
 
 
-def _dot_update8(isa: IntDotIsa, acc, codes_i32, act_i32):
+def _dot_update8(isa: IntDotIsa, acc, codes_i32, act_i32, stored: bool = True):
     """int32 acc += (code - 128) x act for 8-bit stored codes u (0..255), by the sign trick.
     AVX2: pmaddubsw(|s|, sign(s) * a) with s = u - 128 as int8. |s| <= 128 and |a| <= 127, so a
     pair sum is at most 2 * 128 * 127 = 32512 < 2^15 (no saturation); pmaddwd widens every chunk.
-    NEON dotprod: ``sdot`` on s = u ^ 0x80 (= u - 128 as int8) directly, into int32."""
-    flip = T.broadcast(T.int32(-0x7F7F7F80), isa.lanes)  # 0x80808080
+    NEON dotprod: ``sdot`` on s = u ^ 0x80 (= u - 128 as int8) directly, into int32.
+    ``stored=False``: the codes are already s (a codebook looked up as signed values)."""
+    flip = T.broadcast(T.int32(-0x7F7F7F80 if stored else 0), isa.lanes)  # 0x80808080
     if isa.neon:
         return _neon_dot(False, acc, T.reinterpret("int8x16", codes_i32 ^ flip), T.reinterpret("int8x16", act_i32))
     s8 = T.reinterpret("int8x32", codes_i32 ^ flip)
@@ -354,20 +355,26 @@ def _int16_updates(bits: int) -> int:
     return 32767 // (2 * ((1 << bits) - 1) * 127)
 
 
-def lut_words(codebook, lanes: int) -> list[int]:
+SIGNED_LOOKUP = True  # sign-trick ISAs look up signed values (no flip per update; 2-5% faster at 8 rows,
+# 10% at one, AVX2); False: u = v + 128 as VNNI. A build-time switch for A/B runs (the kernel memo does not key on it)
+
+
+def lut_words(codebook, lanes: int, offset: int = 128) -> list[int]:
     """int32 lanes of the ``vpshufb`` table: byte ``i`` of every 16-byte lane holds
-    ``codebook[i] + 128`` (the stored form of a signed 8-bit code, ``repack_codes8``)."""
-    u = np.array([(v + 128) & 0xFF for v in codebook], np.uint8)
+    ``codebook[i] + offset``: 128 gives the stored form of a signed 8-bit code (``repack_codes8``,
+    for ``vpdpbusd``/``usdot``), 0 the signed code itself (for the sign trick)."""
+    u = np.array([(v + offset) & 0xFF for v in codebook], np.uint8)
     words = u.view("<i4").tolist()
     return [words[i % 4] for i in range(lanes)]
 
 
-def _lookup(isa: IntDotIsa, codebook, nibbles):
+def _lookup(isa: IntDotIsa, codebook, nibbles, offset: int = 128):
     """Bytes 0..15 of ``nibbles`` (int32 lanes of 4 indices) -> their codebook values + 128: one
     ``vpshufb`` with the 16-entry table in every 128-bit lane (AVX2 ymm, AVX-512 zmm), or one
     NEON ``tbl`` (AArch64, one 128-bit vector)."""
     L = isa.lanes
-    table = tir.Shuffle([tir.const(w, "int32") for w in lut_words(codebook, L)], [tir.const(i, "int32") for i in range(L)])
+    table = tir.Shuffle([tir.const(w, "int32") for w in lut_words(codebook, L, offset)],
+                        [tir.const(i, "int32") for i in range(L)])
     if isa.neon:
         name = "llvm.aarch64.neon.tbl1.v16i8"
     else:
@@ -388,6 +395,8 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
     every ``_int16_updates`` updates and the parts are widened and summed."""
     L = isa.lanes
     int32_acc = isa.int32_dot or sign_trick
+    # with the sign trick a codebook's table holds the signed values themselves: no flip per update
+    lut_offset = 0 if (sign_trick and SIGNED_LOOKUP) else 128
     zero = tir.Broadcast(tir.const(0, "int32" if int32_acc else "int16"), L if int32_acc else 2 * L)
 
     W = bits * L
@@ -418,8 +427,8 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
             elif bits == 6:  # bits 2j, 2j + 1 of every byte of the half's word -> bits 4, 5
                 lo = lo | (shifted(planes[0], 4 - 2 * j) & const(0x30303030))
                 hi = hi | (shifted(planes[1], 4 - 2 * j) & const(0x30303030))
-            if codebook is not None:  # indices -> 8-bit codes (value + 128), dotted as 8-bit ones
-                lo, hi = _lookup(isa, codebook, lo), _lookup(isa, codebook, hi)
+            if codebook is not None:  # indices -> 8-bit codes, dotted as 8-bit ones
+                lo, hi = _lookup(isa, codebook, lo, lut_offset), _lookup(isa, codebook, hi, lut_offset)
             updates += [(0, lo, act(j)), (1, hi, act(4 + j))]
     else:
         updates = [(j // 4, codes_at(j), act(j)) for j in range(8)]
@@ -429,7 +438,8 @@ def _group_dot(isa: IntDotIsa, bits: int, codes, q, block, g, row, sign_trick: b
     for start in range(0, len(mine), per):
         acc = zero
         for _, vec, a in mine[start:start + per]:
-            acc = _dot_update8(isa, acc, vec, a) if sign_trick else _dot_update(isa, acc, vec, a)
+            acc = (_dot_update8(isa, acc, vec, a, stored=codebook is None or lut_offset == 128) if sign_trick
+                   else _dot_update(isa, acc, vec, a))
         part = acc if int32_acc else _finish_dot(isa, acc)
         total = part if total is None else total + part
     return total
