@@ -381,6 +381,21 @@ def test_code_at_reads_the_repacked_layout(bits, signed, ilv):
 
 
 
+def _quantize_and_multiply(qf, lf, x, halves, w, codes, scales, mins):
+    """(the kernel's y, the exact integer scheme's) for activations ``x`` run through the
+    quantize kernel ``qf`` and the linear ``lf`` over dequantized weights ``w``."""
+    m, k = x.shape
+    bufs = [tvm.runtime.tensor(np.zeros(sh, dt)) for sh, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
+                                                                ((m, halves * k // 32), np.float32))]
+    qf(tvm.runtime.tensor(x.numpy()), *bufs)
+    y = tvm.runtime.tensor(np.full((m, w.shape[0]), np.nan, np.float32))
+    lf(*bufs, codes, scales, mins, y)
+    xb = x.numpy().reshape(m, k // 32, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    qx = np.round(xb * np.where(amax > 0, 127 / np.maximum(amax, 1e-30), 0)) * (amax / 127)
+    return y.numpy(), qx.reshape(m, k) @ w.T
+
+
 @pytest.mark.parametrize("isa,bits,signed,mins", [_case("avx512vnni", 6, True, False), _case("avx2", 6, True, False),
                                                   _case("avx512vnni", 4, False, True), _case("avx2", 4, False, True),
                                                   # Q3_K (4-bit signed), IQ2_XS/IQ2_S (8-bit), IQ1_M/NVFP4 (5-bit signed)
@@ -409,17 +424,9 @@ def test_groups_of_16_scale_each_half_block(isa, bits, signed, mins):
         s = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(scales.numpy(), L), ilv))
         mt = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(mn.numpy(), L), ilv)) if mins else s
         lf = _compile(intdot.intdot_linear_kernel(spec, n, k, 16, signed, mins, "float16", decode, bits=sb, ilv=ilv), mcpu)
-        x = torch.randn(m, k, generator=g)
-        bufs = [tvm.runtime.tensor(np.zeros(sh, dt)) for sh, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
-                                                                    ((m, k // 16), np.float32))]
-        qf(tvm.runtime.tensor(x.numpy()), *bufs)
-        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-        lf(*bufs, tvm.runtime.tensor(intdot.interleave_blocks(packed, ilv)), s, mt, y)
-        xb = x.numpy().reshape(m, k // 32, 32)
-        amax = np.abs(xb).max(-1, keepdims=True)
-        qx = np.round(xb * np.where(amax > 0, 127 / np.maximum(amax, 1e-30), 0)) * (amax / 127)
-        exact = qx.reshape(m, k) @ w.T
-        assert np.abs(y.numpy() - exact).max() <= 1e-5 * (1 + np.abs(exact).max()), (m, decode)
+        got, exact = _quantize_and_multiply(qf, lf, torch.randn(m, k, generator=g), 2, w,
+                                            tvm.runtime.tensor(intdot.interleave_blocks(packed, ilv)), s, mt)
+        assert np.abs(got - exact).max() <= 1e-5 * (1 + np.abs(exact).max()), (m, decode)
 
 
 IQ4 = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -450,14 +457,6 @@ def test_codebook_indices_are_looked_up(isa, group, codebook):
         s = tvm.runtime.tensor(intdot.interleave_blocks(intdot.repack_groups(scales.numpy(), L), ilv))
         lf = _compile(intdot.intdot_linear_kernel(spec, n, k, group, False, False, "float32", decode, ilv=ilv,
                                                   codebook=codebook), mcpu)
-        x = torch.randn(m, k, generator=g)
-        bufs = [tvm.runtime.tensor(np.zeros(sh, dt)) for sh, dt in (((m, k // 4), np.int32), ((m, k // 32), np.float32),
-                                                                    ((m, h * k // 32), np.float32))]
-        qf(tvm.runtime.tensor(x.numpy()), *bufs)
-        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-        lf(*bufs, tvm.runtime.tensor(intdot.interleave_blocks(packed, ilv)), s, s, y)
-        xb = x.numpy().reshape(m, k // 32, 32)
-        amax = np.abs(xb).max(-1, keepdims=True)
-        qx = np.round(xb * np.where(amax > 0, 127 / np.maximum(amax, 1e-30), 0)) * (amax / 127)
-        exact = qx.reshape(m, k) @ w.T
-        assert np.abs(y.numpy() - exact).max() <= 1e-5 * (1 + np.abs(exact).max()), (m, decode)
+        got, exact = _quantize_and_multiply(qf, lf, torch.randn(m, k, generator=g), h, w,
+                                            tvm.runtime.tensor(intdot.interleave_blocks(packed, ilv)), s, s)
+        assert np.abs(got - exact).max() <= 1e-5 * (1 + np.abs(exact).max()), (m, decode)
