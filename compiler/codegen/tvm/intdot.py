@@ -369,7 +369,7 @@ def lut_words(codebook, lanes: int, offset: int = 128) -> list[int]:
 
 
 def _lookup(isa: IntDotIsa, codebook, nibbles, offset: int = 128):
-    """Bytes 0..15 of ``nibbles`` (int32 lanes of 4 indices) -> their codebook values + 128: one
+    """Bytes 0..15 of ``nibbles`` (int32 lanes of 4 indices) -> their codebook values + ``offset``: one
     ``vpshufb`` with the 16-entry table in every 128-bit lane (AVX2 ymm, AVX-512 zmm), or one
     NEON ``tbl`` (AArch64, one 128-bit vector)."""
     L = isa.lanes
