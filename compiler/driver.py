@@ -107,7 +107,8 @@ def _report_gguf_blocks(blocks) -> None:
     progress = logging.getLogger("llmc.progress")
     kept = blocks.kept()
     progress.info("GGUF blocks kept: %s", ", ".join(f"{t} x{n}" for t, n in kept.items()) or "none")
-    wider = [f"{t} as {SCALED_TYPES[t][3]}-bit codes" for t in kept if t in SCALED_TYPES and len(SCALED_TYPES[t]) == 6]
+    wider = [f"{t} as {SCALED_TYPES[t].bits}-bit codes" for t in kept
+             if t in SCALED_TYPES and SCALED_TYPES[t].codebook is None]
     if wider:  # exact, but the artifact is bigger than the file (see README "Quantized weights")
         progress.info("GGUF blocks read exactly into wider codes: %s", ", ".join(wider))
     inflated = blocks.inflated()

@@ -19,12 +19,15 @@ products of an fp16 super-scale and small integers, exact in fp32.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Optional
+
 import numpy as np
 
-QK_K = 256
+QK_K = 256  # weights in a K-quant / IQ super-block
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
+def f16(b: np.ndarray) -> np.ndarray:
+    """Little-endian fp16 fields (two bytes each) of blocks, as fp32."""
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
 
 
@@ -35,12 +38,12 @@ def _nibbles(b: np.ndarray) -> np.ndarray:
 
 def _q2_k(b):
     sc = b[:, :16]
-    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    d, dmin = f16(b[:, 80:82]), f16(b[:, 82:84])
     return d * (sc & 0x0F).astype(np.float32), -(dmin * (sc >> 4).astype(np.float32))
 
 
 def _q3_k(b):
-    raw, d = b[:, 96:108], _f16(b[:, 108:110])
+    raw, d = b[:, 96:108], f16(b[:, 108:110])
     lo = _nibbles(raw[:, :8])
     lo = np.concatenate([lo[:, 0::2], lo[:, 1::2]], axis=1)  # low nibbles of bytes 0-7, then high
     hi = (raw[:, 8:12].reshape(-1, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)) & 0x03
@@ -49,7 +52,7 @@ def _q3_k(b):
 
 
 def _ternary(offset):
-    return lambda b: (_f16(b[:, offset:offset + 2]), None)
+    return lambda b: (f16(b[:, offset:offset + 2]), None)
 
 
 def _mxfp4(b):
@@ -68,30 +71,30 @@ def _nvfp4(b):
 
 
 def _iq2_xxs(b):
-    d, aux = _f16(b[:, :2]), np.ascontiguousarray(b[:, 2:66]).view("<u4").reshape(-1, 8, 2)[..., 1]
+    d, aux = f16(b[:, :2]), np.ascontiguousarray(b[:, 2:66]).view("<u4").reshape(-1, 8, 2)[..., 1]
     return d * (np.float32(0.5) + (aux >> 28).astype(np.float32)) * np.float32(0.25), None
 
 
 def _iq2_sixteens(scale_at):
     def scales(b):
-        d = _f16(b[:, :2])
+        d = f16(b[:, :2])
         s = _nibbles(b[:, scale_at:scale_at + 8]).astype(np.float32)
         return d * (np.float32(0.5) + s) * np.float32(0.25), None
     return scales
 
 
 def _iq3_xxs(b):
-    d, aux = _f16(b[:, :2]), np.ascontiguousarray(b[:, 66:98]).view("<u4")
+    d, aux = f16(b[:, :2]), np.ascontiguousarray(b[:, 66:98]).view("<u4")
     return d * (np.float32(0.5) + (aux >> 28).astype(np.float32)) * np.float32(0.5), None
 
 
 def _iq3_s(b):
-    d, s = _f16(b[:, :2]), _nibbles(b[:, 106:110]).astype(np.float32)
+    d, s = f16(b[:, :2]), _nibbles(b[:, 106:110]).astype(np.float32)
     return d * (np.float32(1) + np.float32(2) * s), None
 
 
 def _iq1_s(b):
-    d, qh = _f16(b[:, :2]), np.ascontiguousarray(b[:, 34:50]).view("<u2")
+    d, qh = f16(b[:, :2]), np.ascontiguousarray(b[:, 34:50]).view("<u2")
     dl = d * (2 * ((qh >> 12) & 7) + 1).astype(np.float32)
     return dl * np.float32(0.125), None  # codes 8 * grid +- 1
 
@@ -105,11 +108,11 @@ def _iq1_m(b):
 
 
 def _iq4_nl(b):
-    return _f16(b[:, :2]), None
+    return f16(b[:, :2]), None
 
 
 def _iq4_xs(b):
-    d, h = _f16(b[:, :2]), np.ascontiguousarray(b[:, 2:4]).view("<u2")
+    d, h = f16(b[:, :2]), np.ascontiguousarray(b[:, 2:4]).view("<u2")
     lo = _nibbles(b[:, 4:8]).astype(np.int32)
     hi = (h >> (2 * np.arange(8, dtype=np.uint16))) & 3
     return d * ((lo | (hi.astype(np.int32) << 4)) - 32).astype(np.float32), None
@@ -118,24 +121,34 @@ def _iq4_xs(b):
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 E2M1_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # MXFP4/NVFP4 (e2m1 doubled)
 
-# name -> (block bytes, weights per block, scales of a block, bits, group, signed[, codebook]):
-# with a codebook the stored 4-bit code is an index into it (the file's own 4 bits a weight)
+class ScaledType(NamedTuple):
+    """How llmc stores a GGUF block type read through its scales."""
+
+    nbytes: int          # bytes a block
+    per_block: int       # weights a block
+    scales_of: Callable  # raw blocks -> (scales [n_blocks, groups], mins or None)
+    bits: int            # stored code width
+    group: int           # weights a scale
+    signed: bool
+    codebook: Optional[tuple] = None  # the stored 4-bit code indexes these values (the file's own 4 bits)
+
+
 SCALED_TYPES = {
-    "Q2_K": (84, QK_K, _q2_k, 4, 16, False),
-    "Q3_K": (110, QK_K, _q3_k, 4, 16, True),
-    "TQ1_0": (54, QK_K, _ternary(52), 4, QK_K, True),
-    "TQ2_0": (66, QK_K, _ternary(64), 4, QK_K, True),
-    "MXFP4": (17, 32, _mxfp4, 4, 32, False, E2M1_VALUES),
-    "NVFP4": (36, 64, _nvfp4, 4, 16, False, E2M1_VALUES),
-    "IQ1_S": (50, QK_K, _iq1_s, 5, 32, True),
-    "IQ1_M": (56, QK_K, _iq1_m, 5, 16, True),
-    "IQ2_XXS": (66, QK_K, _iq2_xxs, 8, 32, True),
-    "IQ2_XS": (74, QK_K, _iq2_sixteens(66), 8, 16, True),
-    "IQ2_S": (82, QK_K, _iq2_sixteens(74), 8, 16, True),
-    "IQ3_XXS": (98, QK_K, _iq3_xxs, 8, 32, True),
-    "IQ3_S": (110, QK_K, _iq3_s, 5, 32, True),
-    "IQ4_NL": (18, 32, _iq4_nl, 4, 32, False, IQ4_VALUES),
-    "IQ4_XS": (136, QK_K, _iq4_xs, 4, 32, False, IQ4_VALUES),
+    "Q2_K": ScaledType(84, QK_K, _q2_k, 4, 16, False),
+    "Q3_K": ScaledType(110, QK_K, _q3_k, 4, 16, True),
+    "TQ1_0": ScaledType(54, QK_K, _ternary(52), 4, QK_K, True),
+    "TQ2_0": ScaledType(66, QK_K, _ternary(64), 4, QK_K, True),
+    "MXFP4": ScaledType(17, 32, _mxfp4, 4, 32, False, E2M1_VALUES),
+    "NVFP4": ScaledType(36, 64, _nvfp4, 4, 16, False, E2M1_VALUES),
+    "IQ1_S": ScaledType(50, QK_K, _iq1_s, 5, 32, True),
+    "IQ1_M": ScaledType(56, QK_K, _iq1_m, 5, 16, True),
+    "IQ2_XXS": ScaledType(66, QK_K, _iq2_xxs, 8, 32, True),
+    "IQ2_XS": ScaledType(74, QK_K, _iq2_sixteens(66), 8, 16, True),
+    "IQ2_S": ScaledType(82, QK_K, _iq2_sixteens(74), 8, 16, True),
+    "IQ3_XXS": ScaledType(98, QK_K, _iq3_xxs, 8, 32, True),
+    "IQ3_S": ScaledType(110, QK_K, _iq3_s, 5, 32, True),
+    "IQ4_NL": ScaledType(18, 32, _iq4_nl, 4, 32, False, IQ4_VALUES),
+    "IQ4_XS": ScaledType(136, QK_K, _iq4_xs, 4, 32, False, IQ4_VALUES),
 }
 
 _CHUNK_BLOCKS = 1 << 14  # blocks decoded at a time: float64 temporaries stay small
@@ -195,15 +208,15 @@ def repack_scaled(blocks: np.ndarray, name: str):
     from gguf import GGMLQuantizationType as GT
     from gguf.quants import dequantize
 
-    _, per_block, scales_of, bits, group, signed, *book = SCALED_TYPES[name]
-    codebook = book[0] if book else None
+    kind = SCALED_TYPES[name]
+    per_block, group, codebook = kind.per_block, kind.group, kind.codebook
     if name not in available():
         raise ValueError(f"{name} blocks need a newer gguf package (pip install -U gguf) to be read")
     codes, scales, mins = [], [], []
     for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
         b = blocks[start:start + _CHUNK_BLOCKS]
         values = dequantize(b, GT[name]).astype(np.float32).reshape(b.shape[0], -1, group)
-        scale, mn = scales_of(b)
+        scale, mn = kind.scales_of(b)
         scale = np.broadcast_to(scale.reshape(b.shape[0], -1, 1), values.shape[:2] + (1,)).astype(np.float32)
         mn = None if mn is None else mn.reshape(b.shape[0], -1, 1).astype(np.float32)
         ints = _codes_of(values, scale, mn, name).reshape(b.shape[0], per_block)
@@ -214,4 +227,4 @@ def repack_scaled(blocks: np.ndarray, name: str):
         scales.append(scale.reshape(b.shape[0], -1))
         mins.append(None if mn is None else mn.reshape(b.shape[0], -1))
     return (np.concatenate(codes), np.concatenate(scales), None if mins[0] is None else np.concatenate(mins),
-            bits, group, signed, codebook)
+            kind.bits, group, kind.signed, codebook)

@@ -27,17 +27,13 @@ import numpy as np
 import torch
 
 from ..ir.quant import QuantWeight, dequantize, pack_codes, unpack_codes  # noqa: F401 (re-exported)
-from .gguf_scaled_codes import SCALED_TYPES, repack_scaled
+from .gguf_scaled_codes import QK_K, SCALED_TYPES, repack_scaled
+from .gguf_scaled_codes import f16 as _f16
 
-QK_K = 256
 logger = logging.getLogger("llmc.frontend")
 
 
 # --------------------------------------------------------------------------- block repacking
-
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
 
 
 def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,8 +129,8 @@ _REPACKERS = {
     "Q5_K": (176, QK_K, _repack_q5_k),
     "Q6_K": (210, QK_K, _repack_q6_k),
 }
-_REPACKERS.update({name: (nbytes, per, lambda b, name=name: repack_scaled(b, name))
-                   for name, (nbytes, per, *_rest) in SCALED_TYPES.items()})
+_REPACKERS.update({name: (kind.nbytes, kind.per_block, lambda b, name=name: repack_scaled(b, name))
+                   for name, kind in SCALED_TYPES.items()})
 QUANT_TYPES = tuple(_REPACKERS)
 FLOAT_TYPES = ("F32", "F16", "BF16")
 

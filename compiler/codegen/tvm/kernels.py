@@ -505,20 +505,23 @@ def dequantized(codes, scales, mins, bits: int, group: int, signed: bool, dtype:
     min_at = _element(mins) if mins is not None else None
 
     def w(n, k):
-        if isinstance(codes, IntDotWeight):  # stored unsigned, offset by half the range if signed
-            q = codes.code(n, k).astype(dtype)
-            if signed:
-                q = q - tir.const(1 << (bits - 1), dtype)
+        offset = 0  # stored unsigned, offset by half the range if signed (not for codebook indices)
+        if isinstance(codes, IntDotWeight):
+            c = codes.code(n, k)
+            offset = (1 << (bits - 1)) if signed else 0
         elif bits == 4:
             byte = code_at(n, k // 2)
             shift = (k % 2 * 4).astype(byte.dtype)
-            q = ((byte >> shift) & tir.const(15, byte.dtype)).astype(dtype)
-            if signed:
-                q = q - tir.const(8, dtype)
+            c = (byte >> shift) & tir.const(15, byte.dtype)
+            offset = 8 if signed else 0
         else:
-            q = code_at(n, k).astype(dtype)
+            c = code_at(n, k)
         if codebook is not None:  # unsigned 4-bit indices
-            q = _codebook_value(q.astype("int32"), codebook, dtype)
+            q = _codebook_value(c.astype("int32"), codebook, dtype)
+        else:
+            q = c.astype(dtype)
+            if offset:
+                q = q - tir.const(offset, dtype)
         g = k // group
         v = scale_at(n, g).astype(dtype) * q
         return v + min_at(n, g).astype(dtype) if min_at is not None else v
